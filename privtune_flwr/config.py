@@ -1,0 +1,127 @@
+"""Run configuration: one typed object, validated once at the boundary.
+
+``[tool.flwr.app.config]`` in ``pyproject.toml`` mirrors :class:`RunConfig` key for key (a test
+checks this); Flower's hyphenated keys map to the underscored field names.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+PROTOCOLS = ("vanilla",)
+PARTITIONERS = ("iid", "dirichlet")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # model and split
+    model: str = "minilm"
+    split_layer: int = 1
+    task: str = "classification"
+    max_length: int = 64
+    # data and federation
+    dataset: str = "rotten_tomatoes"
+    test_fraction: float = 0.1
+    max_examples: int = 0  # 0 = the whole dataset
+    partitioner: str = "iid"
+    dirichlet_alpha: float = 0.5
+    num_rounds: int = 5
+    devices_per_round: int = 5
+    min_devices: int = 10  # wait until this many devices are connected before sampling
+    min_replies: int = 1  # a round goes on while at least this many valid replies arrive
+    batches_per_round: int = 8
+    batch_size: int = 16
+    eval_examples: int = 0  # per device and evaluation; 0 = its whole test split
+    protocol: str = "vanilla"
+    # cloud fine-tuning
+    lora_rank: int = 8
+    learning_rate: float = 1e-3
+    # defence (the mechanism's own options are validated by build_defense)
+    defense: str = "dchi"
+    epsilon: float = 16.0
+    audit_tokens: int = 512  # tokens per release checked by the device's KNN self-audit
+    n_hops: int = 2
+    k: int = 8
+    max_neighbours: int = 16
+    radius_scale: float = 1.0
+    pgd_steps: int = 10
+    lam: float = 0.5
+    mu: float = 1.0
+    s_min: float = 0.5
+    alpha: float = 0.5
+    delta: float = 1e-5  # gaussian only
+    clip: float = 0.0  # gaussian only; 0 = calibrate from the anchors
+    # run
+    seed: int = 0
+    output_dir: str = "outputs/run"
+    timeout: float = 600.0
+
+    def __post_init__(self) -> None:
+        _require(self.split_layer >= 0, "split-layer", self.split_layer, "an integer >= 0 (and <= the model's layer count)")
+        _require(8 <= self.max_length <= 4096, "max-length", self.max_length, "8..4096")
+        _require(0 < self.test_fraction < 1, "test-fraction", self.test_fraction, "(0, 1)")
+        _require(self.max_examples >= 0, "max-examples", self.max_examples, ">= 0 (0 = all)")
+        _require(self.partitioner in PARTITIONERS, "partitioner", self.partitioner, " or ".join(PARTITIONERS))
+        _require(self.dirichlet_alpha > 0, "dirichlet-alpha", self.dirichlet_alpha, "> 0")
+        _require(self.num_rounds >= 1, "num-rounds", self.num_rounds, ">= 1")
+        _require(self.devices_per_round >= 1, "devices-per-round", self.devices_per_round, ">= 1")
+        _require(self.min_devices >= 1, "min-devices", self.min_devices, ">= 1")
+        _require(1 <= self.min_replies <= self.devices_per_round, "min-replies", self.min_replies, f"1..devices-per-round ({self.devices_per_round})")
+        _require(self.batches_per_round >= 1, "batches-per-round", self.batches_per_round, ">= 1")
+        _require(self.batch_size >= 1, "batch-size", self.batch_size, ">= 1")
+        _require(self.eval_examples >= 0, "eval-examples", self.eval_examples, ">= 0 (0 = all)")
+        _require(self.protocol in PROTOCOLS, "protocol", self.protocol, " or ".join(PROTOCOLS))
+        _require(self.lora_rank >= 0, "lora-rank", self.lora_rank, ">= 0")
+        _require(math.isfinite(self.learning_rate) and self.learning_rate > 0, "learning-rate", self.learning_rate, "(0, inf)")
+        _require(math.isfinite(self.epsilon) and self.epsilon > 0, "epsilon", self.epsilon, "(0, inf)")
+        _require(self.audit_tokens >= 0, "audit-tokens", self.audit_tokens, ">= 0 (0 = no self-audit)")
+        _require(self.timeout > 0, "timeout", self.timeout, "> 0 seconds")
+
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, Any]) -> "RunConfig":
+        """Build from Flower's ``context.run_config`` (hyphenated keys); unknown keys are an error."""
+        known = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in run_config.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ValueError(f"unknown run-config key {key!r}; accepted: {', '.join(sorted(k.replace('_', '-') for k in known))}")
+            values[name] = _coerce(key, value, type(getattr(cls, name)))
+        return cls(**values)
+
+    def defense_options(self) -> dict[str, Any]:
+        """Keyword options of ``build_defense`` for the configured defence."""
+        if self.defense == "none" or self.defense == "dchi":
+            return {}
+        if self.defense == "gaussian":
+            return {"delta": self.delta, "clip": self.clip or None}
+        return {
+            "n_hops": self.n_hops, "k": self.k, "max_neighbours": self.max_neighbours,
+            "radius_scale": self.radius_scale, "pgd_steps": self.pgd_steps, "lam": self.lam,
+            "mu": self.mu, "s_min": self.s_min, "alpha": self.alpha,
+        }
+
+    def to_flower(self) -> dict[str, Any]:
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    if kind is bool or isinstance(value, bool):
+        raise ValueError(f"{key}={value!r}: booleans are not accepted here")
+    try:
+        if kind is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if kind is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key}={value!r} is not a valid {kind.__name__}") from None
+
+
+def _require(ok: bool, key: str, value: Any, accepted: str) -> None:
+    if not ok:
+        raise ValueError(f"{key}={value!r} is outside the accepted range: {accepted}")

@@ -1,0 +1,60 @@
+"""d_chi-privacy noise (Feyisetan et al., WSDM 2020): density proportional to exp(-eps * ||z||_2).
+
+A draw is a uniformly random direction times a Gamma(d, rate=eps) magnitude, so
+``E||z|| = d / eps`` and ``sd(||z||) = sqrt(d) / eps``. Every token gets its own direction *and*
+its own magnitude: sharing one magnitude across a batch, or drawing per-coordinate
+Laplace/Gamma-times-uniform noise, gives a different (and weaker) mechanism.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+def check_epsilon(epsilon: float) -> float:
+    """Return ``epsilon`` as a float, or raise if it is not a finite number > 0."""
+    try:
+        value = float(epsilon)
+    except (TypeError, ValueError):
+        raise ValueError(f"epsilon={epsilon!r} is not a number; accepted: a finite value > 0") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"epsilon={epsilon!r} is outside the accepted range (0, inf)")
+    return value
+
+
+def sample_dchi(
+    shape: tuple[int, ...],
+    dim: int,
+    epsilon: float,
+    *,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Independent d_chi draws, one per index of ``shape``: a tensor ``[*shape, dim]``.
+
+    Units are those of the representation space; ``epsilon`` is per unit of Euclidean distance.
+    The same ``generator`` state gives the same draws; the global RNG is never touched when a
+    generator is given.
+    """
+    epsilon = check_epsilon(epsilon)
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"dim={dim!r} must be an integer >= 1")
+    shape = tuple(int(s) for s in shape)
+    direction = torch.randn(*shape, dim, generator=generator, dtype=torch.float32)
+    direction = direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    magnitude = torch.from_numpy(_gamma(shape, float(dim), generator) / epsilon).to(torch.float32)
+    return (direction * magnitude.unsqueeze(-1)).to(dtype=dtype, device=device)
+
+
+def _gamma(shape: tuple[int, ...], concentration: float, generator: torch.Generator | None) -> np.ndarray:
+    """Gamma(concentration, rate=1) draws in float64, seeded from ``generator``.
+
+    torch's Gamma sampler only reads the global RNG; numpy's takes an explicit seed, so the draws
+    follow ``generator`` without side effects on anyone else's randomness.
+    """
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+    return np.random.default_rng(seed).standard_gamma(concentration, size=shape)

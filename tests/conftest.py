@@ -1,0 +1,59 @@
+"""Shared fixtures: offline mode, small threads, tiny random models, the real MiniLM once."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Derived tables (anchors, dequantised weights) go to a cache inside the checkout, shared by the
+# subprocesses of the end-to-end tests; CI starts with it empty.
+os.environ.setdefault("PRIVTUNE_CACHE", os.path.join(os.path.dirname(os.path.dirname(__file__)), ".cache", "privtune"))
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer():
+    from transformers import AutoTokenizer
+
+    from privtune_flwr.models import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model("minilm"))
+
+
+def tiny_hf_model(family: str, task: str = "classification", *, num_labels: int = 2, layers: int = 3, vocab: int = 30522, seed: int = 0):
+    """A tiny randomly initialised BERT or Llama (hidden 32) for fast structural tests."""
+    from transformers import (BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM,
+                              LlamaForSequenceClassification)
+
+    torch.manual_seed(seed)
+    if family == "encoder":
+        cfg = BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                         intermediate_size=64, num_labels=num_labels, max_position_embeddings=128)
+        return BertForSequenceClassification(cfg).eval()
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=64, num_labels=num_labels, max_position_embeddings=128,
+                      pad_token_id=0)
+    cls = LlamaForSequenceClassification if task == "classification" else LlamaForCausalLM
+    return cls(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def minilm_split():
+    from privtune_flwr.models import load_split
+
+    return load_split("minilm", split_layer=1, task="classification", num_labels=2)
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """Flower 1.42 stamps messages with the running task's identity; tests act as run 1."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old

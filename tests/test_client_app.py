@@ -1,0 +1,158 @@
+"""The device (ClientApp) and the cloud (strategy) exchanging real Flower Messages in-process."""
+
+import json
+
+import pytest
+import torch
+from flwr.app import Context, Error, Message, MessageType, RecordDict
+
+from privtune_flwr import schema
+from privtune_flwr.client_app import app as client_app, partition_ids
+from privtune_flwr.config import RunConfig
+from privtune_flwr.models import load_split
+from privtune_flwr.training import CloudSide
+from strategies import SplitLearningStrategy
+
+NUM_NODES = 3
+
+
+def _cfg(**kw):
+    base = dict(max_examples=240, batch_size=4, batches_per_round=2, devices_per_round=2, min_devices=NUM_NODES,
+                num_rounds=2, max_length=24, audit_tokens=0, defense="none", eval_examples=6)
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def _context(cfg, node_id):
+    return Context(run_id=1, node_id=node_id, node_config={"partition-id": node_id - 1, "num-partitions": NUM_NODES},
+                   state=RecordDict(), run_config=cfg.to_flower())
+
+
+class FakeGrid:
+    """Routes messages straight to the ClientApp, as Flower's simulation engine would."""
+
+    def __init__(self, cfg):
+        self.contexts = {n: _context(cfg, n) for n in range(1, NUM_NODES + 1)}
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def deliver(self, messages):
+        replies = []
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = m.object_id  # as if pushed to the SuperLink
+            replies.append(client_app(m, self.contexts[m.metadata.dst_node_id]))
+            replies[-1].metadata.__dict__["_src_node_id"] = m.metadata.dst_node_id
+        return replies
+
+
+def test_train_reply_carries_exactly_the_schema(minilm_split):
+    cfg = _cfg()
+    grid = FakeGrid(cfg)
+    msg = Message(content=schema.instruction(1, cfg.batches_per_round), message_type=MessageType.TRAIN, dst_node_id=1)
+    reply = grid.deliver([msg])[0]
+    assert not reply.has_error(), reply.error
+    content = reply.content
+    assert set(content.keys()) == {schema.RELEASED, schema.METRICS}
+    assert set(content.array_records[schema.RELEASED].keys()) == {"hidden", "attention-mask", "labels"}
+    rel = schema.parse_release(content, hidden_size=384, num_labels=2)
+    assert rel.num_examples == cfg.batches_per_round * cfg.batch_size
+    # no integer array shaped like token ids, no strings anywhere in the reply
+    assert not content.config_records
+    assert all(v.dtype != "int64" or len(v.shape) == 1 for v in content.array_records[schema.RELEASED].values())
+    # the reading position advanced in the node's own state
+    state = grid.contexts[1].state.config_records["device-state"]
+    assert int(state["cursor"]) == cfg.batches_per_round * cfg.batch_size
+
+
+def test_cloud_never_sees_token_ids_or_text(minilm_split):
+    """The release cannot be mapped back to ids by an exact embedding lookup: with none it is the
+    bottom's contextual output, with dchi noise it differs from it; and no text field exists."""
+    cfg = _cfg(defense="dchi", epsilon=50.0)
+    reply = FakeGrid(cfg).deliver([Message(content=schema.instruction(1, 1), message_type=MessageType.TRAIN, dst_node_id=2)])[0]
+    raw = json.dumps({k: str(v) for k, v in reply.content.metric_records[schema.METRICS].items()})
+    assert "text" not in raw and "input" not in raw
+    rel = schema.parse_release(reply.content, hidden_size=384, num_labels=2)
+    emb = minilm_split.full.bert.embeddings.word_embeddings.weight
+    flat = rel.hidden[rel.attention_mask.bool()]
+    # nearest raw word embedding by exact equality never matches
+    assert not any(torch.isclose(flat[:, None, :8], emb[None, :, :8]).all(-1).any() for _ in [0])
+
+
+def test_consecutive_rounds_read_fresh_examples():
+    cfg = _cfg()
+    grid = FakeGrid(cfg)
+    seen = []
+    for r in (1, 2):
+        reply = grid.deliver([Message(content=schema.instruction(r, 2), message_type=MessageType.TRAIN, dst_node_id=1)])[0]
+        seen.append(schema.parse_release(reply.content, hidden_size=384, num_labels=2).hidden.sum().item())
+    assert seen[0] != seen[1]
+
+
+def test_dchi_release_and_self_audit():
+    cfg = _cfg(defense="dchi", epsilon=1000.0, audit_tokens=64)
+    reply = FakeGrid(cfg).deliver([Message(content=schema.instruction(1, 1), message_type=MessageType.TRAIN, dst_node_id=1)])[0]
+    rel = schema.parse_release(reply.content, hidden_size=384, num_labels=2)
+    # little noise at eps=1000 (E||z|| = 0.38 vs ||h|| ~ 11): layer-1 tokens stay decodable
+    assert rel.metrics["self-audit-knn"] > 0.5
+    strong = _cfg(defense="dchi", epsilon=10.0, audit_tokens=64)
+    reply = FakeGrid(strong).deliver([Message(content=schema.instruction(1, 1), message_type=MessageType.TRAIN, dst_node_id=1)])[0]
+    noisy = schema.parse_release(reply.content, hidden_size=384, num_labels=2).metrics["self-audit-knn"]
+    assert noisy < rel.metrics["self-audit-knn"] - 0.2
+
+
+def test_bad_node_config_is_named():
+    with pytest.raises(ValueError, match="partition-id=5 / num-partitions=2"):
+        partition_ids({"partition-id": 5, "num-partitions": 2})
+    with pytest.raises(ValueError, match="needs integer 'partition-id'"):
+        partition_ids({})
+
+
+def test_strategy_trains_evaluates_checkpoints_and_rejects_bad_replies(tmp_path, caplog):
+    cfg = _cfg(num_rounds=1)
+    split = load_split("minilm", 1, num_labels=2, lora_rank=4)
+    cloud = CloudSide(split, learning_rate=1e-3, batch_size=cfg.batch_size)
+    strategy = SplitLearningStrategy(cloud, cfg, output_dir=tmp_path)
+    grid = FakeGrid(cfg)
+    before = split.trainable_state()
+    messages = list(strategy.configure_train(1, None, None, grid))
+    assert len(messages) == cfg.devices_per_round
+    assert all(schema.read_instruction(m.content) == (1, cfg.batches_per_round) for m in messages)
+    replies = grid.deliver(messages)
+    # a device that failed and a hostile reply with token ids: both rejected, the round goes on
+    failed = Message(Error(code=0, reason="out of memory"), reply_to=messages[0])
+    hostile_content = schema.release_content(*_hostile(), {"num-examples": 2, "num-tokens": 4})
+    hostile_content[schema.RELEASED]["input-ids"] = hostile_content[schema.RELEASED]["labels"]
+    hostile = Message(hostile_content, reply_to=messages[0])
+    arrays, metrics = strategy.aggregate_train(1, replies + [failed, hostile])
+    assert metrics["valid-replies"] == 2 and metrics["steps"] == 2 * cfg.batches_per_round
+    assert [r["reason"][:12] for r in strategy.rejected] == ["device error", "release arra"]
+    after = split.trainable_state()
+    assert set(arrays.keys()) == set(after)
+    assert any(not torch.equal(before[k], after[k]) for k in after)
+    ckpt = torch.load(tmp_path / "checkpoints" / "round-001.pt", weights_only=True)
+    assert set(ckpt) == {"trainable", "optimizer", "steps"} and ckpt["steps"] == 4
+    ev = strategy.aggregate_evaluate(1, grid.deliver(list(strategy.configure_evaluate(1, None, None, grid))))
+    assert ev["num-examples"] == NUM_NODES * cfg.eval_examples
+    assert 0.0 <= ev["test-accuracy"] <= 1.0
+    assert json.loads((tmp_path / "history.json").read_text())[0]["valid-replies"] == 2
+
+
+def test_round_without_enough_replies_leaves_top_unchanged(tmp_path):
+    cfg = _cfg(num_rounds=1, min_replies=2)
+    split = load_split("minilm", 1, num_labels=2, lora_rank=4)
+    strategy = SplitLearningStrategy(CloudSide(split, learning_rate=1e-3, batch_size=4), cfg, output_dir=tmp_path)
+    grid = FakeGrid(cfg)
+    messages = list(strategy.configure_train(1, None, None, grid))
+    before = split.trainable_state()
+    arrays, metrics = strategy.aggregate_train(1, grid.deliver(messages[:1]))
+    assert arrays is None and metrics["valid-replies"] == 1
+    assert all(torch.equal(before[k], v) for k, v in split.trainable_state().items())
+
+
+def _hidden_of(n=2, t=2, d=384):
+    return torch.zeros(n, t, d), torch.ones(n, t, dtype=torch.long), torch.tensor([0, 1])
+
+
+def _hostile():
+    return _hidden_of()

@@ -1,0 +1,122 @@
+"""Split models: frozen bottom, LoRA top, and split == unsplit without noise."""
+
+import copy
+
+import pytest
+import torch
+
+from privtune_flwr.models import load_split
+from tests.conftest import tiny_hf_model
+
+
+def _batch(vocab_low=1000, vocab_high=2000, lengths=(9, 5, 7), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = max(lengths)
+    ids = torch.randint(vocab_low, vocab_high, (len(lengths), t), generator=g)
+    mask = torch.zeros(len(lengths), t, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    return ids, mask
+
+
+def _left_pad(ids, mask):
+    # decoders pad on the left: move each row's real tokens to the end
+    out_ids, out_mask = torch.zeros_like(ids), torch.zeros_like(mask)
+    for i in range(len(ids)):
+        n = int(mask[i].sum())
+        out_ids[i, -n:] = ids[i, :n]
+        out_mask[i, -n:] = 1
+    return out_ids, out_mask
+
+
+CASES = [("encoder", "classification"), ("decoder", "classification"), ("decoder", "generation")]
+
+
+@pytest.mark.parametrize("family,task", CASES)
+@pytest.mark.parametrize("where", ["zero", "one", "last"])
+def test_split_reproduces_unsplit_logits(family, task, where, minilm_tokenizer):
+    layers = 3
+    m = {"zero": 0, "one": 1, "last": layers - 1}[where]
+    hf = tiny_hf_model(family, task, layers=layers)
+    reference = copy.deepcopy(hf)  # untouched by the graft and by LoRA
+    split = load_split("tiny", m, task, 2, hf_model=hf, tokenizer=copy.deepcopy(minilm_tokenizer))
+    ids, mask = _batch()
+    if family == "decoder":
+        ids, mask = _left_pad(ids, mask)
+        ids = torch.where(mask.bool(), ids, torch.zeros_like(ids))
+    with torch.no_grad():
+        want = reference(input_ids=ids, attention_mask=mask).logits
+        split.top.eval()
+        got = split.top(split.bottom(ids, mask), mask)
+    if task == "generation":  # compare at real positions
+        want, got = want[mask.bool()], got[mask.bool()]
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, atol=1e-4, rtol=0), (got - want).abs().max()
+
+
+def test_split_at_every_layer_including_L(minilm_tokenizer):
+    hf = tiny_hf_model("encoder", layers=2)
+    reference = copy.deepcopy(hf)
+    ids, mask = _batch()
+    want = reference(input_ids=ids, attention_mask=mask).logits
+    for m in range(0, 3):
+        split = load_split("tiny", m, hf_model=copy.deepcopy(hf), tokenizer=minilm_tokenizer)
+        with torch.no_grad():
+            split.top.eval()
+            got = split.top(split.bottom(ids, mask), mask)
+        assert torch.allclose(got, want, atol=1e-4), m
+
+
+def test_real_minilm_split_matches_unsplit(minilm_split):
+    split = minilm_split
+    enc = split.tokenize(["a gripping, beautifully shot film", "dull and far too long", "ok"], 32)
+    with torch.no_grad():
+        split.top.eval()
+        got = split.top(split.bottom(**enc), enc["attention_mask"])
+        want = split.full(**enc).logits
+    assert torch.allclose(got, want, atol=1e-4)
+    assert split.hidden_size == 384 and split.num_layers == 6 and split.vocab_size == 30522
+
+
+def test_bottom_frozen_top_has_lora_and_head(minilm_split):
+    split = minilm_split
+    assert not any(p.requires_grad for p in split.bottom.parameters())
+    trainable = [n for n, p in split.top.named_parameters() if p.requires_grad]
+    assert any("lora_A" in n for n in trainable) and any("classifier" in n for n in trainable)
+    # LoRA only above the split: the top holds 6 - 1 = 5 blocks, each with query and value adapters
+    assert sum("lora_A" in n for n in trainable) == 5 * 2
+    split.bottom.train()
+    assert not split.bottom.training  # dropout never switches on below the split
+    enc = split.tokenize(["hello world"], 16)
+    assert not split.bottom(**enc).requires_grad
+
+
+def test_lora_training_changes_top_only(minilm_tokenizer):
+    split = load_split("tiny", 1, hf_model=tiny_hf_model("encoder"), tokenizer=minilm_tokenizer)
+    ids, mask = _batch()
+    before_bottom = [p.clone() for p in split.bottom.parameters()]
+    before_top = split.trainable_state()
+    opt = torch.optim.AdamW([p for p in split.top.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        loss = torch.nn.functional.cross_entropy(split.top(split.bottom(ids, mask), mask), torch.tensor([0, 1, 0]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before_bottom, split.bottom.parameters()))
+    after = split.trainable_state()
+    assert any(not torch.equal(before_top[k], after[k]) for k in after)
+
+
+@pytest.mark.parametrize("bad", [-1, 4, 1.5, "2"])
+def test_split_layer_out_of_range(bad, minilm_tokenizer):
+    with pytest.raises(ValueError, match=r"split_layer=.*outside 0\.\.3"):
+        load_split("tiny", bad, hf_model=tiny_hf_model("encoder"), tokenizer=minilm_tokenizer)
+
+
+def test_bad_model_and_task_names(minilm_tokenizer):
+    with pytest.raises(ValueError, match="no-such-model"):
+        load_split("no-such-model", 1)
+    with pytest.raises(ValueError, match="task='translate'"):
+        load_split("minilm", 1, task="translate")
+    with pytest.raises(ValueError, match="needs a decoder"):
+        load_split("tiny", 1, "generation", hf_model=tiny_hf_model("encoder"), tokenizer=minilm_tokenizer)
