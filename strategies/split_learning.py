@@ -128,7 +128,7 @@ class SplitLearningStrategy(Strategy):
             logits = torch.cat([self.cloud.split.top(r.hidden, r.attention_mask) for _, r in valid])
         labels = torch.cat([r.labels for _, r in valid])
         scores = classification_metrics(logits, labels, self.cloud.split.num_labels)
-        metrics = {f"test-{k}" if k != "num-examples" else k: v for k, v in scores.items()}
+        metrics = {f"test-{k}": v for k, v in scores.items()}
         audit = self._weighted(valid, "self-audit-knn")
         if audit is not None:
             metrics["test-self-audit-knn"] = audit

@@ -133,7 +133,7 @@ def test_strategy_trains_evaluates_checkpoints_and_rejects_bad_replies(tmp_path,
     ckpt = torch.load(tmp_path / "checkpoints" / "round-001.pt", weights_only=True)
     assert set(ckpt) == {"trainable", "optimizer", "steps"} and ckpt["steps"] == 4
     ev = strategy.aggregate_evaluate(1, grid.deliver(list(strategy.configure_evaluate(1, None, None, grid))))
-    assert ev["num-examples"] == NUM_NODES * cfg.eval_examples
+    assert ev["test-num-examples"] == NUM_NODES * cfg.eval_examples
     assert 0.0 <= ev["test-accuracy"] <= 1.0
     assert json.loads((tmp_path / "history.json").read_text())[0]["valid-replies"] == 2
 

@@ -41,7 +41,7 @@ def _tiny(family="encoder", seed=0):
         model = LlamaForSequenceClassification(LlamaConfig(
             vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
             intermediate_size=64, max_position_embeddings=128, pad_token_id=0))
-    return load_split(f"tiny-{family}", 1, hf_model=model, tokenizer=_minilm_tokenizer(), lora_rank=0)
+    return load_split("tiny-bert" if family == "encoder" else "tiny-llama", 1, hf_model=model, tokenizer=_minilm_tokenizer(), lora_rank=0)
 
 
 @pytest.fixture(scope="module")
@@ -238,12 +238,18 @@ def _rotten_tomatoes(n: int) -> list[str]:
 
 
 def test_noise_free_release_decodes_to_indirect_neighbours(minilm_split):
-    """With the random part off, the nearest anchor is more often in N_n(w) than w itself."""
+    """With the random part off, the nearest anchor is more often in N_n(w) than w itself.
+
+    At the default radius (1.0 x the median anchor-to-target distance) about half of the targets
+    lie beyond the ball, and without noise the two rates are about equal (0.28 vs 0.29 here);
+    1.5 x the median makes the ring clearly win. With the default radius, the d_chi noise at
+    eps = 16 then does the rest (checked below against d_chi alone).
+    """
     split = minilm_split
     enc = split.tokenize(_rotten_tomatoes(24), 32)
     ids, mask = enc["input_ids"], enc["attention_mask"]
     hidden = split.bottom(ids, mask)
-    d = build_defense("privtune", epsilon=1e9, split=split)
+    d = build_defense("privtune", epsilon=1e9, split=split, radius_scale=1.5)
     released = d(hidden, ids, mask)
     keep = anc.real_token_mask(ids, mask, split.special_ids)
     truth = ids[keep]
@@ -255,3 +261,8 @@ def test_noise_free_release_decodes_to_indirect_neighbours(minilm_split):
     assert clean > 0.8  # the clean representation decodes to its token
     assert in_ring > own
     assert anc.self_audit(released, ids, mask, d.anchors, split.special_ids) < 0.5 * clean
+    audit = {
+        name: anc.self_audit(build_defense(name, epsilon=16.0, split=split)(hidden, ids, mask), ids, mask, d.anchors, split.special_ids)
+        for name in ("dchi", "privtune")
+    }
+    assert audit["privtune"] < 0.5 * audit["dchi"]

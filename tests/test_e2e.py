@@ -6,7 +6,7 @@ import pytest
 
 from simulations import launch
 
-TINY = ("num-rounds=2 max-examples=300 batch-size=4 batches-per-round=2 max-length=24 "
+TINY = ("max-examples=300 batch-size=4 batches-per-round=2 max-length=24 "
         "eval-examples=10 audit-tokens=64 defense='dchi' epsilon=50.0")
 
 pytestmark = pytest.mark.e2e
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.e2e
 
 def test_flwr_run_simulation_completes_and_writes_results(tmp_path):
     out = tmp_path / "run"
-    code = launch.main(["--devices", "3", "--actors", "2", "--out", str(out), "--run-config", TINY])
+    code = launch.main(["--devices", "3", "--actors", "2", "--out", str(out), "--run-config", f"num-rounds=2 {TINY}"])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert [r["round"] for r in results["rounds"]] == [1, 2]

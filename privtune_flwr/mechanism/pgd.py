@@ -56,23 +56,29 @@ def solve_shift(
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"pgd_steps={steps!r} is outside the accepted range: an integer >= 0")
     eta = 0.1 * radius if step_size is None else float(step_size)
-    m = active.unsqueeze(-1).to(hidden.dtype)
-    w = pool_weights.to(hidden.dtype) * active.to(hidden.dtype)
-    curvature = 2.0 * abs(1.0 - lam) + 2.0 * mu * float(w.pow(2).sum(1).max()) if w.numel() else 1.0
+    dtype = hidden.dtype
+    m = active.unsqueeze(-1).to(dtype)
+    w = pool_weights.to(dtype) * active.to(dtype)
+    curvature = 2.0 * abs(1.0 - lam) + (2.0 * mu * float(w.pow(2).sum(1).max()) if w.numel() else 0.0)
     inv_l = 1.0 / max(curvature, 1e-12)
-    # Constant part of the gradient, computed once per batch.
-    const = (2.0 * (1.0 - lam)) * hidden - 2.0 * targets + (2.0 * lam) * own
-    wk = (2.0 * mu) * w.unsqueeze(-1)
+    # Constant part of the gradient, computed once per batch; every step below works in place
+    # (about six passes over [B, T, d]), since the perturbation must stay cheap next to the bottom.
+    const = hidden.mul(2.0 * (1.0 - lam)).add_(targets, alpha=-2.0).add_(own, alpha=2.0 * lam)
+    row_w = w.unsqueeze(1)  # [B, 1, T]: pooling as a batched matmul
+    col_w = (2.0 * mu) * w.unsqueeze(-1)  # [B, T, 1]
     delta = torch.zeros_like(hidden)
+    grad = torch.empty_like(hidden)
     for _ in range(steps):
         if trace is not None:
             trace.append(opt1_objective(delta, hidden, targets, own, w, active, lam, mu))
-        pooled = (w.unsqueeze(-1) * delta).sum(1, keepdim=True)
-        grad = const + (2.0 * (1.0 - lam)) * delta + wk * pooled
-        gnorm = grad.norm(dim=-1, keepdim=True)
-        scale = torch.clamp(eta / gnorm.clamp_min(1e-12), max=inv_l) * m
-        delta = delta - scale * grad
-        delta = delta * torch.clamp(radius / delta.norm(dim=-1, keepdim=True).clamp_min(1e-12), max=1.0)
+        pooled = torch.bmm(row_w, delta)  # [B, 1, d]
+        torch.add(const, delta, alpha=2.0 * (1.0 - lam), out=grad)
+        grad.baddbmm_(col_w, pooled)
+        gnorm = torch.linalg.vector_norm(grad, dim=-1, keepdim=True).clamp_min_(1e-12)
+        step = torch.clamp(eta / gnorm, max=inv_l).mul_(m)
+        delta.addcmul_(step, grad, value=-1.0)
+        dnorm = torch.linalg.vector_norm(delta, dim=-1, keepdim=True).clamp_min_(1e-12)
+        delta.mul_(torch.clamp(radius / dnorm, max=1.0))
     if trace is not None:
         trace.append(opt1_objective(delta, hidden, targets, own, w, active, lam, mu))
     return delta
