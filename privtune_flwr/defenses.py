@@ -11,10 +11,11 @@ them leaves the device. ``privacy_statement`` reports what the defence guarantee
 
 from __future__ import annotations
 
+import inspect
+import math
+
 import torch
 from torch import nn
-
-import math
 
 from .mechanism.anchors import check_graph_options, get_tables
 from .mechanism.dchi import check_epsilon, sample_dchi
@@ -399,7 +400,5 @@ def build_defense(name: str, *, epsilon: float | None = None, split: SplitModel,
     if epsilon is None:
         raise ValueError(f"defense={name!r} needs epsilon; accepted: a finite value > 0")
     check_epsilon(epsilon)
-    import inspect
-
     accepted = set(inspect.signature(cls.__init__).parameters)
     return cls(split, epsilon, seed, **{k: v for k, v in options.items() if k in accepted})

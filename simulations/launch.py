@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -81,6 +82,35 @@ def stop(proc: subprocess.Popen) -> None:
         pass
 
 
+class SessionMemory(threading.Thread):
+    """Samples the summed RSS of every process in one session (the SuperLink and all it spawns)."""
+
+    def __init__(self, session: int, interval: float = 1.0):
+        super().__init__(daemon=True)
+        self.session, self.interval, self.peak_mb = session, interval, 0.0
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        page = os.sysconf("SC_PAGE_SIZE")
+        while not self._stop.wait(self.interval):
+            total = 0
+            for entry in os.listdir("/proc"):
+                if not entry.isdigit():
+                    continue
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        fields = f.read().rsplit(")", 1)[1].split()
+                    if int(fields[3]) == self.session:  # field 6 of stat: session id
+                        with open(f"/proc/{entry}/statm") as f:
+                            total += int(f.read().split()[1]) * page
+                except (OSError, IndexError, ValueError):
+                    continue
+            self.peak_mb = max(self.peak_mb, total / 2**20)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
 def run_status(env: dict[str, str]) -> dict:
     """The newest run's record from ``flwr ls --format json``."""
     out = subprocess.run(["flwr", "ls", "--format", "json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
@@ -111,6 +141,9 @@ def launch(devices: int, actors: int, run_config: str, *, app: Path = ROOT, keep
     ]
     superlink = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     print(f"[launch] SuperLink pid {superlink.pid} on 127.0.0.1:{http_port} (control {control_port}); FLWR_HOME={home}", flush=True)
+    memory = SessionMemory(superlink.pid)  # start_new_session: the session id is the pid
+    memory.start()
+    t_start = time.perf_counter()
     code = 1
     try:
         wait_healthy(http_port, superlink)
@@ -124,11 +157,13 @@ def launch(devices: int, actors: int, run_config: str, *, app: Path = ROOT, keep
         state = status.get("status", "")
         print(f"[launch] run {status.get('run-id')} status: {state}", flush=True)
         code = 0 if state == "finished:completed" else 1
+        print(f"[launch] wall {time.perf_counter() - t_start:.1f} s, peak RSS of all run processes {memory.peak_mb:.0f} MB", flush=True)
     except Exception as exc:  # noqa: BLE001 - report, clean up, and fail the command
         print(f"[launch] failed: {exc}", file=sys.stderr, flush=True)
         if log_file.exists():
             print(log_file.read_text()[-4000:], file=sys.stderr)
     finally:
+        memory.stop()
         stop(superlink)
         if not keep_home:
             shutil.rmtree(home, ignore_errors=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import math
 from pathlib import Path
 
 import pytest
@@ -45,13 +44,10 @@ def _tiny(family="encoder", seed=0):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("PRIVTUNE_CACHE", str(tmp_path_factory.mktemp("cache")))
+def tiny():
     split = _tiny()
     enc = split.tokenize(["a wonderful and moving film", "dull", "the plot is thin but the actors shine"], 16)
-    yield split, enc["input_ids"], enc["attention_mask"], split.bottom(enc["input_ids"], enc["attention_mask"])
-    mp.undo()
+    return split, enc["input_ids"], enc["attention_mask"], split.bottom(enc["input_ids"], enc["attention_mask"])
 
 
 @pytest.mark.parametrize("name", list(DEFENSES))
@@ -122,8 +118,16 @@ def test_ablations(tiny):
     assert not torch.equal(rnd.token_targets(ids), rnd.token_targets(ids))
 
 
-def test_privtune_on_a_decoder(tmp_path, monkeypatch):
-    monkeypatch.setenv("PRIVTUNE_CACHE", str(tmp_path))
+def test_importance_from_a_local_corpus(tiny):
+    split, ids, mask, hidden = tiny
+    corpus = {"sequences": ids.tolist(), "labels": [0, 1, 0], "task": "classification"}
+    d = build_defense("privtune", epsilon=8.0, split=split, importance=corpus, alpha=0.3)
+    ref = Importance(ids.tolist(), [0, 1, 0], vocab_size=split.vocab_size, special_ids=split.special_ids, alpha=0.3)
+    assert torch.equal(d.importance, ref.values)
+    assert (d.noise_scale(ids)[torch.isin(ids, split.special_ids)] == 1).all()  # importance 0 -> full noise
+
+
+def test_privtune_on_a_decoder():
     split = _tiny("decoder")
     enc = split.tokenize(["a wonderful film", "dull"], 8)
     hidden = split.bottom(enc["input_ids"], enc["attention_mask"])
@@ -165,8 +169,6 @@ def test_gaussian_clips_and_adds_calibrated_noise(tiny):
     assert noise.std().item() == pytest.approx(g.sigma, rel=0.03)
     assert abs(noise.mean().item()) < 0.03 * g.sigma
     default = build_defense("gaussian", epsilon=1.0, split=split)
-    regular = torch.ones(split.vocab_size, dtype=torch.bool)
-    regular[split.special_ids] = False
     assert default.clip == pytest.approx(float(default_anchor_norm(split)))
 
 

@@ -120,3 +120,17 @@ def test_bad_model_and_task_names(minilm_tokenizer):
         load_split("minilm", 1, task="translate")
     with pytest.raises(ValueError, match="needs a decoder"):
         load_split("tiny", 1, "generation", hf_model=tiny_hf_model("encoder"), tokenizer=minilm_tokenizer)
+
+
+def test_real_smollm2_from_gguf_split_matches_unsplit():
+    """The offline SmolLM2 (GGUF, dequantised once into the cache) splits exactly too."""
+    split = load_split("smollm2", 2, "generation")
+    assert (split.family, split.num_layers, split.hidden_size, split.vocab_size) == ("decoder", 30, 576, 49152)
+    enc = split.tokenize(["The capital of France is", "Hello"], 16)
+    with torch.no_grad():
+        split.top.eval()
+        got = split.top(split.bottom(**enc), enc["attention_mask"])
+        want = split.full(**enc).logits
+    real = enc["attention_mask"].bool()
+    assert torch.allclose(got[real], want[real], atol=1e-4)
+    assert split.tokenizer.decode(got[0, -1].argmax()).strip() == "Paris"

@@ -305,6 +305,7 @@ def _save(tables: AnchorTables, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.stem, suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is shared like the model files
     torch.save({f: getattr(tables, f) for f in tables.__dataclass_fields__}, tmp)
     os.replace(tmp, path)  # atomic: concurrent processes never read a half-written table
 
