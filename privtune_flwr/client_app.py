@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 app = ClientApp()
 
-STATE = "device-state"  # context.state ConfigRecord: {"cursor", "epoch"}
+STATE = "device-state"  # context.state ConfigRecord: {"cursor", "epoch", "evaluations"}
 
 _SPLITS: dict[tuple, SplitModel] = {}
 _NODES: dict[tuple, "Node"] = {}
@@ -91,9 +91,16 @@ def load_node(cfg: RunConfig, pid: int, total: int) -> Node:
     return node
 
 
-def _next_indices(context: Context, size: int, count: int, seed: int) -> list[int]:
-    """The next ``count`` example indices of this device's shuffled epoch order (wraps around)."""
-    state = context.state.config_records.get(STATE) or ConfigRecord({"cursor": 0, "epoch": 0})
+def _state(context: Context) -> ConfigRecord:
+    if STATE not in context.state.config_records:
+        context.state.config_records[STATE] = ConfigRecord({"cursor": 0, "epoch": 0, "evaluations": 0})
+    return context.state.config_records[STATE]
+
+
+def _next_indices(context: Context, size: int, count: int, seed: int) -> tuple[list[int], int]:
+    """The next ``count`` indices of this device's shuffled epoch order (wrapping around), and
+    the largest number of times any example has now been released (for composition)."""
+    state = _state(context)
     cursor, epoch = int(state["cursor"]), int(state["epoch"])
     out: list[int] = []
     while len(out) < count:
@@ -104,8 +111,8 @@ def _next_indices(context: Context, size: int, count: int, seed: int) -> list[in
         cursor += len(take)
         if cursor >= size:
             cursor, epoch = 0, epoch + 1
-    context.state.config_records[STATE] = ConfigRecord({"cursor": cursor, "epoch": epoch})
-    return out
+    state["cursor"], state["epoch"] = cursor, epoch
+    return out, epoch + (1 if cursor else 0)
 
 
 def _reseed(defense: Defense, cfg: RunConfig, pid: int, server_round: int, phase: int) -> None:
@@ -120,10 +127,11 @@ def train(msg: Message, context: Context) -> Message:
     server_round, num_batches = read_instruction(msg.content)
     pid, total = partition_ids(context.node_config)
     node = load_node(cfg, pid, total)
-    idx = _next_indices(context, len(node.train), max(1, num_batches) * cfg.batch_size, cfg.seed * 1_000 + pid)
+    idx, releases = _next_indices(context, len(node.train), max(1, num_batches) * cfg.batch_size, cfg.seed * 1_000 + pid)
     rows = node.train.select(idx)
     _reseed(node.defense, cfg, pid, server_round, 0)
     hidden, mask, labels, metrics = node.device.release(rows["text"], rows["label"])
+    metrics["releases-per-example-max"] = releases
     return Message(content=release_content(hidden, mask, labels, metrics), reply_to=msg)
 
 
@@ -141,5 +149,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         rows = rows.select(range(cfg.eval_examples))
     _reseed(node.defense, cfg, pid, server_round, 1)
     hidden, mask, labels, metrics = node.device.release(rows["text"], rows["label"])
+    state = _state(context)
+    state["evaluations"] = int(state["evaluations"]) + 1  # the test split is released at every evaluation
+    metrics["releases-per-example-max"] = int(state["evaluations"])
     return Message(content=release_content(hidden, mask, labels, metrics), reply_to=msg)
 

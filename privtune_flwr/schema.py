@@ -39,6 +39,8 @@ OPTIONAL_METRICS = (
     "epsilon-effective-max",
     "slack-max",
     "epsilon-per-sequence-max",
+    "slack-per-sequence-max",
+    "releases-per-example-max",  # how often any one of the released examples has now been released
 )
 
 

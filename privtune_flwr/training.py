@@ -66,6 +66,7 @@ class DeviceSide:
             ("effective_epsilon_max", "epsilon-effective-max"),
             ("slack_max", "slack-max"),
             ("epsilon_per_sequence_max", "epsilon-per-sequence-max"),
+            ("slack_per_sequence_max", "slack-per-sequence-max"),
         ):
             if isinstance(statement.get(src), (int, float)):
                 out[dst] = float(statement[src])

@@ -82,33 +82,40 @@ def stop(proc: subprocess.Popen) -> None:
         pass
 
 
-class SessionMemory(threading.Thread):
-    """Samples the summed RSS of every process in one session (the SuperLink and all it spawns)."""
+class TreeMemory(threading.Thread):
+    """Samples the summed RSS of a process and all its descendants (SuperLink, ServerApp, Ray)."""
 
-    def __init__(self, session: int, interval: float = 1.0):
+    def __init__(self, root: int, interval: float = 1.0):
         super().__init__(daemon=True)
-        self.session, self.interval, self.peak_mb = session, interval, 0.0
-        self._stop = threading.Event()
+        self.root, self.interval, self.peak_mb = root, interval, 0.0
+        self._halt = threading.Event()
+
+    def sample(self) -> float:
+        page = os.sysconf("SC_PAGE_SIZE")
+        parent, rss = {}, {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{entry}/statm") as f:
+                    rss[int(entry)] = int(f.read().split()[1]) * page
+                parent[int(entry)] = int(fields[1])
+            except (OSError, IndexError, ValueError):
+                continue
+        tree, frontier = {self.root}, [self.root]
+        while frontier:
+            frontier = [p for p, pp in parent.items() if pp in frontier and p not in tree]
+            tree.update(frontier)
+        return sum(rss.get(p, 0) for p in tree) / 2**20
 
     def run(self) -> None:
-        page = os.sysconf("SC_PAGE_SIZE")
-        while not self._stop.wait(self.interval):
-            total = 0
-            for entry in os.listdir("/proc"):
-                if not entry.isdigit():
-                    continue
-                try:
-                    with open(f"/proc/{entry}/stat") as f:
-                        fields = f.read().rsplit(")", 1)[1].split()
-                    if int(fields[3]) == self.session:  # field 6 of stat: session id
-                        with open(f"/proc/{entry}/statm") as f:
-                            total += int(f.read().split()[1]) * page
-                except (OSError, IndexError, ValueError):
-                    continue
-            self.peak_mb = max(self.peak_mb, total / 2**20)
+        while not self._halt.wait(self.interval):
+            self.peak_mb = max(self.peak_mb, self.sample())
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
 
 
 def run_status(env: dict[str, str]) -> dict:
@@ -141,7 +148,7 @@ def launch(devices: int, actors: int, run_config: str, *, app: Path = ROOT, keep
     ]
     superlink = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     print(f"[launch] SuperLink pid {superlink.pid} on 127.0.0.1:{http_port} (control {control_port}); FLWR_HOME={home}", flush=True)
-    memory = SessionMemory(superlink.pid)  # start_new_session: the session id is the pid
+    memory = TreeMemory(superlink.pid)
     memory.start()
     t_start = time.perf_counter()
     code = 1

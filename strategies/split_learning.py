@@ -105,10 +105,14 @@ class SplitLearningStrategy(Strategy):
             "cloud-seconds": time.perf_counter() - t0,
             "bytes-received": float(sum(r.metrics.get("bytes-sent", 0.0) for _, r in valid)),
         }
-        for key in ("self-audit-knn", "bottom-seconds", "defense-seconds", "epsilon-effective-min", "epsilon-effective-median", "epsilon-effective-max", "slack-max", "epsilon-per-sequence-max"):
+        for key in ("self-audit-knn", "bottom-seconds", "defense-seconds", "epsilon-effective-min", "epsilon-effective-median", "epsilon-effective-max", "slack-max", "epsilon-per-sequence-max", "slack-per-sequence-max"):
             value = self._weighted(valid, key)
             if value is not None:
                 metrics[key] = value
+        for key in ("epsilon-per-sequence-max", "slack-per-sequence-max", "releases-per-example-max", "epsilon-effective-max"):
+            values = [r.metrics[key] for _, r in valid if key in r.metrics]
+            if values:  # privacy is a worst case over devices, not an average
+                metrics[key] = max(values)
         self._round.update(metrics)
         if self.output_dir is not None:
             self.cloud.save(self.output_dir / "checkpoints" / f"round-{server_round:03d}.pt")
@@ -132,6 +136,10 @@ class SplitLearningStrategy(Strategy):
         audit = self._weighted(valid, "self-audit-knn")
         if audit is not None:
             metrics["test-self-audit-knn"] = audit
+        for key in ("releases-per-example-max", "epsilon-per-sequence-max"):
+            values = [r.metrics[key] for _, r in valid if key in r.metrics]
+            if values:
+                metrics[f"test-{key}"] = max(values)
         self._round.update(metrics)
         self._round["round-seconds"] = time.perf_counter() - self._t_round
         self.history.append(dict(self._round))

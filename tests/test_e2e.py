@@ -22,7 +22,14 @@ def test_flwr_run_simulation_completes_and_writes_results(tmp_path):
     assert 0.0 <= results["final"]["test-accuracy"] <= 1.0
     assert results["rounds"][0]["num-examples"] == 3 * 2 * 4
     assert 0.0 <= results["final"]["self-audit-knn"] <= 1.0
-    assert results["privacy"]["effective-epsilon-per-token"]["median"] == pytest.approx(50.0)
+    privacy = results["privacy"]
+    assert privacy["effective-epsilon-per-token"]["median"] == pytest.approx(50.0)
+    # the test split is released at both evaluations: its per-sequence parameter counts twice
+    assert privacy["releases-per-test-example-max"] == 2
+    per_seq = max(r["test-epsilon-per-sequence-max"] for r in results["rounds"])
+    assert privacy["epsilon-per-test-sequence-composed-max"] == pytest.approx(2 * per_seq)
+    # 100 examples per device, 8 per round: no training example is released twice
+    assert privacy["releases-per-train-example-max"] == 1
     assert (out / "checkpoints" / "round-002.pt").exists()
 
 
