@@ -18,10 +18,10 @@ from flwr.clientapp import ClientApp
 
 from . import data
 from .config import RunConfig
-from .defenses import Defense, build_defense
+from .defenses import Defense
 from .models import SplitModel, load_split
 from .schema import read_instruction, release_content
-from .training import DeviceSide
+from .training import DeviceSide, device_defense
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +75,8 @@ def load_node(cfg: RunConfig, pid: int, total: int) -> Node:
     test = data.partition(ds.test, total, pid, partitioner="iid", seed=cfg.seed)
     if len(train) == 0:
         raise ValueError(f"partition {pid} of {total} of {cfg.dataset!r} is empty; use fewer devices")
-    options = cfg.defense_options()
-    if cfg.defense.startswith("privtune"):
-        # Token importance comes from this device's own corpus and never leaves it.
-        ids = [split.tokenizer(t, truncation=True, max_length=cfg.max_length)["input_ids"] for t in train["text"]]
-        options["importance"] = {"sequences": ids, "labels": list(train["label"]), "task": cfg.task}
-    defense = build_defense(cfg.defense, epsilon=cfg.epsilon, split=split, seed=cfg.seed * 100_003 + pid, **options)
+    defense = device_defense(cfg.defense, split, epsilon=cfg.epsilon, texts=train["text"], labels=train["label"],
+                             task=cfg.task, max_length=cfg.max_length, seed=cfg.seed * 100_003 + pid, **cfg.defense_options())
     anchors = getattr(defense, "anchors", None)
     if anchors is None and cfg.audit_tokens:
         from .mechanism.anchors import get_tables

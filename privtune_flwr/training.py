@@ -10,14 +10,47 @@ and the privacy-utility sweep call them directly, so every path trains the same 
 
 from __future__ import annotations
 
+import random
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .defenses import Defense
+from .defenses import Defense, build_defense
 from .models import SplitModel
+
+
+def device_defense(name: str, split: SplitModel, *, epsilon: float | None, texts, labels, task: str = "classification",
+                   max_length: int = 64, seed: int = 0, **options) -> Defense:
+    """Build defence ``name`` as a device does: PrivTune's token importance comes from the
+    device's own ``texts``/``labels``, which never leave it."""
+    if name.startswith("privtune"):
+        ids = [split.tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
+        options["importance"] = {"sequences": ids, "labels": list(labels), "task": task}
+    return build_defense(name, epsilon=None if name == "none" else epsilon, split=split, seed=seed, **options)
+
+
+def fine_tune(device: "DeviceSide", cloud: "CloudSide", train, steps: int, *, seed: int = 0, progress: bool = False) -> list[float]:
+    """``steps`` cloud updates on batches released by one device holding ``train`` (a dataset
+    with text/label columns), in seeded epoch order; returns the batch losses."""
+    order: list[int] = []
+    rng = random.Random(seed)
+    while len(order) < steps * cloud.batch_size:
+        epoch = list(range(len(train)))
+        rng.shuffle(epoch)
+        order += epoch
+    losses: list[float] = []
+    bar = range(steps)
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(bar, desc="fine-tuning", unit="step")
+    for s in bar:
+        rows = train.select(order[s * cloud.batch_size : (s + 1) * cloud.batch_size])
+        hidden, mask, labels, _ = device.release(rows["text"], rows["label"])
+        losses += cloud.train_on(hidden, mask, labels)
+    return losses
 
 
 class DeviceSide:

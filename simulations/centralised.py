@@ -12,20 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import resource
 import time
 import tomllib
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from privtune_flwr import data
 from privtune_flwr.config import RunConfig
-from privtune_flwr.defenses import build_defense
 from privtune_flwr.models import load_split
-from privtune_flwr.training import CloudSide, DeviceSide
+from privtune_flwr.training import CloudSide, DeviceSide, device_defense, fine_tune
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,26 +38,12 @@ def run(cfg: RunConfig) -> dict:
     torch.manual_seed(cfg.seed)
     ds = data.load_dataset(cfg.dataset, test_fraction=cfg.test_fraction, seed=cfg.seed, max_examples=cfg.max_examples or None)
     split = load_split(cfg.model, cfg.split_layer, cfg.task, ds.num_labels, lora_rank=cfg.lora_rank, seed=cfg.seed)
-    options = cfg.defense_options()
-    if cfg.defense.startswith("privtune"):
-        ids = [split.tokenizer(t, truncation=True, max_length=cfg.max_length)["input_ids"] for t in ds.train["text"]]
-        options["importance"] = {"sequences": ids, "labels": list(ds.train["label"]), "task": cfg.task}
-    defense = build_defense(cfg.defense, epsilon=cfg.epsilon, split=split, seed=cfg.seed, **options)
+    defense = device_defense(cfg.defense, split, epsilon=cfg.epsilon, texts=ds.train["text"], labels=ds.train["label"],
+                             task=cfg.task, max_length=cfg.max_length, seed=cfg.seed, **cfg.defense_options())
     device = DeviceSide(split, defense, max_length=cfg.max_length, audit_tokens=0)
     cloud = CloudSide(split, learning_rate=cfg.learning_rate, batch_size=cfg.batch_size, seed=cfg.seed)
-
     steps = cfg.num_rounds * cfg.devices_per_round * cfg.batches_per_round
-    order: list[int] = []
-    rng = random.Random(cfg.seed)
-    while len(order) < steps * cfg.batch_size:
-        epoch = list(range(len(ds.train)))
-        rng.shuffle(epoch)
-        order += epoch
-    losses = []
-    for s in tqdm(range(steps), desc="centralised steps", unit="step"):
-        rows = ds.train.select(order[s * cfg.batch_size : (s + 1) * cfg.batch_size])
-        hidden, mask, labels, _ = device.release(rows["text"], rows["label"])
-        losses += cloud.train_on(hidden, mask, labels)
+    losses = fine_tune(device, cloud, ds.train, steps, seed=cfg.seed, progress=True)
     hidden, mask, labels, _ = device.release(ds.test["text"], ds.test["label"])
     scores = cloud.evaluate(hidden, mask, labels)
     return {

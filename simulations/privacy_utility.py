@@ -63,9 +63,9 @@ from privtune_flwr import data
 from privtune_flwr.attacks import ATTACKS, run_attacks
 from privtune_flwr.attacks.keywords import GENERIC_KEYWORDS, MOVIE_GENRE_KEYWORDS, genre_attribute, top_classes
 from privtune_flwr.config import RunConfig
-from privtune_flwr.defenses import DEFENSES, build_defense
+from privtune_flwr.defenses import DEFENSES
 from privtune_flwr.models import load_split
-from privtune_flwr.training import CloudSide, DeviceSide
+from privtune_flwr.training import CloudSide, DeviceSide, device_defense, fine_tune
 
 # victim -> auxiliary corpus for the attacks (always a different dataset).
 AUX_PAIRS: dict[str, str] = {
@@ -227,35 +227,18 @@ def attack_inputs(name: str, ds: data.TextDataset, victim, settings: SweepSettin
 # ------------------------------------------------------------------------------------------------
 
 
-def _defense(name: str, eps: float | None, split, ds, settings: SweepSettings):
-    cfg = RunConfig(defense=name, epsilon=float(eps or 16.0), seed=settings.seed, max_length=settings.max_length)
-    options = cfg.defense_options()
-    if name.startswith("privtune"):
-        ids = [split.tokenizer(t, truncation=True, max_length=settings.max_length)["input_ids"] for t in ds.train["text"]]
-        options["importance"] = {"sequences": ids, "labels": list(ds.train["label"]), "task": "classification"}
-    return build_defense(name, epsilon=None if name == "none" else float(eps), split=split, seed=settings.seed, **options)
-
-
 def run_point(name: str, defense_name: str, eps: float | None, split, initial_state, ds, victim, inputs,
               settings: SweepSettings) -> list[dict]:
     """Fine-tune, score utility and attack one (dataset, defence, ε) point; returns its rows."""
     t0 = time.perf_counter()
     torch.manual_seed(settings.seed)
     split.load_trainable_state(initial_state)  # every point starts from the same top
-    defense = _defense(defense_name, eps, split, ds, settings)
+    options = RunConfig(defense=defense_name, seed=settings.seed, max_length=settings.max_length).defense_options()
+    defense = device_defense(defense_name, split, epsilon=None if eps is None else float(eps), texts=ds.train["text"],
+                             labels=ds.train["label"], max_length=settings.max_length, seed=settings.seed, **options)
     device = DeviceSide(split, defense, max_length=settings.max_length, audit_tokens=0)
     cloud = CloudSide(split, learning_rate=settings.learning_rate, batch_size=settings.batch_size, seed=settings.seed)
-    order: list[int] = []
-    rng = random.Random(settings.seed)
-    while len(order) < settings.steps * settings.batch_size:
-        epoch = list(range(len(ds.train)))
-        rng.shuffle(epoch)
-        order += epoch
-    losses = []
-    for s in range(settings.steps):
-        rows = ds.train.select(order[s * settings.batch_size : (s + 1) * settings.batch_size])
-        hidden, mask, labels, _ = device.release(rows["text"], rows["label"])
-        losses += cloud.train_on(hidden, mask, labels)
+    losses = fine_tune(device, cloud, ds.train, settings.steps, seed=settings.seed)
     hidden, mask, labels, _ = device.release(victim["text"], victim["label"])
     scores = cloud.evaluate(hidden, mask, labels)
     t_train = time.perf_counter() - t0
