@@ -116,37 +116,36 @@ def _reseed(defense: Defense, cfg: RunConfig, pid: int, server_round: int, phase
     defense.generator.manual_seed(hash((cfg.seed, pid, server_round, phase)) & (2**62 - 1))
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """Release this round's batches: defended representations, mask and labels."""
+def _release(msg: Message, context: Context, phase: str) -> Message:
+    """One device reply: the next training batches, or the whole test split, released defended."""
     cfg = RunConfig.from_flower(context.run_config)
     server_round, num_batches = read_instruction(msg.content)
     pid, total = partition_ids(context.node_config)
     node = load_node(cfg, pid, total)
-    idx, releases = _next_indices(context, len(node.train), max(1, num_batches) * cfg.batch_size, cfg.seed * 1_000 + pid)
-    rows = node.train.select(idx)
-    _reseed(node.defense, cfg, pid, server_round, 0)
+    if phase == "train":
+        idx, releases = _next_indices(context, len(node.train), max(1, num_batches) * cfg.batch_size, cfg.seed * 1_000 + pid)
+        rows = node.train.select(idx)
+    else:
+        rows = node.test
+        if len(rows) == 0:
+            raise ValueError(f"partition {pid} has no test examples")
+        if cfg.eval_examples and len(rows) > cfg.eval_examples:
+            rows = rows.select(range(cfg.eval_examples))
+        state = _state(context)
+        releases = state["evaluations"] = int(state["evaluations"]) + 1  # the same test split each time
+    _reseed(node.defense, cfg, pid, server_round, int(phase == "evaluate"))
     hidden, mask, labels, metrics = node.device.release(rows["text"], rows["label"])
     metrics["releases-per-example-max"] = releases
     return Message(content=release_content(hidden, mask, labels, metrics), reply_to=msg)
 
 
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Release this round's batches: defended representations, mask and labels."""
+    return _release(msg, context, "train")
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Release this device's test split (defended, as at inference) for the cloud to score."""
-    cfg = RunConfig.from_flower(context.run_config)
-    server_round, _ = read_instruction(msg.content)
-    pid, total = partition_ids(context.node_config)
-    node = load_node(cfg, pid, total)
-    rows = node.test
-    if len(rows) == 0:
-        raise ValueError(f"partition {pid} has no test examples")
-    if cfg.eval_examples and len(rows) > cfg.eval_examples:
-        rows = rows.select(range(cfg.eval_examples))
-    _reseed(node.defense, cfg, pid, server_round, 1)
-    hidden, mask, labels, metrics = node.device.release(rows["text"], rows["label"])
-    state = _state(context)
-    state["evaluations"] = int(state["evaluations"]) + 1  # the test split is released at every evaluation
-    metrics["releases-per-example-max"] = int(state["evaluations"])
-    return Message(content=release_content(hidden, mask, labels, metrics), reply_to=msg)
-
+    return _release(msg, context, "evaluate")

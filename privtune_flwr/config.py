@@ -39,8 +39,8 @@ class RunConfig:
     lora_rank: int = 8
     learning_rate: float = 1e-3
     # defence (the mechanism's own options are validated by build_defense)
-    defense: str = "dchi"
-    epsilon: float = 16.0
+    defense: str = "privtune"
+    epsilon: float = 64.0
     audit_tokens: int = 512  # tokens per release checked by the device's KNN self-audit
     n_hops: int = 2
     k: int = 8

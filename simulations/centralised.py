@@ -44,7 +44,14 @@ def run(cfg: RunConfig) -> dict:
     cloud = CloudSide(split, learning_rate=cfg.learning_rate, batch_size=cfg.batch_size, seed=cfg.seed)
     steps = cfg.num_rounds * cfg.devices_per_round * cfg.batches_per_round
     losses = fine_tune(device, cloud, ds.train, steps, seed=cfg.seed, progress=True)
-    hidden, mask, labels, _ = device.release(ds.test["text"], ds.test["label"])
+    # The test release is also scored by the KNN self-audit (nearest anchor, on up to 4096 tokens).
+    anchors = getattr(defense, "anchors", None)
+    if anchors is None:
+        from privtune_flwr.mechanism.anchors import get_tables
+
+        anchors = get_tables(split, k=cfg.k, n_hops=cfg.n_hops, max_neighbours=cfg.max_neighbours).anchors
+    device.anchors, device.audit_tokens = anchors, 4096
+    hidden, mask, labels, metrics = device.release(ds.test["text"], ds.test["label"])
     scores = cloud.evaluate(hidden, mask, labels)
     return {
         "config": cfg.to_flower(),
@@ -53,6 +60,7 @@ def run(cfg: RunConfig) -> dict:
         "test-accuracy": scores["accuracy"],
         "test-macro-f1": scores["macro-f1"],
         "test-examples": int(scores["num-examples"]),
+        "test-self-audit-knn": metrics.get("self-audit-knn"),
         "wall-seconds": time.perf_counter() - t0,
         "peak-rss-mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "privacy": defense.privacy_statement(),
@@ -78,10 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     result = run(cfg)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"centralised-{cfg.defense}-eps{cfg.epsilon:g}.json"
+    name = f"centralised-{cfg.defense}-eps{cfg.epsilon:g}-r{cfg.radius_scale:g}.json"
     (out / name).write_text(json.dumps(result, indent=2))
-    print(f"{'defense':<10} {'eps':>6} {'steps':>6} {'test acc':>9} {'macro-F1':>9} {'wall s':>7}")
-    print(f"{cfg.defense:<10} {cfg.epsilon:>6g} {result['steps']:>6} {result['test-accuracy']:>9.4f} {result['test-macro-f1']:>9.4f} {result['wall-seconds']:>7.1f}")
+    print(f"{'defense':<10} {'eps':>6} {'r-scale':>7} {'steps':>6} {'test acc':>9} {'macro-F1':>9} {'KNN':>6} {'wall s':>7}")
+    print(f"{cfg.defense:<10} {cfg.epsilon:>6g} {cfg.radius_scale:>7g} {result['steps']:>6} {result['test-accuracy']:>9.4f} "
+          f"{result['test-macro-f1']:>9.4f} {result['test-self-audit-knn']:>6.3f} {result['wall-seconds']:>7.1f}")
     print(f"written {out / name}")
     return 0
 

@@ -16,6 +16,8 @@ Every ``Attack`` has ``fit(aux)`` (the only place it learns) and ``score(victim)
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 
 from ..models import SplitModel
@@ -81,6 +83,17 @@ def run_attack(name: str, split: SplitModel, aux: Released, victim: Released, *,
     return {"attack": name, **result, "seconds": time.perf_counter() - start}
 
 
+# The clean-release score of an attack depends only on the model, the texts, the attack and its
+# options, not on the defence under test: sweeps reuse it instead of refitting per point.
+_CLEAN: dict[str, dict] = {}
+
+
+def _clean_key(split, name, aux_texts, victim_texts, kwargs, max_length) -> str:
+    blob = json.dumps([split.name, split.split_layer, name, list(aux_texts), list(victim_texts), max_length,
+                       {k: v for k, v in kwargs.items() if k != "anchors"}], sort_keys=True, default=repr)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
 def run_attacks(split: SplitModel, defense, aux_texts, victim_texts, *, aux_attributes=None, victim_attributes=None,
                 attribute=None, keywords=None, names=ATTACKS, max_length: int = 64, batch_size: int = 32,
                 seed: int = 0, options: dict[str, dict] | None = None) -> list[dict]:
@@ -122,7 +135,14 @@ def run_attacks(split: SplitModel, defense, aux_texts, victim_texts, *, aux_attr
         if name == "eia-knn":
             kwargs["anchors"] = anchors
         defended = run_attack(name, split, *releases["defended"], **kwargs)
-        clean = defended if releases["clean"] is releases["defended"] else run_attack(name, split, *releases["clean"], **kwargs)
+        key = _clean_key(split, name, aux_texts, victim_texts, kwargs, max_length)
+        if releases["clean"] is releases["defended"]:
+            clean = defended
+        elif key in _CLEAN:
+            clean = _CLEAN[key]
+        else:
+            clean = run_attack(name, split, *releases["clean"], **kwargs)
+        _CLEAN[key] = clean
         results.append({**defended, "defense": getattr(defense, "name", type(defense).__name__),
                         "epsilon": getattr(defense, "epsilon", None), "asr_clean": clean["asr"], "clean": clean})
     return results
