@@ -62,12 +62,21 @@ def privacy_summary(cfg: RunConfig, history: list[dict]) -> dict:
     }
 
 
+def _console_log() -> None:
+    """Round lines on the console, without switching on every library's INFO logging."""
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[cloud] %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     t0 = time.perf_counter()
     cfg = RunConfig.from_flower(context.run_config)
-    logging.basicConfig(level=logging.INFO)
-    log.setLevel(logging.INFO)
+    _console_log()
     # The number of classes is task metadata the cloud must know to build its head.
     num_labels = data.load_dataset(cfg.dataset, test_fraction=cfg.test_fraction, seed=cfg.seed, max_examples=cfg.max_examples or None).num_labels
     split = load_split(cfg.model, cfg.split_layer, cfg.task, num_labels, lora_rank=cfg.lora_rank, seed=cfg.seed)

@@ -70,7 +70,9 @@ class SplitLearningStrategy(Strategy):
                     reason = str(exc)
             log.warning("round %d %s: rejected reply from device %d: %s", server_round, phase, node, reason)
             self.rejected.append({"round": server_round, "phase": phase, "device": node, "reason": reason})
-        return valid
+        # Replies arrive in whatever order the devices finish; training in device order keeps a
+        # seeded run reproducible.
+        return sorted(valid, key=lambda pair: pair[0])
 
     @staticmethod
     def _weighted(releases: list[tuple[int, Release]], key: str) -> float | None:
