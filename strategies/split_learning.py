@@ -111,10 +111,11 @@ class SplitLearningStrategy(Strategy):
             value = self._weighted(valid, key)
             if value is not None:
                 metrics[key] = value
-        for key in ("epsilon-per-sequence-max", "slack-per-sequence-max", "releases-per-example-max", "epsilon-effective-max"):
+        for key in ("epsilon-per-sequence-max", "slack-per-sequence-max", "releases-per-example-max", "epsilon-effective-max",
+                    "slack-max", "epsilon-effective-min"):
             values = [r.metrics[key] for _, r in valid if key in r.metrics]
-            if values:  # privacy is a worst case over devices, not an average
-                metrics[key] = max(values)
+            if values:  # extremes over devices, not averages (the median stays example-weighted)
+                metrics[key] = min(values) if key.endswith("-min") else max(values)
         self._round.update(metrics)
         if self.output_dir is not None:
             self.cloud.save(self.output_dir / "checkpoints" / f"round-{server_round:03d}.pt")

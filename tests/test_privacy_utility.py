@@ -28,10 +28,7 @@ def _tiny(**over) -> pu.SweepSettings:
 def swept(tmp_path_factory):
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("pu")
-    try:
-        first = pu.sweep(_tiny(), out, plots=True, progress=False)
-    except ImportError as exc:
-        pytest.skip(str(exc))
+    first = pu.sweep(_tiny(), out, plots=True, progress=False)
     return out, first
 
 
