@@ -105,9 +105,10 @@ class SplitLearningStrategy(Strategy):
             "steps": float(len(losses)),
             "valid-replies": float(len(valid)),
             "cloud-seconds": time.perf_counter() - t0,
-            "bytes-received": float(sum(r.metrics.get("bytes-sent", 0.0) for _, r in valid)),
+            # counted from what arrived, not from what the devices say they sent
+            "bytes-received": float(sum(r.hidden.numel() * 4 + r.attention_mask.numel() + r.labels.numel() * 8 for _, r in valid)),
         }
-        for key in ("self-audit-knn", "bottom-seconds", "defense-seconds", "epsilon-effective-min", "epsilon-effective-median", "epsilon-effective-max", "slack-max", "epsilon-per-sequence-max", "slack-per-sequence-max"):
+        for key in ("self-audit-knn", "bottom-seconds", "defense-seconds", "epsilon-effective-median"):
             value = self._weighted(valid, key)
             if value is not None:
                 metrics[key] = value
