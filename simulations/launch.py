@@ -49,6 +49,8 @@ def flower_env(home: Path, http_port: int, control_port: int) -> dict[str, str]:
         PYTHONUNBUFFERED="1",
     )
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    # Flower's executables live beside this interpreter (the project venv), which need not be on PATH.
+    env["PATH"] = os.pathsep.join(filter(None, [str(Path(sys.executable).parent), env.get("PATH")]))
     return env
 
 
