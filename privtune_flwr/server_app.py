@@ -45,7 +45,11 @@ def privacy_summary(cfg: RunConfig, history: list[dict]) -> dict:
     return {
         "defense": cfg.defense,
         "epsilon": cfg.epsilon,
-        "guarantee": "metric (d_chi-style) privacy per token; see the README's privacy section",
+        "guarantee": (
+            f"(epsilon, delta={cfg.delta:g}) Gaussian mechanism per token, basic composition"
+            if cfg.defense == "gaussian"
+            else "metric (d_chi-style) privacy per token; see the README's privacy section"
+        ),
         "effective-epsilon-per-token": {
             "min": last.get("epsilon-effective-min"),
             "median": last.get("epsilon-effective-median"),

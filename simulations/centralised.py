@@ -77,7 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     overrides: dict = {}
     for item in args.set:
         key, _, value = item.partition("=")
-        overrides[key] = tomllib.loads(f"v = {value}")["v"] if value[:1] not in ("", "'") and not value[0].isalpha() else value.strip("'")
+        try:  # a TOML value (number, quoted string), as in --run-config; else the bare text
+            overrides[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            overrides[key] = value
     if args.defense is not None:
         overrides["defense"] = args.defense
     if args.epsilon is not None:
