@@ -165,14 +165,21 @@ HEADLINE_GRID = (
 )
 
 
-def headline(out: Path, *, progress: bool = True) -> list[dict]:
-    """Run (or resume) the headline grid into ``out``; results cover every point of the grid."""
+# Every dataset of the paper at the headline sizes: none, dchi, gaussian and privtune at eps 64.
+# Same settings as the headline, so its Rotten Tomatoes points are reused when ``out`` is shared.
+DATASETS_GRID = ((("none", "dchi", "gaussian", "privtune"), (64.0,)),)
+
+
+def headline(out: Path, *, progress: bool = True, grid=HEADLINE_GRID, datasets=("rotten_tomatoes",)) -> list[dict]:
+    """Run (or resume) ``grid`` (pairs of defences and epsilons) on ``datasets`` at the headline
+    sizes into ``out``; the results cover every point of the grid."""
     rows: list[dict] = []
-    for defenses, epsilons in HEADLINE_GRID:
-        rows += sweep(full_settings(defenses=defenses, epsilons=epsilons, **HEADLINE_COMMON), out, plots=False, progress=progress)["rows"]
+    common = {**HEADLINE_COMMON, "datasets": tuple(datasets)}
+    for defenses, epsilons in grid:
+        rows += sweep(full_settings(defenses=defenses, epsilons=epsilons, **common), out, plots=False, progress=progress)["rows"]
     seen, unique = set(), []
     for r in rows:  # `none` appears once per sub-grid that lists it
-        key = (r["defense"], r["epsilon"], r["attack"])
+        key = (r["dataset"], r["defense"], r["epsilon"], r["attack"])
         if key not in seen:
             seen.add(key)
             unique.append(r)
@@ -257,6 +264,25 @@ def attack_inputs(name: str, ds: data.TextDataset, victim, settings: SweepSettin
 # ------------------------------------------------------------------------------------------------
 
 
+def classification_utility(name: str, split, defense, ds, victim, settings: SweepSettings) -> dict:
+    """Fine-tune the classifier top on releases of ``ds.train``; score it on the victim release."""
+    device = DeviceSide(split, defense, max_length=settings.max_length, audit_tokens=0)
+    cloud = CloudSide(split, learning_rate=settings.learning_rate, batch_size=settings.batch_size, seed=settings.seed)
+    losses = fine_tune(device, cloud, ds.train, settings.steps, seed=settings.seed)
+    hidden, mask, labels, _ = device.release(victim["text"], victim["label"])
+    scores = cloud.evaluate(hidden, mask, labels)
+    metric = "macro-f1" if name in UNBALANCED else "accuracy"
+    return {"utility_metric": metric, "utility": float(scores[metric]), "accuracy": float(scores["accuracy"]),
+            "macro_f1": float(scores["macro-f1"]), "final_train_loss": sum(losses[-10:]) / len(losses[-10:])}
+
+
+# Utility scorer per task: ``(name, split, defense, ds, victim, settings) -> {"utility_metric",
+# "utility", ...}``. Generation slots in here (a causal-LM top scored by perplexity or ROUGE-L on
+# the victim release) together with an AUX_PAIRS entry; the attacks only see token releases and
+# are task-agnostic.
+UTILITY = {"classification": classification_utility}
+
+
 def run_point(name: str, defense_name: str, eps: float | None, split, initial_state, ds, victim, inputs,
               settings: SweepSettings) -> list[dict]:
     """Fine-tune, score utility and attack one (dataset, defence, ε) point; returns its rows."""
@@ -265,14 +291,12 @@ def run_point(name: str, defense_name: str, eps: float | None, split, initial_st
     split.load_trainable_state(initial_state)  # every point starts from the same top
     options = RunConfig(defense=defense_name, seed=settings.seed, max_length=settings.max_length).defense_options()
     defense = device_defense(defense_name, split, epsilon=None if eps is None else float(eps), texts=ds.train["text"],
-                             labels=ds.train["label"], max_length=settings.max_length, seed=settings.seed, **options)
-    device = DeviceSide(split, defense, max_length=settings.max_length, audit_tokens=0)
-    cloud = CloudSide(split, learning_rate=settings.learning_rate, batch_size=settings.batch_size, seed=settings.seed)
-    losses = fine_tune(device, cloud, ds.train, settings.steps, seed=settings.seed)
-    hidden, mask, labels, _ = device.release(victim["text"], victim["label"])
-    scores = cloud.evaluate(hidden, mask, labels)
+                             labels=ds.train["label"], task=ds.task, max_length=settings.max_length, seed=settings.seed,
+                             **options)
+    if ds.task not in UTILITY:
+        raise ValueError(f"dataset={name!r} is a {ds.task} task; the sweep scores: {', '.join(UTILITY)}")
+    utility = UTILITY[ds.task](name, split, defense, ds, victim, settings)
     t_train = time.perf_counter() - t0
-    metric = "macro-f1" if name in UNBALANCED else "accuracy"
 
     enc = split.tokenize(list(victim["text"]), settings.max_length)
     statement = defense.privacy_statement(enc["input_ids"], enc["attention_mask"])
@@ -286,10 +310,12 @@ def run_point(name: str, defense_name: str, eps: float | None, split, initial_st
     common = dict(keywords=inputs["keywords"], max_length=settings.max_length, seed=settings.seed)
     results: list[tuple[dict, str]] = []
     if main_names:
+        # The attribute labels belong to the aux AIA-1 trains on: only passed when that is this aux.
+        with_attr = "aia-attribute" in main_names
         res = run_attacks(split, defense, inputs["aux_texts"], list(victim["text"]),
-                          aux_attributes={inputs["attribute"]: inputs["aux_attr"]},
-                          victim_attributes={inputs["attribute"]: inputs["victim_attr"]},
-                          attribute=inputs["attribute"], names=main_names,
+                          aux_attributes={inputs["attribute"]: inputs["aux_attr"]} if with_attr else None,
+                          victim_attributes={inputs["attribute"]: inputs["victim_attr"]} if with_attr else None,
+                          attribute=inputs["attribute"] if with_attr else None, names=main_names,
                           options={k: v for k, v in opts.items() if k in main_names}, **common)
         results += [(r, inputs["aux_name"]) for r in res]
     if attr_separate:
@@ -302,9 +328,7 @@ def run_point(name: str, defense_name: str, eps: float | None, split, initial_st
     seconds = time.perf_counter() - t0
     base = {
         "dataset": name, "defense": defense_name, "epsilon": None if defense_name == "none" else float(eps),
-        "utility_metric": metric, "utility": float(scores[metric]), "accuracy": float(scores["accuracy"]),
-        "macro_f1": float(scores["macro-f1"]), "victim_examples": len(victim), "steps": settings.steps,
-        "final_train_loss": sum(losses[-10:]) / len(losses[-10:]), "train_seconds": t_train,
+        **utility, "victim_examples": len(victim), "steps": settings.steps, "train_seconds": t_train,
         "point_seconds": seconds, "attribute": inputs["attribute"],
     }
     rows = []
@@ -480,6 +504,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="privacy-utility sweep: ASR against utility per defence and ε")
     parser.add_argument("--quick", action="store_true", help="small grid and sizes (8 min measured on an idle 2-core machine)")
     parser.add_argument("--headline", action="store_true", help="the README's Rotten Tomatoes table (~35 min on 2 CPU cores)")
+    parser.add_argument("--all-datasets", action="store_true",
+                        help="none/dchi/gaussian/privtune at eps 64 on the five datasets, headline sizes (~45 min per dataset)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--datasets")
     parser.add_argument("--defenses")
@@ -507,8 +533,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps is not None:
         over["steps"] = args.steps
     t0 = time.perf_counter()
-    if args.headline:
-        rows = headline(Path(args.out))
+    if args.headline or args.all_datasets:
+        rows = headline(Path(args.out)) if args.headline else headline(
+            Path(args.out), grid=DATASETS_GRID, datasets=FULL_DATASETS)
         print(_table(rows))
         print(f"{time.perf_counter() - t0:.1f} s; written {Path(args.out) / 'results.json'}")
         return 0

@@ -83,3 +83,35 @@ def test_bad_names_raise(field, value, accepted, tmp_path):
 def test_cli_rejects_unknown_attack(tmp_path):
     with pytest.raises(ValueError, match="eia-knn"):
         pu.main(["--quick", "--out", str(tmp_path), "--attacks", "eia-knn,bogus"])
+
+
+def test_headline_grid_over_several_datasets_keeps_every_row(tmp_path, monkeypatch):
+    tiny = dict(max_victim=16, max_aux=32, steps=2, batch_size=8, max_examples=120, max_length=32,
+                attacks=("eia-knn",), attack_options={})
+    monkeypatch.setattr(pu, "HEADLINE_COMMON", tiny)
+    grid = ((("none", "dchi"), (2.0,)), (("none",), ()))  # `none` listed twice: kept once per dataset
+    rows = pu.headline(tmp_path, progress=False, grid=grid, datasets=("rotten_tomatoes", "political_debates"))
+    keys = [(r["dataset"], r["defense"], r["epsilon"], r["attack"]) for r in rows]
+    assert sorted(keys, key=str) == sorted([(d, "none", None, "eia-knn") for d in ("rotten_tomatoes", "political_debates")]
+                                           + [(d, "dchi", 2.0, "eia-knn") for d in ("rotten_tomatoes", "political_debates")], key=str)
+    assert {r["utility_metric"] for r in rows if r["dataset"] == "political_debates"} == {"macro-f1"}
+    assert len(json.loads((tmp_path / "results.json").read_text())) == 4
+    assert (tmp_path / "political_debates.png").exists()
+
+
+def test_datasets_grid_names_the_five_datasets():
+    assert pu.FULL_DATASETS == ("rotten_tomatoes", "imdb", "bbc_news", "drug_reviews", "political_debates")
+    assert {d for defenses, _ in pu.DATASETS_GRID for d in defenses} == {"none", "dchi", "gaussian", "privtune"}
+
+
+def test_attribute_from_the_victims_own_train_split_when_the_aux_lacks_it(tmp_path):
+    # drug_reviews: the attacks train on IMDB, but only the victim corpus has `condition`, so
+    # AIA-1 alone trains on drug_reviews train rows (never the victim's test rows).
+    # max_examples=40 leaves fewer drug_reviews train rows than the 48 IMDB aux texts.
+    settings = _tiny(datasets=("drug_reviews",), defenses=("none",), attacks=("eia-knn", "aia-attribute"),
+                     max_examples=40)
+    rows = pu.sweep(settings, tmp_path, plots=False, progress=False)["rows"]
+    aux = {r["attack"]: r["attack_aux"] for r in rows}
+    assert aux == {"eia-knn": "imdb", "aia-attribute": "drug_reviews:train"}
+    assert {r["attribute"] for r in rows} == {"condition"}
+    assert all(r["utility_metric"] == "macro-f1" for r in rows)
