@@ -284,15 +284,20 @@ UTILITY = {"classification": classification_utility}
 
 
 def run_point(name: str, defense_name: str, eps: float | None, split, initial_state, ds, victim, inputs,
-              settings: SweepSettings) -> list[dict]:
-    """Fine-tune, score utility and attack one (dataset, defence, ε) point; returns its rows."""
+              settings: SweepSettings, *, defense=None) -> list[dict]:
+    """Fine-tune, score utility and attack one (dataset, defence, ε) point; returns its rows.
+
+    ``defense``: a ready-made defence module to use instead of building ``defense_name`` (for
+    experimental variants outside the registry); rows still carry ``defense_name``.
+    """
     t0 = time.perf_counter()
     torch.manual_seed(settings.seed)
     split.load_trainable_state(initial_state)  # every point starts from the same top
-    options = RunConfig(defense=defense_name, seed=settings.seed, max_length=settings.max_length).defense_options()
-    defense = device_defense(defense_name, split, epsilon=None if eps is None else float(eps), texts=ds.train["text"],
-                             labels=ds.train["label"], task=ds.task, max_length=settings.max_length, seed=settings.seed,
-                             **options)
+    if defense is None:
+        options = RunConfig(defense=defense_name, seed=settings.seed, max_length=settings.max_length).defense_options()
+        defense = device_defense(defense_name, split, epsilon=None if eps is None else float(eps),
+                                 texts=ds.train["text"], labels=ds.train["label"], task=ds.task,
+                                 max_length=settings.max_length, seed=settings.seed, **options)
     if ds.task not in UTILITY:
         raise ValueError(f"dataset={name!r} is a {ds.task} task; the sweep scores: {', '.join(UTILITY)}")
     utility = UTILITY[ds.task](name, split, defense, ds, victim, settings)
