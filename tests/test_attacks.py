@@ -275,3 +275,16 @@ def test_bad_input_raises_value_error(split, releases, data):
         run_attacks(split, build_defense("none", split=split), ["a"], ["b"], names=("eia-magic",))
     with pytest.raises(ValueError, match="aia-attribute"):
         run_attacks(split, build_defense("none", split=split), ["a"], ["b"], names=("aia-attribute",))
+
+
+def test_blind_token_set_is_the_frequent_tokens_and_ignores_the_representations():
+    from privtune_flwr.attacks.inversion import blind_token_set
+
+    # ids 5 and 6 are in every sequence, the rest in one; 0 = padding, 1 = special
+    ids = torch.tensor([[1, 5, 6, 7, 10], [1, 5, 6, 11, 0], [1, 5, 6, 14, 12], [1, 6, 5, 13, 0]])
+    mask = (ids != 0).long()
+    hidden = torch.randn(4, 5, 8)
+    aux = Released(hidden, mask, ids)
+    chosen = blind_token_set(aux, torch.tensor([0, 1]))
+    assert chosen == [5, 6]  # adding a token found in one sequence lowers the mean F1
+    assert blind_token_set(Released(torch.zeros(4, 5, 8), mask, ids), torch.tensor([0, 1])) == chosen

@@ -116,11 +116,32 @@ class MlpInversion(Attack):
         pred = torch.cat([self.vocab.ids[self.model(x[i:i + 4096]).argmax(-1)] for i in range(0, len(x), 4096)])
         covered = float((self.vocab.local[truth] >= 0).float().mean())
         return {"asr": float((pred == truth).float().mean()), "metric": "top-1 token accuracy",
+                "blind_accuracy": float((truth == self.vocab.ids[0]).float().mean()),
                 "output_vocab": len(self.vocab), "victim_token_coverage": covered, "tokens": int(keep.sum()),
                 "train_loss": self.history[-1]}
 
     def parameters(self):
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+
+def blind_token_set(aux: Released, special_ids: torch.Tensor, max_size: int = 64) -> list[int]:
+    """The fixed token set an attacker would guess for every sequence without looking at it.
+
+    The ``k`` tokens found in the most auxiliary sequences, ``k`` chosen to maximise token-set F1
+    on the auxiliary data itself. Its F1 on the victim (``blind_f1``) is the floor that EIA-3's
+    score should be read against: frequent words are guessed right whatever the release.
+    """
+    keep = real_token_mask(aux, special_ids)
+    seqs = [aux.input_ids[i][keep[i]].tolist() for i in range(len(aux))]
+    doc_freq: dict[int, int] = {}
+    for seq in seqs:
+        for t in set(seq):
+            doc_freq[t] = doc_freq.get(t, 0) + 1
+    ranked = sorted(doc_freq, key=lambda t: (-doc_freq[t], t))[:max_size]
+    if not ranked:
+        return []
+    best = max(range(1, len(ranked) + 1), key=lambda k: (token_set_f1([ranked[:k]] * len(seqs), seqs), -k))
+    return ranked[:best]
 
 
 class _SinusoidalPositions(nn.Module):
@@ -185,6 +206,7 @@ class ContextInversion(Attack):
 
         self.history = train_minibatch(self.model, (aux.hidden, aux.attention_mask, target), loss,
                                        epochs=o["epochs"], batch_size=o["batch_size"], lr=o["lr"], seed=self.seed)
+        self.blind = blind_token_set(aux, self.special_ids)
         self.fitted = True
         return self
 
@@ -203,6 +225,7 @@ class ContextInversion(Attack):
         pred_seqs = [pred[i][keep[i]].tolist() for i in range(len(victim))]
         true_seqs = [victim.input_ids[i][keep[i]].tolist() for i in range(len(victim))]
         return {"asr": token_set_f1(pred_seqs, true_seqs), "metric": "token-set F1",
+                "blind_f1": token_set_f1([self.blind] * len(true_seqs), true_seqs), "blind_tokens": len(self.blind),
                 "rouge_l": mean_rouge_l(pred_seqs, true_seqs),
                 "token_accuracy": float((pred[keep] == victim.input_ids[keep]).float().mean()),
                 "output_vocab": len(self.vocab), "train_loss": self.history[-1]}
