@@ -491,6 +491,39 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
     return paths
 
 
+def blind_floors(settings: SweepSettings) -> list[dict]:
+    """What EIA-2 and EIA-3 score by guessing without looking at any release, per dataset.
+
+    Same aux and victim sets as a sweep with ``settings``: ``blind_accuracy`` (the aux corpus's
+    most frequent token at every position) and ``blind_f1`` (the aux-chosen frequent token set
+    for every sequence, :func:`~privtune_flwr.attacks.inversion.blind_token_set`).
+    """
+    from privtune_flwr.attacks.base import real_token_mask, release
+    from privtune_flwr.attacks.inversion import blind_token_set
+    from privtune_flwr.attacks.metrics import token_set_f1
+    from privtune_flwr.defenses import build_defense
+
+    settings.validate()
+    split = load_split("minilm", 1, "classification", 2, seed=settings.seed)
+    clean = build_defense("none", split=split)
+    out = []
+    for name in settings.datasets:
+        ds = data.load_dataset(name, seed=settings.seed, max_examples=settings.max_examples or None)
+        victim = _sample(ds.test, settings.max_victim, settings.seed)
+        inputs = attack_inputs(name, ds, victim, settings)
+        aux = release(split, clean, inputs["aux_texts"], settings.max_length, 32, None)
+        vic = release(split, clean, list(victim["text"]), settings.max_length, 32, None)
+        aux_tokens = aux.input_ids[real_token_mask(aux, split.special_ids)]
+        keep = real_token_mask(vic, split.special_ids)
+        truth = [vic.input_ids[i][keep[i]].tolist() for i in range(len(vic))]
+        guess = blind_token_set(aux, split.special_ids)
+        top = int(torch.bincount(aux_tokens).argmax())
+        out.append({"dataset": name, "aux": inputs["aux_name"], "blind_accuracy": float((vic.input_ids[keep] == top).float().mean()),
+                    "blind_token": split.tokenizer.convert_ids_to_tokens(top), "blind_f1": token_set_f1([guess] * len(truth), truth),
+                    "blind_set_size": len(guess)})
+    return out
+
+
 def _table(rows: list[dict]) -> str:
     lines = [f"{'dataset':<18} {'defense':<9} {'eps':>5} {'utility':>13} {'attack':<14} {'asr':>6} {'clean':>6}"]
     for r in rows:
@@ -511,6 +544,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--headline", action="store_true", help="the README's Rotten Tomatoes table (~35 min on 2 CPU cores)")
     parser.add_argument("--all-datasets", action="store_true",
                         help="none/dchi/gaussian/privtune at eps 64 on the five datasets, headline sizes (~45 min per dataset)")
+    parser.add_argument("--floors", action="store_true",
+                        help="only print (and write floors.json) the blind floors of EIA-2/EIA-3 at the headline sizes")
     parser.add_argument("--out", required=True)
     parser.add_argument("--datasets")
     parser.add_argument("--defenses")
@@ -538,6 +573,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps is not None:
         over["steps"] = args.steps
     t0 = time.perf_counter()
+    if args.floors:
+        floors = blind_floors(full_settings(**{**HEADLINE_COMMON, "datasets": over.get("datasets", FULL_DATASETS)}))
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        _atomic_write(Path(args.out) / "floors.json", json.dumps(floors, indent=1))
+        for f in floors:
+            print(f"{f['dataset']:<18} aux {f['aux']:<18} blind top-1 {f['blind_accuracy']:.3f} ({f['blind_token']!r})  "
+                  f"blind token-set F1 {f['blind_f1']:.3f} ({f['blind_set_size']} tokens)")
+        return 0
     if args.headline or args.all_datasets:
         rows = headline(Path(args.out)) if args.headline else headline(
             Path(args.out), grid=DATASETS_GRID, datasets=FULL_DATASETS)

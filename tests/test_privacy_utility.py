@@ -115,3 +115,11 @@ def test_attribute_from_the_victims_own_train_split_when_the_aux_lacks_it(tmp_pa
     assert aux == {"eia-knn": "imdb", "aia-attribute": "drug_reviews:train"}
     assert {r["attribute"] for r in rows} == {"condition"}
     assert all(r["utility_metric"] == "macro-f1" for r in rows)
+
+
+def test_blind_floors_guess_frequent_tokens_without_any_release():
+    floors = pu.blind_floors(_tiny(max_victim=40, max_aux=80))
+    [f] = floors
+    assert f["dataset"] == "rotten_tomatoes" and f["aux"] == "imdb"
+    assert 0.0 < f["blind_accuracy"] < 0.2  # one token is never most of a review
+    assert 0.1 < f["blind_f1"] < 0.6 and f["blind_set_size"] >= 1  # frequent words are in most sentences
