@@ -1,7 +1,7 @@
 """Privacy-utility sweep: utility of the fine-tuned top against attack success, per defence and ε.
 
-``python -m simulations.privacy_utility [--quick] --out DIR [--datasets a,b] [--defenses ...]
-[--epsilons ...] [--attacks ...] [--max-examples N] [--steps N]``
+``python -m simulations.privacy_utility [--quick | --headline | --all-datasets | --floors] --out DIR
+[--datasets a,b] [--defenses ...] [--epsilons ...] [--attacks ...] [--max-examples N] [--steps N]``
 
 For every (dataset, defence, ε) point it
 
@@ -278,8 +278,8 @@ def classification_utility(name: str, split, defense, ds, victim, settings: Swee
 
 # Utility scorer per task: ``(name, split, defense, ds, victim, settings) -> {"utility_metric",
 # "utility", ...}``. Generation slots in here (a causal-LM top scored by perplexity or ROUGE-L on
-# the victim release) together with an AUX_PAIRS entry; the attacks only see token releases and
-# are task-agnostic.
+# the victim release) together with an AUX_PAIRS entry and a split loaded for the task (``sweep``
+# loads a classification MiniLM today); the attacks only see token releases and are task-agnostic.
 UTILITY = {"classification": classification_utility}
 
 
@@ -543,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small grid and sizes (8 min measured on an idle 2-core machine)")
     parser.add_argument("--headline", action="store_true", help="the README's Rotten Tomatoes table (~35 min on 2 CPU cores)")
     parser.add_argument("--all-datasets", action="store_true",
-                        help="none/dchi/gaussian/privtune at eps 64 on the five datasets, headline sizes (~45 min per dataset)")
+                        help="none/dchi/gaussian/privtune at eps 64 on the five datasets, headline sizes (~15 min per dataset on 1 core)")
     parser.add_argument("--floors", action="store_true",
                         help="only print (and write floors.json) the blind floors of EIA-2/EIA-3 at the headline sizes")
     parser.add_argument("--out", required=True)
