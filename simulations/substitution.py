@@ -95,6 +95,8 @@ class SubstitutionDefense(PrivTuneDefense):
 
     def __init__(self, split, epsilon: float, seed: int = 0, *, mode: str, hops: int, keep: float,
                  alpha: float = 0.5, importance=None, **options):
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r} is unknown; accepted: {', '.join(MODES)}")
         super().__init__(split, epsilon, seed, alpha=alpha, importance=importance, **options)
         self.name = f"{mode}:{hops}:{keep:g}:{alpha:g}"
         self.mode, self.hops, self.keep = mode, hops, keep
