@@ -170,11 +170,12 @@ HEADLINE_GRID = (
 DATASETS_GRID = ((("none", "dchi", "gaussian", "privtune"), (64.0,)),)
 
 
-def headline(out: Path, *, progress: bool = True, grid=HEADLINE_GRID, datasets=("rotten_tomatoes",)) -> list[dict]:
+def headline(out: Path, *, progress: bool = True, grid=HEADLINE_GRID, datasets=("rotten_tomatoes",), **overrides) -> list[dict]:
     """Run (or resume) ``grid`` (pairs of defences and epsilons) on ``datasets`` at the headline
-    sizes into ``out``; the results cover every point of the grid."""
+    sizes (``overrides``: other settings, e.g. ``steps``) into ``out``; the results cover every
+    point of the grid."""
     rows: list[dict] = []
-    common = {**HEADLINE_COMMON, "datasets": tuple(datasets)}
+    common = {**HEADLINE_COMMON, **overrides, "datasets": tuple(datasets)}
     for defenses, epsilons in grid:
         rows += sweep(full_settings(defenses=defenses, epsilons=epsilons, **common), out, plots=False, progress=progress)["rows"]
     seen, unique = set(), []
@@ -553,6 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attacks")
     parser.add_argument("--max-examples", type=int)
     parser.add_argument("--steps", type=int)
+    parser.add_argument("--seed", type=int, help="seed of the samples, the fine-tune, the noise and the attackers (default 0)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -572,6 +574,8 @@ def main(argv: list[str] | None = None) -> int:
         over["max_examples"] = args.max_examples
     if args.steps is not None:
         over["steps"] = args.steps
+    if args.seed is not None:
+        over["seed"] = args.seed
     t0 = time.perf_counter()
     if args.floors:
         floors = blind_floors(full_settings(**{**HEADLINE_COMMON, "datasets": over.get("datasets", FULL_DATASETS)}))
@@ -582,8 +586,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"blind token-set F1 {f['blind_f1']:.3f} ({f['blind_set_size']} tokens)")
         return 0
     if args.headline or args.all_datasets:
-        rows = headline(Path(args.out)) if args.headline else headline(
-            Path(args.out), grid=DATASETS_GRID, datasets=FULL_DATASETS)
+        # --datasets / --steps / --max-examples / --seed apply; the grid fixes defences, epsilons, attacks
+        ignored = [k for k in ("defenses", "epsilons", "attacks") if k in over]
+        if ignored:
+            raise ValueError(f"--{ignored[0]} cannot be combined with --headline/--all-datasets (their grid fixes it)")
+        datasets = over.pop("datasets", ("rotten_tomatoes",) if args.headline else FULL_DATASETS)
+        grid = HEADLINE_GRID if args.headline else DATASETS_GRID
+        rows = headline(Path(args.out), grid=grid, datasets=datasets, **over)
         print(_table(rows))
         print(f"{time.perf_counter() - t0:.1f} s; written {Path(args.out) / 'results.json'}")
         return 0

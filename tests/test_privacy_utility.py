@@ -123,3 +123,9 @@ def test_blind_floors_guess_frequent_tokens_without_any_release():
     assert f["dataset"] == "rotten_tomatoes" and f["aux"] == "imdb"
     assert 0.0 < f["blind_accuracy"] < 0.2  # one token is never most of a review
     assert 0.1 < f["blind_f1"] < 0.6 and f["blind_set_size"] >= 1  # frequent words are in most sentences
+
+
+def test_fixed_grids_refuse_grid_options(tmp_path):
+    with pytest.raises(ValueError, match="--defenses cannot be combined"):
+        pu.main(["--all-datasets", "--defenses", "none", "--out", str(tmp_path)])
+    assert not (tmp_path / "results.json").exists()
