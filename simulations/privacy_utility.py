@@ -499,21 +499,22 @@ def blind_floors(settings: SweepSettings) -> list[dict]:
     most frequent token at every position) and ``blind_f1`` (the aux-chosen frequent token set
     for every sequence, :func:`~privtune_flwr.attacks.inversion.blind_token_set`).
     """
-    from privtune_flwr.attacks.base import real_token_mask, release
+    from privtune_flwr.attacks.base import Released, real_token_mask
     from privtune_flwr.attacks.inversion import blind_token_set
     from privtune_flwr.attacks.metrics import token_set_f1
-    from privtune_flwr.defenses import build_defense
+
+    def tokens_only(texts) -> Released:  # a blind guess needs the answer key, not the bottom's output
+        enc = split.tokenize(list(texts), settings.max_length)
+        return Released(torch.zeros(*enc["input_ids"].shape, 1), enc["attention_mask"], enc["input_ids"])
 
     settings.validate()
     split = load_split("minilm", 1, "classification", 2, seed=settings.seed)
-    clean = build_defense("none", split=split)
     out = []
     for name in settings.datasets:
         ds = data.load_dataset(name, seed=settings.seed, max_examples=settings.max_examples or None)
         victim = _sample(ds.test, settings.max_victim, settings.seed)
         inputs = attack_inputs(name, ds, victim, settings)
-        aux = release(split, clean, inputs["aux_texts"], settings.max_length, 32, None)
-        vic = release(split, clean, list(victim["text"]), settings.max_length, 32, None)
+        aux, vic = tokens_only(inputs["aux_texts"]), tokens_only(victim["text"])
         aux_tokens = aux.input_ids[real_token_mask(aux, split.special_ids)]
         keep = real_token_mask(vic, split.special_ids)
         truth = [vic.input_ids[i][keep[i]].tolist() for i in range(len(vic))]

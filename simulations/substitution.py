@@ -32,7 +32,7 @@ MiniLM split after block 1, 200 LoRA steps, 500 victim sentences, the six attack
 1,000 IMDB reviews through the same bottom and variant), so its rows line up with the headline
 table. ``python -m simulations.substitution --out outputs/substitution [--variants ...]``:
 resumable like the sweep; writes ``results.json`` and ``results.csv`` and prints a table
-(about 4 minutes per variant on 2 cores).
+(about 4 minutes per variant, measured on 1 core with another job on the other).
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from tqdm import tqdm
 from privtune_flwr import data
 from privtune_flwr.config import RunConfig
 from privtune_flwr.defenses import PrivTuneDefense
+from privtune_flwr.mechanism.anchors import real_token_mask
 from privtune_flwr.mechanism.dchi import sample_dchi
 from privtune_flwr.models import load_split
 from privtune_flwr.training import device_defense
@@ -113,6 +114,9 @@ class SubstitutionDefense(PrivTuneDefense):
                 raise ValueError("keep > 0 needs importance={'sequences', 'labels', 'task'} (the device's own corpus)")
             occurrences = self.importance[self._regular_occurrences(importance["sequences"])]
             self.threshold = float(torch.quantile(occurrences, 1.0 - keep))
+        kept = self.importance >= self.threshold
+        kept[self.special_ids[self.special_ids < self.vocab_size]] = True
+        self.register_buffer("kept_ids", kept, persistent=False)  # fixed once built: not per release
 
     def _regular_occurrences(self, sequences) -> torch.Tensor:
         ids = torch.tensor([t for seq in sequences for t in seq], dtype=torch.long)
@@ -120,9 +124,7 @@ class SubstitutionDefense(PrivTuneDefense):
 
     def kept(self) -> torch.Tensor:
         """[V] bool: released as itself (specials, and the top-``keep`` important tokens)."""
-        out = self.importance >= self.threshold
-        out[self.special_ids[self.special_ids < self.vocab_size]] = True
-        return out
+        return self.kept_ids
 
     def draw(self, input_ids: torch.Tensor) -> torch.Tensor:
         u = torch.rand(input_ids.shape, generator=self.generator)
@@ -136,7 +138,7 @@ class SubstitutionDefense(PrivTuneDefense):
     def perturb(self, hidden, input_ids, attention_mask):
         noise = sample_dchi(tuple(hidden.shape[:2]), hidden.shape[-1], self.epsilon, generator=self.generator)
         noise.mul_(self.noise_scale(input_ids).unsqueeze(-1))
-        gate = attention_mask.bool() & ~self.kept()[input_ids]
+        gate = attention_mask.bool() & ~self.kept_ids[input_ids]
         member = torch.where(gate, self.draw(input_ids), input_ids)
         if self.mode == "swap-ring":
             return hidden + (self.anchors[member] - self.anchors[input_ids]) + noise
@@ -148,7 +150,7 @@ class SubstitutionDefense(PrivTuneDefense):
         if input_ids is not None:
             mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
             real = mask.bool() & ~torch.isin(input_ids, self.special_ids)
-            out["substituted_share"] = float((real & ~self.kept()[input_ids]).sum() / real.sum().clamp_min(1))
+            out["substituted_share"] = float((real & ~self.kept_ids[input_ids]).sum() / real.sum().clamp_min(1))
         return out
 
 
@@ -196,8 +198,11 @@ def substitution_ceiling(candidates: torch.Tensor | None, prior: torch.Tensor, v
 
 def _real_ids(split, texts, max_length: int) -> torch.Tensor:
     enc = split.tokenize(list(texts), max_length)
-    keep = enc["attention_mask"].bool() & ~torch.isin(enc["input_ids"], split.special_ids)
-    return enc["input_ids"][keep]
+    return enc["input_ids"][real_token_mask(enc["input_ids"], enc["attention_mask"], split.special_ids)]
+
+
+def _variant_key(fingerprint: str, variant: dict) -> str:
+    return hashlib.sha256(json.dumps([fingerprint, variant], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def build_variant(variant: dict, split, ds, settings, seed: int = 0):
@@ -222,7 +227,7 @@ def run(out: Path, variants=DEFAULT_VARIANTS, *, settings=None, progress: bool =
     todo = []
     for v in parsed:
         path = out / "points" / f"{v['tag'].replace(':', '_')}.json"
-        stored = _load_point(path, hashlib.sha256(json.dumps([fp, v], sort_keys=True).encode()).hexdigest()[:16])
+        stored = _load_point(path, _variant_key(fp, v))
         if stored is None:
             todo.append((v, path))
         else:
@@ -246,8 +251,7 @@ def run(out: Path, variants=DEFAULT_VARIANTS, *, settings=None, progress: bool =
             got = run_point(DATASET, v["tag"], None if v["mode"] == "none" else EPSILON, split, initial, ds, victim,
                             inputs, settings, defense=defense)
             got = [{**r, "variant": v["tag"], "keep": v.get("keep", 0.0), "ceiling": ceiling} for r in got]
-            key = hashlib.sha256(json.dumps([fp, v], sort_keys=True).encode()).hexdigest()[:16]
-            _atomic_write(path, json.dumps({"fingerprint": key, "variant": v, "rows": got}, indent=1))
+            _atomic_write(path, json.dumps({"fingerprint": _variant_key(fp, v), "variant": v, "rows": got}, indent=1))
             rows += got
     order = {parse_variant(v)["tag"]: i for i, v in enumerate(variants)}
     rows.sort(key=lambda r: order.get(r["variant"], len(order)))

@@ -88,8 +88,8 @@ def run_attack(name: str, split: SplitModel, aux: Released, victim: Released, *,
 _CLEAN: dict[str, dict] = {}
 
 
-def _clean_key(split, name, aux_texts, victim_texts, kwargs, max_length) -> str:
-    blob = json.dumps([split.name, split.split_layer, name, list(aux_texts), list(victim_texts), max_length,
+def _clean_key(split, name, texts_digest: str, kwargs, max_length) -> str:
+    blob = json.dumps([split.name, split.split_layer, name, texts_digest, max_length,
                        {k: v for k, v in kwargs.items() if k != "anchors"}], sort_keys=True, default=repr)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -129,13 +129,14 @@ def run_attacks(split: SplitModel, defense, aux_texts, victim_texts, *, aux_attr
             release(split, d, aux_texts, max_length, batch_size, aux_attributes),
             release(split, d, victim_texts, max_length, batch_size, victim_attributes),
         )
+    texts_digest = hashlib.sha256(json.dumps([list(aux_texts), list(victim_texts)]).encode()).hexdigest()
     results = []
     for name in names:
         kwargs = dict(options.get(name, {}), attribute=attribute, keywords=keywords, seed=seed)
         if name == "eia-knn":
             kwargs["anchors"] = anchors
         defended = run_attack(name, split, *releases["defended"], **kwargs)
-        key = _clean_key(split, name, aux_texts, victim_texts, kwargs, max_length)
+        key = _clean_key(split, name, texts_digest, kwargs, max_length)
         if releases["clean"] is releases["defended"]:
             clean = defended
         elif key in _CLEAN:
