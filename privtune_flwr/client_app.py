@@ -5,12 +5,19 @@ serves ``privtune_flwr.client_app:app``. In simulation Flower sets the same two 
 
 Per process (a Ray actor serves many simulated devices) the frozen bottom, the defence tables
 and the dataset are cached; per device, its reading position lives in ``context.state``.
+
+The device trusts nothing the cloud sends. Its noise comes from its own secret key (OS entropy;
+kept in ``context.state`` when simulated, in a private key file otherwise), never from the run
+config, the round or the message; each example is released once (the same tensor on every
+re-send). Its privacy floor comes from its own node config (:mod:`privtune_flwr.device_policy`):
+a run config asking for less gets an error reply that names the floor.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import sys
 from dataclasses import dataclass
 
 from flwr.app import ConfigRecord, Context, Message
@@ -19,15 +26,18 @@ from flwr.clientapp import ClientApp
 from . import data
 from .config import RunConfig
 from .defenses import Defense
+from .device import DeviceSide, device_defense
+from .device_policy import DevicePolicy
+from .mechanism.noise_key import NoiseKey, ReleaseLedger
 from .models import SplitModel, load_split
 from .schema import read_instruction, release_content
-from .training import DeviceSide, device_defense
 
 log = logging.getLogger(__name__)
 
 app = ClientApp()
 
 STATE = "device-state"  # context.state ConfigRecord: {"cursor", "epoch", "evaluations"}
+SECRET = "device-secret"  # context.state ConfigRecord {"key": bytes}: a simulated device's noise key
 
 _SPLITS: dict[tuple, SplitModel] = {}
 _NODES: dict[tuple, "Node"] = {}
@@ -75,8 +85,9 @@ def load_node(cfg: RunConfig, pid: int, total: int) -> Node:
     test = data.partition(ds.test, total, pid, partitioner="iid", seed=cfg.seed)
     if len(train) == 0:
         raise ValueError(f"partition {pid} of {total} of {cfg.dataset!r} is empty; use fewer devices")
+    # The key is set per message (device_key); the placeholder here is never used to release.
     defense = device_defense(cfg.defense, split, epsilon=cfg.epsilon, texts=train["text"], labels=train["label"],
-                             task=cfg.task, max_length=cfg.max_length, seed=cfg.seed * 100_003 + pid, **cfg.defense_options())
+                             task=cfg.task, max_length=cfg.max_length, release=cfg.release, **cfg.defense_options())
     anchors = getattr(defense, "anchors", None)
     if anchors is None and cfg.audit_tokens:
         from .mechanism.anchors import get_tables
@@ -85,6 +96,34 @@ def load_node(cfg: RunConfig, pid: int, total: int) -> Node:
     node = Node(train, test, DeviceSide(split, defense, max_length=cfg.max_length, audit_tokens=cfg.audit_tokens, anchors=anchors), defense)
     _NODES[key] = node
     return node
+
+
+def simulated() -> bool:
+    """True inside a Flower simulation (the ClientApp runs in a Ray actor)."""
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and getattr(ray, "is_initialized", lambda: False)())
+
+
+_FILE_KEYS: dict[str, tuple[NoiseKey, ReleaseLedger]] = {}
+
+
+def device_key(context: Context, policy: DevicePolicy, cfg: RunConfig, pid: int) -> tuple[NoiseKey, ReleaseLedger | None]:
+    """This device's noise key (and, for a key kept in a file, its ledger of configurations).
+
+    Never derived from anything the cloud supplies, except with ``reproducible-noise``, which the
+    device's own policy must allow (checked before this is called)."""
+    if cfg.reproducible_noise:
+        return NoiseKey.from_seed(f"{cfg.seed}/{pid}"), None
+    in_memory = policy.key_store == "memory" or (policy.key_store == "auto" and simulated() and not policy.key_file)
+    if in_memory:
+        record = context.state.config_records.get(SECRET)
+        if record is None:
+            record = context.state.config_records[SECRET] = ConfigRecord({"key": NoiseKey.fresh().to_state()})
+        return NoiseKey.from_state(bytes(record["key"])), None
+    path = policy.key_path(pid)
+    if str(path) not in _FILE_KEYS:
+        _FILE_KEYS[str(path)] = (NoiseKey.load_or_create(path), ReleaseLedger(path.with_name(path.name + ".ledger.json")))
+    return _FILE_KEYS[str(path)]
 
 
 def _state(context: Context) -> ConfigRecord:
@@ -111,19 +150,18 @@ def _next_indices(context: Context, size: int, count: int, seed: int) -> tuple[l
     return out, epoch + (1 if cursor else 0)
 
 
-def _reseed(defense: Defense, cfg: RunConfig, pid: int, server_round: int, phase: int) -> None:
-    # Fresh, reproducible noise per device, round and phase.
-    defense.generator.manual_seed(hash((cfg.seed, pid, server_round, phase)) & (2**62 - 1))
-
-
 def _release(msg: Message, context: Context, phase: str) -> Message:
     """One device reply: the next training batches, or the whole test split, released defended."""
     cfg = RunConfig.from_flower(context.run_config)
-    server_round, num_batches = read_instruction(msg.content)
     pid, total = partition_ids(context.node_config)
+    policy = DevicePolicy.from_sources(context.node_config)
+    policy.check(cfg)  # before anything is loaded or released
+    _, num_batches = read_instruction(msg.content)  # the round number plays no part in the noise
     node = load_node(cfg, pid, total)
+    key, ledger = device_key(context, policy, cfg, pid)
+    node.defense.key = key
     if phase == "train":
-        idx, releases = _next_indices(context, len(node.train), max(1, num_batches) * cfg.batch_size, cfg.seed * 1_000 + pid)
+        idx, epochs = _next_indices(context, len(node.train), max(1, num_batches) * cfg.batch_size, cfg.seed * 1_000 + pid)
         rows = node.train.select(idx)
     else:
         rows = node.test
@@ -132,11 +170,14 @@ def _release(msg: Message, context: Context, phase: str) -> Message:
         if cfg.eval_examples and len(rows) > cfg.eval_examples:
             rows = rows.select(range(cfg.eval_examples))
         state = _state(context)
-        releases = state["evaluations"] = int(state["evaluations"]) + 1  # the same test split each time
-    _reseed(node.defense, cfg, pid, server_round, int(phase == "evaluate"))
-    hidden, mask, labels, metrics = node.device.release(rows["text"], rows["label"])
-    metrics["releases-per-example-max"] = releases
-    return Message(content=release_content(hidden, mask, labels, metrics), reply_to=msg)
+        epochs = state["evaluations"] = int(state["evaluations"]) + 1  # the same test split each time
+    rel = node.device.release(rows["text"], rows["label"])
+    if cfg.release == "fresh" or cfg.defense == "none":
+        releases = epochs  # every send is a distinct release (no noise: nothing to reuse either)
+    else:  # release once: re-sends are the same tensor; only new configurations count
+        releases = 1 if ledger is None else ledger.record(node.defense.fingerprint().hex())
+    rel.metrics["releases-per-example-max"] = releases
+    return Message(content=release_content(rel.hidden, rel.attention_mask, rel.labels, rel.metrics), reply_to=msg)
 
 
 @app.train()

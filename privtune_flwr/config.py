@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 PROTOCOLS = ("vanilla",)
+RELEASES = ("once", "fresh")
 PARTITIONERS = ("iid", "dirichlet")
 
 
@@ -51,8 +52,13 @@ class RunConfig:
     mu: float = 1.0
     s_min: float = 0.5
     alpha: float = 0.5
+    importance_levels: int = 3  # public noise-scale levels (0 = continuous: no bound across importance)
     delta: float = 1e-5  # gaussian only
     clip: float = 0.0  # gaussian only; 0 = calibrate from the anchors
+    # noise: a secret key on each device, each example released once; both need the device's consent
+    # (its node config / device policy) to be weakened
+    release: str = "once"  # "once" | "fresh" (fresh noise per re-send; composes)
+    reproducible_noise: bool = False  # research only: noise derived from `seed`, removable by the operator
     # run
     seed: int = 0
     output_dir: str = "outputs/run"
@@ -78,6 +84,8 @@ class RunConfig:
         _require(math.isfinite(self.epsilon) and self.epsilon > 0, "epsilon", self.epsilon, "(0, inf)")
         _require(self.audit_tokens >= 0, "audit-tokens", self.audit_tokens, ">= 0 (0 = no self-audit)")
         _require(self.timeout > 0, "timeout", self.timeout, "> 0 seconds")
+        _require(self.release in RELEASES, "release", self.release, " or ".join(RELEASES))
+        _require(0 <= self.importance_levels <= 64, "importance-levels", self.importance_levels, "0..64 (0 = continuous)")
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any]) -> "RunConfig":
@@ -100,7 +108,7 @@ class RunConfig:
         return {
             "n_hops": self.n_hops, "k": self.k, "max_neighbours": self.max_neighbours,
             "radius_scale": self.radius_scale, "pgd_steps": self.pgd_steps, "lam": self.lam,
-            "mu": self.mu, "s_min": self.s_min, "alpha": self.alpha,
+            "mu": self.mu, "s_min": self.s_min, "alpha": self.alpha, "importance_levels": self.importance_levels,
         }
 
     def to_flower(self) -> dict[str, Any]:
@@ -108,7 +116,11 @@ class RunConfig:
 
 
 def _coerce(key: str, value: Any, kind: type) -> Any:
-    if kind is bool or isinstance(value, bool):
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{key}={value!r} must be true or false")
+        return value
+    if isinstance(value, bool):
         raise ValueError(f"{key}={value!r}: booleans are not accepted here")
     try:
         if kind is int:

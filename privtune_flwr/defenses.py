@@ -5,20 +5,26 @@ Every defence is a ``torch.nn.Module`` with one call::
     released = defense(hidden, input_ids, attention_mask)   # [B, T, d] -> [B, T, d]
 
 usable inside or outside Flower. Padding positions are zeroed in the release, so nothing about
-them leaves the device. ``privacy_statement`` reports what the defence guarantees for a batch
-(never a bare "epsilon-DP" claim).
+them leaves the device. Noise comes from the device's secret :class:`NoiseKey` (or, for research,
+a stated seed), one keyed stream per example. ``statement()`` says what the defence guarantees
+(:mod:`privtune_flwr.accounting`; never a bare "epsilon-DP" claim).
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
 import math
+import secrets
 
 import torch
 from torch import nn
 
-from .mechanism.anchors import check_graph_options, get_tables
-from .mechanism.dchi import check_epsilon, sample_dchi
+from .accounting import RELEASE_MODES, PrivacyStatement, public_scales
+from .mechanism.anchors import bottom_fingerprint, check_graph_options, get_tables
+from .mechanism.dchi import check_epsilon, real_spans, sample_dchi_keyed
+from .mechanism.noise_key import NoiseKey, NoiseStream
 from .mechanism.gaussian import analytic_gaussian_sigma, check_delta
 from .mechanism.importance import Importance
 from .mechanism.pgd import pool_weights, solve_shift
@@ -26,16 +32,81 @@ from .models import SplitModel
 
 
 class Defense(nn.Module):
-    """Base class: input validation, padding handling and the registry entry point."""
+    """Base class: input validation, padding handling, the noise key and the registry entry point.
+
+    ``key``: the device's :class:`NoiseKey`; ``seed``: research reproducibility only (anyone who
+    knows it can remove the noise; the statement says so); neither: a fresh key from OS entropy.
+    ``release``: ``"once"`` (default; an example's noise is a pure function of the key, the
+    configuration and its tokens, so re-sending it re-sends the identical tensor) or ``"fresh"``.
+    """
 
     name = "base"
 
-    def __init__(self, split: SplitModel, epsilon: float | None, seed: int = 0):
+    def __init__(self, split: SplitModel, epsilon: float | None, *, key: NoiseKey | None = None,
+                 seed: int | str | None = None, release: str = "once"):
         super().__init__()
         self.hidden_size = split.hidden_size
         self.vocab_size = split.vocab_size
         self.epsilon = None if epsilon is None else check_epsilon(epsilon)
-        self.generator = torch.Generator().manual_seed(int(seed))
+        if key is not None and seed is not None:
+            raise ValueError("give key= (a device's secret) or seed= (reproducible research noise), not both")
+        if key is not None and not isinstance(key, NoiseKey):
+            raise ValueError(f"key must be a NoiseKey, got {type(key).__name__}")
+        self.key = key if key is not None else (NoiseKey.from_seed(seed) if seed is not None else NoiseKey.fresh())
+        if release not in RELEASE_MODES:
+            raise ValueError(f"release={release!r} is not accepted; accepted: {', '.join(RELEASE_MODES)}")
+        self.release = release
+        self._model_id = f"{split.name}|{split.split_layer}|{bottom_fingerprint(split)}"
+
+    @property
+    def reproducible(self) -> bool:
+        return self.key.reproducible
+
+    def mechanism_config(self) -> dict:
+        """Everything that shapes a release; a different value gives independent noise."""
+        return {"defense": self.name, "epsilon": self.epsilon, "model": self._model_id}
+
+    def fingerprint(self) -> bytes:
+        """Digest of :meth:`mechanism_config`: the context of every noise stream. Recomputed when
+        any attribute or buffer it covers changes, so a change (e.g. of importance) can never reuse
+        old noise at a new scale."""
+        token = self._fingerprint_token()
+        cached = self.__dict__.get("_fingerprint_cache")
+        if cached is None or cached[0] != token:
+            blob = json.dumps(self.mechanism_config(), sort_keys=True, default=str).encode()
+            cached = (token, hashlib.sha256(blob).digest())
+            self.__dict__["_fingerprint_cache"] = cached
+        return cached[1]
+
+    def _fingerprint_token(self) -> tuple:
+        """Cheap summary of the state the fingerprint covers (buffers by identity and version)."""
+        plain = tuple((k, v) for k, v in sorted(vars(self).items())
+                      if isinstance(v, (int, float, str, bool, type(None))) and not k.startswith("_"))
+        tensors = tuple((k, b.data_ptr(), b._version) for k, b in self._buffers.items() if b is not None)
+        return plain + tensors
+
+    def streams(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[NoiseStream]:
+        """One keyed stream per sequence, from its real tokens (padding is not part of the example)."""
+        context = self.fingerprint()
+        fresh = self.release == "fresh"
+        ids = input_ids.cpu().numpy()
+        spans = real_spans(attention_mask)
+        if spans is None:
+            real = attention_mask.bool().cpu().numpy()
+            rows = [ids[b][real[b]] for b in range(ids.shape[0])]
+        else:
+            rows = [ids[b, start:start + count] for b, (start, count) in enumerate(spans)]
+        return [self.key.stream(context, row, secrets.token_bytes(16) if fresh else b"") for row in rows]
+
+    @staticmethod
+    def scatter(rows: list[torch.Tensor], attention_mask: torch.Tensor) -> torch.Tensor:
+        """Per-sequence draws ``[n_b, ...]`` placed at the real positions of a ``[B, T, ...]`` tensor."""
+        real = attention_mask.bool()
+        tail = rows[0].shape[1:] if rows else ()
+        out = torch.zeros(*real.shape, *tail, dtype=rows[0].dtype if rows else torch.float32)
+        if rows:
+            out[real] = torch.cat(rows)
+        return out
 
     def check_inputs(self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         if hidden.dim() != 3 or hidden.shape[-1] != self.hidden_size:
@@ -68,8 +139,12 @@ class Defense(nn.Module):
             released = released.clone()
         return released.mul_(attention_mask.unsqueeze(-1).to(released.dtype)).to(hidden.dtype)
 
-    def privacy_statement(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> dict:
-        return {"defense": self.name, "epsilon": self.epsilon, "guarantee": "none"}
+    def statement(self) -> PrivacyStatement:
+        """What this defence guarantees (public; see :mod:`privtune_flwr.accounting`)."""
+        return PrivacyStatement(defense=self.name, epsilon=None)
+
+    def _key_words(self) -> dict:
+        return {"release": self.release, "reproducible": self.key.reproducible, "key_source": self.key.source}
 
 
 class NoDefense(Defense):
@@ -87,33 +162,11 @@ class DChiDefense(Defense):
     name = "dchi"
 
     def perturb(self, hidden, input_ids, attention_mask):
-        noise = sample_dchi(tuple(hidden.shape[:2]), hidden.shape[-1], self.epsilon, generator=self.generator)
-        return noise.to(hidden.device).add_(hidden)
+        gaussian, scale = sample_dchi_keyed(self.streams(input_ids, attention_mask), attention_mask, hidden.shape[-1], self.epsilon)
+        return torch.addcmul(hidden, gaussian.to(hidden.device), scale.to(hidden.device).unsqueeze(-1))
 
-    def privacy_statement(self, input_ids=None, attention_mask=None) -> dict:
-        per_seq = None if attention_mask is None else attention_mask.sum(1).double()
-        tokens = None if per_seq is None else int(per_seq.sum())
-        return {
-            "defense": self.name,
-            "epsilon": self.epsilon,
-            "guarantee": "d_chi-privacy per token (Euclidean metric on representations)",
-            "effective_epsilon_min": self.epsilon,
-            "effective_epsilon_median": self.epsilon,
-            "effective_epsilon_max": self.epsilon,
-            "slack": 0.0,
-            "tokens": tokens,
-            "epsilon_per_sequence_mean": None if not tokens else float(per_seq.mean() * self.epsilon),
-            "epsilon_per_sequence_max": None if not tokens else float(per_seq.max() * self.epsilon),
-            "composition": "per sequence the parameter adds up over its tokens; over releases and rounds "
-            "(fresh noise each release) it adds up again",
-        }
-
-
-def _spread(values: torch.Tensor) -> tuple[float, float, float]:
-    if values.numel() == 0:
-        return (float("nan"),) * 3
-    values = values.double()
-    return float(values.min()), float(values.median()), float(values.max())
+    def statement(self) -> PrivacyStatement:
+        return PrivacyStatement(defense=self.name, epsilon=self.epsilon, scales=(1.0,), **self._key_words())
 
 
 def _number(name: str, value, low: float, high: float = math.inf, *, low_open: bool = True, high_open: bool = False, integer: bool = False):
@@ -143,8 +196,9 @@ class GaussianDefense(Defense):
 
     name = "gaussian"
 
-    def __init__(self, split: SplitModel, epsilon: float, seed: int = 0, *, delta: float = 1e-5, clip: float | None = None):
-        super().__init__(split, epsilon, seed)
+    def __init__(self, split: SplitModel, epsilon: float, *, key=None, seed=None, release="once",
+                 delta: float = 1e-5, clip: float | None = None):
+        super().__init__(split, epsilon, key=key, seed=seed, release=release)
         self.delta = check_delta(delta)
         if clip is None:
             anchors = get_tables(split).anchors
@@ -154,34 +208,20 @@ class GaussianDefense(Defense):
         self.clip = _number("clip", clip, 0.0)
         self.sigma = analytic_gaussian_sigma(self.epsilon, self.delta, 2.0 * self.clip)
 
+    def mechanism_config(self) -> dict:
+        return {**super().mechanism_config(), "delta": self.delta, "clip": self.clip}
+
     def perturb(self, hidden, input_ids, attention_mask):
         norms = hidden.norm(dim=-1, keepdim=True)
         clipped = hidden * torch.clamp(self.clip / norms.clamp_min(1e-12), max=1.0)
-        noise = torch.randn(hidden.shape, generator=self.generator, dtype=torch.float32).to(hidden.device)
-        return clipped + self.sigma * noise
+        d = hidden.shape[-1]
+        lengths = attention_mask.bool().sum(1).tolist()
+        rows = [st.normal((n, d)) for st, n in zip(self.streams(input_ids, attention_mask), lengths)]
+        return clipped + self.sigma * self.scatter(rows, attention_mask).to(hidden.device)
 
-    def privacy_statement(self, input_ids=None, attention_mask=None) -> dict:
-        per_seq = None if attention_mask is None else attention_mask.sum(1).double()
-        out = {
-            "defense": self.name,
-            "epsilon": self.epsilon,
-            "delta": self.delta,
-            "sigma": self.sigma,
-            "clip": self.clip,
-            "sensitivity": 2.0 * self.clip,
-            "guarantee": "(epsilon, delta)-DP per token representation (replace-one-token, L2 sensitivity 2*clip), "
-            "analytic Gaussian mechanism",
-            "composition": "per sequence and over releases/rounds, (epsilon, delta) compose additively "
-            "(basic composition: T tokens give (T*epsilon, T*delta))",
-        }
-        if per_seq is not None and per_seq.numel():
-            out.update(
-                tokens=int(per_seq.sum()),
-                epsilon_per_sequence_mean=float(per_seq.mean() * self.epsilon),
-                epsilon_per_sequence_max=float(per_seq.max() * self.epsilon),
-                delta_per_sequence_max=float(per_seq.max() * self.delta),
-            )
-        return out
+    def statement(self) -> PrivacyStatement:
+        return PrivacyStatement(defense=self.name, epsilon=self.epsilon, delta=self.delta, sigma=self.sigma,
+                                clip=self.clip, **self._key_words())
 
 
 class PrivTuneDefense(Defense):
@@ -189,10 +229,16 @@ class PrivTuneDefense(Defense):
 
     ``delta*`` solves OPT-1 by PGD (pull towards the n-hop ring target, push away from the own
     anchor, keep the pooled meaning) within ||delta_i|| <= r; ``z_i`` is d_chi noise at ``epsilon``;
-    ``s_i = 1 - (1 - s_min) imp(w_i)``. Special tokens carry no private content and are not
+    ``s_i = 1 - (1 - s_min) q(imp(w_i))``. Special tokens carry no private content and are not
     shifted (they still get noise). ``importance`` is an :class:`Importance`, a [V] tensor in
     [0, 1], a dict ``{"sequences", "labels", "task"}`` (built here with ``alpha``), or None: every
-    regular token then gets importance 0.5 (s_i = (1 + s_min) / 2), specials 0.
+    regular token then gets importance 0.5, specials 0.
+
+    ``importance_levels`` (q): ``L >= 2`` rounds importance to L evenly spaced public levels, so the
+    noise scale takes one of L public values and the per-token bound holds within a level (the
+    level itself is revealed); ``1`` gives every token scale 1; ``0`` keeps the paper's continuous
+    scale, under which no bound holds between tokens of different importance (see
+    :mod:`privtune_flwr.accounting`).
     """
 
     name = "privtune"
@@ -204,8 +250,10 @@ class PrivTuneDefense(Defense):
         self,
         split: SplitModel,
         epsilon: float,
-        seed: int = 0,
         *,
+        key=None,
+        seed=None,
+        release="once",
         n_hops: int = 2,
         k: int = 8,
         max_neighbours: int = 16,
@@ -215,9 +263,10 @@ class PrivTuneDefense(Defense):
         mu: float = 1.0,
         s_min: float = 0.5,
         alpha: float = 0.5,
+        importance_levels: int = 3,
         importance=None,
     ):
-        super().__init__(split, epsilon, seed)
+        super().__init__(split, epsilon, key=key, seed=seed, release=release)
         check_graph_options(k, n_hops, max_neighbours)
         self.radius_scale = _number("radius_scale", radius_scale, 0.0)
         self.pgd_steps = _number("pgd_steps", pgd_steps, 0, low_open=False, integer=True)
@@ -225,6 +274,7 @@ class PrivTuneDefense(Defense):
         self.mu = _number("mu", mu, 0.0, low_open=False)
         self.s_min = _number("s_min", s_min, 0.0, 1.0)
         self.alpha = _number("alpha", alpha, 0.0, 1.0, low_open=False)
+        self.importance_levels = _number("importance_levels", importance_levels, 0, 64, low_open=False, integer=True)
         self.n_hops, self.k, self.max_neighbours = n_hops, k, max_neighbours
 
         tables = get_tables(split, k=k, n_hops=n_hops, max_neighbours=max_neighbours)
@@ -241,6 +291,7 @@ class PrivTuneDefense(Defense):
         regular[self.special_ids[self.special_ids < self.vocab_size]] = False
         self.register_buffer("regular_ids", torch.nonzero(regular).squeeze(1), persistent=False)
         self._pool = split.pool
+        self._tables_id = str(sorted(tables.key.items()))
 
     def _importance_values(self, importance, split: SplitModel) -> torch.Tensor:
         if importance is None:
@@ -257,6 +308,14 @@ class PrivTuneDefense(Defense):
             raise ValueError(f"importance values span {float(values.min())}..{float(values.max())}; accepted: [0, 1]")
         return values.float().clone()
 
+    def mechanism_config(self) -> dict:
+        importance = hashlib.sha256(self.importance.detach().cpu().numpy().tobytes()).hexdigest()
+        return {
+            **super().mechanism_config(), "tables": self._tables_id, "radius": self.radius, "pgd_steps": self.pgd_steps,
+            "lam": self.lam, "mu": self.mu, "s_min": self.s_min, "levels": self.importance_levels,
+            "importance": importance, "shift": self.use_shift, "scaled": self.use_importance, "target": self.target_mode,
+        }
+
     def check_inputs(self, hidden, input_ids, attention_mask) -> None:
         if hidden.dim() == 3 and hidden.shape[-1] != self.anchors.shape[1]:
             raise ValueError(
@@ -265,17 +324,26 @@ class PrivTuneDefense(Defense):
             )
         super().check_inputs(hidden, input_ids, attention_mask)
 
+    @property
+    def scales(self) -> tuple[float, ...]:
+        """The public noise scales s (with ``importance_levels = 0``: the range's ends)."""
+        return public_scales(self.s_min, self.importance_levels, scaled=self.use_importance)[0]
+
     def noise_scale(self, input_ids: torch.Tensor) -> torch.Tensor:
         """s_i for each token id: same shape as ``input_ids`` (float32, in [s_min, 1])."""
-        if not self.use_importance:
+        if not self.use_importance or self.importance_levels == 1:
             return torch.ones(input_ids.shape, dtype=torch.float32, device=input_ids.device)
-        return 1.0 - (1.0 - self.s_min) * self.importance[input_ids]
+        imp = self.importance[input_ids]
+        if self.importance_levels >= 2:
+            top = self.importance_levels - 1
+            imp = torch.round(imp * top) / top
+        return 1.0 - (1.0 - self.s_min) * imp
 
-    def token_targets(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """t_i [B, T, d] for this release (fresh draws for the sampled/random variants)."""
+    def token_targets(self, input_ids: torch.Tensor, uniforms: torch.Tensor | None = None) -> torch.Tensor:
+        """t_i [B, T, d] for this release; the sampled/random variants read ``uniforms`` [B, T]."""
         if self.target_mode == "centroid":
             return self.targets[input_ids]
-        u = torch.rand(input_ids.shape, generator=self.generator).to(input_ids.device)
+        u = uniforms.to(input_ids.device)
         if self.target_mode == "sampled":
             sizes = self.ring_sizes[input_ids].clamp_min(1)
             slot = torch.minimum((u * sizes).long(), sizes - 1)
@@ -285,58 +353,31 @@ class PrivTuneDefense(Defense):
             member = self.regular_ids[pick]
         return self.anchors[member]
 
-    def mean_shift(self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def mean_shift(self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   uniforms: torch.Tensor | None = None) -> torch.Tensor:
         """delta* [B, T, d] of OPT-3 (zero at specials and padding); ||delta*_i|| <= radius."""
         active = attention_mask.bool() & ~torch.isin(input_ids, self.special_ids)
         return solve_shift(
-            hidden, self.token_targets(input_ids), self.anchors[input_ids],
+            hidden, self.token_targets(input_ids, uniforms), self.anchors[input_ids],
             pool_weights(self._pool, attention_mask, hidden.dtype), active,
             radius=self.radius, steps=self.pgd_steps, lam=self.lam, mu=self.mu,
         )
 
     def perturb(self, hidden, input_ids, attention_mask):
-        noise = sample_dchi(tuple(hidden.shape[:2]), hidden.shape[-1], self.epsilon, generator=self.generator).to(hidden.device)
-        noise.mul_(self.noise_scale(input_ids).unsqueeze(-1)).add_(hidden)
-        if self.use_shift:
-            noise.add_(self.mean_shift(hidden, input_ids, attention_mask))
-        return noise
+        streams = self.streams(input_ids, attention_mask)
+        uniforms = None
+        if self.use_shift and self.target_mode != "centroid":  # drawn first: a fixed order per stream
+            lengths = attention_mask.bool().sum(1).tolist()
+            uniforms = self.scatter([st.uniform((n,)) for st, n in zip(streams, lengths)], attention_mask)
+        gaussian, scale = sample_dchi_keyed(streams, attention_mask, hidden.shape[-1], self.epsilon)
+        scale = scale.to(hidden.device).mul_(self.noise_scale(input_ids))  # s_i: importance levels
+        base = hidden + self.mean_shift(hidden, input_ids, attention_mask, uniforms) if self.use_shift else hidden
+        return torch.addcmul(base, gaussian.to(hidden.device), scale.unsqueeze(-1))
 
-    def privacy_statement(self, input_ids=None, attention_mask=None) -> dict:
-        """§2.6: effective epsilon/s_i and slack 2 r epsilon/s_i per token, and their sums per sequence."""
-        radius = self.radius if self.use_shift else 0.0
-        if input_ids is None:
-            ids = self.regular_ids.unsqueeze(0)  # over the vocabulary when no batch is given
-            mask = torch.ones_like(ids)
-        else:
-            ids, mask = input_ids, (torch.ones_like(input_ids) if attention_mask is None else attention_mask)
-        real = mask.bool()
-        eff = self.epsilon / self.noise_scale(ids).double()
-        slack = 2.0 * radius * eff
-        eff_lo, eff_med, eff_hi = _spread(eff[real])
-        sl_lo, sl_med, sl_hi = _spread(slack[real])
-        seq_eps = (eff * real).sum(1)
-        seq_slack = (slack * real).sum(1)
-        return {
-            "defense": self.name,
-            "epsilon": self.epsilon,
-            "radius": radius,
-            "guarantee": "metric (d_chi) privacy per token on the Euclidean distance of split-layer representations: "
-            "output densities differ by at most exp((epsilon/s_i) * (||h - h'|| + 2r)), i.e. effective "
-            "parameter epsilon/s_i with additive slack 2*r*epsilon/s_i",
-            "effective_epsilon_min": eff_lo,
-            "effective_epsilon_median": eff_med,
-            "effective_epsilon_max": eff_hi,
-            "slack_min": sl_lo,
-            "slack_median": sl_med,
-            "slack_max": sl_hi,
-            "tokens": int(real.sum()),
-            "epsilon_per_sequence_mean": float(seq_eps.mean()) if input_ids is not None else None,
-            "epsilon_per_sequence_max": float(seq_eps.max()) if input_ids is not None else None,
-            "slack_per_sequence_mean": float(seq_slack.mean()) if input_ids is not None else None,
-            "slack_per_sequence_max": float(seq_slack.max()) if input_ids is not None else None,
-            "composition": "per sequence the effective parameters and slacks add up over its tokens; "
-            "over releases and rounds (fresh noise each release) they add up again",
-        }
+    def statement(self) -> PrivacyStatement:
+        return PrivacyStatement(defense=self.name, epsilon=self.epsilon, scales=self.scales,
+                                continuous=self.use_importance and self.importance_levels == 0,
+                                radius=self.radius if self.use_shift else 0.0, **self._key_words())
 
 
 class PrivTuneNoImportance(PrivTuneDefense):
@@ -379,13 +420,17 @@ DEFENSES: dict[str, type[Defense]] = {
 # so an app can pass its whole configuration to any defence.
 OPTIONS = {
     "n_hops": 2, "k": 8, "max_neighbours": 16, "radius_scale": 1.0, "pgd_steps": 10, "lam": 0.5,
-    "mu": 1.0, "s_min": 0.5, "alpha": 0.5, "importance": None, "delta": 1e-5, "clip": None,
+    "mu": 1.0, "s_min": 0.5, "alpha": 0.5, "importance_levels": 3, "importance": None, "delta": 1e-5, "clip": None,
 }
 
 
-def build_defense(name: str, *, epsilon: float | None = None, split: SplitModel, seed: int = 0, **options) -> Defense:
+def build_defense(name: str, *, epsilon: float | None = None, split: SplitModel, key: NoiseKey | None = None,
+                  seed: int | str | None = None, release: str = "once", **options) -> Defense:
     """Create the defence ``name`` for ``split`` at privacy parameter ``epsilon``.
 
+    Noise: with neither ``key`` nor ``seed`` the defence draws a fresh key from OS entropy, so its
+    noise is unpredictable to anyone else; ``key`` is a device's :class:`NoiseKey`; ``seed`` makes
+    the noise reproducible by whoever knows it (research only; the statement says so).
     ``options`` are the knobs of ``OPTIONS``; those a defence does not use are ignored, unknown
     names raise. ``none`` ignores ``epsilon``.
     """
@@ -395,10 +440,11 @@ def build_defense(name: str, *, epsilon: float | None = None, split: SplitModel,
     if unknown:
         raise ValueError(f"unknown defence option(s) {unknown}; accepted: {', '.join(OPTIONS)}")
     cls = DEFENSES[name]
+    common = {"key": key, "seed": seed, "release": release}
     if cls is NoDefense:
-        return cls(split, None, seed)  # epsilon has no meaning without noise
+        return cls(split, None, **common)  # epsilon has no meaning without noise
     if epsilon is None:
         raise ValueError(f"defense={name!r} needs epsilon; accepted: a finite value > 0")
     check_epsilon(epsilon)
     accepted = set(inspect.signature(cls.__init__).parameters)
-    return cls(split, epsilon, seed, **{k: v for k, v in options.items() if k in accepted})
+    return cls(split, epsilon, **common, **{k: v for k, v in options.items() if k in accepted})

@@ -12,6 +12,7 @@ masks, position ids and rotary embeddings are built exactly as the unsplit model
   ``0..m-1`` (no final norm); the top is blocks ``m..L-1``, the final norm and the head
   (``score`` for classification, ``lm_head`` for generation). Decoders pad on the left so that
   the last position is the last real token, which is where the classification head reads.
+  Positions count real tokens only (:func:`position_ids`), in both halves.
 """
 
 from __future__ import annotations
@@ -126,9 +127,10 @@ def _graft(module: nn.Module, **children: nn.Module | None) -> nn.Module:
 class Bottom(nn.Module):
     """Frozen device half. ``forward(input_ids [B,T], attention_mask [B,T]) -> hidden [B,T,d]``."""
 
-    def __init__(self, base: nn.Module):
+    def __init__(self, base: nn.Module, *, decoder: bool = False):
         super().__init__()
         self.base = base
+        self.decoder = decoder
         self.requires_grad_(False)
         self.eval()
 
@@ -139,7 +141,8 @@ class Bottom(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        return self.base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        extra = {"position_ids": position_ids(attention_mask)} if self.decoder else {}
+        return self.base(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
 
 
 class Top(nn.Module):
@@ -148,12 +151,21 @@ class Top(nn.Module):
     Logits are ``[B, num_labels]`` for classification and ``[B, T, V]`` for generation.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, *, decoder: bool = False):
         super().__init__()
         self.model = model
+        self.decoder = decoder
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(inputs_embeds=hidden, attention_mask=attention_mask).logits
+        extra = {"position_ids": position_ids(attention_mask)} if self.decoder else {}
+        return self.model(inputs_embeds=hidden, attention_mask=attention_mask, **extra).logits
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Decoder positions counted over real tokens only: a token's position does not depend on how
+    much padding its batch added, so an example's representation is the same in any batch (and
+    the bottom and the top agree even when the device pads each example on its own)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
 @dataclass
@@ -327,7 +339,7 @@ def load_split(
         vocab_size=config.vocab_size,
         num_labels=num_labels if task == "classification" else 0,
         tokenizer=tokenizer,
-        bottom=Bottom(bottom_base),
-        top=Top(top_model),
+        bottom=Bottom(bottom_base, decoder=family == "decoder"),
+        top=Top(top_model, decoder=family == "decoder"),
         full=hf_model,
     )

@@ -27,20 +27,21 @@ MASK = "attention-mask"  # int8 [N, T], 1 = real token
 LABELS = "labels"  # int64 [N]
 RELEASE_ARRAYS = {HIDDEN: np.dtype("float32"), MASK: np.dtype("int8"), LABELS: np.dtype("int64")}
 
-# Device metrics: all numbers about the device's own computation, none about its tokens.
+# Device metrics: public numbers only. Counts, timings, the configuration's public bounds (functions
+# of the run config and of the real-token counts, which the mask shows anyway), and one aggregate
+# self-audit rate. No statistic of the private tokens' importance ever appears here.
 REQUIRED_METRICS = ("num-examples", "num-tokens")
 OPTIONAL_METRICS = (
     "self-audit-knn",  # KNN top-1 token recovery on this release (the device knows the truth)
     "bytes-sent",
     "bottom-seconds",
     "defense-seconds",
-    "epsilon-effective-min",
-    "epsilon-effective-median",
-    "epsilon-effective-max",
-    "slack-max",
-    "epsilon-per-sequence-max",
-    "slack-per-sequence-max",
-    "releases-per-example-max",  # how often any one of the released examples has now been released
+    "epsilon-token-max",  # epsilon / s_min: the largest per-token parameter of the configuration
+    "slack-token-max",  # 2 r epsilon / s_min
+    "epsilon-sequence-max",  # longest sequence in the reply x epsilon-token-max
+    "slack-sequence-max",
+    "shift-radius",  # r, the bound on PrivTune's mean shift (from the public anchor tables)
+    "releases-per-example-max",  # distinct releases of any one example (1 with release once)
 )
 
 

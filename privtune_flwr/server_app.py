@@ -14,56 +14,29 @@ from flwr.serverapp import Grid, ServerApp
 from strategies import SplitLearningStrategy
 
 from . import data
+from .accounting import is_finite_number, run_summary, statement_for_config
+from .cloud import CloudSide
 from .config import RunConfig
 from .models import load_split
-from .training import CloudSide
 
 log = logging.getLogger("privtune_flwr.cloud")
 app = ServerApp()
 
 
 def privacy_summary(cfg: RunConfig, history: list[dict]) -> dict:
-    """The run's privacy statement (spec 2.6): per token, per sequence, and composed over releases.
+    """The run's privacy statement (:mod:`privtune_flwr.accounting`), composed over releases.
 
-    Each release of a sequence adds its per-sequence parameter again (fresh noise, basic
-    composition), so the worst case over the run is the per-sequence maximum times the largest
-    number of releases of one example, taken separately for training and test examples.
+    Everything comes from the configuration and from the public bounds the devices attach (the
+    mean-shift radius comes from the public anchor tables); the worst case is taken over rounds.
     """
-    if cfg.defense == "none":
-        return {"defense": "none", "guarantee": "none: representations are released unperturbed"}
 
-    def worst(key: str) -> float | None:
-        values = [r[key] for r in history if r.get(key) is not None]
+    def worst(key: str):
+        values = [r[key] for r in history if is_finite_number(r.get(key))]
         return max(values) if values else None
 
-    def composed(prefix: str) -> float | None:
-        pairs = [(r.get(f"{prefix}epsilon-per-sequence-max"), r.get(f"{prefix}releases-per-example-max")) for r in history]
-        values = [e * n for e, n in pairs if e is not None and n is not None]
-        return max(values) if values else None
-
-    last = history[-1] if history else {}
-    return {
-        "defense": cfg.defense,
-        "epsilon": cfg.epsilon,
-        "guarantee": (
-            f"(epsilon, delta={cfg.delta:g}) Gaussian mechanism per token, basic composition"
-            if cfg.defense == "gaussian"
-            else "metric (d_chi-style) privacy per token; see the README's privacy section"
-        ),
-        "effective-epsilon-per-token": {
-            "min": last.get("epsilon-effective-min"),
-            "median": last.get("epsilon-effective-median"),
-            "max": worst("epsilon-effective-max"),
-        },
-        "slack-per-token-max": worst("slack-max"),
-        "epsilon-per-sequence-max": worst("epsilon-per-sequence-max"),
-        "slack-per-sequence-max": worst("slack-per-sequence-max"),
-        "releases-per-train-example-max": worst("releases-per-example-max"),
-        "releases-per-test-example-max": worst("test-releases-per-example-max"),
-        "epsilon-per-train-sequence-composed-max": composed(""),
-        "epsilon-per-test-sequence-composed-max": composed("test-"),
-        "composition": "per token as stated; adds up over the tokens of a sequence and over every release of it",
-    }
+    statement = statement_for_config(cfg, radius=worst("shift-radius") or 0.0)
+    return run_summary(statement, max_tokens=cfg.max_length, train_releases=worst("releases-per-example-max"),
+                       test_releases=worst("test-releases-per-example-max"))
 
 
 def _console_log() -> None:

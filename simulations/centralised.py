@@ -22,7 +22,8 @@ import torch
 from privtune_flwr import data
 from privtune_flwr.config import RunConfig
 from privtune_flwr.models import load_split
-from privtune_flwr.training import CloudSide, DeviceSide, device_defense, fine_tune
+from privtune_flwr.cloud import CloudSide, fine_tune
+from privtune_flwr.device import DeviceSide, device_defense
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,7 +40,8 @@ def run(cfg: RunConfig) -> dict:
     ds = data.load_dataset(cfg.dataset, test_fraction=cfg.test_fraction, seed=cfg.seed, max_examples=cfg.max_examples or None)
     split = load_split(cfg.model, cfg.split_layer, cfg.task, ds.num_labels, lora_rank=cfg.lora_rank, seed=cfg.seed)
     defense = device_defense(cfg.defense, split, epsilon=cfg.epsilon, texts=ds.train["text"], labels=ds.train["label"],
-                             task=cfg.task, max_length=cfg.max_length, seed=cfg.seed, **cfg.defense_options())
+                             task=cfg.task, max_length=cfg.max_length, seed=cfg.seed, release=cfg.release,
+                             **cfg.defense_options())
     device = DeviceSide(split, defense, max_length=cfg.max_length, audit_tokens=0)
     cloud = CloudSide(split, learning_rate=cfg.learning_rate, batch_size=cfg.batch_size, seed=cfg.seed)
     steps = cfg.num_rounds * cfg.devices_per_round * cfg.batches_per_round
@@ -51,8 +53,9 @@ def run(cfg: RunConfig) -> dict:
 
         anchors = get_tables(split, k=cfg.k, n_hops=cfg.n_hops, max_neighbours=cfg.max_neighbours).anchors
     device.anchors, device.audit_tokens = anchors, 4096
-    hidden, mask, labels, metrics = device.release(ds.test["text"], ds.test["label"])
-    scores = cloud.evaluate(hidden, mask, labels)
+    rel = device.release(ds.test["text"], ds.test["label"])
+    scores = cloud.evaluate(rel.hidden, rel.attention_mask, rel.labels)
+    metrics = rel.metrics
     return {
         "config": cfg.to_flower(),
         "steps": steps,
@@ -63,7 +66,7 @@ def run(cfg: RunConfig) -> dict:
         "test-self-audit-knn": metrics.get("self-audit-knn"),
         "wall-seconds": time.perf_counter() - t0,
         "peak-rss-mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "privacy": defense.privacy_statement(),
+        "privacy": defense.statement().to_dict(),
     }
 
 

@@ -65,7 +65,8 @@ from privtune_flwr.attacks.keywords import GENERIC_KEYWORDS, MOVIE_GENRE_KEYWORD
 from privtune_flwr.config import RunConfig
 from privtune_flwr.defenses import DEFENSES
 from privtune_flwr.models import load_split
-from privtune_flwr.training import CloudSide, DeviceSide, device_defense, fine_tune
+from privtune_flwr.cloud import CloudSide, fine_tune
+from privtune_flwr.device import DeviceSide, device_defense
 
 # victim -> auxiliary corpus for the attacks (always a different dataset).
 AUX_PAIRS: dict[str, str] = {
@@ -270,8 +271,8 @@ def classification_utility(name: str, split, defense, ds, victim, settings: Swee
     device = DeviceSide(split, defense, max_length=settings.max_length, audit_tokens=0)
     cloud = CloudSide(split, learning_rate=settings.learning_rate, batch_size=settings.batch_size, seed=settings.seed)
     losses = fine_tune(device, cloud, ds.train, settings.steps, seed=settings.seed)
-    hidden, mask, labels, _ = device.release(victim["text"], victim["label"])
-    scores = cloud.evaluate(hidden, mask, labels)
+    rel = device.release(victim["text"], victim["label"])
+    scores = cloud.evaluate(rel.hidden, rel.attention_mask, rel.labels)
     metric = "macro-f1" if name in UNBALANCED else "accuracy"
     return {"utility_metric": metric, "utility": float(scores[metric]), "accuracy": float(scores["accuracy"]),
             "macro_f1": float(scores["macro-f1"]), "final_train_loss": sum(losses[-10:]) / len(losses[-10:])}
@@ -296,6 +297,7 @@ def run_point(name: str, defense_name: str, eps: float | None, split, initial_st
     split.load_trainable_state(initial_state)  # every point starts from the same top
     if defense is None:
         options = RunConfig(defense=defense_name, seed=settings.seed, max_length=settings.max_length).defense_options()
+        # Seeded noise (stated in every row): a sweep must be reproducible; a device's is secret.
         defense = device_defense(defense_name, split, epsilon=None if eps is None else float(eps),
                                  texts=ds.train["text"], labels=ds.train["label"], task=ds.task,
                                  max_length=settings.max_length, seed=settings.seed, **options)
@@ -304,10 +306,10 @@ def run_point(name: str, defense_name: str, eps: float | None, split, initial_st
     utility = UTILITY[ds.task](name, split, defense, ds, victim, settings)
     t_train = time.perf_counter() - t0
 
-    enc = split.tokenize(list(victim["text"]), settings.max_length)
-    statement = defense.privacy_statement(enc["input_ids"], enc["attention_mask"])
-    privacy = {f"privacy_{k}": v for k, v in statement.items()
+    statement = defense.statement()
+    privacy = {f"privacy_{k}": v for k, v in statement.to_dict().items()
                if k not in ("defense", "epsilon") and (v is None or isinstance(v, (int, float, str, bool)))}
+    privacy["privacy_scales"] = ",".join(f"{s:g}" for s in statement.scales)
 
     attacks = list(settings.attacks)
     attr_separate = inputs["attr_aux_texts"] is not None and "aia-attribute" in attacks

@@ -48,12 +48,13 @@ import torch
 from tqdm import tqdm
 
 from privtune_flwr import data
+from privtune_flwr.accounting import PrivacyStatement
 from privtune_flwr.config import RunConfig
 from privtune_flwr.defenses import PrivTuneDefense
+from privtune_flwr.device import device_defense
 from privtune_flwr.mechanism.anchors import real_token_mask
-from privtune_flwr.mechanism.dchi import sample_dchi
+from privtune_flwr.mechanism.dchi import dchi_from_stream
 from privtune_flwr.models import load_split
-from privtune_flwr.training import device_defense
 
 from .privacy_utility import (HEADLINE_COMMON, _atomic_write, _load_point, _sample, attack_inputs, full_settings,
                               run_point, write_results)
@@ -94,11 +95,11 @@ def parse_variant(spec: str) -> dict:
 class SubstitutionDefense(PrivTuneDefense):
     """The variants above. Importance, noise scale and d_chi noise are PrivTune's."""
 
-    def __init__(self, split, epsilon: float, seed: int = 0, *, mode: str, hops: int, keep: float,
-                 alpha: float = 0.5, importance=None, **options):
+    def __init__(self, split, epsilon: float, *, mode: str, hops: int, keep: float, alpha: float = 0.5,
+                 importance=None, seed=None, key=None, **options):
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is unknown; accepted: {', '.join(MODES)}")
-        super().__init__(split, epsilon, seed, alpha=alpha, importance=importance, **options)
+        super().__init__(split, epsilon, seed=seed, key=key, alpha=alpha, importance=importance, **options)
         self.name = f"{mode}:{hops}:{keep:g}:{alpha:g}"
         self.mode, self.hops, self.keep = mode, hops, keep
         self._bottom = split.bottom
@@ -126,8 +127,10 @@ class SubstitutionDefense(PrivTuneDefense):
         """[V] bool: released as itself (specials, and the top-``keep`` important tokens)."""
         return self.kept_ids
 
-    def draw(self, input_ids: torch.Tensor) -> torch.Tensor:
-        u = torch.rand(input_ids.shape, generator=self.generator)
+    def mechanism_config(self) -> dict:
+        return {**super().mechanism_config(), "variant": self.name}
+
+    def draw(self, input_ids: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         if self.mode == "subst-uniform":
             pick = torch.minimum((u * len(self.regular_ids)).long(), torch.tensor(len(self.regular_ids) - 1))
             return self.regular_ids[pick]
@@ -136,22 +139,26 @@ class SubstitutionDefense(PrivTuneDefense):
         return torch.where(member < 0, input_ids, member)  # an empty ring keeps the token
 
     def perturb(self, hidden, input_ids, attention_mask):
-        noise = sample_dchi(tuple(hidden.shape[:2]), hidden.shape[-1], self.epsilon, generator=self.generator)
+        lengths = attention_mask.bool().sum(1).tolist()
+        streams = self.streams(input_ids, attention_mask)
+        u = self.scatter([st.uniform((n,)) for st, n in zip(streams, lengths)], attention_mask)
+        noise = self.scatter([dchi_from_stream(st, n, hidden.shape[-1], self.epsilon) for st, n in zip(streams, lengths)],
+                             attention_mask)
         noise.mul_(self.noise_scale(input_ids).unsqueeze(-1))
         gate = attention_mask.bool() & ~self.kept_ids[input_ids]
-        member = torch.where(gate, self.draw(input_ids), input_ids)
+        member = torch.where(gate, self.draw(input_ids, u), input_ids)
         if self.mode == "swap-ring":
             return hidden + (self.anchors[member] - self.anchors[input_ids]) + noise
         return self._bottom(member, attention_mask).float() + noise
 
-    def privacy_statement(self, input_ids=None, attention_mask=None) -> dict:
-        out = {"defense": self.name, "epsilon": self.epsilon,
-               "guarantee": "experimental variant: no formal statement is computed; measured by the attacks only"}
-        if input_ids is not None:
-            mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-            real = mask.bool() & ~torch.isin(input_ids, self.special_ids)
-            out["substituted_share"] = float((real & ~self.kept_ids[input_ids]).sum() / real.sum().clamp_min(1))
-        return out
+    def statement(self) -> PrivacyStatement:
+        return PrivacyStatement(defense=self.name, epsilon=self.epsilon, scales=self.scales,
+                                experimental="no formal statement is computed for this variant; measured by the attacks only",
+                                **self._key_words())
+
+    def substituted_share(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> float:
+        real = attention_mask.bool() & ~torch.isin(input_ids, self.special_ids)
+        return float((real & ~self.kept_ids[input_ids]).sum() / real.sum().clamp_min(1))
 
 
 def substitution_ceiling(candidates: torch.Tensor | None, prior: torch.Tensor, victim_ids: torch.Tensor,
@@ -213,7 +220,7 @@ def build_variant(variant: dict, split, ds, settings, seed: int = 0):
                               task=ds.task, max_length=settings.max_length, seed=seed, **options)
     ids = [split.tokenizer(t, truncation=True, max_length=settings.max_length)["input_ids"] for t in ds.train["text"]]
     importance = {"sequences": ids, "labels": list(ds.train["label"]), "task": ds.task}
-    return SubstitutionDefense(split, EPSILON, seed, mode=variant["mode"], hops=variant["hops"], keep=variant["keep"],
+    return SubstitutionDefense(split, EPSILON, seed=seed, mode=variant["mode"], hops=variant["hops"], keep=variant["keep"],
                                alpha=variant["alpha"], importance=importance, n_hops=max(2, variant["hops"]))
 
 
@@ -250,7 +257,12 @@ def run(out: Path, variants=DEFAULT_VARIANTS, *, settings=None, progress: bool =
                 ceiling = substitution_ceiling(cand, prior, victim_ids, defense.kept(), defense.regular_ids)
             got = run_point(DATASET, v["tag"], None if v["mode"] == "none" else EPSILON, split, initial, ds, victim,
                             inputs, settings, defense=defense)
-            got = [{**r, "variant": v["tag"], "keep": v.get("keep", 0.0), "ceiling": ceiling} for r in got]
+            share = None
+            if isinstance(defense, SubstitutionDefense):
+                enc = split.tokenize(list(victim["text"]), settings.max_length)
+                share = defense.substituted_share(enc["input_ids"], enc["attention_mask"])
+            got = [{**r, "variant": v["tag"], "keep": v.get("keep", 0.0), "ceiling": ceiling,
+                    "privacy_substituted_share": share} for r in got]
             _atomic_write(path, json.dumps({"fingerprint": _variant_key(fp, v), "variant": v, "rows": got}, indent=1))
             rows += got
     order = {parse_variant(v)["tag"]: i for i, v in enumerate(variants)}

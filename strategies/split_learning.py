@@ -25,9 +25,13 @@ from flwr.serverapp.strategy import Strategy
 
 from privtune_flwr.config import RunConfig
 from privtune_flwr.schema import Release, SchemaError, instruction, parse_release
-from privtune_flwr.training import CloudSide, classification_metrics
+from privtune_flwr.cloud import CloudSide, classification_metrics
 
 log = logging.getLogger("privtune_flwr.cloud")
+
+# Public bounds the devices attach to replies (schema.OPTIONAL_METRICS); aggregated as maxima.
+PUBLIC_BOUNDS = ("epsilon-token-max", "slack-token-max", "epsilon-sequence-max", "slack-sequence-max", "shift-radius",
+                 "releases-per-example-max")
 
 
 class SplitLearningStrategy(Strategy):
@@ -108,15 +112,14 @@ class SplitLearningStrategy(Strategy):
             # counted from what arrived, not from what the devices say they sent
             "bytes-received": float(sum(r.hidden.numel() * 4 + r.attention_mask.numel() + r.labels.numel() * 8 for _, r in valid)),
         }
-        for key in ("self-audit-knn", "bottom-seconds", "defense-seconds", "epsilon-effective-median"):
+        for key in ("self-audit-knn", "bottom-seconds", "defense-seconds"):
             value = self._weighted(valid, key)
             if value is not None:
                 metrics[key] = value
-        for key in ("epsilon-per-sequence-max", "slack-per-sequence-max", "releases-per-example-max", "epsilon-effective-max",
-                    "slack-max", "epsilon-effective-min"):
+        for key in PUBLIC_BOUNDS:
             values = [r.metrics[key] for _, r in valid if key in r.metrics]
-            if values:  # extremes over devices, not averages (the median stays example-weighted)
-                metrics[key] = min(values) if key.endswith("-min") else max(values)
+            if values:  # the worst case over devices
+                metrics[key] = max(values)
         self._round.update(metrics)
         if self.output_dir is not None:
             self.cloud.save(self.output_dir / "checkpoints" / f"round-{server_round:03d}.pt")
@@ -140,7 +143,7 @@ class SplitLearningStrategy(Strategy):
         audit = self._weighted(valid, "self-audit-knn")
         if audit is not None:
             metrics["test-self-audit-knn"] = audit
-        for key in ("releases-per-example-max", "epsilon-per-sequence-max"):
+        for key in PUBLIC_BOUNDS:
             values = [r.metrics[key] for _, r in valid if key in r.metrics]
             if values:
                 metrics[f"test-{key}"] = max(values)
@@ -159,9 +162,11 @@ class SplitLearningStrategy(Strategy):
 
     def summary(self) -> None:
         c = self.cfg
+        noise = "" if c.defense == "none" else f" eps={c.epsilon:g} release={c.release}" + (
+            " REPRODUCIBLE NOISE (not private against the operator)" if c.reproducible_noise else "")
         log.info(
-            "SplitLearningStrategy: model=%s split=%d defense=%s eps=%s | %d rounds x %d devices x %d batches of %d",
-            c.model, c.split_layer, c.defense, c.epsilon, c.num_rounds, c.devices_per_round, c.batches_per_round, c.batch_size,
+            "SplitLearningStrategy: model=%s split=%d defense=%s%s | %d rounds x %d devices x %d batches of %d",
+            c.model, c.split_layer, c.defense, noise, c.num_rounds, c.devices_per_round, c.batches_per_round, c.batch_size,
         )
 
 

@@ -9,6 +9,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # subprocesses of the end-to-end tests; CI starts with it empty.
 os.environ.setdefault("PRIVTUNE_CACHE", os.path.join(os.path.dirname(os.path.dirname(__file__)), ".cache", "privtune"))
 
+# A device that keeps its noise key in a file keeps it here (never in the tester's home).
+import tempfile
+
+os.environ.setdefault("PRIVTUNE_DEVICE_HOME", tempfile.mkdtemp(prefix="privtune-device-home-"))
+
 import pytest
 import torch
 

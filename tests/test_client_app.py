@@ -10,7 +10,7 @@ from privtune_flwr import schema
 from privtune_flwr.client_app import app as client_app, partition_ids
 from privtune_flwr.config import RunConfig
 from privtune_flwr.models import load_split
-from privtune_flwr.training import CloudSide
+from privtune_flwr.cloud import CloudSide
 from strategies import SplitLearningStrategy
 
 NUM_NODES = 3
@@ -23,9 +23,14 @@ def _cfg(**kw):
     return RunConfig(**base)
 
 
-def _context(cfg, node_id):
-    return Context(run_id=1, node_id=node_id, node_config={"partition-id": node_id - 1, "num-partitions": NUM_NODES},
-                   state=RecordDict(), run_config=cfg.to_flower())
+# The device's own floor: these in-process devices accept every defence (the baseline `none`
+# included) and keep their noise key in memory, as a simulated device does.
+PERMISSIVE = {"allowed-defenses": "*", "max-epsilon": float("inf"), "key-store": "memory"}
+
+
+def _context(cfg, node_id, **node):
+    node_config = {"partition-id": node_id - 1, "num-partitions": NUM_NODES, **PERMISSIVE, **node}
+    return Context(run_id=1, node_id=node_id, node_config=node_config, state=RecordDict(), run_config=cfg.to_flower())
 
 
 class FakeGrid:

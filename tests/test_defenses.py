@@ -67,12 +67,38 @@ def test_release_keeps_shape_dtype_and_zeroes_padding(tiny, name):
 
 
 @pytest.mark.parametrize("name", ["dchi", "gaussian", "privtune", "privtune-sampled-target"])
-def test_same_seed_same_release(tiny, name):
+def test_same_seed_same_release_and_no_seed_unpredictable(tiny, name):
     split, ids, mask, hidden = tiny
+    real = mask.bool()
     a = build_defense(name, epsilon=4.0, split=split, seed=3)(hidden, ids, mask)
     b = build_defense(name, epsilon=4.0, split=split, seed=3)(hidden, ids, mask)
     c = build_defense(name, epsilon=4.0, split=split, seed=4)(hidden, ids, mask)
     assert torch.equal(a, b) and not torch.equal(a, c)
+    # built the same way with no seed: each defence has its own secret key, so every token differs
+    x = build_defense(name, epsilon=4.0, split=split)(hidden, ids, mask)
+    y = build_defense(name, epsilon=4.0, split=split)(hidden, ids, mask)
+    assert (x[real] != y[real]).any(-1).all()
+    assert build_defense(name, epsilon=4.0, split=split, seed=3).reproducible
+    assert not build_defense(name, epsilon=4.0, split=split).reproducible
+
+
+@pytest.mark.parametrize("name", ["dchi", "gaussian", "privtune", "privtune-sampled-target"])
+def test_release_once_and_fresh(tiny, name):
+    split, ids, mask, hidden = tiny
+    real = mask.bool()
+    once = build_defense(name, epsilon=4.0, split=split)
+    assert torch.equal(once(hidden, ids, mask), once(hidden, ids, mask))  # a re-send is the same tensor
+    # one example alone or in a batch: its noise is its own (hidden is per example already)
+    alone = once(hidden[1:2], ids[1:2], mask[1:2])
+    assert torch.equal(alone[0][real[1]], once(hidden, ids, mask)[1][real[1]])
+    fresh = build_defense(name, epsilon=4.0, split=split, release="fresh")
+    assert (fresh(hidden, ids, mask)[real] != fresh(hidden, ids, mask)[real]).any(-1).all()
+    # another epsilon is another configuration: independent noise, not a rescaled copy
+    other = build_defense(name, epsilon=8.0, split=split, key=once.key)
+    z1 = once(hidden, ids, mask) - hidden
+    z2 = other(hidden, ids, mask) - hidden
+    ratio = (z2[real] / z1[real].where(z1[real].abs() > 1e-6, torch.ones(()))).flatten()
+    assert ratio.std() > 0.1  # no single scale maps one onto the other
 
 
 def test_privtune_family_exposes_tables(tiny):
@@ -102,20 +128,25 @@ def test_ablations(tiny):
     imp = torch.rand(split.vocab_size, generator=torch.Generator().manual_seed(0))
     noimp = build_defense("privtune-noimp", epsilon=8.0, split=split, importance=imp)
     assert torch.equal(noimp.noise_scale(ids), torch.ones(ids.shape))
-    full = build_defense("privtune", epsilon=8.0, split=split, importance=imp, s_min=0.25)
-    torch.testing.assert_close(full.noise_scale(ids), 1 - 0.75 * imp[ids])
+    continuous = build_defense("privtune", epsilon=8.0, split=split, importance=imp, s_min=0.25, importance_levels=0)
+    torch.testing.assert_close(continuous.noise_scale(ids), 1 - 0.75 * imp[ids])
+    levels = build_defense("privtune", epsilon=8.0, split=split, importance=imp, s_min=0.25, importance_levels=3)
+    torch.testing.assert_close(levels.noise_scale(ids), 1 - 0.75 * torch.round(imp[ids] * 2) / 2)
+    assert set(levels.noise_scale(ids).unique().tolist()) <= {1.0, 0.625, 0.25}
+    assert levels.scales == (1.0, 0.625, 0.25) and continuous.statement().continuous
     nomean = build_defense("privtune-nomean", epsilon=1e9, split=split, importance=imp)
     torch.testing.assert_close(nomean(hidden, ids, mask)[real], hidden[real], atol=1e-4, rtol=0)
-    assert nomean.privacy_statement(ids, mask)["slack_max"] == 0.0
-    # Sampled targets are ring members' anchors drawn afresh each release.
+    assert nomean.statement().token_slack_max == 0.0
+    # Sampled targets are ring members' anchors, drawn per example from its own stream.
     sampled = build_defense("privtune-sampled-target", epsilon=8.0, split=split)
-    t1, t2 = sampled.token_targets(ids), sampled.token_targets(ids)
+    u1, u2 = torch.rand(ids.shape), torch.rand(ids.shape)
+    t1, t2 = sampled.token_targets(ids, u1), sampled.token_targets(ids, u2)
     assert not torch.equal(t1, t2)
     w = int(ids[0, 1])
     members = sampled.anchors[sampled.rings[w][sampled.rings[w] >= 0]]
     assert torch.isclose(members, t1[0, 1]).all(-1).any()
     rnd = build_defense("privtune-random-target", epsilon=8.0, split=split)
-    assert not torch.equal(rnd.token_targets(ids), rnd.token_targets(ids))
+    assert not torch.equal(rnd.token_targets(ids, u1), rnd.token_targets(ids, u2))
 
 
 def test_importance_from_a_local_corpus(tiny):
@@ -138,30 +169,37 @@ def test_privtune_on_a_decoder():
 def test_privacy_statements(tiny):
     split, ids, mask, hidden = tiny
     imp = torch.linspace(0, 1, split.vocab_size)
-    d = build_defense("privtune", epsilon=8.0, split=split, importance=imp, s_min=0.5)
-    st = d.privacy_statement(ids, mask)
-    s = d.noise_scale(ids)[mask.bool()]
-    assert st["effective_epsilon_min"] == pytest.approx(8.0 / s.max().item())
-    assert st["effective_epsilon_max"] == pytest.approx(8.0 / s.min().item())
-    assert st["slack_max"] == pytest.approx(2 * d.radius * 8.0 / s.min().item())
-    per_seq = ((8.0 / d.noise_scale(ids).double()) * mask).sum(1)
-    assert st["epsilon_per_sequence_max"] == pytest.approx(per_seq.max().item())
-    assert st["epsilon_per_sequence_mean"] == pytest.approx(per_seq.mean().item())
-    assert "additive" in st["composition"] or "add up" in st["composition"]
+    d = build_defense("privtune", epsilon=8.0, split=split, importance=imp, s_min=0.5, importance_levels=3)
+    st = d.statement()
+    assert st.scales == (1.0, 0.75, 0.5) and not st.continuous
+    assert st.token_epsilon_max == pytest.approx(8.0 / 0.5)
+    assert st.token_slack_max == pytest.approx(2 * d.radius * 8.0 / 0.5)
+    assert [lv["epsilon"] for lv in st.levels()] == pytest.approx([8.0, 8.0 / 0.75, 16.0])
+    assert st.sequence_bound(10)["epsilon"] == pytest.approx(160.0)
+    assert st.composed(10, 3)["slack"] == pytest.approx(3 * 10 * st.token_slack_max)
+    assert "level" in st.guarantee() and "revealed" in st.guarantee()
+    assert "ONLY between tokens with the same scale" in build_defense(
+        "privtune", epsilon=8.0, split=split, importance_levels=0).statement().guarantee()
     for name in DEFENSES:
-        text = str(build_defense(name, epsilon=8.0, split=split).privacy_statement(ids, mask))
+        text = build_defense(name, epsilon=8.0, split=split).statement().guarantee()
         assert "epsilon-DP" not in text and "ε-DP" not in text
+        assert "REPRODUCIBLE" not in text
+        if name != "none":
+            assert "REPRODUCIBLE NOISE" in build_defense(name, epsilon=8.0, split=split, seed=1).statement().guarantee()
     g = build_defense("gaussian", epsilon=2.0, split=split, delta=1e-6, clip=3.0)
-    st = g.privacy_statement(ids, mask)
-    assert (st["epsilon"], st["delta"]) == (2.0, 1e-6)
-    assert st["sigma"] == pytest.approx(analytic_gaussian_sigma(2.0, 1e-6, 6.0))
+    st = g.statement()
+    assert (st.epsilon, st.delta) == (2.0, 1e-6)
+    assert st.sigma == pytest.approx(analytic_gaussian_sigma(2.0, 1e-6, 6.0))
 
 
 def test_gaussian_clips_and_adds_calibrated_noise(tiny):
     split, ids, mask, hidden = tiny
-    g = build_defense("gaussian", epsilon=1.0, split=split, clip=0.5)
     big = hidden.repeat(40, 1, 1)
     big_ids, big_mask = ids.repeat(40, 1), torch.ones_like(ids.repeat(40, 1))
+    # release once: the 40 copies of one example are one example, with one noise draw
+    once = build_defense("gaussian", epsilon=1.0, split=split, clip=0.5)(big, big_ids, big_mask)
+    assert torch.equal(once[0], once[3]) and not torch.equal(once[0], once[1])
+    g = build_defense("gaussian", epsilon=1.0, split=split, clip=0.5, release="fresh")  # independent copies
     out = g(big, big_ids, big_mask)
     clipped = big * torch.clamp(0.5 / big.norm(dim=-1, keepdim=True), max=1.0)
     noise = (out - clipped).reshape(-1)

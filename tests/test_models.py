@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from privtune_flwr.models import load_split
+from privtune_flwr.models import load_split, position_ids
 from tests.conftest import tiny_hf_model
 
 
@@ -45,7 +45,8 @@ def test_split_reproduces_unsplit_logits(family, task, where, minilm_tokenizer):
         ids, mask = _left_pad(ids, mask)
         ids = torch.where(mask.bool(), ids, torch.zeros_like(ids))
     with torch.no_grad():
-        want = reference(input_ids=ids, attention_mask=mask).logits
+        extra = {"position_ids": position_ids(mask)} if family == "decoder" else {}
+        want = reference(input_ids=ids, attention_mask=mask, **extra).logits
         split.top.eval()
         got = split.top(split.bottom(ids, mask), mask)
     if task == "generation":  # compare at real positions
@@ -130,7 +131,7 @@ def test_real_smollm2_from_gguf_split_matches_unsplit():
     with torch.no_grad():
         split.top.eval()
         got = split.top(split.bottom(**enc), enc["attention_mask"])
-        want = split.full(**enc).logits
+        want = split.full(**enc, position_ids=position_ids(enc["attention_mask"])).logits
     real = enc["attention_mask"].bool()
     assert torch.allclose(got[real], want[real], atol=1e-4)
     assert split.tokenizer.decode(got[0, -1].argmax()).strip() == "Paris"

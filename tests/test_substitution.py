@@ -67,7 +67,7 @@ def tiny():
 
 def test_swap_ring_moves_each_token_onto_a_ring_member(tiny):
     split, ids, mask, hidden = tiny
-    d = sub.SubstitutionDefense(split, 1e9, 0, mode="swap-ring", hops=2, keep=0.0)  # noise ~ 0
+    d = sub.SubstitutionDefense(split, 1e9, seed=0, mode="swap-ring", hops=2, keep=0.0)  # noise ~ 0
     shift = d(hidden, ids, mask) - hidden
     regular = mask.bool() & ~torch.isin(ids, split.special_ids)
     for b, t in regular.nonzero().tolist():
@@ -82,14 +82,13 @@ def test_uniform_substitution_keeps_important_tokens_and_replaces_the_rest(tiny)
     split, ids, mask, hidden = tiny
     corpus = [split.tokenizer(t)["input_ids"] for t in ["wonderful film", "dull film", "moving story", "dull plot"]]
     importance = {"sequences": corpus, "labels": [1, 0, 1, 0], "task": "classification"}
-    d = sub.SubstitutionDefense(split, 1e9, 0, mode="subst-uniform", hops=0, keep=0.3, importance=importance)
+    d = sub.SubstitutionDefense(split, 1e9, seed=0, mode="subst-uniform", hops=0, keep=0.3, importance=importance)
     kept = d.kept()
     assert kept[split.special_ids].all() and 0 < int(kept.sum()) - len(split.special_ids) < split.vocab_size
     out = d(hidden, ids, mask)
     same = (out - hidden).norm(dim=-1) < 1e-3
     regular = mask.bool() & ~torch.isin(ids, split.special_ids)
     assert not same[regular].all()  # unkept tokens became other tokens (and change their context)
-    statement = d.privacy_statement(ids, mask)
-    assert 0 < statement["substituted_share"] <= 1 and "no formal statement" in statement["guarantee"]
+    assert 0 < d.substituted_share(ids, mask) <= 1 and "no formal statement" in d.statement().guarantee()
     with pytest.raises(ValueError, match="keep > 0 needs importance"):
-        sub.SubstitutionDefense(split, 1.0, 0, mode="subst-uniform", hops=0, keep=0.3)
+        sub.SubstitutionDefense(split, 1.0, seed=0, mode="subst-uniform", hops=0, keep=0.3)

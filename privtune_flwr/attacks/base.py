@@ -51,11 +51,13 @@ class Released:
 
 @torch.no_grad()
 def release(split: SplitModel, defense, texts, max_length: int = 64, batch_size: int = 32, attributes=None) -> Released:
-    """Run the device side (bottom + ``defense``) on ``texts`` in batches, as the cloud would receive it.
-
-    Batches are padded to a common length ``T`` (the longest text, at most ``max_length`` tokens)
-    so that the result is one ``[N, T, d]`` tensor; padding stays zero. Each call draws fresh noise.
+    """What the cloud receives for ``texts``: the device pipeline itself
+    (:meth:`privtune_flwr.device.DeviceSide.release`, bottom + ``defense``), with the true token
+    ids kept beside it as the evaluator's answer key. Padding stays zero; with release once (the
+    default) releasing the same texts again gives the same tensors.
     """
+    from ..device import DeviceSide
+
     texts = list(texts)
     if not texts:
         raise ValueError("texts=[] is empty; release needs at least one text")
@@ -63,19 +65,14 @@ def release(split: SplitModel, defense, texts, max_length: int = 64, batch_size:
         raise ValueError(f"max_length={max_length!r} must be an integer >= 2")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
-    enc = split.tokenize(texts, max_length)
-    ids, mask = enc["input_ids"], enc["attention_mask"]
-    outs = []
-    for start in range(0, len(texts), batch_size):
-        b_ids, b_mask = ids[start:start + batch_size], mask[start:start + batch_size]
-        outs.append(defense(split.bottom(b_ids, b_mask), b_ids, b_mask).float())
+    out = DeviceSide(split, defense, max_length=max_length, audit_tokens=0, chunk=batch_size).release(texts)
     attrs = {}
     for name, value in (attributes or {}).items():
         value = torch.as_tensor(value, dtype=torch.long)
         if tuple(value.shape) != (len(texts),):
             raise ValueError(f"attribute {name!r} has {tuple(value.shape)} values for {len(texts)} texts")
         attrs[name] = value
-    return Released(torch.cat(outs), mask, ids, attrs)
+    return Released(out.hidden, out.attention_mask, out.input_ids, attrs)
 
 
 def real_token_mask(released: Released, special_ids: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,8 @@ import math
 import numpy as np
 import torch
 
+from .noise_key import gamma_many
+
 
 def check_epsilon(epsilon: float) -> float:
     """Return ``epsilon`` as a float, or raise if it is not a finite number > 0."""
@@ -51,6 +53,57 @@ def sample_dchi(
     scale = magnitude / torch.linalg.vector_norm(noise, dim=-1).clamp_min(1e-12)
     noise.mul_(scale.unsqueeze(-1))
     return noise.to(dtype=dtype, device=device)
+
+
+def dchi_from_stream(stream, count: int, dim: int, epsilon: float) -> torch.Tensor:
+    """``count`` independent d_chi draws ``[count, dim]`` from one example's keyed
+    :class:`~privtune_flwr.mechanism.noise_key.NoiseStream` (directions first, then magnitudes:
+    the same draws as that example's row in :func:`sample_dchi_keyed`)."""
+    epsilon = check_epsilon(epsilon)
+    noise = stream.normal((int(count), int(dim)))
+    magnitude = (stream.gamma(int(count), float(dim)) / epsilon).to(torch.float32)
+    noise.mul_((magnitude / torch.linalg.vector_norm(noise, dim=-1).clamp_min(1e-12)).unsqueeze(-1))
+    return noise
+
+
+def real_spans(attention_mask: torch.Tensor) -> list[tuple[int, int]] | None:
+    """``(start, count)`` of each row's real tokens when they are contiguous (right or left
+    padding), else None."""
+    mask = attention_mask.bool()
+    counts = mask.sum(1)
+    starts = mask.int().argmax(1)
+    pos = torch.arange(mask.shape[1])
+    inside = (pos >= starts.unsqueeze(1)) & (pos < (starts + counts).unsqueeze(1))
+    if not torch.equal(inside, mask):
+        return None
+    return list(zip(starts.tolist(), counts.tolist()))
+
+
+def sample_dchi_keyed(streams, attention_mask: torch.Tensor, dim: int, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """d_chi noise at the real positions of ``attention_mask``, row ``b`` drawn from ``streams[b]``
+    (directions first, then magnitudes), so an example's noise does not depend on its batch.
+
+    Returned factored, ``(gaussian [B, T, dim], scale [B, T])``, noise = gaussian * scale (zero at
+    padding), so that a caller can fold further scaling and the addition into one pass."""
+    epsilon = check_epsilon(epsilon)
+    b_size, t_size = attention_mask.shape
+    spans = real_spans(attention_mask)
+    if spans is None:  # an unusual mask: draw per row and scatter
+        rows = [dchi_from_stream(st, n, dim, epsilon) for st, n in zip(streams, attention_mask.bool().sum(1).tolist())]
+        out = torch.zeros(b_size, t_size, dim)
+        if rows:
+            out[attention_mask.bool()] = torch.cat(rows)
+        return out, attention_mask.to(torch.float32)
+    noise = torch.zeros(b_size, t_size, dim)
+    for b, (stream, (start, count)) in enumerate(zip(streams, spans)):
+        if count:
+            stream.normal_(noise[b, start:start + count])
+    magnitude = torch.zeros(b_size, t_size, dtype=torch.float64)
+    real = attention_mask.bool()
+    magnitudes = gamma_many(list(streams), [n for _, n in spans], float(dim))
+    if magnitudes:
+        magnitude[real] = torch.cat(magnitudes)
+    return noise, (magnitude / epsilon).to(torch.float32) / torch.linalg.vector_norm(noise, dim=-1).clamp_min(1e-12)
 
 
 def _gamma(shape: tuple[int, ...], concentration: float, generator: torch.Generator | None) -> np.ndarray:

@@ -7,8 +7,8 @@ w_i = 1/T; last token: a one-hot)::
     grad_i   = 2 (1 - lam) x_i - 2 t_i + 2 lam a_i + 2 mu w_i sum_j w_j delta_j
 
 subject to ||delta_i|| <= r. Each step moves token i by ``min(eta / ||grad_i||, 1 / L) * grad_i``
-(``eta``: the most a token moves per step; ``L = 2|1 - lam| + 2 mu max_b ||w_b||^2`` bounds the
-curvature), then projects each delta_i back onto its ball. A step size of at most ``1/L`` per token
+(``eta``: the most a token moves per step; ``L_b = 2|1 - lam| + 2 mu ||w_b||^2`` bounds the
+curvature of sequence b), then projects each delta_i back onto its ball. A step size of at most ``1/L`` per token
 makes every step a majorise-minimise step, so the objective never increases.
 """
 
@@ -59,8 +59,10 @@ def solve_shift(
     dtype = hidden.dtype
     m = active.unsqueeze(-1).to(dtype)
     w = pool_weights.to(dtype) * active.to(dtype)
-    curvature = 2.0 * abs(1.0 - lam) + (2.0 * mu * float(w.pow(2).sum(1).max()) if w.numel() else 0.0)
-    inv_l = 1.0 / max(curvature, 1e-12)
+    # Curvature per sequence, not per batch: a sequence's shift must not depend on which other
+    # sequences share its batch (release once re-sends an example from any batch bit-identically).
+    curvature = 2.0 * abs(1.0 - lam) + 2.0 * mu * w.pow(2).sum(1)  # [B]
+    inv_l = (1.0 / curvature.clamp_min(1e-12)).view(-1, 1, 1)
     # Constant part of the gradient, computed once per batch; every step below works in place
     # (about six passes over [B, T, d]), since the perturbation must stay cheap next to the bottom.
     const = hidden.mul(2.0 * (1.0 - lam)).add_(targets, alpha=-2.0).add_(own, alpha=2.0 * lam)

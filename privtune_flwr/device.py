@@ -1,0 +1,154 @@
+"""The device half of split fine-tuning: private text in, a defended release out.
+
+:class:`DeviceSide` is the one release pipeline of the project. The Flower ClientApp, the
+in-process baselines, the privacy-utility sweep, the substitution experiments and every attack
+release through :meth:`DeviceSide.release`, so each attack number measures exactly what a device
+sends.
+
+Release once, bit for bit: an example's noise is a pure function of the device key, the mechanism
+configuration and its tokens (:mod:`privtune_flwr.mechanism.noise_key`), and its representation
+must be too. Floating-point results of the bottom depend on the padded width of the batch, so the
+device pads each example to a width that depends only on its own length (the next multiple of
+``bucket``, at most ``max_length``) and runs the bottom and the defence per width. The same example
+then gives the bit-identical release in any batch, epoch, round or evaluation.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .defenses import Defense, build_defense
+from .models import SplitModel
+
+BUCKET = 8
+
+
+@dataclass
+class DeviceRelease:
+    """One release. ``hidden`` ``[N, T, d]`` (zero at padding), ``attention_mask`` ``[N, T]`` and
+    ``labels`` ``[N]`` may travel; ``input_ids`` ``[N, T]`` is the device's own answer key (for its
+    self-audit and for evaluating attacks) and is never put into a message; ``metrics`` hold only
+    public numbers (counts, timings, the configuration's public bounds, the self-audit rate)."""
+
+    hidden: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor | None
+    metrics: dict[str, float]
+    input_ids: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.hidden.shape[0]
+
+
+def device_defense(name: str, split: SplitModel, *, epsilon: float | None, texts, labels, task: str = "classification",
+                   max_length: int = 64, **options) -> Defense:
+    """Build defence ``name`` as a device does: PrivTune's token importance comes from the
+    device's own ``texts``/``labels``, which never leave it. ``options`` go to ``build_defense``
+    (``key``/``seed``/``release`` included)."""
+    if name.startswith("privtune"):
+        ids = [split.tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
+        options["importance"] = {"sequences": ids, "labels": None if labels is None else list(labels), "task": task}
+    return build_defense(name, epsilon=None if name == "none" else epsilon, split=split, **options)
+
+
+class DeviceSide:
+    """What a device computes: tokenise, run the frozen bottom, apply the defence, self-audit."""
+
+    def __init__(self, split: SplitModel, defense: Defense, *, max_length: int, audit_tokens: int = 512,
+                 anchors: torch.Tensor | None = None, bucket: int = BUCKET, chunk: int = 64):
+        if not isinstance(max_length, int) or max_length < 2:
+            raise ValueError(f"max_length={max_length!r} must be an integer >= 2")
+        if not isinstance(bucket, int) or bucket < 1:
+            raise ValueError(f"bucket={bucket!r} must be an integer >= 1")
+        self.split = split
+        self.defense = defense
+        self.max_length = max_length
+        self.audit_tokens = audit_tokens
+        self.anchors = anchors
+        self.bucket = bucket
+        self.chunk = chunk
+
+    def width(self, length: int) -> int:
+        """The padded width of an example of ``length`` tokens: a function of its length only."""
+        return min(self.max_length, -(-length // self.bucket) * self.bucket)
+
+    @torch.no_grad()
+    def release(self, texts, labels=None) -> DeviceRelease:
+        """Release ``texts`` (and pass ``labels`` along, for the vanilla protocol)."""
+        texts = list(texts)
+        if not texts:
+            raise ValueError("release needs at least one text")
+        if labels is not None and len(labels) != len(texts):
+            raise ValueError(f"{len(labels)} labels for {len(texts)} texts")
+        tok = self.split.tokenizer
+        encoded = tok(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        lengths = [len(e) for e in encoded]
+        if min(lengths) == 0:
+            raise ValueError("a text tokenised to no tokens at all")
+        n, t, d = len(texts), max(lengths), self.split.hidden_size
+        left = getattr(tok, "padding_side", "right") == "left"
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        hidden = torch.zeros(n, t, d)
+        ids = torch.full((n, t), pad, dtype=torch.long)
+        mask = torch.zeros(n, t, dtype=torch.long)
+        groups: dict[int, list[int]] = {}
+        for i, length in enumerate(lengths):
+            groups.setdefault(self.width(length), []).append(i)
+        bottom_s = defense_s = 0.0
+        for w in sorted(groups):
+            members = groups[w]
+            for start in range(0, len(members), self.chunk):
+                rows = members[start:start + self.chunk]
+                g_ids = torch.full((len(rows), w), pad, dtype=torch.long)
+                g_mask = torch.zeros(len(rows), w, dtype=torch.long)
+                for r, i in enumerate(rows):
+                    seq = torch.tensor(encoded[i], dtype=torch.long)
+                    span = slice(w - len(seq), w) if left else slice(0, len(seq))
+                    g_ids[r, span], g_mask[r, span] = seq, 1
+                t0 = time.perf_counter()
+                h = self.split.bottom(g_ids, g_mask)
+                t1 = time.perf_counter()
+                released = self.defense(h, g_ids, g_mask).float()
+                defense_s += time.perf_counter() - t1
+                bottom_s += t1 - t0
+                keep = min(w, t)  # padding columns beyond the batch's longest example are all zero
+                index = torch.tensor(rows)
+                src, dst = (slice(w - keep, w), slice(t - keep, t)) if left else (slice(0, keep), slice(0, keep))
+                hidden[index, dst] = released[:, src]
+                ids[index, dst] = g_ids[:, src]
+                mask[index, dst] = g_mask[:, src]
+        metrics = {
+            "num-examples": float(n),
+            "num-tokens": float(sum(lengths)),
+            "bottom-seconds": bottom_s,
+            "defense-seconds": defense_s,
+            "bytes-sent": float(hidden.numel() * 4 + mask.numel() + (n * 8 if labels is not None else 0)),
+        }
+        metrics.update(self.defense.statement().reply_metrics(lengths))
+        audit = self.self_audit(hidden, ids, mask)
+        if audit is not None:
+            metrics["self-audit-knn"] = audit
+        out_labels = None if labels is None else torch.as_tensor(list(labels), dtype=torch.long)
+        return DeviceRelease(hidden, mask, out_labels, metrics, ids)
+
+    def self_audit(self, released: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> float | None:
+        """KNN top-1 token recovery on (a fixed sample of) this release's real tokens.
+
+        One aggregate rate per reply. What it tells the cloud: how often nearest-anchor decoding,
+        which the cloud can run itself, is right on this batch; not which tokens it got right.
+        """
+        if self.audit_tokens == 0 or self.anchors is None:
+            return None
+        from .mechanism.anchors import real_token_mask, self_audit
+
+        rows, cols = real_token_mask(ids, mask, self.split.special_ids).nonzero(as_tuple=True)
+        if len(rows) == 0:
+            return None
+        if len(rows) > self.audit_tokens:  # bounded cost per release: V x audit_tokens scores
+            pick = torch.randperm(len(rows), generator=torch.Generator().manual_seed(len(rows)))[: self.audit_tokens]
+            rows, cols = rows[pick], cols[pick]
+        ones = torch.ones(1, len(rows), dtype=torch.long)
+        return self_audit(released[rows, cols][None], ids[rows, cols][None], ones, self.anchors, self.split.special_ids)

@@ -1,0 +1,171 @@
+"""The device's own privacy floor: what a run config (chosen by the cloud) may ask of a device.
+
+The cloud configures runs; the device decides what it accepts. The floor comes from sources the
+device owns, never from the run config:
+
+1. these defaults (safe for a deployment);
+2. the environment variable ``PRIVTUNE_DEVICE_POLICY`` of the device's process, in Flower's
+   ``--node-config`` syntax (the only channel a *simulated* device has: Flower gives simulated
+   SuperNodes no node config beyond their partition);
+3. the SuperNode's ``--node-config`` keys (a deployment).
+
+A run config that asks for less privacy than the floor gets an error reply that names the floor.
+
+Keys (node-config spelling):
+
+========================== ======================= =================================================
+key                        default                 meaning
+========================== ======================= =================================================
+``allowed-defenses``       every defence but none  comma-separated names, or ``*``
+``max-epsilon``            64.0                    the largest epsilon accepted
+``allow-reproducible-noise`` false                 accept ``reproducible-noise = true`` (seeded noise
+                                                   the operator can remove: research only)
+``allow-fresh-noise``      false                   accept ``release = 'fresh'`` (noise that composes
+                                                   over re-sends)
+``data-dir``               (none)                  the only folder local dataset files may be read
+                                                   from; bundled datasets are always allowed
+``allow-hub-datasets``     false                   accept Hugging Face dataset ids (downloads)
+``key-store``              auto                    ``memory``, ``file``, or ``auto`` (see below)
+``key-file``               see below               where a ``file`` key is kept
+========================== ======================= =================================================
+
+The noise key: with ``auto`` a simulated device keeps it in memory (its ``context.state``: a new
+key per run) and any other device keeps it in ``key-file`` (default ``$PRIVTUNE_DEVICE_HOME`` or
+``~/.local/share/privtune_flwr``, ``device-<partition-id>.key``), created from OS entropy on first
+use, readable by its owner only, so release once survives a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from .config import RunConfig
+
+log = logging.getLogger(__name__)
+
+ENV = "PRIVTUNE_DEVICE_POLICY"
+HOME_ENV = "PRIVTUNE_DEVICE_HOME"
+FLOWER_NODE_KEYS = ("partition-id", "num-partitions")
+KEY_STORES = ("auto", "memory", "file")
+
+
+class PolicyError(ValueError):
+    """The run config asks a device for less privacy than its floor allows."""
+
+
+def _defense_names() -> tuple[str, ...]:
+    from .defenses import DEFENSES
+
+    return tuple(DEFENSES)
+
+
+@dataclass(frozen=True)
+class DevicePolicy:
+    allowed_defenses: tuple[str, ...] = ()  # empty: every registered defence except "none"
+    max_epsilon: float = 64.0
+    allow_reproducible_noise: bool = False
+    allow_fresh_noise: bool = False
+    data_dir: str = ""
+    allow_hub_datasets: bool = False
+    key_store: str = "auto"  # "auto" (memory when simulated, else file) | "memory" | "file"
+    key_file: str = ""
+
+    def __post_init__(self):
+        names = _defense_names()
+        if not self.allowed_defenses:
+            object.__setattr__(self, "allowed_defenses", tuple(n for n in names if n != "none"))
+        bad = [n for n in self.allowed_defenses if n not in names]
+        if bad:
+            raise ValueError(f"allowed-defenses names unknown defences {bad}; accepted: {', '.join(names)} or '*'")
+        if self.key_store not in KEY_STORES:
+            raise ValueError(f"key-store={self.key_store!r} is not accepted; accepted: {', '.join(KEY_STORES)}")
+        if isinstance(self.max_epsilon, bool) or not isinstance(self.max_epsilon, (int, float)) or \
+                math.isnan(self.max_epsilon) or self.max_epsilon <= 0:
+            raise ValueError(f"max-epsilon={self.max_epsilon!r} is outside the accepted range (0, inf]")
+
+    @classmethod
+    def from_sources(cls, node_config: Mapping | None = None, env: Mapping | None = None) -> "DevicePolicy":
+        """Defaults, then ``PRIVTUNE_DEVICE_POLICY`` from ``env``, then ``node_config``."""
+        from flwr.common.config import parse_config_args
+
+        env = os.environ if env is None else env
+        values: dict = {}
+        text = env.get(ENV, "").strip()
+        if text:
+            try:
+                values.update(parse_config_args([text]))
+            except Exception as exc:  # noqa: BLE001 - a malformed policy must name itself
+                raise ValueError(f"{ENV}={text!r} is not in node-config syntax (k=v ...): {exc}") from None
+        values.update({k: v for k, v in dict(node_config or {}).items() if k not in FLOWER_NODE_KEYS})
+        return cls.from_mapping(values)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping) -> "DevicePolicy":
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        kwargs = {}
+        for key, value in values.items():
+            if key not in known:
+                log.warning("device policy: ignoring unknown key %r (known: %s)", key, ", ".join(known))
+                continue
+            name = known[key].name
+            if name == "allowed_defenses":
+                text = str(value).strip()
+                kwargs[name] = _defense_names() if text == "*" else tuple(v.strip() for v in text.split(",") if v.strip())
+            elif name == "max_epsilon":
+                try:
+                    kwargs[name] = float(value)
+                except (TypeError, ValueError):
+                    raise ValueError(f"max-epsilon={value!r} is not a number; accepted: (0, inf]") from None
+            elif name.startswith("allow_"):
+                if not isinstance(value, bool):
+                    raise ValueError(f"{key}={value!r} must be true or false")
+                kwargs[name] = value
+            else:
+                kwargs[name] = str(value)
+        return cls(**kwargs)
+
+    def check(self, cfg: RunConfig) -> None:
+        """Raise :class:`PolicyError` naming the floor if ``cfg`` asks for less privacy."""
+        if cfg.defense not in self.allowed_defenses:
+            raise PolicyError(f"this device refuses defense={cfg.defense!r}: its floor allows "
+                              f"{', '.join(self.allowed_defenses)} (node config 'allowed-defenses')")
+        if cfg.defense != "none" and cfg.epsilon > self.max_epsilon:
+            raise PolicyError(f"this device refuses epsilon={cfg.epsilon:g}: its floor is max-epsilon={self.max_epsilon:g} "
+                              "(node config 'max-epsilon')")
+        if cfg.reproducible_noise and not self.allow_reproducible_noise:
+            raise PolicyError("this device refuses reproducible-noise=true (noise the operator could regenerate and "
+                              "remove); its floor needs node config 'allow-reproducible-noise=true'")
+        if cfg.release == "fresh" and not self.allow_fresh_noise:
+            raise PolicyError("this device refuses release='fresh' (fresh noise per re-send composes); its floor needs "
+                              "node config 'allow-fresh-noise=true'")
+        self.check_dataset(cfg.dataset)
+
+    def check_dataset(self, name: str) -> None:
+        from .data import DATASETS as OFFLINE_DATASETS
+
+        if name in OFFLINE_DATASETS:
+            return
+        path = Path(name).expanduser()
+        if path.exists() or os.sep in name or name.endswith((".csv", ".json", ".jsonl")):
+            if not self.data_dir:
+                raise PolicyError(f"this device refuses to read dataset={name!r}: local files are read only from its "
+                                  "data-dir, and none is set (node config 'data-dir')")
+            root = Path(self.data_dir).expanduser().resolve()
+            if not path.resolve().is_relative_to(root):
+                raise PolicyError(f"this device refuses to read dataset={name!r}: it lies outside its data-dir {root}")
+            return
+        if not self.allow_hub_datasets:
+            raise PolicyError(f"this device refuses dataset={name!r}: accepted are the bundled datasets "
+                              f"({', '.join(OFFLINE_DATASETS)}), files under its data-dir, and hub ids only with "
+                              "node config 'allow-hub-datasets=true'")
+
+    def key_path(self, partition_id: int) -> Path:
+        if self.key_file:
+            return Path(self.key_file).expanduser()
+        home = os.environ.get(HOME_ENV) or os.path.join(os.path.expanduser("~"), ".local", "share", "privtune_flwr")
+        return Path(home) / f"device-{partition_id}.key"
