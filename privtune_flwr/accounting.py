@@ -116,6 +116,16 @@ class PrivacyStatement:
         return [{"scale": s, "epsilon": self.epsilon / s, "slack": 2.0 * self.radius * self.epsilon / s}
                 for s in sorted(self.scales, reverse=True)]
 
+    def pair_bound(self, distance: float, scale_a: float, scale_b: float) -> float | None:
+        """The claimed bound on ``log p(y | h) - log p(y | h')`` for two tokens at distance
+        ``||h - h'||`` released at scales ``scale_a``/``scale_b``; None where nothing is claimed
+        (different scales, or a scale that is not one of the public levels)."""
+        if self.kind != "metric":
+            return None
+        if scale_a != scale_b or (not self.continuous and not any(math.isclose(scale_a, s) for s in self.scales)):
+            return None
+        return (self.epsilon / scale_a) * (distance + 2.0 * self.radius)
+
     # -- per sequence and over releases ---------------------------------------------------
     def sequence_bound(self, tokens: int) -> dict:
         """Worst case over level patterns for a sequence of ``tokens`` real tokens."""

@@ -151,7 +151,7 @@ class DevicePolicy:
         if name in OFFLINE_DATASETS:
             return
         path = Path(name).expanduser()
-        if path.exists() or os.sep in name or name.endswith((".csv", ".json", ".jsonl")):
+        if path.exists() or name.startswith(("/", ".", "~")) or name.endswith((".csv", ".json", ".jsonl")):
             if not self.data_dir:
                 raise PolicyError(f"this device refuses to read dataset={name!r}: local files are read only from its "
                                   "data-dir, and none is set (node config 'data-dir')")

@@ -1,0 +1,286 @@
+"""The noise is the device's secret: unpredictable to the cloud, released once, public-only replies."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import stat
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Context, Message, MessageType, RecordDict
+from scipy import stats
+
+from privtune_flwr import client_app as device_app
+from privtune_flwr import schema
+from privtune_flwr.config import RunConfig
+from privtune_flwr.defenses import build_defense
+from privtune_flwr.device import DeviceSide
+from privtune_flwr.device_policy import DevicePolicy, PolicyError
+from privtune_flwr.mechanism.dchi import dchi_from_stream, sample_dchi
+from privtune_flwr.mechanism.noise_key import NoiseKey, gamma_many
+from privtune_flwr.models import load_split
+from tests.conftest import tiny_hf_model
+
+PERMISSIVE = {"allowed-defenses": "*", "max-epsilon": float("inf"), "key-store": "memory"}
+TIMINGS = ("bottom-seconds", "defense-seconds")
+
+
+# ------------------------------------------------------------------------------------- the key
+
+
+def test_torch_manual_seed_keeps_only_32_bits_so_streams_load_the_whole_state():
+    a = torch.randn(6, generator=torch.Generator().manual_seed(12345))
+    b = torch.randn(6, generator=torch.Generator().manual_seed(12345 + 2**32))
+    assert torch.equal(a, b)  # why a seed would be searchable
+    key = NoiseKey.fresh()
+    ids = np.arange(5)
+    one, again = key.stream(b"ctx", ids), key.stream(b"ctx", ids)
+    assert torch.equal(one.normal((4, 3)), again.normal((4, 3)))
+    for other in (key.stream(b"ctx2", ids), key.stream(b"ctx", ids + 1), NoiseKey.fresh().stream(b"ctx", ids),
+                  key.stream(b"ctx", ids, nonce=os.urandom(16))):
+        assert not torch.equal(key.stream(b"ctx", ids).normal((4, 3)), other.normal((4, 3)))
+
+
+def test_key_file_is_private_atomic_and_the_key_never_pickles(tmp_path):
+    path = tmp_path / "sub" / "device.key"
+    first = NoiseKey.load_or_create(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    again = NoiseKey.load_or_create(path)
+    assert torch.equal(first.stream(b"c", [1, 2]).normal((3,)), again.stream(b"c", [1, 2]).normal((3,)))
+    assert first.to_state().hex() not in repr(first) and "<secret>" in repr(first)
+    with pytest.raises(TypeError, match="never leaves the device"):
+        pickle.dumps(first)
+    os.chmod(path, 0o644)
+    with pytest.raises(PermissionError, match="chmod 600"):
+        NoiseKey.load_or_create(path)
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+# ------------------------------------------------------------------------------------- sampler
+
+
+@pytest.mark.parametrize("d,eps", [(16, 1.0), (384, 10.0)])
+def test_keyed_dchi_norms_are_gamma_and_directions_isotropic(d, eps):
+    key = NoiseKey.fresh()
+    draws = torch.cat([dchi_from_stream(key.stream(b"t", [i]), 20, d, eps) for i in range(150)])  # 3000 tokens
+    norms = draws.norm(dim=-1).double().numpy()
+    assert stats.kstest(norms, stats.gamma(a=d, scale=1 / eps).cdf).pvalue > 1e-3
+    unit = draws / draws.norm(dim=-1, keepdim=True)
+    assert unit.mean(0).abs().max() < 4 / np.sqrt(len(unit))  # 4 sd of a coordinate mean
+    cov = (unit.T @ unit / len(unit)) * d
+    assert (cov.diagonal() - 1).abs().mean() < 0.1
+    # the batched sampler gives each row exactly what that example's stream gives alone
+    mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1]])
+    streams = [key.stream(b"t", [7]), key.stream(b"t", [8])]
+    gauss, scale = __import__("privtune_flwr.mechanism.dchi", fromlist=["x"]).sample_dchi_keyed(streams, mask, d, eps)
+    batched = gauss * scale.unsqueeze(-1)
+    assert torch.equal(batched[0, :3], dchi_from_stream(key.stream(b"t", [7]), 3, d, eps))
+    assert torch.equal(batched[1, 1:], dchi_from_stream(key.stream(b"t", [8]), 3, d, eps))
+    assert (batched[0, 3] == 0).all() and (batched[1, 0] == 0).all()
+
+
+@pytest.mark.parametrize("shape", [16.0, 384.0])
+def test_marsaglia_tsang_gamma_matches_the_gamma_law(shape):
+    key = NoiseKey.fresh()
+    values = torch.cat(gamma_many([key.stream(b"g", [i]) for i in range(40)], [100] * 40, shape)).numpy()
+    assert stats.kstest(values, stats.gamma(a=shape).cdf).pvalue > 1e-3
+    # the reference (legacy, seeded) sampler draws the same law: two-sample check
+    legacy = sample_dchi((4000,), int(shape), 1.0, generator=torch.Generator().manual_seed(0)).norm(dim=-1).numpy()
+    assert stats.ks_2samp(values, legacy).pvalue > 1e-3
+
+
+# ------------------------------------------------------------------------------------- the ClientApp
+
+
+def _cfg(**kw):
+    base = dict(max_examples=40, batch_size=4, batches_per_round=2, max_length=24, audit_tokens=0, defense="dchi",
+                epsilon=50.0, eval_examples=6, devices_per_round=2, min_devices=2)
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def _device(cfg, pid=0, **node):
+    node_config = {"partition-id": pid, "num-partitions": 2, **PERMISSIVE, **node}
+    return Context(run_id=1, node_id=pid + 1, node_config=node_config, state=RecordDict(), run_config=cfg.to_flower())
+
+
+def _send(context, kind, server_round, batches=2):
+    msg = Message(content=schema.instruction(server_round, batches), message_type=kind, dst_node_id=context.node_id)
+    msg.metadata.__dict__["_message_id"] = msg.object_id
+    reply = device_app.app(msg, context)
+    assert not reply.has_error(), reply.error
+    return schema.parse_release(reply.content, hidden_size=384, num_labels=2)
+
+
+def _rows(rel) -> list[torch.Tensor]:
+    """Each released sequence at its real positions only (padding widths differ between batches)."""
+    return [rel.hidden[i][rel.attention_mask[i].bool()] for i in range(rel.num_examples)]
+
+
+def _same(a: torch.Tensor, rows: list[torch.Tensor]) -> bool:
+    return any(a.shape == b.shape and torch.equal(a, b) for b in rows)
+
+
+def test_two_devices_two_rounds_two_runs(minilm_split):
+    """Releases of the same text all differ, except the same example on the same device, which is
+    bit-identical across rounds, epochs and evaluations."""
+    cfg = _cfg()
+    run1_a, run1_b = _device(cfg), _device(cfg)  # two devices holding the same partition (same texts)
+    eval_a1 = _send(run1_a, MessageType.EVALUATE, 1)
+    eval_a2 = _send(run1_a, MessageType.EVALUATE, 2)
+    assert torch.equal(eval_a1.hidden, eval_a2.hidden)  # the test split re-sent: the same tensors
+    assert eval_a2.metrics["releases-per-example-max"] == 1
+    eval_b = _send(run1_b, MessageType.EVALUATE, 1)
+    assert not any(_same(r, _rows(eval_a1)) for r in _rows(eval_b))
+    # training, 8 examples per round: the rows past the first epoch re-send epoch-1 tensors exactly
+    size = len(device_app.load_node(cfg, 0, 2).train)
+    rounds = -(-size // 8) + 1
+    sent = [row for r in range(1, rounds + 1) for row in _rows(_send(run1_a, MessageType.TRAIN, r))]
+    first, later = sent[:size], sent[size:]
+    assert len(later) >= 4 and all(_same(r, first) for r in later)
+    assert sum(_same(r, first[:i] + first[i + 1:]) for i, r in enumerate(first)) == 0  # distinct examples differ
+    train_a = [first]
+    train_b = _rows(_send(run1_b, MessageType.TRAIN, 1)) + _rows(_send(run1_b, MessageType.TRAIN, 2))
+    assert not any(_same(r, first) for r in train_b)
+    # a second run: new simulated devices, new keys, new noise
+    eval_a_run2 = _send(_device(cfg), MessageType.EVALUATE, 1)
+    assert not any(_same(r, _rows(eval_a1)) for r in _rows(eval_a_run2))
+
+
+def test_the_cloud_cannot_regenerate_the_noise_from_what_it_knows(minilm_split):
+    """The old device seeded its generator from hash((seed, partition-id, round, phase)), all known
+    to the cloud, which could regenerate z and subtract it. Doing so now recovers nothing: the
+    "denoised" estimate is further from h than the release itself, and the regenerated noise is
+    uncorrelated with the real one."""
+    cfg = _cfg(eval_examples=12)
+    context = _device(cfg, pid=1)
+    released = _send(context, MessageType.EVALUATE, 1)
+    node = device_app.load_node(cfg, 1, 2)
+    rows = node.test.select(range(cfg.eval_examples))
+    clean = DeviceSide(node.device.split, build_defense("none", split=node.device.split), max_length=cfg.max_length).release(rows["text"])
+    assert torch.equal(clean.attention_mask, released.attention_mask)
+    real = released.attention_mask.bool()
+    true_noise = (released.hidden - clean.hidden)[real]
+    best = float("inf")
+    for server_round in range(1, 4):
+        for phase in (0, 1):
+            gen = torch.Generator().manual_seed(hash((cfg.seed, 1, server_round, phase)) & (2**62 - 1))
+            guess = sample_dchi(tuple(released.hidden.shape[:2]), 384, cfg.epsilon, generator=gen)[real]
+            residual = (true_noise - guess).norm(dim=-1).mean()
+            best = min(best, float(residual / true_noise.norm(dim=-1).mean()))
+            cos = torch.nn.functional.cosine_similarity(true_noise, guess, dim=-1)
+            assert cos.mean().abs() < 0.05
+    assert best > 1.2  # about sqrt(2): subtracting an independent draw adds noise
+
+
+def test_a_device_refuses_reproducible_noise_unless_its_own_config_allows_it(minilm_split):
+    cfg = _cfg(reproducible_noise=True)
+    with pytest.raises(PolicyError, match="allow-reproducible-noise"):
+        _send(_device(cfg), MessageType.EVALUATE, 1)
+    # the run config cannot grant it: only the device's node config (or its own environment) can
+    with pytest.raises(PolicyError, match="allow-reproducible-noise"):
+        _send(_device(cfg, **{"allow-reproducible-noise": False}), MessageType.EVALUATE, 1)
+    a = _send(_device(cfg, **{"allow-reproducible-noise": True}), MessageType.EVALUATE, 1)
+    b = _send(_device(cfg, **{"allow-reproducible-noise": True}), MessageType.EVALUATE, 1)
+    assert torch.equal(a.hidden, b.hidden)  # reproducible by whoever knows the seed: that is the point
+
+
+def test_fresh_release_needs_consent_and_counts_every_release(minilm_split):
+    cfg = _cfg(release="fresh")
+    with pytest.raises(PolicyError, match="allow-fresh-noise"):
+        _send(_device(cfg), MessageType.EVALUATE, 1)
+    context = _device(cfg, **{"allow-fresh-noise": True})
+    one, two = _send(context, MessageType.EVALUATE, 1), _send(context, MessageType.EVALUATE, 2)
+    real = one.attention_mask.bool()
+    assert (one.hidden[real] != two.hidden[real]).any(-1).all()
+    assert two.metrics["releases-per-example-max"] == 2
+
+
+def test_a_key_file_survives_a_restart_and_a_new_configuration_counts(minilm_split, tmp_path):
+    cfg = _cfg()
+    node = {"key-store": "file", "key-file": str(tmp_path / "k" / "device.key")}
+    first = _send(_device(cfg, **node), MessageType.EVALUATE, 1)
+    device_app._FILE_KEYS.clear()  # a restarted device process: caches gone, the file stays
+    device_app._NODES.clear()
+    second = _send(_device(cfg, **node), MessageType.EVALUATE, 1)
+    assert torch.equal(first.hidden, second.hidden) and second.metrics["releases-per-example-max"] == 1
+    other = _send(_device(_cfg(epsilon=40.0), **node), MessageType.EVALUATE, 1)
+    assert other.metrics["releases-per-example-max"] == 2  # a second configuration is a second release
+
+
+# ------------------------------------------------------------------------------------- public replies
+
+
+def test_no_reply_metric_varies_with_the_importance_of_the_tokens(minilm_split):
+    split = minilm_split
+    texts = ["a wonderful, moving film", "dull and far too long", "the plot is thin but the actors shine"]
+    seen = []
+    for imp in (torch.zeros(split.vocab_size), torch.ones(split.vocab_size),
+                torch.rand(split.vocab_size, generator=torch.Generator().manual_seed(0))):
+        defense = build_defense("privtune", epsilon=64.0, split=split, importance=imp, importance_levels=0)
+        rel = DeviceSide(split, defense, max_length=32, audit_tokens=0).release(texts, [1, 0, 0])
+        seen.append({k: v for k, v in rel.metrics.items() if k not in TIMINGS})
+        assert set(rel.metrics) <= set(schema.REQUIRED_METRICS + schema.OPTIONAL_METRICS)
+    assert seen[0] == seen[1] == seen[2]
+
+
+def test_release_is_bit_identical_in_any_batch(minilm_split):
+    split = minilm_split
+    texts = ["a wonderful, moving film", "dull", "the plot is thin but the actors shine and the music soars",
+             "ok", "an unexpectedly tender story about two brothers"]
+    device = DeviceSide(split, build_defense("privtune", epsilon=64.0, split=split), max_length=32, audit_tokens=0)
+    together = device.release(texts)
+    for i, text in enumerate(texts):
+        alone = device.release([text])
+        mixed = device.release([texts[(i + 1) % 5], text, texts[(i + 3) % 5]])
+        n = int(alone.attention_mask.sum())
+        assert torch.equal(alone.hidden[0, :n], together.hidden[i, :n])
+        assert torch.equal(alone.hidden[0, :n], mixed.hidden[1, :n])
+
+
+def test_decoder_release_is_bit_identical_in_any_batch(minilm_tokenizer):
+    """Left padding and real-token positions: the same for a decoder."""
+    import copy
+
+    split = load_split("tiny-llama", 1, hf_model=tiny_hf_model("decoder", layers=2), tokenizer=copy.deepcopy(minilm_tokenizer),
+                       lora_rank=0)
+    texts = ["a wonderful, moving film", "dull", "the plot is thin but the actors shine"]
+    device = DeviceSide(split, build_defense("dchi", epsilon=8.0, split=split), max_length=24, audit_tokens=0)
+    together = device.release(texts)
+    alone = device.release([texts[1]])
+    n = int(alone.attention_mask.sum())
+    assert torch.equal(alone.hidden[0, -n:], together.hidden[1, -n:])
+    assert (together.hidden[1, :-n] == 0).all()
+
+
+# ------------------------------------------------------------------------------------- the floor
+
+
+def test_device_policy_floor_and_its_sources():
+    cfg = RunConfig()
+    default = DevicePolicy.from_sources({}, env={})
+    default.check(cfg)  # the default job (privtune at eps 64) passes the default floor
+    with pytest.raises(PolicyError, match="defense='none'.*allowed-defenses"):
+        default.check(RunConfig(defense="none"))
+    with pytest.raises(PolicyError, match="epsilon=128.*max-epsilon=64"):
+        default.check(RunConfig(epsilon=128.0))
+    with pytest.raises(PolicyError, match="data-dir"):
+        default.check(RunConfig(dataset="/etc/passwd.csv"))
+    with pytest.raises(PolicyError, match="allow-hub-datasets"):
+        default.check(RunConfig(dataset="someone/private-data"))
+    env = {"PRIVTUNE_DEVICE_POLICY": "max-epsilon=256 allowed-defenses='dchi,none'"}
+    loose = DevicePolicy.from_sources({}, env=env)
+    loose.check(RunConfig(defense="none"))
+    loose.check(RunConfig(defense="dchi", epsilon=200.0))
+    # the node config overrides the environment, key by key
+    tight = DevicePolicy.from_sources({"max-epsilon": 16.0, "partition-id": 0}, env=env)
+    with pytest.raises(PolicyError, match="max-epsilon=16"):
+        tight.check(RunConfig(defense="dchi", epsilon=32.0))
+    with pytest.raises(ValueError, match="max-epsilon='lots'"):
+        DevicePolicy.from_mapping({"max-epsilon": "lots"})
+    with pytest.raises(ValueError, match="unknown defences"):
+        DevicePolicy.from_mapping({"allowed-defenses": "dchi,laplace"})
+    with pytest.raises(ValueError, match="allow-fresh-noise='yes' must be true or false"):
+        DevicePolicy.from_mapping({"allow-fresh-noise": "yes"})
