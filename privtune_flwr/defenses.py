@@ -85,12 +85,13 @@ class Defense(nn.Module):
         tensors = tuple((k, b.data_ptr(), b._version) for k, b in self._buffers.items() if b is not None)
         return plain + tensors
 
-    def streams(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[NoiseStream]:
-        """One keyed stream per sequence, from its real tokens (padding is not part of the example)."""
+    def streams(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, spans=False) -> list[NoiseStream]:
+        """One keyed stream per sequence, from its real tokens (padding is not part of the example).
+        ``spans``: :func:`real_spans` of the mask if already known."""
         context = self.fingerprint()
         fresh = self.release == "fresh"
         ids = input_ids.cpu().numpy()
-        spans = real_spans(attention_mask)
+        spans = real_spans(attention_mask) if spans is False else spans
         if spans is None:
             real = attention_mask.bool().cpu().numpy()
             rows = [ids[b][real[b]] for b in range(ids.shape[0])]
@@ -162,7 +163,9 @@ class DChiDefense(Defense):
     name = "dchi"
 
     def perturb(self, hidden, input_ids, attention_mask):
-        gaussian, scale = sample_dchi_keyed(self.streams(input_ids, attention_mask), attention_mask, hidden.shape[-1], self.epsilon)
+        spans = real_spans(attention_mask)
+        streams = self.streams(input_ids, attention_mask, spans)
+        gaussian, scale = sample_dchi_keyed(streams, attention_mask, hidden.shape[-1], self.epsilon, spans)
         return torch.addcmul(hidden, gaussian.to(hidden.device), scale.to(hidden.device).unsqueeze(-1))
 
     def statement(self) -> PrivacyStatement:
@@ -364,12 +367,13 @@ class PrivTuneDefense(Defense):
         )
 
     def perturb(self, hidden, input_ids, attention_mask):
-        streams = self.streams(input_ids, attention_mask)
+        spans = real_spans(attention_mask)
+        streams = self.streams(input_ids, attention_mask, spans)
         uniforms = None
         if self.use_shift and self.target_mode != "centroid":  # drawn first: a fixed order per stream
             lengths = attention_mask.bool().sum(1).tolist()
             uniforms = self.scatter([st.uniform((n,)) for st, n in zip(streams, lengths)], attention_mask)
-        gaussian, scale = sample_dchi_keyed(streams, attention_mask, hidden.shape[-1], self.epsilon)
+        gaussian, scale = sample_dchi_keyed(streams, attention_mask, hidden.shape[-1], self.epsilon, spans)
         scale = scale.to(hidden.device).mul_(self.noise_scale(input_ids))  # s_i: importance levels
         base = hidden + self.mean_shift(hidden, input_ids, attention_mask, uniforms) if self.use_shift else hidden
         return torch.addcmul(base, gaussian.to(hidden.device), scale.unsqueeze(-1))

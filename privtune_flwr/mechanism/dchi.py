@@ -79,31 +79,36 @@ def real_spans(attention_mask: torch.Tensor) -> list[tuple[int, int]] | None:
     return list(zip(starts.tolist(), counts.tolist()))
 
 
-def sample_dchi_keyed(streams, attention_mask: torch.Tensor, dim: int, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_dchi_keyed(streams, attention_mask: torch.Tensor, dim: int, epsilon: float,
+                      spans: list[tuple[int, int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """d_chi noise at the real positions of ``attention_mask``, row ``b`` drawn from ``streams[b]``
     (directions first, then magnitudes), so an example's noise does not depend on its batch.
 
     Returned factored, ``(gaussian [B, T, dim], scale [B, T])``, noise = gaussian * scale (zero at
-    padding), so that a caller can fold further scaling and the addition into one pass."""
+    padding), so that a caller can fold further scaling and the addition into one pass. ``spans``:
+    :func:`real_spans` of the mask, if the caller has it."""
     epsilon = check_epsilon(epsilon)
     b_size, t_size = attention_mask.shape
-    spans = real_spans(attention_mask)
+    spans = real_spans(attention_mask) if spans is None else spans
     if spans is None:  # an unusual mask: draw per row and scatter
         rows = [dchi_from_stream(st, n, dim, epsilon) for st, n in zip(streams, attention_mask.bool().sum(1).tolist())]
         out = torch.zeros(b_size, t_size, dim)
         if rows:
             out[attention_mask.bool()] = torch.cat(rows)
         return out, attention_mask.to(torch.float32)
-    noise = torch.zeros(b_size, t_size, dim)
-    for b, (stream, (start, count)) in enumerate(zip(streams, spans)):
+    noise = torch.empty(b_size, t_size, dim)
+    for stream, row, (start, count) in zip(streams, noise, spans):
+        if count < t_size:  # padding: zero, never left uninitialised
+            row[:start].zero_()
+            row[start + count:].zero_()
         if count:
-            stream.normal_(noise[b, start:start + count])
-    magnitude = torch.zeros(b_size, t_size, dtype=torch.float64)
-    real = attention_mask.bool()
-    magnitudes = gamma_many(list(streams), [n for _, n in spans], float(dim))
-    if magnitudes:
-        magnitude[real] = torch.cat(magnitudes)
-    return noise, (magnitude / epsilon).to(torch.float32) / torch.linalg.vector_norm(noise, dim=-1).clamp_min(1e-12)
+            stream.normal_(row[start:start + count])
+    scale = torch.zeros(b_size, t_size)
+    counts = [n for _, n in spans]
+    for row, (start, count), magnitude in zip(scale, spans, gamma_many(list(streams), counts, float(dim))):
+        row[start:start + count] = magnitude
+    scale.div_(torch.linalg.vector_norm(noise, dim=-1).clamp_min_(1e-12)).div_(epsilon)
+    return noise, scale
 
 
 def _gamma(shape: tuple[int, ...], concentration: float, generator: torch.Generator | None) -> np.ndarray:
