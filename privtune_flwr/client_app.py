@@ -128,52 +128,69 @@ def device_key(context: Context, policy: DevicePolicy, cfg: RunConfig, pid: int)
 
 def _state(context: Context) -> ConfigRecord:
     if STATE not in context.state.config_records:
-        context.state.config_records[STATE] = ConfigRecord({"cursor": 0, "epoch": 0, "evaluations": 0})
+        context.state.config_records[STATE] = ConfigRecord({"evaluations": 0})
     return context.state.config_records[STATE]
 
 
-def _next_indices(context: Context, size: int, count: int, seed: int) -> tuple[list[int], int]:
-    """The next ``count`` indices of this device's shuffled epoch order (wrapping around), and
-    the largest number of times any example has now been released (for composition)."""
-    state = _state(context)
-    cursor, epoch = int(state["cursor"]), int(state["epoch"])
+def round_indices(size: int, server_round: int, count: int, seed: int) -> list[int]:
+    """The ``count`` examples a device releases in round ``server_round``: positions
+    ``(round - 1) * count ...`` of an endless sequence of seeded epoch shuffles.
+
+    A pure function of the round, so a resumed run reads what an uninterrupted one would. The
+    round comes from the cloud, which may thus make a device re-read examples; with release once
+    a re-read is the same tensor (nothing new), and with fresh noise the device counts it.
+    """
     out: list[int] = []
+    position = (server_round - 1) * count
+    orders: dict[int, list[int]] = {}
     while len(out) < count:
-        order = list(range(size))
-        random.Random(seed * 7919 + epoch).shuffle(order)
-        take = order[cursor : cursor + count - len(out)]
+        epoch, offset = divmod(position, size)
+        if epoch not in orders:
+            order = list(range(size))
+            random.Random(seed * 7919 + epoch).shuffle(order)
+            orders[epoch] = order
+        take = orders[epoch][offset : offset + count - len(out)]
         out.extend(take)
-        cursor += len(take)
-        if cursor >= size:
-            cursor, epoch = 0, epoch + 1
-    state["cursor"], state["epoch"] = cursor, epoch
-    return out, epoch + (1 if cursor else 0)
+        position += len(take)
+    return out
+
+
+def _count_releases(context: Context, size: int, idx: list[int]) -> int:
+    """Fresh noise: how often any of ``idx`` has now been sent (the device's own tally)."""
+    state = _state(context)
+    counts = list(state.get("sent", [0] * size))
+    for i in idx:
+        counts[i] += 1
+    state["sent"] = counts
+    return max(counts[i] for i in idx)
 
 
 def _release(msg: Message, context: Context, phase: str) -> Message:
-    """One device reply: the next training batches, or the whole test split, released defended."""
+    """One device reply: this round's training batches, or the test split, released defended."""
     cfg = RunConfig.from_flower(context.run_config)
     pid, total = partition_ids(context.node_config)
     policy = DevicePolicy.from_sources(context.node_config)
     policy.check(cfg)  # before anything is loaded or released
-    _, num_batches = read_instruction(msg.content)  # the round number plays no part in the noise
+    server_round, num_batches = read_instruction(msg.content)
+    policy.check_batches(max(1, num_batches))
     node = load_node(cfg, pid, total)
     key, ledger = device_key(context, policy, cfg, pid)
     node.defense.key = key
     if phase == "train":
-        idx, epochs = _next_indices(context, len(node.train), max(1, num_batches) * cfg.batch_size, cfg.seed * 1_000 + pid)
+        idx = round_indices(len(node.train), server_round, max(1, num_batches) * cfg.batch_size, cfg.seed * 1_000 + pid)
         rows = node.train.select(idx)
     else:
-        rows = node.test
-        if len(rows) == 0:
+        if len(node.test) == 0:
             raise ValueError(f"partition {pid} has no test examples")
-        if cfg.eval_examples and len(rows) > cfg.eval_examples:
-            rows = rows.select(range(cfg.eval_examples))
-        state = _state(context)
-        epochs = state["evaluations"] = int(state["evaluations"]) + 1  # the same test split each time
+        idx = list(range(min(len(node.test), cfg.eval_examples or len(node.test))))
+        rows = node.test.select(idx)
     rel = node.device.release(rows["text"], rows["label"])
-    if cfg.release == "fresh" or cfg.defense == "none":
-        releases = epochs  # every send is a distinct release (no noise: nothing to reuse either)
+    if cfg.release == "fresh" or cfg.defense == "none":  # every send is a distinct release
+        if phase == "train":
+            releases = _count_releases(context, len(node.train), idx)
+        else:
+            state = _state(context)
+            releases = state["evaluations"] = int(state["evaluations"]) + 1  # the same test split each time
     else:  # release once: re-sends are the same tensor; only new configurations count
         releases = 1 if ledger is None else ledger.record(node.defense.fingerprint().hex())
     rel.metrics["releases-per-example-max"] = releases

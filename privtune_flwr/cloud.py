@@ -9,6 +9,7 @@ labels.
 
 from __future__ import annotations
 
+import copy
 import random
 from pathlib import Path
 
@@ -16,6 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from .models import SplitModel
+
+
+class NonFiniteUpdate(RuntimeError):
+    """Training on a release gave non-finite values; its updates were undone."""
 
 
 class CloudSide:
@@ -32,8 +37,14 @@ class CloudSide:
         self.steps = 0
 
     def train_on(self, hidden: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> list[float]:
-        """One optimiser step per batch of ``batch_size`` sequences, in order; returns batch losses."""
+        """One optimiser step per batch of ``batch_size`` sequences, in order; returns batch losses.
+
+        All or nothing: if any step gives a non-finite loss or non-finite weights, every update from
+        this call is undone (weights, optimiser state and step count) and :class:`NonFiniteUpdate`
+        is raised, so a poisoned release never reaches the LoRA weights.
+        """
         self.split.top.train()
+        snapshot = self.snapshot()
         losses = []
         for i in range(0, len(labels), self.batch_size):
             h, m, y = hidden[i : i + self.batch_size], mask[i : i + self.batch_size], labels[i : i + self.batch_size]
@@ -41,12 +52,31 @@ class CloudSide:
             if self.split.family == "encoder":  # right padding: drop all-pad columns
                 h, m = h[:, :width], m[:, :width]
             loss = F.cross_entropy(self.split.top(h, m), y)
+            if not torch.isfinite(loss):
+                self.restore(snapshot)
+                raise NonFiniteUpdate(f"batch {i // self.batch_size} gave a non-finite loss ({float(loss)}); "
+                                      f"the {len(losses)} updates before it were undone")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             self.steps += 1
             losses.append(float(loss.detach()))
+        if not all(torch.isfinite(p).all() for p in self.params):
+            self.restore(snapshot)
+            raise NonFiniteUpdate("the updates left non-finite weights; they were undone")
         return losses
+
+    def snapshot(self) -> dict:
+        """A copy of everything training changes (trainable weights, optimiser state, step count)."""
+        return {"params": [p.detach().clone() for p in self.params],
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()), "steps": self.steps}
+
+    def restore(self, snapshot: dict) -> None:
+        with torch.no_grad():
+            for p, saved in zip(self.params, snapshot["params"]):
+                p.copy_(saved)
+        self.optimizer.load_state_dict(snapshot["optimizer"])
+        self.steps = snapshot["steps"]
 
     @torch.no_grad()
     def evaluate(self, hidden: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -70,6 +100,77 @@ class CloudSide:
         self.split.load_trainable_state(state["trainable"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.steps = int(state["steps"])
+
+
+class MiddleSide:
+    """The cloud's half of the u-shaped protocol: the middle and its LoRA optimiser.
+
+    One step: :meth:`forward` each device's release (the graph is kept under a step key), send the
+    outputs, receive each device's gradient of its loss with respect to them, :meth:`backward`
+    each, then :meth:`step` once. A gradient that does not match what was sent, a stale key, or a
+    device that never answers is dropped with its graph (:meth:`drop`), so no autograd graph
+    outlives its step. The cloud never sees labels or a loss input.
+    """
+
+    def __init__(self, split: SplitModel, *, learning_rate: float):
+        if split.middle is None:
+            raise ValueError("MiddleSide needs a u-shaped split (load_split(..., protocol='u-shaped'))")
+        self.split = split
+        self.params = [p for p in split.middle.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=learning_rate) if self.params else None
+        self.pending: dict[str, torch.Tensor] = {}
+        self.steps = 0
+
+    def forward(self, key: str, hidden: torch.Tensor, mask: torch.Tensor, *, train: bool = True) -> torch.Tensor:
+        """The middle's outputs ``[N, T, d]`` for one release (detached, to be sent)."""
+        self.split.middle.train(train)
+        if not train:
+            with torch.no_grad():
+                return self.split.middle(hidden, mask)
+        outputs = self.split.middle(hidden, mask)
+        self.pending[key] = outputs
+        return outputs.detach()
+
+    def backward(self, key: str, grad: torch.Tensor, weight: float = 1.0) -> None:
+        """Back-propagate one device's gradient (scaled by ``weight``) into the LoRA weights."""
+        outputs = self.pending.pop(key, None)
+        if outputs is None:
+            raise KeyError(f"no pending outputs for step {key!r} (stale or unknown)")
+        if tuple(grad.shape) != tuple(outputs.shape):
+            raise ValueError(f"gradient has shape {tuple(grad.shape)}; the outputs sent were {tuple(outputs.shape)}")
+        if not torch.isfinite(grad).all():
+            raise ValueError("gradient holds non-finite values")
+        outputs.backward(grad.to(outputs.dtype) * weight)
+
+    def drop(self, key: str) -> None:
+        self.pending.pop(key, None)
+
+    def step(self) -> bool:
+        """Apply the accumulated gradients; False (and nothing changed) if there were none or they
+        were non-finite."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return False
+        if not all(torch.isfinite(g).all() for g in grads):
+            self.optimizer.zero_grad(set_to_none=True)
+            return False
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+        return True
+
+    def state(self) -> dict:
+        return {"trainable": self.split.trainable_state(),
+                "optimizer": self.optimizer.state_dict() if self.optimizer else {}, "steps": self.steps}
+
+
+def task_loss(logits: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor, task: str) -> torch.Tensor:
+    """Classification: cross-entropy of ``logits [N, C]`` against labels ``[N]``. Generation: the
+    next-token loss of ``logits [N, T, V]`` against token ids ``[N, T]`` over real positions."""
+    if task == "classification":
+        return F.cross_entropy(logits, targets)
+    pairs = (mask[:, 1:] * mask[:, :-1]).bool()
+    return F.cross_entropy(logits[:, :-1][pairs], targets[:, 1:][pairs])
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_labels: int) -> dict[str, float]:

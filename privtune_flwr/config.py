@@ -35,6 +35,7 @@ class RunConfig:
     batches_per_round: int = 8
     batch_size: int = 16
     eval_examples: int = 0  # per device and evaluation; 0 = its whole test split
+    reply_max_examples: int = 2048  # the most sequences the cloud reads from one evaluation reply
     protocol: str = "vanilla"
     # cloud fine-tuning
     lora_rank: int = 8
@@ -78,6 +79,7 @@ class RunConfig:
         _require(self.batches_per_round >= 1, "batches-per-round", self.batches_per_round, ">= 1")
         _require(self.batch_size >= 1, "batch-size", self.batch_size, ">= 1")
         _require(self.eval_examples >= 0, "eval-examples", self.eval_examples, ">= 0 (0 = all)")
+        _require(self.reply_max_examples >= 1, "reply-max-examples", self.reply_max_examples, ">= 1")
         _require(self.protocol in PROTOCOLS, "protocol", self.protocol, " or ".join(PROTOCOLS))
         _require(self.lora_rank >= 0, "lora-rank", self.lora_rank, ">= 0")
         _require(math.isfinite(self.learning_rate) and self.learning_rate > 0, "learning-rate", self.learning_rate, "(0, inf)")

@@ -152,3 +152,47 @@ class DeviceSide:
             rows, cols = rows[pick], cols[pick]
         ones = torch.ones(1, len(rows), dtype=torch.long)
         return self_audit(released[rows, cols][None], ids[rows, cols][None], ones, self.anchors, self.split.special_ids)
+
+
+class DeviceHead:
+    """The device's half of the u-shaped protocol: its head, its optimiser, its labels and loss.
+
+    :meth:`step` takes the middle's outputs for a batch the device released, computes the loss on
+    its own labels (classification) or its own next tokens (generation), updates the head, and
+    returns the gradient of the loss with respect to the outputs: the one thing that goes back.
+    """
+
+    def __init__(self, split: SplitModel, *, learning_rate: float):
+        if split.head is None:
+            raise ValueError("DeviceHead needs a u-shaped split (load_split(..., protocol='u-shaped'))")
+        self.split = split
+        self.params = [p for p in split.head.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=learning_rate) if self.params else None
+        self.steps = 0
+
+    def step(self, outputs: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, float]:
+        from .cloud import task_loss
+
+        outputs = outputs.detach().clone().requires_grad_(True)
+        self.split.head.train()
+        loss = task_loss(self.split.head(outputs, mask), mask, targets, self.split.task)
+        if not torch.isfinite(loss):
+            raise ValueError(f"the head's loss is {float(loss)}: the outputs it was sent are unusable")
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.optimizer is not None:
+            self.optimizer.step()
+        self.steps += 1
+        return outputs.grad.detach(), float(loss.detach())
+
+    @torch.no_grad()
+    def evaluate(self, outputs: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        from .cloud import classification_metrics, task_loss
+
+        self.split.head.eval()
+        logits = self.split.head(outputs, mask)
+        if self.split.task == "classification":
+            return classification_metrics(logits, targets, self.split.num_labels)
+        loss = float(task_loss(logits, mask, targets, "generation"))
+        return {"loss": loss, "perplexity": float(torch.exp(torch.tensor(loss))), "num-examples": float(len(targets))}

@@ -22,6 +22,7 @@ key                        default                 meaning
                                                    the operator can remove: research only)
 ``allow-fresh-noise``      false                   accept ``release = 'fresh'`` (noise that composes
                                                    over re-sends)
+``max-batches-per-instruction`` 64                 the most batches one instruction may ask for
 ``data-dir``               (none)                  the only folder local dataset files may be read
                                                    from; bundled datasets are always allowed
 ``allow-hub-datasets``     false                   accept Hugging Face dataset ids (downloads)
@@ -72,6 +73,7 @@ class DevicePolicy:
     allow_fresh_noise: bool = False
     data_dir: str = ""
     allow_hub_datasets: bool = False
+    max_batches_per_instruction: int = 64  # the most work one instruction may ask for
     key_store: str = "auto"  # "auto" (memory when simulated, else file) | "memory" | "file"
     key_file: str = ""
 
@@ -121,6 +123,10 @@ class DevicePolicy:
                     kwargs[name] = float(value)
                 except (TypeError, ValueError):
                     raise ValueError(f"max-epsilon={value!r} is not a number; accepted: (0, inf]") from None
+            elif name == "max_batches_per_instruction":
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ValueError(f"max-batches-per-instruction={value!r} must be an integer >= 1")
+                kwargs[name] = value
             elif name.startswith("allow_"):
                 if not isinstance(value, bool):
                     raise ValueError(f"{key}={value!r} must be true or false")
@@ -144,6 +150,11 @@ class DevicePolicy:
             raise PolicyError("this device refuses release='fresh' (fresh noise per re-send composes); its floor needs "
                               "node config 'allow-fresh-noise=true'")
         self.check_dataset(cfg.dataset)
+
+    def check_batches(self, num_batches: int) -> None:
+        if num_batches > self.max_batches_per_instruction:
+            raise PolicyError(f"this device refuses num-batches={num_batches} in one instruction: its floor allows at most "
+                              f"{self.max_batches_per_instruction} (node config 'max-batches-per-instruction')")
 
     def check_dataset(self, name: str) -> None:
         from .data import DATASETS as OFFLINE_DATASETS

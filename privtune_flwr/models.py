@@ -33,6 +33,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 TASKS = ("classification", "generation")
+PROTOCOLS = ("vanilla", "u-shaped")
 
 # Offline models shipped as PyPI packages (see the README's set-up section).
 OFFLINE_MODELS = {
@@ -161,6 +162,57 @@ class Top(nn.Module):
         return self.model(inputs_embeds=hidden, attention_mask=attention_mask, **extra).logits
 
 
+class Middle(nn.Module):
+    """Cloud half of the u-shaped split: blocks ``m..L-1`` without the head.
+    ``forward(hidden [B,T,d], attention_mask [B,T]) -> outputs [B,T,d]``."""
+
+    def __init__(self, model: nn.Module, *, decoder: bool = False):
+        super().__init__()
+        self.model = model
+        self.decoder = decoder
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        extra = {"position_ids": position_ids(attention_mask)} if self.decoder else {}
+        return self.model(inputs_embeds=hidden, attention_mask=attention_mask, **extra).last_hidden_state
+
+
+class EncoderHead(nn.Module):
+    """Device head of an encoder classifier: the pooler (frozen) and the classifier (trained)."""
+
+    def __init__(self, pooler: nn.Module, dropout: nn.Module, classifier: nn.Module):
+        super().__init__()
+        self.pooler, self.dropout, self.classifier = pooler, dropout, classifier
+
+    def forward(self, outputs: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(self.pooler(outputs)))
+
+
+class DecoderHead(nn.Module):
+    """Device head of a decoder: the final norm and ``score`` (classification, read at the last
+    position, which left padding makes the last real token) or the tied ``lm_head`` (generation)."""
+
+    def __init__(self, norm: nn.Module, out: nn.Module, *, last_only: bool):
+        super().__init__()
+        self.norm, self.out, self.last_only = norm, out, last_only
+
+    def forward(self, outputs: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.last_only:
+            outputs = outputs[:, -1]
+        return self.out(self.norm(outputs))
+
+
+class UTop(nn.Module):
+    """``head(middle(hidden))``: the two cloud/device halves above the bottom, composed (for
+    in-process training and evaluation; in a Flower run they live on two machines)."""
+
+    def __init__(self, middle: nn.Module, head: nn.Module):
+        super().__init__()
+        self.middle, self.head = middle, head
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.middle(hidden, attention_mask), attention_mask)
+
+
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Decoder positions counted over real tokens only: a token's position does not depend on how
     much padding its batch added, so an example's representation is the same in any batch (and
@@ -182,8 +234,11 @@ class SplitModel:
     num_labels: int
     tokenizer: object
     bottom: Bottom
-    top: Top
+    top: nn.Module  # Top (vanilla) or UTop (u-shaped: head(middle(.)))
     full: nn.Module  # the unsplit model; shares its weights with bottom and top
+    protocol: str = "vanilla"
+    middle: nn.Module | None = None  # u-shaped: the cloud's part (LoRA)
+    head: nn.Module | None = None  # u-shaped: the device's part (trained on the device)
 
     @property
     def pooling(self) -> str:
@@ -208,12 +263,23 @@ class SplitModel:
         )
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
+    @property
+    def cloud_part(self) -> nn.Module:
+        """What the cloud trains: the top (vanilla) or the middle (u-shaped)."""
+        return self.top if self.protocol == "vanilla" else self.middle
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """The cloud's trainable weights (LoRA and head), detached, for checkpoints and messages."""
-        return {k: v.detach().clone() for k, v in self.top.named_parameters() if v.requires_grad}
+        """The cloud's trainable weights (LoRA, and the head in vanilla), detached, for checkpoints."""
+        return {k: v.detach().clone() for k, v in self.cloud_part.named_parameters() if v.requires_grad}
+
+    def head_state(self) -> dict[str, torch.Tensor]:
+        """The device's trainable head weights (u-shaped)."""
+        if self.head is None:
+            return {}
+        return {k: v.detach().clone() for k, v in self.head.named_parameters() if v.requires_grad}
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        params = dict(self.top.named_parameters())
+        params = dict(self.cloud_part.named_parameters())
         unknown = sorted(set(state) - set(params))
         if unknown:
             raise KeyError(f"unknown trainable weights {unknown[:3]} (and {max(0, len(unknown) - 3)} more)")
@@ -246,6 +312,7 @@ def load_split(
     hf_model: nn.Module | None = None,
     tokenizer=None,
     seed: int = 0,
+    protocol: str = "vanilla",
 ) -> SplitModel:
     """Load ``model`` and cut it after ``split_layer`` blocks (0 = right after the embeddings).
 
@@ -253,7 +320,17 @@ def load_split(
     tiny random configs this way). ``lora_rank=0`` leaves the top without LoRA (only the head
     trains). The cloud half gets LoRA on the attention query/value projections and a trainable
     task head; the bottom is frozen.
+
+    ``protocol="u-shaped"``: the part above the bottom is cut once more into the cloud's
+    ``middle`` (blocks ``m..L-1``, with LoRA) and the device's ``head`` (encoders: the pooler and a
+    trained classifier; decoders: the final norm and a trained ``score``, or the tied ``lm_head``
+    with LoRA for generation), so that labels and the loss stay on the device.
     """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol={protocol!r} is not supported; accepted: {', '.join(PROTOCOLS)}")
+    if task == "generation" and protocol == "vanilla":
+        raise ValueError("task='generation' needs protocol='u-shaped': with the vanilla split the cloud would "
+                         "receive the labels, which for a language model are the text itself")
     if task not in TASKS:
         raise ValueError(f"task={task!r} is not supported; accepted: {', '.join(TASKS)}")
     if task == "classification" and (not isinstance(num_labels, int) or num_labels < 2):
@@ -300,6 +377,9 @@ def load_split(
 
     low, high = nn.ModuleList(layers[:split_layer]), nn.ModuleList(layers[split_layer:])
     prefix = hf_model.base_model_prefix
+    if protocol == "u-shaped":
+        return _u_split(model, hf_model, base, family, task, split_layer, num_layers, num_labels, tokenizer, low, high,
+                        lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
     if family == "encoder":
         bottom_base = _graft(base, encoder=_graft(base.encoder, layer=low), pooler=None)
         top_base = _graft(base, embeddings=_PassThroughEmbeddings(), encoder=_graft(base.encoder, layer=high))
@@ -342,4 +422,49 @@ def load_split(
         bottom=Bottom(bottom_base, decoder=family == "decoder"),
         top=Top(top_model, decoder=family == "decoder"),
         full=hf_model,
+    )
+
+
+def _lora(module: nn.Module, targets: list[str], rank: int, alpha: float | None, dropout: float) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(module, LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank,
+                                             lora_dropout=dropout, target_modules=targets))
+
+
+def _u_split(name, hf_model, base, family, task, split_layer, num_layers, num_labels, tokenizer, low, high, *,
+             lora_rank, lora_alpha, lora_dropout) -> SplitModel:
+    """The u-shaped cut (see :func:`load_split`)."""
+    if family == "encoder":
+        bottom_base = _graft(base, encoder=_graft(base.encoder, layer=low), pooler=None)
+        middle_base = _graft(base, embeddings=_PassThroughEmbeddings(), encoder=_graft(base.encoder, layer=high), pooler=None)
+        head = EncoderHead(base.pooler, hf_model.dropout, hf_model.classifier)
+        head.requires_grad_(False)
+        head.classifier.requires_grad_(True)
+    else:
+        bottom_base = _graft(base, layers=low, norm=nn.Identity())
+        middle_base = _graft(base, layers=high, norm=nn.Identity())
+        if task == "classification":
+            head = DecoderHead(base.norm, hf_model.score, last_only=True)
+            head.requires_grad_(False)
+            head.out.requires_grad_(True)
+        else:
+            # The lm_head is tied to the bottom's (frozen) embeddings: the device trains a LoRA on it,
+            # which leaves the embeddings, and so every release and anchor, unchanged.
+            head = DecoderHead(base.norm, hf_model.lm_head, last_only=False)
+            head.requires_grad_(False)
+            if lora_rank > 0:
+                head = _lora(head, ["out"], lora_rank, lora_alpha, lora_dropout)
+    middle_base.requires_grad_(False)
+    if lora_rank > 0 and split_layer < num_layers:
+        middle_base = _lora(middle_base, list(LORA_TARGETS[family]), lora_rank, lora_alpha, lora_dropout)
+    decoder = family == "decoder"
+    middle = Middle(middle_base, decoder=decoder)
+    config = hf_model.config
+    return SplitModel(
+        name=name, family=family, task=task, split_layer=split_layer, num_layers=num_layers,
+        hidden_size=config.hidden_size, vocab_size=config.vocab_size,
+        num_labels=num_labels if task == "classification" else 0, tokenizer=tokenizer,
+        bottom=Bottom(bottom_base, decoder=decoder), top=UTop(middle, head), full=hf_model,
+        protocol="u-shaped", middle=middle, head=head,
     )

@@ -12,6 +12,8 @@ checks every reply against this schema (:func:`parse_release`) and rejects anyth
 
 from __future__ import annotations
 
+import io
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,86 +55,219 @@ class SchemaError(ValueError):
 class Release:
     hidden: torch.Tensor  # [N, T, d] float32
     attention_mask: torch.Tensor  # [N, T] long
-    labels: torch.Tensor  # [N] long
+    labels: torch.Tensor | None  # [N] long (vanilla protocol); None (u-shaped: labels stay on the device)
     metrics: dict[str, float]
 
     @property
     def num_examples(self) -> int:
-        return int(self.labels.shape[0])
+        return int(self.hidden.shape[0])
 
 
 def instruction(server_round: int, num_batches: int) -> RecordDict:
     return RecordDict({CONFIG: ConfigRecord({"server-round": int(server_round), "num-batches": int(num_batches)})})
 
 
+MAX_BATCHES_PER_INSTRUCTION = 4096
+
+
 def read_instruction(content: RecordDict) -> tuple[int, int]:
-    if CONFIG not in content.config_records:
+    """``(server-round, num-batches)`` of an instruction; :class:`SchemaError` for anything else."""
+    if not isinstance(content, RecordDict) or CONFIG not in content.config_records:
         raise SchemaError(f"instruction lacks the {CONFIG!r} ConfigRecord")
     config = content.config_records[CONFIG]
-    try:
-        server_round, num_batches = int(config["server-round"]), int(config["num-batches"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise SchemaError(f"instruction config is malformed: {exc}") from None
-    if num_batches < 0:
-        raise SchemaError(f"num-batches={num_batches} must be >= 0")
+    values = []
+    for key in ("server-round", "num-batches"):
+        value = config.get(key) if hasattr(config, "get") else None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SchemaError(f"instruction {key}={value!r} must be an integer")
+        values.append(value)
+    server_round, num_batches = values
+    if not 1 <= server_round <= 1_000_000:
+        raise SchemaError(f"server-round={server_round} is outside the accepted range 1..1000000")
+    if not 0 <= num_batches <= MAX_BATCHES_PER_INSTRUCTION:
+        raise SchemaError(f"num-batches={num_batches} is outside the accepted range 0..{MAX_BATCHES_PER_INSTRUCTION}")
     return server_round, num_batches
 
 
-def release_content(hidden: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, metrics: dict[str, float]) -> RecordDict:
-    """Pack a device release. ``hidden`` must already be zero at padding."""
-    arrays = ArrayRecord(
-        {
-            HIDDEN: Array(hidden.detach().to(torch.float32).contiguous().numpy()),
-            MASK: Array(attention_mask.detach().to(torch.int8).contiguous().numpy()),
-            LABELS: Array(labels.detach().to(torch.int64).contiguous().numpy()),
-        }
-    )
+def release_content(hidden: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None,
+                    metrics: dict[str, float]) -> RecordDict:
+    """Pack a device release. ``hidden`` must already be zero at padding; ``labels`` None for the
+    u-shaped protocol (labels never leave the device)."""
+    arrays = {
+        HIDDEN: Array(hidden.detach().to(torch.float32).contiguous().numpy()),
+        MASK: Array(attention_mask.detach().to(torch.int8).contiguous().numpy()),
+    }
+    if labels is not None:
+        arrays[LABELS] = Array(labels.detach().to(torch.int64).contiguous().numpy())
+    arrays = ArrayRecord(arrays)
     unknown = set(metrics) - set(REQUIRED_METRICS) - set(OPTIONAL_METRICS)
     if unknown:
         raise SchemaError(f"metrics {sorted(unknown)} are not part of the schema")
     return RecordDict({RELEASED: arrays, METRICS: MetricRecord({k: float(v) for k, v in metrics.items()})})
 
 
-def parse_release(content: RecordDict, *, hidden_size: int, num_labels: int) -> Release:
-    """Validate a device reply and return its tensors; raise :class:`SchemaError` otherwise."""
+# Each public metric and the values it may take: (low, high, integer).
+METRIC_RANGES: dict[str, tuple[float, float, bool]] = {
+    "num-examples": (1, math.inf, True),
+    "num-tokens": (1, math.inf, True),
+    "self-audit-knn": (0.0, 1.0, False),
+    "bytes-sent": (0.0, math.inf, False),
+    "bottom-seconds": (0.0, math.inf, False),
+    "defense-seconds": (0.0, math.inf, False),
+    "epsilon-token-max": (0.0, math.inf, False),
+    "slack-token-max": (0.0, math.inf, False),
+    "epsilon-sequence-max": (0.0, math.inf, False),
+    "slack-sequence-max": (0.0, math.inf, False),
+    "shift-radius": (0.0, math.inf, False),
+    "releases-per-example-max": (1, math.inf, True),
+}
+assert set(METRIC_RANGES) == set(REQUIRED_METRICS + OPTIONAL_METRICS)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the cloud asked for: a reply beyond it is rejected before its arrays are read."""
+
+    hidden_size: int
+    num_labels: int  # 0: the reply must carry no labels (u-shaped)
+    max_examples: int
+    max_tokens: int
+    max_abs: float = 1e6  # no representation coordinate is this large unless something is wrong
+
+    def max_bytes(self) -> int:
+        """Bytes the release's arrays may hold (npy headers included)."""
+        n, t = self.max_examples, self.max_tokens
+        return n * t * self.hidden_size * 4 + n * t + n * 8 + 3 * _NPY_HEADER_MAX
+
+
+_NPY_HEADER_MAX = 4096
+
+
+def read_array(array: Array, name: str, dtype: np.dtype, ndim: int, max_bytes: int) -> np.ndarray:
+    """An npy payload, parsed without trusting it: metadata and header must agree with the schema
+    (dtype, byte order, rank, shape, C order) and the byte count must be exact. Never unpickles;
+    the size is checked before anything is parsed."""
+    if not isinstance(array, Array):
+        raise SchemaError(f"{name} is a {type(array).__name__}, not an Array")
+    if array.stype != "numpy.ndarray":
+        raise SchemaError(f"{name} has serialisation type {array.stype!r}; the schema says 'numpy.ndarray'")
+    data = array.data
+    if not isinstance(data, (bytes, bytearray)) or len(data) > max_bytes:
+        raise SchemaError(f"{name} holds {len(data) if isinstance(data, (bytes, bytearray)) else '?'} bytes; "
+                          f"this round's plan allows at most {max_bytes}")
+    try:
+        meta_dtype = np.dtype(array.dtype)
+    except TypeError:
+        raise SchemaError(f"{name} declares dtype {array.dtype!r}, which is not a dtype") from None
+    if meta_dtype != dtype:
+        raise SchemaError(f"{name} has dtype {array.dtype}; the schema says {dtype}")
+    shape = tuple(array.shape)
+    if len(shape) != ndim or not all(isinstance(s, int) and s >= 0 for s in shape):
+        raise SchemaError(f"{name} declares shape {shape}; the schema says rank {ndim}")
+    buf = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(buf)
+        if version == (1, 0):
+            head_shape, fortran, head_dtype = np.lib.format.read_array_header_1_0(buf, max_header_size=_NPY_HEADER_MAX)
+        elif version == (2, 0):
+            head_shape, fortran, head_dtype = np.lib.format.read_array_header_2_0(buf, max_header_size=_NPY_HEADER_MAX)
+        else:
+            raise SchemaError(f"{name} is npy version {version}; accepted: 1.0, 2.0")
+    except SchemaError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - anything unparseable is a rejection
+        raise SchemaError(f"{name} is not a plain npy array: {type(exc).__name__}: {exc}") from None
+    if head_dtype != dtype or head_dtype.byteorder not in ("=", "<", "|") or fortran or tuple(head_shape) != shape:
+        raise SchemaError(f"{name}'s payload is {head_dtype.str} {tuple(head_shape)}{' (Fortran order)' if fortran else ''}; "
+                          f"its metadata says {dtype.str} {shape}")
+    payload = memoryview(data)[buf.tell():]
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(payload) != expected:
+        raise SchemaError(f"{name} carries {len(payload)} payload bytes; {shape} of {dtype} needs {expected}")
+    return np.frombuffer(payload, dtype=dtype).reshape(shape)
+
+
+def check_metrics(metrics: dict, *, examples: int, tokens: int) -> dict[str, float]:
+    """Every metric of the schema, of the right type and range, consistent with the arrays."""
+    missing = [k for k in REQUIRED_METRICS if k not in metrics]
+    unknown = sorted(set(metrics) - set(METRIC_RANGES))
+    if missing or unknown:
+        raise SchemaError(f"metrics: missing {missing}, not in the schema {unknown}")
+    out = {}
+    for key, value in metrics.items():
+        low, high, integer = METRIC_RANGES[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise SchemaError(f"metric {key}={value!r} is not a finite number")
+        if not low <= value <= high or (integer and float(value) != int(value)):
+            kind = "an integer" if integer else "a number"
+            raise SchemaError(f"metric {key}={value!r} is outside the accepted range: {kind} in [{low}, {high}]")
+        out[key] = float(value)
+    if out["num-examples"] != examples:
+        raise SchemaError(f"num-examples={metrics['num-examples']} but the release holds {examples} sequences")
+    if out["num-tokens"] != tokens:
+        raise SchemaError(f"num-tokens={metrics['num-tokens']} but the attention mask holds {tokens} real tokens")
+    return out
+
+
+def parse_release(content: RecordDict, plan: Plan) -> Release:
+    """Validate a device reply against the schema and ``plan``; return its tensors.
+
+    Raises :class:`SchemaError` for anything else, whatever the reply holds: no exception of any
+    other type escapes (a hostile reply is a rejection, never a crashed round).
+    """
+    try:
+        return _parse_release(content, plan)
+    except SchemaError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise SchemaError(f"unparseable reply: {type(exc).__name__}: {exc}") from None
+
+
+def _parse_release(content: RecordDict, plan: Plan) -> Release:
+    if not isinstance(content, RecordDict):
+        raise SchemaError(f"reply content is a {type(content).__name__}, not a RecordDict")
     if set(content.keys()) != {RELEASED, METRICS}:
         raise SchemaError(f"reply records {sorted(content.keys())} differ from the schema's {[METRICS, RELEASED]}")
     if RELEASED not in content.array_records or METRICS not in content.metric_records:
         raise SchemaError(f"reply needs ArrayRecord {RELEASED!r} and MetricRecord {METRICS!r}")
     record = content.array_records[RELEASED]
-    if set(record.keys()) != set(RELEASE_ARRAYS):
-        raise SchemaError(f"release arrays {sorted(record.keys())} differ from the schema's {sorted(RELEASE_ARRAYS)}")
-    arrays = {}
-    for key, dtype in RELEASE_ARRAYS.items():
-        if np.dtype(record[key].dtype) != dtype:
-            raise SchemaError(f"{key} has dtype {record[key].dtype}; the schema says {dtype}")
-        arrays[key] = record[key].numpy()
-    hidden, mask, labels = arrays[HIDDEN], arrays[MASK], arrays[LABELS]
-    if hidden.ndim != 3 or hidden.shape[2] != hidden_size:
-        raise SchemaError(f"hidden has shape {hidden.shape}; expected [N, T, {hidden_size}]")
+    wanted = {k: v for k, v in RELEASE_ARRAYS.items() if plan.num_labels or k != LABELS}
+    if set(record.keys()) != set(wanted):
+        raise SchemaError(f"release arrays {sorted(record.keys())} differ from the schema's {sorted(wanted)}")
+    budget = plan.max_bytes()
+    total = sum(len(record[k].data) for k in wanted if isinstance(getattr(record[k], "data", None), (bytes, bytearray)))
+    if total > budget:
+        raise SchemaError(f"release holds {total} bytes; this round's plan allows at most {budget}")
+    ranks = {HIDDEN: 3, MASK: 2, LABELS: 1}
+    arrays = {k: read_array(record[k], k, dtype, ranks[k], budget) for k, dtype in wanted.items()}
+    hidden, mask = arrays[HIDDEN], arrays[MASK]
+    if hidden.shape[2] != plan.hidden_size:
+        raise SchemaError(f"hidden has shape {hidden.shape}; expected [N, T, {plan.hidden_size}]")
     n, t = hidden.shape[:2]
     if n == 0 or t == 0:
         raise SchemaError(f"release is empty (hidden shape {hidden.shape})")
-    if mask.shape != (n, t) or labels.shape != (n,):
-        raise SchemaError(f"attention-mask {mask.shape} / labels {labels.shape} do not match hidden {hidden.shape}")
+    if n > plan.max_examples or t > plan.max_tokens:
+        raise SchemaError(f"release holds {n} sequences of {t} tokens; this round's plan allows at most "
+                          f"{plan.max_examples} of {plan.max_tokens}")
+    if mask.shape != (n, t):
+        raise SchemaError(f"attention-mask {mask.shape} does not match hidden {hidden.shape}")
+    labels = arrays.get(LABELS)
+    if labels is not None and labels.shape != (n,):
+        raise SchemaError(f"labels {labels.shape} do not match hidden {hidden.shape}")
     if not np.isfinite(hidden).all():
         raise SchemaError(f"hidden holds {int((~np.isfinite(hidden)).sum())} non-finite values")
+    if np.abs(hidden).max(initial=0.0) > plan.max_abs:
+        raise SchemaError(f"hidden holds values up to {float(np.abs(hidden).max()):.3g}; accepted: |value| <= {plan.max_abs:g}")
     if not np.isin(mask, (0, 1)).all() or (mask.sum(1) == 0).any():
         raise SchemaError("attention-mask must be 0/1 with at least one real token per sequence")
     if np.abs(hidden[mask == 0]).max(initial=0.0) != 0.0:
         raise SchemaError("hidden is not zero at padding positions")
-    if labels.min() < 0 or labels.max() >= num_labels:
-        raise SchemaError(f"labels span {labels.min()}..{labels.max()}; accepted: 0..{num_labels - 1}")
-    metrics = dict(content.metric_records[METRICS])
-    missing = [k for k in REQUIRED_METRICS if k not in metrics]
-    unknown = sorted(set(metrics) - set(REQUIRED_METRICS) - set(OPTIONAL_METRICS))
-    if missing or unknown:
-        raise SchemaError(f"metrics: missing {missing}, not in the schema {unknown}")
-    if int(metrics["num-examples"]) != n:
-        raise SchemaError(f"num-examples={metrics['num-examples']} but the release holds {n} sequences")
+    if labels is not None and (labels.min() < 0 or labels.max() >= plan.num_labels):
+        raise SchemaError(f"labels span {labels.min()}..{labels.max()}; accepted: 0..{plan.num_labels - 1}")
+    metrics = check_metrics(dict(content.metric_records[METRICS]), examples=n, tokens=int(mask.sum()))
     return Release(
         hidden=torch.from_numpy(hidden.copy()),
         attention_mask=torch.from_numpy(mask.astype(np.int64)),
-        labels=torch.from_numpy(labels.copy()),
-        metrics={k: float(v) for k, v in metrics.items()},
+        labels=None if labels is None else torch.from_numpy(labels.copy()),
+        metrics=metrics,
     )

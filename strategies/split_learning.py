@@ -24,8 +24,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from privtune_flwr.config import RunConfig
-from privtune_flwr.schema import Release, SchemaError, instruction, parse_release
-from privtune_flwr.cloud import CloudSide, classification_metrics
+from privtune_flwr.schema import Plan, Release, SchemaError, instruction, parse_release
+from privtune_flwr.cloud import CloudSide, NonFiniteUpdate, classification_metrics
 
 log = logging.getLogger("privtune_flwr.cloud")
 
@@ -60,15 +60,23 @@ class SplitLearningStrategy(Strategy):
     def _messages(self, node_ids: Iterable[int], server_round: int, num_batches: int, kind: str) -> list[Message]:
         return [Message(content=instruction(server_round, num_batches), message_type=kind, dst_node_id=n) for n in node_ids]
 
+    def plan(self, phase: str) -> Plan:
+        """The most a reply of ``phase`` may hold: what this strategy asked for."""
+        c = self.cfg
+        examples = c.batches_per_round * c.batch_size if phase == "train" else (c.eval_examples or c.reply_max_examples)
+        return Plan(hidden_size=self.cloud.split.hidden_size, num_labels=self.cloud.split.num_labels,
+                    max_examples=examples, max_tokens=c.max_length)
+
     def _valid_releases(self, server_round: int, phase: str, replies: Iterable[Message]) -> list[tuple[int, Release]]:
         valid = []
+        plan = self.plan(phase)
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
                 reason = f"device error: {reply.error.reason}"
             else:
                 try:
-                    valid.append((node, parse_release(reply.content, hidden_size=self.cloud.split.hidden_size, num_labels=self.cloud.split.num_labels)))
+                    valid.append((node, parse_release(reply.content, plan)))
                     continue
                 except SchemaError as exc:
                     reason = str(exc)
@@ -101,8 +109,18 @@ class SplitLearningStrategy(Strategy):
             return None, MetricRecord({"valid-replies": len(valid)})
         losses: list[float] = []
         t0 = time.perf_counter()
-        for _, rel in valid:
-            losses += self.cloud.train_on(rel.hidden, rel.attention_mask, rel.labels)
+        trained = []
+        for node, rel in valid:
+            try:
+                losses += self.cloud.train_on(rel.hidden, rel.attention_mask, rel.labels)
+                trained.append((node, rel))
+            except NonFiniteUpdate as exc:  # the reply's updates were undone; count it as rejected
+                log.warning("round %d train: rejected reply from device %d: %s", server_round, node, exc)
+                self.rejected.append({"round": server_round, "phase": "train", "device": node, "reason": str(exc)})
+        valid = trained
+        if not losses:
+            log.warning("round %d: no reply could be trained on; the top is not updated this round", server_round)
+            return None, MetricRecord({"valid-replies": 0})
         metrics = {
             "train-loss": sum(losses) / len(losses),
             "num-examples": float(sum(r.num_examples for _, r in valid)),

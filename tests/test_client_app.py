@@ -14,6 +14,7 @@ from privtune_flwr.cloud import CloudSide
 from strategies import SplitLearningStrategy
 
 NUM_NODES = 3
+PLAN = schema.Plan(hidden_size=384, num_labels=2, max_examples=4096, max_tokens=512)
 
 
 def _cfg(**kw):
@@ -60,7 +61,7 @@ def test_train_reply_carries_exactly_the_schema(minilm_split):
     content = reply.content
     assert set(content.keys()) == {schema.RELEASED, schema.METRICS}
     assert set(content.array_records[schema.RELEASED].keys()) == {"hidden", "attention-mask", "labels"}
-    rel = schema.parse_release(content, hidden_size=384, num_labels=2)
+    rel = schema.parse_release(content, PLAN)
     assert rel.num_examples == cfg.batches_per_round * cfg.batch_size
     # no integer array shaped like token ids, no strings anywhere in the reply
     assert not content.config_records
@@ -97,19 +98,19 @@ def test_consecutive_rounds_read_fresh_examples():
     seen = []
     for r in (1, 2):
         reply = grid.deliver([Message(content=schema.instruction(r, 2), message_type=MessageType.TRAIN, dst_node_id=1)])[0]
-        seen.append(schema.parse_release(reply.content, hidden_size=384, num_labels=2).hidden.sum().item())
+        seen.append(schema.parse_release(reply.content, PLAN).hidden.sum().item())
     assert seen[0] != seen[1]
 
 
 def test_dchi_release_and_self_audit():
     cfg = _cfg(defense="dchi", epsilon=1000.0, audit_tokens=64)
     reply = FakeGrid(cfg).deliver([Message(content=schema.instruction(1, 1), message_type=MessageType.TRAIN, dst_node_id=1)])[0]
-    rel = schema.parse_release(reply.content, hidden_size=384, num_labels=2)
+    rel = schema.parse_release(reply.content, PLAN)
     # little noise at eps=1000 (E||z|| = 0.38 vs ||h|| ~ 11): layer-1 tokens stay decodable
     assert rel.metrics["self-audit-knn"] > 0.5
     strong = _cfg(defense="dchi", epsilon=10.0, audit_tokens=64)
     reply = FakeGrid(strong).deliver([Message(content=schema.instruction(1, 1), message_type=MessageType.TRAIN, dst_node_id=1)])[0]
-    noisy = schema.parse_release(reply.content, hidden_size=384, num_labels=2).metrics["self-audit-knn"]
+    noisy = schema.parse_release(reply.content, PLAN).metrics["self-audit-knn"]
     assert noisy < rel.metrics["self-audit-knn"] - 0.2
 
 

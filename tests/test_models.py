@@ -39,7 +39,8 @@ def test_split_reproduces_unsplit_logits(family, task, where, minilm_tokenizer):
     m = {"zero": 0, "one": 1, "last": layers - 1}[where]
     hf = tiny_hf_model(family, task, layers=layers)
     reference = copy.deepcopy(hf)  # untouched by the graft and by LoRA
-    split = load_split("tiny", m, task, 2, hf_model=hf, tokenizer=copy.deepcopy(minilm_tokenizer))
+    protocol = "u-shaped" if task == "generation" else "vanilla"  # generation is u-shaped only
+    split = load_split("tiny", m, task, 2, hf_model=hf, tokenizer=copy.deepcopy(minilm_tokenizer), protocol=protocol)
     ids, mask = _batch()
     if family == "decoder":
         ids, mask = _left_pad(ids, mask)
@@ -120,12 +121,13 @@ def test_bad_model_and_task_names(minilm_tokenizer):
     with pytest.raises(ValueError, match="task='translate'"):
         load_split("minilm", 1, task="translate")
     with pytest.raises(ValueError, match="needs a decoder"):
-        load_split("tiny", 1, "generation", hf_model=tiny_hf_model("encoder"), tokenizer=minilm_tokenizer)
+        load_split("tiny", 1, "generation", hf_model=tiny_hf_model("encoder"), tokenizer=minilm_tokenizer,
+                   protocol="u-shaped")
 
 
 def test_real_smollm2_from_gguf_split_matches_unsplit():
     """The offline SmolLM2 (GGUF, dequantised once into the cache) splits exactly too."""
-    split = load_split("smollm2", 2, "generation")
+    split = load_split("smollm2", 2, "generation", protocol="u-shaped")
     assert (split.family, split.num_layers, split.hidden_size, split.vocab_size) == ("decoder", 30, 576, 49152)
     enc = split.tokenize(["The capital of France is", "Hello"], 16)
     with torch.no_grad():

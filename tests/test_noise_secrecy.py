@@ -24,6 +24,7 @@ from privtune_flwr.models import load_split
 from tests.conftest import tiny_hf_model
 
 PERMISSIVE = {"allowed-defenses": "*", "max-epsilon": float("inf"), "key-store": "memory"}
+PLAN = schema.Plan(hidden_size=384, num_labels=2, max_examples=4096, max_tokens=512)
 TIMINGS = ("bottom-seconds", "defense-seconds")
 
 
@@ -111,7 +112,7 @@ def _send(context, kind, server_round, batches=2):
     msg.metadata.__dict__["_message_id"] = msg.object_id
     reply = device_app.app(msg, context)
     assert not reply.has_error(), reply.error
-    return schema.parse_release(reply.content, hidden_size=384, num_labels=2)
+    return schema.parse_release(reply.content, PLAN)
 
 
 def _rows(rel) -> list[torch.Tensor]:

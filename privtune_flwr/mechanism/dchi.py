@@ -61,9 +61,9 @@ def dchi_from_stream(stream, count: int, dim: int, epsilon: float) -> torch.Tens
     the same draws as that example's row in :func:`sample_dchi_keyed`)."""
     epsilon = check_epsilon(epsilon)
     noise = stream.normal((int(count), int(dim)))
-    magnitude = (stream.gamma(int(count), float(dim)) / epsilon).to(torch.float32)
-    noise.mul_((magnitude / torch.linalg.vector_norm(noise, dim=-1).clamp_min(1e-12)).unsqueeze(-1))
-    return noise
+    scale = stream.gamma(int(count), float(dim)).to(torch.float32)  # the same rounding as the batched path
+    scale.div_(torch.linalg.vector_norm(noise, dim=-1).clamp_min_(1e-12)).div_(epsilon)
+    return noise.mul_(scale.unsqueeze(-1))
 
 
 def real_spans(attention_mask: torch.Tensor) -> list[tuple[int, int]] | None:

@@ -1,0 +1,126 @@
+"""The u-shaped split: labels and the loss stay on the device, and one step equals centralised LoRA."""
+
+from __future__ import annotations
+
+import copy
+import gc
+
+import pytest
+import torch
+
+from privtune_flwr.cloud import MiddleSide, task_loss
+from privtune_flwr.device import DeviceHead
+from privtune_flwr.models import load_split, position_ids
+from tests.conftest import tiny_hf_model
+
+CASES = [("encoder", "classification"), ("decoder", "classification"), ("decoder", "generation")]
+
+
+def _split(family, task, minilm_tokenizer, seed=0):
+    hf = tiny_hf_model(family, task, layers=3, seed=seed)
+    for module in hf.modules():  # no dropout: the two runs must see the same function
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    torch.manual_seed(seed)  # the LoRA initialisation
+    return load_split("tiny", 1, task, 2, hf_model=hf, tokenizer=copy.deepcopy(minilm_tokenizer), lora_rank=4,
+                      protocol="u-shaped")
+
+
+def _batch(split):
+    enc = split.tokenize(["a wonderful, moving film", "dull", "the plot is thin but the actors shine"], 16)
+    targets = torch.tensor([1, 0, 1]) if split.task == "classification" else enc["input_ids"]
+    return enc["input_ids"], enc["attention_mask"], targets
+
+
+@pytest.mark.parametrize("family,task", CASES)
+def test_u_shaped_composes_to_the_unsplit_model(family, task, minilm_tokenizer):
+    hf = tiny_hf_model(family, task, layers=3)
+    reference = copy.deepcopy(hf)
+    split = load_split("tiny", 1, task, 2, hf_model=hf, tokenizer=copy.deepcopy(minilm_tokenizer), protocol="u-shaped")
+    ids, mask, _ = _batch(split)
+    with torch.no_grad():
+        split.top.eval()
+        got = split.head(split.middle(split.bottom(ids, mask), mask), mask)
+        extra = {"position_ids": position_ids(mask)} if family == "decoder" else {}
+        want = reference(input_ids=ids, attention_mask=mask, **extra).logits
+    if task == "generation":
+        got, want = got[mask.bool()], want[mask.bool()]
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("family,task", CASES)
+def test_one_u_shaped_step_equals_centralised_lora_training(family, task, minilm_tokenizer):
+    """Same LoRA and head updates, within 1e-5 in float32, as one joint AdamW step on the model."""
+    central = _split(family, task, minilm_tokenizer)
+    split = copy.deepcopy(central)
+    ids, mask, targets = _batch(split)
+    lr = 1e-2
+
+    # centralised: one optimiser over every trainable weight, one backward through head(middle(.))
+    params = [p for p in central.middle.parameters() if p.requires_grad] + \
+             [p for p in central.head.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    hidden = central.bottom(ids, mask)
+    loss = task_loss(central.head(central.middle(hidden, mask), mask), mask, targets, task)
+    loss.backward()
+    opt.step()
+
+    # u-shaped: the cloud forwards, the device computes the loss and sends back only a gradient
+    cloud, device = MiddleSide(split, learning_rate=lr), DeviceHead(split, learning_rate=lr)
+    released = split.bottom(ids, mask)
+    outputs = cloud.forward("step-1", released, mask)
+    grad, device_loss = device.step(outputs, mask, targets)
+    cloud.backward("step-1", grad)
+    assert cloud.step()
+    assert device_loss == pytest.approx(float(loss), abs=1e-6)
+
+    before = _split(family, task, minilm_tokenizer)
+    for part in ("middle", "head"):
+        mine = {k: v for k, v in getattr(split, part).named_parameters() if v.requires_grad}
+        theirs = {k: v for k, v in getattr(central, part).named_parameters() if v.requires_grad}
+        start = {k: v for k, v in getattr(before, part).named_parameters() if v.requires_grad}
+        assert mine.keys() == theirs.keys() and mine
+        moved = 0
+        for k in mine:
+            assert torch.allclose(mine[k], theirs[k], atol=1e-5, rtol=0), (part, k, (mine[k] - theirs[k]).abs().max())
+            moved += not torch.equal(mine[k], start[k])
+        assert moved > 0, part  # the step really updated this part
+
+
+def test_middle_drops_bad_and_stale_gradients_without_leaking_graphs(minilm_tokenizer):
+    split = _split("encoder", "classification", minilm_tokenizer)
+    cloud = MiddleSide(split, learning_rate=1e-3)
+    ids, mask, _ = _batch(split)
+    hidden = split.bottom(ids, mask)
+    before = {k: v.clone() for k, v in split.trainable_state().items()}
+    with pytest.raises(KeyError, match="stale or unknown"):
+        cloud.backward("never-sent", torch.zeros(3, ids.shape[1], split.hidden_size))
+    out = cloud.forward("s1", hidden, mask)
+    with pytest.raises(ValueError, match="the outputs sent were"):
+        cloud.backward("s1", torch.zeros(2, *out.shape[1:]))
+    cloud.forward("s2", hidden, mask)
+    with pytest.raises(ValueError, match="non-finite"):
+        cloud.backward("s2", torch.full(out.shape, float("nan")))
+    assert not cloud.step()  # nothing accumulated: no update
+    assert all(torch.equal(before[k], v) for k, v in split.trainable_state().items())
+    # a device that never answers: its graph is dropped; memory stays flat over 100 such steps
+    from tests.test_fuzz import _rss_mb
+
+    for i in range(10):
+        cloud.forward(f"warm-{i}", hidden, mask)
+        cloud.drop(f"warm-{i}")
+    gc.collect()
+    start = _rss_mb()
+    for i in range(100):
+        cloud.forward(f"lost-{i}", hidden, mask)
+        cloud.drop(f"lost-{i}")
+    gc.collect()
+    assert not cloud.pending and _rss_mb() - start < 20
+
+
+def test_generation_with_the_vanilla_protocol_is_refused(minilm_tokenizer):
+    with pytest.raises(ValueError, match="needs protocol='u-shaped'"):
+        load_split("tiny", 1, "generation", hf_model=tiny_hf_model("decoder", "generation"),
+                   tokenizer=minilm_tokenizer)
+    with pytest.raises(ValueError, match="protocol='sideways'.*vanilla, u-shaped"):
+        load_split("tiny", 1, protocol="sideways", hf_model=tiny_hf_model("encoder"), tokenizer=minilm_tokenizer)
