@@ -20,23 +20,25 @@ import random
 import sys
 from dataclasses import dataclass
 
-from flwr.app import ConfigRecord, Context, Message
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from . import data
 from .config import RunConfig
 from .defenses import Defense
-from .device import DeviceSide, device_defense
+from .device import DeviceHead, DeviceSide, device_defense
 from .device_policy import DevicePolicy
 from .mechanism.noise_key import NoiseKey, ReleaseLedger
 from .models import SplitModel, load_split
-from .schema import read_instruction, release_content
+from .schema import (SchemaError, gradient_content, head_metrics_content, read_instruction, read_step,
+                     release_content)
 
 log = logging.getLogger(__name__)
 
 app = ClientApp()
 
-STATE = "device-state"  # context.state ConfigRecord: {"cursor", "epoch", "evaluations"}
+STATE = "device-state"  # context.state ConfigRecord: {"evaluations", "sent"}
 SECRET = "device-secret"  # context.state ConfigRecord {"key": bytes}: a simulated device's noise key
 
 _SPLITS: dict[tuple, SplitModel] = {}
@@ -51,13 +53,18 @@ class Node:
     test: object
     device: DeviceSide
     defense: Defense
+    head: DeviceHead | None = None  # u-shaped: the head's module, shared by the devices a process serves
 
 
 def _split(cfg: RunConfig, num_labels: int) -> SplitModel:
-    key = (cfg.model, cfg.split_layer, cfg.task, num_labels)
+    key = (cfg.model, cfg.split_layer, cfg.task, num_labels, cfg.protocol, cfg.lora_rank, cfg.seed)
     if key not in _SPLITS:
-        # The device never trains, so its copy carries no LoRA.
-        _SPLITS[key] = load_split(cfg.model, cfg.split_layer, cfg.task, num_labels, lora_rank=0, seed=cfg.seed)
+        if cfg.protocol == "vanilla":  # the device never trains: its copy carries no LoRA
+            split = load_split(cfg.model, cfg.split_layer, cfg.task, num_labels, lora_rank=0, seed=cfg.seed)
+        else:  # the device trains its head (a LoRA on a tied lm_head); it holds no middle
+            split = load_split(cfg.model, cfg.split_layer, cfg.task, num_labels, lora_rank=cfg.lora_rank, seed=cfg.seed,
+                               protocol="u-shaped").without_middle()
+        _SPLITS[key] = split
     return _SPLITS[key]
 
 
@@ -80,20 +87,34 @@ def load_node(cfg: RunConfig, pid: int, total: int) -> Node:
     if key in _NODES:
         return _NODES[key]
     ds = data.load_dataset(cfg.dataset, test_fraction=cfg.test_fraction, seed=cfg.seed, max_examples=cfg.max_examples or None)
+    if ds.task != cfg.task:
+        raise ValueError(f"dataset={cfg.dataset!r} is a {ds.task} task; the run config says task={cfg.task!r}")
+    if cfg.task == "classification" and ds.num_labels != cfg.num_labels:
+        raise ValueError(f"dataset={cfg.dataset!r} has {ds.num_labels} labels; the run config says num-labels={cfg.num_labels}")
     split = _split(cfg, ds.num_labels)
+    if cfg.task == "generation":  # a device fine-tunes on prompt + continuation
+        def joined(rows):
+            pairs = [data.generation_pair(cfg.dataset, t, g) for t, g in zip(rows["text"], rows["target"])]
+            return rows.add_column("sequence", [p + c for p, c in pairs]).add_column("prompt", [p for p, _ in pairs])
+
+        ds = data.TextDataset(ds.name, ds.task, joined(ds.train), joined(ds.test), ds.label_names, ds.attributes)
     train = data.partition(ds.train, total, pid, partitioner=cfg.partitioner, alpha=cfg.dirichlet_alpha, seed=cfg.seed)
     test = data.partition(ds.test, total, pid, partitioner="iid", seed=cfg.seed)
     if len(train) == 0:
         raise ValueError(f"partition {pid} of {total} of {cfg.dataset!r} is empty; use fewer devices")
     # The key is set per message (device_key); the placeholder here is never used to release.
-    defense = device_defense(cfg.defense, split, epsilon=cfg.epsilon, texts=train["text"], labels=train["label"],
+    texts = train["sequence"] if cfg.task == "generation" else train["text"]
+    labels = None if cfg.task == "generation" else train["label"]
+    defense = device_defense(cfg.defense, split, epsilon=cfg.epsilon, texts=texts, labels=labels,
                              task=cfg.task, max_length=cfg.max_length, release=cfg.release, **cfg.defense_options())
     anchors = getattr(defense, "anchors", None)
     if anchors is None and cfg.audit_tokens:
         from .mechanism.anchors import get_tables
 
         anchors = get_tables(split, k=cfg.k, n_hops=cfg.n_hops, max_neighbours=cfg.max_neighbours).anchors
-    node = Node(train, test, DeviceSide(split, defense, max_length=cfg.max_length, audit_tokens=cfg.audit_tokens, anchors=anchors), defense)
+    head = DeviceHead(split, learning_rate=cfg.learning_rate) if cfg.protocol == "u-shaped" else None
+    node = Node(train, test, DeviceSide(split, defense, max_length=cfg.max_length, audit_tokens=cfg.audit_tokens, anchors=anchors),
+                defense, head)
     _NODES[key] = node
     return node
 
@@ -165,8 +186,9 @@ def _count_releases(context: Context, size: int, idx: list[int]) -> int:
     return max(counts[i] for i in idx)
 
 
-def _release(msg: Message, context: Context, phase: str) -> Message:
-    """One device reply: this round's training batches, or the test split, released defended."""
+def _prepare(msg: Message, context: Context) -> tuple[RunConfig, int, int, Node, ReleaseLedger | None]:
+    """Everything a handler needs, after the device's own checks: the run config against its
+    floor, the instruction's shape, and its key (never derived from the message)."""
     cfg = RunConfig.from_flower(context.run_config)
     pid, total = partition_ids(context.node_config)
     policy = DevicePolicy.from_sources(context.node_config)
@@ -176,24 +198,39 @@ def _release(msg: Message, context: Context, phase: str) -> Message:
     node = load_node(cfg, pid, total)
     key, ledger = device_key(context, policy, cfg, pid)
     node.defense.key = key
-    if phase == "train":
-        idx = round_indices(len(node.train), server_round, max(1, num_batches) * cfg.batch_size, cfg.seed * 1_000 + pid)
-        rows = node.train.select(idx)
-    else:
-        if len(node.test) == 0:
-            raise ValueError(f"partition {pid} has no test examples")
-        idx = list(range(min(len(node.test), cfg.eval_examples or len(node.test))))
-        rows = node.test.select(idx)
-    rel = node.device.release(rows["text"], rows["label"])
+    return cfg, server_round, num_batches, node, ledger
+
+
+def _releases(cfg: RunConfig, context: Context, node: Node, ledger, phase: str, idx: list[int]) -> int:
+    """Distinct releases of any example just sent (for the privacy summary)."""
     if cfg.release == "fresh" or cfg.defense == "none":  # every send is a distinct release
         if phase == "train":
-            releases = _count_releases(context, len(node.train), idx)
-        else:
-            state = _state(context)
-            releases = state["evaluations"] = int(state["evaluations"]) + 1  # the same test split each time
-    else:  # release once: re-sends are the same tensor; only new configurations count
-        releases = 1 if ledger is None else ledger.record(node.defense.fingerprint().hex())
-    rel.metrics["releases-per-example-max"] = releases
+            return _count_releases(context, len(node.train), idx)
+        state = _state(context)
+        state["evaluations"] = int(state["evaluations"]) + 1  # the same test split each time
+        return int(state["evaluations"])
+    return 1 if ledger is None else ledger.record(node.defense.fingerprint().hex())  # release once
+
+
+def _test_indices(cfg: RunConfig, node: Node, pid: int) -> list[int]:
+    if len(node.test) == 0:
+        raise ValueError(f"partition {pid} has no test examples")
+    return list(range(min(len(node.test), cfg.eval_examples or len(node.test))))
+
+
+def _release(msg: Message, context: Context, phase: str) -> Message:
+    """One vanilla reply: this round's training batches, or the test split, released defended."""
+    cfg, server_round, num_batches, node, ledger = _prepare(msg, context)
+    if cfg.protocol != "vanilla":
+        raise SchemaError(f"a plain {phase!r} instruction belongs to the vanilla protocol; this run is {cfg.protocol!r}")
+    if phase == "train":
+        idx = round_indices(len(node.train), server_round, max(1, num_batches) * cfg.batch_size, cfg.seed * 1_000 + int(context.node_config["partition-id"]))
+        rows = node.train.select(idx)
+    else:
+        idx = _test_indices(cfg, node, int(context.node_config["partition-id"]))
+        rows = node.test.select(idx)
+    rel = node.device.release(rows["text"], rows["label"])
+    rel.metrics["releases-per-example-max"] = _releases(cfg, context, node, ledger, phase, idx)
     return Message(content=release_content(rel.hidden, rel.attention_mask, rel.labels, rel.metrics), reply_to=msg)
 
 
@@ -207,3 +244,118 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Release this device's test split (defended, as at inference) for the cloud to score."""
     return _release(msg, context, "evaluate")
+
+
+# ------------------------------------------------------------------------------------------------
+# u-shaped protocol: the device keeps its labels, its loss and its head
+# ------------------------------------------------------------------------------------------------
+
+PENDING = "u-pending"  # context.state ConfigRecord: the release awaiting the middle's outputs
+HEAD = "u-head"  # context.state ArrayRecord: this device's head weights and optimiser state
+GENERATED = "u-generated"  # context.state ConfigRecord: the sequences being generated
+
+
+def _load_head(context: Context, head: DeviceHead) -> None:
+    """Put this device's head (weights, optimiser state) into the process's shared module."""
+    record = context.state.array_records.get(HEAD)
+    if record is None:  # first use: the seeded initial head, a fresh optimiser
+        state = {k: v.clone() for k, v in head.initial.items()}
+        head.load({"weights": state, "optimizer": None})
+        return
+    arrays = {k: torch.from_numpy(v.numpy().copy()) for k, v in record.items()}
+    weights = {k[len("w."):]: v for k, v in arrays.items() if k.startswith("w.")}
+    optimizer = {k[len("o."):]: v for k, v in arrays.items() if k.startswith("o.")}
+    head.load({"weights": weights, "optimizer": optimizer or None})
+
+
+def _save_head(context: Context, head: DeviceHead) -> None:
+    state = head.dump()
+    arrays = {f"w.{k}": Array(v.contiguous().numpy()) for k, v in state["weights"].items()}
+    arrays.update({f"o.{k}": Array(v.contiguous().numpy()) for k, v in state["optimizer"].items()})
+    context.state.array_records[HEAD] = ArrayRecord(arrays)
+
+
+def _u_prepare(msg: Message, context: Context):
+    cfg, server_round, _, node, ledger = _prepare(msg, context)
+    if cfg.protocol != "u-shaped":
+        raise SchemaError(f"{msg.metadata.message_type!r} belongs to the u-shaped protocol; this run is {cfg.protocol!r}")
+    return cfg, node, ledger
+
+
+def _u_texts(cfg: RunConfig, rows) -> list[str]:
+    return list(rows["sequence"] if cfg.task == "generation" else rows["text"])
+
+
+def _u_forward(msg: Message, context: Context, phase: str) -> Message:
+    cfg, node, ledger = _u_prepare(msg, context)
+    server_round, step, _ = read_step(msg.content)
+    pid = int(context.node_config["partition-id"])
+    if phase == "train":
+        slot = (server_round - 1) * cfg.batches_per_round + step
+        idx = round_indices(len(node.train), slot + 1, cfg.batch_size, cfg.seed * 1_000 + pid)
+        rows = node.train.select(idx)
+    else:
+        idx = _test_indices(cfg, node, pid)
+        rows = node.test.select(idx)
+    rel = node.device.release(_u_texts(cfg, rows))  # labels stay here
+    rel.metrics["releases-per-example-max"] = _releases(cfg, context, node, ledger, phase, idx)
+    n, t = rel.attention_mask.shape
+    context.state.config_records[PENDING] = ConfigRecord(
+        {"phase": phase, "round": server_round, "step": step, "indices": idx, "n": n, "t": t})
+    return Message(content=release_content(rel.hidden, rel.attention_mask, None, rel.metrics), reply_to=msg)
+
+
+def _u_head(msg: Message, context: Context, phase: str) -> Message:
+    cfg, node, _ = _u_prepare(msg, context)
+    pending = context.state.config_records.get(PENDING)
+    if pending is None or pending["phase"] != phase:
+        raise SchemaError(f"no {phase} release is awaiting outputs on this device")
+    shape = (int(pending["n"]), int(pending["t"]), node.device.split.hidden_size)
+    server_round, step, outputs = read_step(msg.content, shape=shape)
+    if (server_round, step) != (int(pending["round"]), int(pending["step"])):
+        raise SchemaError(f"outputs for round {server_round} step {step}; this device awaits round "
+                          f"{pending['round']} step {pending['step']} (stale)")
+    del context.state.config_records[PENDING]
+    rows = (node.train if phase == "train" else node.test).select(list(pending["indices"]))
+    ids = node.device.encode(_u_texts(cfg, rows))
+    mask = torch.zeros(len(ids), shape[1], dtype=torch.long)
+    targets = torch.full((len(ids), shape[1]), node.device.split.tokenizer.pad_token_id or 0, dtype=torch.long)
+    left = node.device.split.family == "decoder"
+    for i, seq in enumerate(ids):  # the release's layout: left padding for decoders, right for encoders
+        span = slice(shape[1] - len(seq), shape[1]) if left else slice(0, len(seq))
+        mask[i, span], targets[i, span] = 1, torch.tensor(seq)
+    if cfg.task == "classification":
+        targets = torch.tensor(list(rows["label"]), dtype=torch.long)
+    head = node.head
+    _load_head(context, head)
+    if phase == "train":
+        grad, loss = head.step(outputs, mask, targets)
+        _save_head(context, head)
+        return Message(content=gradient_content(grad, {"num-examples": shape[0], "loss": loss}), reply_to=msg)
+    metrics = head.evaluate(outputs, mask, targets)
+    keep = {k: metrics[k] for k in ("loss", "accuracy", "macro-f1", "perplexity") if k in metrics}
+    return Message(content=head_metrics_content({"num-examples": shape[0], **keep}), reply_to=msg)
+
+
+@app.train("forward")
+def train_forward(msg: Message, context: Context) -> Message:
+    """u-shaped: release this step's batch (no labels); keep the batch to compute its loss."""
+    return _u_forward(msg, context, "train")
+
+
+@app.train("head")
+def train_head(msg: Message, context: Context) -> Message:
+    """u-shaped: the middle's outputs for the pending batch -> loss on the device's own labels, a
+    head update on the device, and the gradient with respect to the outputs back."""
+    return _u_head(msg, context, "train")
+
+
+@app.evaluate("forward")
+def evaluate_forward(msg: Message, context: Context) -> Message:
+    return _u_forward(msg, context, "evaluate")
+
+
+@app.evaluate("head")
+def evaluate_head(msg: Message, context: Context) -> Message:
+    """u-shaped: score the test release with the device's head; only aggregate metrics go back."""
+    return _u_head(msg, context, "evaluate")

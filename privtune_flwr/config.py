@@ -10,7 +10,8 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
-PROTOCOLS = ("vanilla",)
+PROTOCOLS = ("vanilla", "u-shaped")
+TASKS = ("classification", "generation")
 RELEASES = ("once", "fresh")
 PARTITIONERS = ("iid", "dirichlet")
 
@@ -21,6 +22,7 @@ class RunConfig:
     model: str = "minilm"
     split_layer: int = 1
     task: str = "classification"
+    num_labels: int = 2  # classes of a classification task (the cloud builds no head from data)
     max_length: int = 64
     # data and federation
     dataset: str = "rotten_tomatoes"
@@ -36,7 +38,9 @@ class RunConfig:
     batch_size: int = 16
     eval_examples: int = 0  # per device and evaluation; 0 = its whole test split
     reply_max_examples: int = 2048  # the most sequences the cloud reads from one evaluation reply
-    protocol: str = "vanilla"
+    protocol: str = "vanilla"  # "vanilla" (labels go to the cloud) | "u-shaped" (labels and loss stay on the device)
+    generate_samples: int = 3  # generation: texts a device generates before and after fine-tuning (0 = none)
+    max_new_tokens: int = 16  # generation: the longest generated continuation
     # cloud fine-tuning
     lora_rank: int = 8
     learning_rate: float = 1e-3
@@ -80,7 +84,15 @@ class RunConfig:
         _require(self.batch_size >= 1, "batch-size", self.batch_size, ">= 1")
         _require(self.eval_examples >= 0, "eval-examples", self.eval_examples, ">= 0 (0 = all)")
         _require(self.reply_max_examples >= 1, "reply-max-examples", self.reply_max_examples, ">= 1")
-        _require(self.protocol in PROTOCOLS, "protocol", self.protocol, " or ".join(PROTOCOLS))
+        _require(self.protocol in PROTOCOLS, "protocol", self.protocol, " or ".join(repr(p) for p in PROTOCOLS))
+        _require(self.task in TASKS, "task", self.task, " or ".join(repr(t) for t in TASKS))
+        _require(not (self.task == "generation" and self.protocol == "vanilla"), "protocol", self.protocol,
+                 "'u-shaped' for task='generation' (with the vanilla split the cloud would receive the labels, "
+                 "which for a language model are the text itself)")
+        _require(self.task == "generation" or self.num_labels >= 2, "num-labels", self.num_labels,
+                 ">= 2 for classification (the number of classes of the dataset)")
+        _require(0 <= self.generate_samples <= 64, "generate-samples", self.generate_samples, "0..64")
+        _require(1 <= self.max_new_tokens <= 256, "max-new-tokens", self.max_new_tokens, "1..256")
         _require(self.lora_rank >= 0, "lora-rank", self.lora_rank, ">= 0")
         _require(math.isfinite(self.learning_rate) and self.learning_rate > 0, "learning-rate", self.learning_rate, "(0, inf)")
         _require(math.isfinite(self.epsilon) and self.epsilon > 0, "epsilon", self.epsilon, "(0, inf)")

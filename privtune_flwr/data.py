@@ -56,6 +56,8 @@ DATASETS: tuple[str, ...] = (
     "drug_reviews",
     "political_debates",
     "political_speeches",
+    "rotten_tomatoes_continuation",
+    "imdb_continuation",
 )
 PARTITIONERS: tuple[str, ...] = ("iid", "dirichlet")
 # Extra seeds (derived from the caller's) tried when flwr's Dirichlet draws leave a device empty.
@@ -554,6 +556,41 @@ def _political_speeches() -> _Raw:
     return _Raw(frame, CLASSIFICATION, parties, ("speaker", "party"))
 
 
+CONTINUATION_WORDS = 24  # the most words a review continuation target holds
+IMDB_PROMPT_WORDS = 40
+
+
+def _continuation(source: str) -> _Raw:
+    """Review continuation: the start of a review is the prompt, the next words the target.
+
+    Rotten Tomatoes sentences are split in half (at least 4 prompt words); IMDB reviews give
+    their first 40 words and the 24 after them. The split is stratified by sentiment, with the
+    same seed and rows as the classification task, so tuned models are never tested on reviews
+    they saw in the other task.
+    """
+    raw = _movie_reviews(source)
+    prompts, targets, keep = [], [], []
+    for i, text in enumerate(raw.frame["text"]):
+        words = text.split()
+        cut = IMDB_PROMPT_WORDS if source == "imdb" else max(4, len(words) // 2)
+        if len(words) < cut + 2:
+            continue
+        prompts.append(" ".join(words[:cut]))
+        targets.append(" ".join(words[cut:cut + CONTINUATION_WORDS]))
+        keep.append(i)
+    frame = raw.frame.iloc[keep].reset_index(drop=True).assign(text=prompts, target=targets)
+    return _Raw(frame[["text", "target", "label"]], GENERATION, (), (), stratify="label")
+
+
+def generation_pair(name: str, text: str, target: str, *, prompt_words: int = 60) -> tuple[str, str]:
+    """``(prompt, continuation)`` of a generation example, as the device fine-tunes and prompts
+    with it: ``bbc_headlines`` becomes ``"Article: <first words of the lead>\nHeadline:"`` and
+    ``" <headline>"``; a continuation task is its prompt and ``" <continuation>"``."""
+    if name == "bbc_headlines":
+        return f"Article: {' '.join(text.split()[:prompt_words])}\nHeadline:", f" {target.strip()}"
+    return text, f" {target.strip()}"
+
+
 _OFFLINE_LOADERS = {
     "rotten_tomatoes": _rotten_tomatoes,
     "imdb": _imdb,
@@ -562,6 +599,8 @@ _OFFLINE_LOADERS = {
     "drug_reviews": _drug_reviews,
     "political_debates": _political_debates,
     "political_speeches": _political_speeches,
+    "rotten_tomatoes_continuation": lambda: _continuation("rotten_tomatoes"),
+    "imdb_continuation": lambda: _continuation("imdb"),
 }
 assert tuple(_OFFLINE_LOADERS) == DATASETS
 

@@ -75,20 +75,33 @@ class DeviceSide:
         """The padded width of an example of ``length`` tokens: a function of its length only."""
         return min(self.max_length, -(-length // self.bucket) * self.bucket)
 
-    @torch.no_grad()
-    def release(self, texts, labels=None) -> DeviceRelease:
-        """Release ``texts`` (and pass ``labels`` along, for the vanilla protocol)."""
+    def encode(self, texts) -> list[list[int]]:
+        """Token ids of ``texts`` as the device releases them (special tokens, truncation)."""
         texts = list(texts)
         if not texts:
             raise ValueError("release needs at least one text")
-        if labels is not None and len(labels) != len(texts):
-            raise ValueError(f"{len(labels)} labels for {len(texts)} texts")
+        return self.split.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+
+    @torch.no_grad()
+    def release(self, texts, labels=None) -> DeviceRelease:
+        """Release ``texts`` (and pass ``labels`` along, for the vanilla protocol)."""
+        return self.release_ids(self.encode(texts), labels)
+
+    @torch.no_grad()
+    def release_ids(self, encoded: list[list[int]], labels=None) -> DeviceRelease:
+        """Release already tokenised sequences (each at most ``max_length`` ids)."""
+        encoded = [list(e) for e in encoded]
+        if not encoded:
+            raise ValueError("release needs at least one text")
+        if labels is not None and len(labels) != len(encoded):
+            raise ValueError(f"{len(labels)} labels for {len(encoded)} texts")
+        if max(len(e) for e in encoded) > self.max_length:
+            raise ValueError(f"a sequence holds {max(len(e) for e in encoded)} ids; max_length is {self.max_length}")
         tok = self.split.tokenizer
-        encoded = tok(texts, truncation=True, max_length=self.max_length)["input_ids"]
         lengths = [len(e) for e in encoded]
         if min(lengths) == 0:
             raise ValueError("a text tokenised to no tokens at all")
-        n, t, d = len(texts), max(lengths), self.split.hidden_size
+        n, t, d = len(encoded), max(lengths), self.split.hidden_size
         left = getattr(tok, "padding_side", "right") == "left"
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         hidden = torch.zeros(n, t, d)
@@ -166,9 +179,36 @@ class DeviceHead:
         if split.head is None:
             raise ValueError("DeviceHead needs a u-shaped split (load_split(..., protocol='u-shaped'))")
         self.split = split
-        self.params = [p for p in split.head.parameters() if p.requires_grad]
+        self.learning_rate = learning_rate
+        self.named = {k: p for k, p in split.head.named_parameters() if p.requires_grad}
+        self.params = list(self.named.values())
         self.optimizer = torch.optim.AdamW(self.params, lr=learning_rate) if self.params else None
+        self.initial = {k: p.detach().clone() for k, p in self.named.items()}
         self.steps = 0
+
+    def dump(self) -> dict:
+        """The head's trainable weights and its optimiser state, as flat tensors (for storage)."""
+        optimizer = {}
+        if self.optimizer is not None:
+            for i, state in self.optimizer.state_dict()["state"].items():
+                for name, value in state.items():
+                    optimizer[f"{i}.{name}"] = torch.as_tensor(value).detach().clone()
+        return {"weights": {k: p.detach().clone() for k, p in self.named.items()}, "optimizer": optimizer}
+
+    def load(self, state: dict) -> None:
+        """Restore :meth:`dump` (``optimizer`` None: a fresh optimiser)."""
+        with torch.no_grad():
+            for k, p in self.named.items():
+                p.copy_(state["weights"][k])
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.learning_rate) if self.params else None
+        if state.get("optimizer") and self.optimizer is not None:
+            saved = {}
+            for key, value in state["optimizer"].items():
+                i, name = key.split(".", 1)
+                saved.setdefault(int(i), {})[name] = value
+            template = self.optimizer.state_dict()
+            template["state"] = saved
+            self.optimizer.load_state_dict(template)
 
     def step(self, outputs: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, float]:
         from .cloud import task_loss

@@ -263,6 +263,20 @@ class SplitModel:
         )
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
+    def without_middle(self) -> "SplitModel":
+        """A u-shaped device's copy: the bottom and the head only; the middle's blocks are freed
+        (the device neither needs nor holds them)."""
+        if self.protocol != "u-shaped":
+            raise ValueError("only a u-shaped split has a middle to drop")
+        base = getattr(self.full, self.full.base_model_prefix)
+        if self.family == "encoder":
+            base.encoder.layer = nn.ModuleList(list(base.encoder.layer)[: self.split_layer])
+        else:
+            base.layers = nn.ModuleList(list(base.layers)[: self.split_layer])
+        self.middle = None
+        self.top = None
+        return self
+
     @property
     def cloud_part(self) -> nn.Module:
         """What the cloud trains: the top (vanilla) or the middle (u-shaped)."""

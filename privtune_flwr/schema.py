@@ -6,8 +6,21 @@ Vanilla protocol, one round::
     device -> cloud  reply                  released: ArrayRecord   {hidden, attention-mask, labels}
                                             metrics : MetricRecord  {num-examples, num-tokens, ...}
 
-Nothing else travels: no token ids, no text, no anchors of the device's tokens. The cloud
-checks every reply against this schema (:func:`parse_release`) and rejects anything else.
+U-shaped protocol (labels and the loss stay on the device), one training step::
+
+    cloud -> device  "train.forward"        config  : {server-round, step}
+    device -> cloud  reply                  released: {hidden, attention-mask}    metrics
+    cloud -> device  "train.head"           config  : {server-round, step}   outputs: {outputs [N, T, d]}
+    device -> cloud  reply                  gradient: {gradient [N, T, d]}        metrics: {num-examples, loss}
+
+Evaluation is the same with "evaluate.forward" / "evaluate.head" (the head reply carries only
+metrics). Generation samples: "evaluate.prompt" (release of a few prompts), "evaluate.next"
+(outputs at the last position; the reply releases the new token's representation only), and
+"evaluate.finish" (aggregate scores). The device keeps what it generated.
+
+Nothing else travels: no token ids, no text, no labels in u-shaped replies, no anchors of the
+device's tokens. The cloud checks every reply against this schema (:func:`parse_release`,
+:func:`parse_gradient`) and rejects anything else.
 """
 
 from __future__ import annotations
@@ -271,3 +284,110 @@ def _parse_release(content: RecordDict, plan: Plan) -> Release:
         labels=None if labels is None else torch.from_numpy(labels.copy()),
         metrics=metrics,
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# u-shaped steps
+# ------------------------------------------------------------------------------------------------
+
+OUTPUTS = "outputs"  # cloud -> device: float32 [N, T, d], the middle's outputs for the device's release
+GRADIENT = "gradient"  # device -> cloud: float32 [N, T, d], d loss / d outputs
+HEAD_METRICS = {"num-examples": (1, math.inf, True), "loss": (0.0, math.inf, False), "accuracy": (0.0, 1.0, False),
+                "macro-f1": (0.0, 1.0, False), "perplexity": (1.0, math.inf, False), "rouge-l": (0.0, 1.0, False),
+                "num-tokens": (0, math.inf, True)}
+
+
+def step_instruction(server_round: int, step: int, outputs: torch.Tensor | None = None) -> RecordDict:
+    """A u-shaped instruction; ``outputs`` (the middle's, for the device's last release) if any."""
+    content = RecordDict({CONFIG: ConfigRecord({"server-round": int(server_round), "num-batches": 1, "step": int(step)})})
+    if outputs is not None:
+        content[OUTPUTS] = ArrayRecord({OUTPUTS: Array(outputs.detach().to(torch.float32).contiguous().numpy())})
+    return content
+
+
+def read_step(content: RecordDict, *, shape: tuple[int, ...] | None = None) -> tuple[int, int, torch.Tensor | None]:
+    """``(server-round, step, outputs)`` of a u-shaped instruction. ``shape``: the outputs the device
+    expects (its own pending release's ``[N, T, d]``); None when the instruction carries none."""
+    server_round, _ = read_instruction(content)
+    step = content.config_records[CONFIG].get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= 1_000_000:
+        raise SchemaError(f"step={step!r} must be an integer in 0..1000000")
+    expected = {CONFIG} | ({OUTPUTS} if shape is not None else set())
+    if set(content.keys()) != expected:
+        raise SchemaError(f"instruction records {sorted(content.keys())} differ from the schema's {sorted(expected)}")
+    if shape is None:
+        return server_round, step, None
+    record = content.array_records.get(OUTPUTS)
+    if record is None or set(record.keys()) != {OUTPUTS}:
+        raise SchemaError(f"instruction needs ArrayRecord {OUTPUTS!r} holding {OUTPUTS!r}")
+    budget = int(np.prod(shape)) * 4 + _NPY_HEADER_MAX
+    outputs = read_array(record[OUTPUTS], OUTPUTS, np.dtype("float32"), len(shape), budget)
+    if outputs.shape != tuple(shape):
+        raise SchemaError(f"outputs have shape {outputs.shape}; this device released {tuple(shape)}")
+    if not np.isfinite(outputs).all():
+        raise SchemaError("outputs hold non-finite values")
+    return server_round, step, torch.from_numpy(outputs.copy())
+
+
+def _head_metrics(metrics: dict[str, float]) -> MetricRecord:
+    unknown = set(metrics) - set(HEAD_METRICS)
+    if unknown:
+        raise SchemaError(f"metrics {sorted(unknown)} are not part of the schema")
+    return MetricRecord({k: float(v) for k, v in metrics.items()})
+
+
+def gradient_content(gradient: torch.Tensor, metrics: dict[str, float]) -> RecordDict:
+    """A device's answer to "train.head": the gradient for the outputs it was sent, and public
+    metrics (the batch's mean loss)."""
+    return RecordDict({GRADIENT: ArrayRecord({GRADIENT: Array(gradient.detach().to(torch.float32).contiguous().numpy())}),
+                       METRICS: _head_metrics(metrics)})
+
+
+def head_metrics_content(metrics: dict[str, float]) -> RecordDict:
+    """A device's answer to "evaluate.head" / "evaluate.finish": aggregate scores only."""
+    return RecordDict({METRICS: _head_metrics(metrics)})
+
+
+def parse_head_metrics(content: RecordDict, *, examples: int | None = None) -> dict[str, float]:
+    """The metrics of a head reply, each of the right type and range."""
+    try:
+        if not isinstance(content, RecordDict) or set(content.keys()) - {METRICS, GRADIENT} or METRICS not in content.metric_records:
+            raise SchemaError(f"reply records {sorted(getattr(content, 'keys', lambda: [])())} lack MetricRecord {METRICS!r}")
+        out = {}
+        for key, value in dict(content.metric_records[METRICS]).items():
+            if key not in HEAD_METRICS:
+                raise SchemaError(f"metric {key!r} is not part of the schema")
+            low, high, integer = HEAD_METRICS[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not low <= value <= high or (integer and float(value) != int(value)):
+                raise SchemaError(f"metric {key}={value!r} is outside the accepted range [{low}, {high}]")
+            out[key] = float(value)
+        if "num-examples" not in out or (examples is not None and out["num-examples"] != examples):
+            raise SchemaError(f"num-examples={out.get('num-examples')!r}; expected {examples}")
+        return out
+    except SchemaError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise SchemaError(f"unparseable reply: {type(exc).__name__}: {exc}") from None
+
+
+def parse_gradient(content: RecordDict, shape: tuple[int, ...]) -> tuple[torch.Tensor, dict[str, float]]:
+    """The gradient in a "train.head" reply, which must match the ``shape`` of the outputs sent."""
+    try:
+        if not isinstance(content, RecordDict) or set(content.keys()) != {GRADIENT, METRICS}:
+            raise SchemaError(f"reply records {sorted(content.keys())} differ from the schema's {[GRADIENT, METRICS]}")
+        record = content.array_records.get(GRADIENT)
+        if record is None or set(record.keys()) != {GRADIENT}:
+            raise SchemaError(f"reply needs ArrayRecord {GRADIENT!r} holding {GRADIENT!r}")
+        budget = int(np.prod(shape)) * 4 + _NPY_HEADER_MAX
+        grad = read_array(record[GRADIENT], GRADIENT, np.dtype("float32"), len(shape), budget)
+        if grad.shape != tuple(shape):
+            raise SchemaError(f"gradient has shape {grad.shape}; the outputs sent were {tuple(shape)}")
+        if not np.isfinite(grad).all():
+            raise SchemaError("gradient holds non-finite values")
+        metrics = parse_head_metrics(content, examples=shape[0])
+        return torch.from_numpy(grad.copy()), metrics
+    except SchemaError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise SchemaError(f"unparseable reply: {type(exc).__name__}: {exc}") from None

@@ -72,7 +72,24 @@ def _majority_share(parts) -> float:
 
 def test_offline_names():
     assert data.DATASETS == ("rotten_tomatoes", "imdb", "bbc_news", "bbc_headlines",
-                             "drug_reviews", "political_debates", "political_speeches")
+                             "drug_reviews", "political_debates", "political_speeches",
+                             "rotten_tomatoes_continuation", "imdb_continuation")
+
+
+@pytest.mark.parametrize("name", ["rotten_tomatoes_continuation", "imdb_continuation"])
+def test_review_continuation(name):
+    ds = data.load_dataset(name, max_examples=200)
+    source = data.load_dataset(name.replace("_continuation", ""))
+    assert (ds.task, ds.num_labels) == ("generation", 0)
+    whole = {" ".join(t.split()) for t in list(source.train["text"]) + list(source.test["text"])}
+    for text, target in list(zip(ds.train["text"], ds.train["target"]))[:50]:
+        assert text.split() and target.split() and len(target.split()) <= data.CONTINUATION_WORDS
+        assert any(w.startswith(f"{text} {target}") for w in whole)  # prompt + target: the review's start
+    prompt, continuation = data.generation_pair(name, "a quiet film", "that lingers")
+    assert (prompt, continuation) == ("a quiet film", " that lingers")
+    prompt, continuation = data.generation_pair("bbc_headlines", "Shares rose today. " * 50, "Markets up")
+    assert prompt.startswith("Article: Shares rose") and prompt.endswith("\nHeadline:") and len(prompt.split()) < 70
+    assert continuation == " Markets up"
 
 
 @pytest.mark.parametrize("name, expected_rows", [("rotten_tomatoes", 8_530), ("imdb", 25_000)])
