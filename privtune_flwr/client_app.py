@@ -16,6 +16,7 @@ a run config asking for less gets an error reply that names the floor.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import sys
 from dataclasses import dataclass
@@ -359,3 +360,101 @@ def evaluate_forward(msg: Message, context: Context) -> Message:
 def evaluate_head(msg: Message, context: Context) -> Message:
     """u-shaped: score the test release with the device's head; only aggregate metrics go back."""
     return _u_head(msg, context, "evaluate")
+
+
+# -- generation samples: the cloud runs the middle, the device decodes and keeps the text ----------
+
+
+def _generated_path(pid: int):
+    from pathlib import Path
+
+    from .device_policy import HOME_ENV
+
+    home = os.environ.get(HOME_ENV) or os.path.join(os.path.expanduser("~"), ".local", "share", "privtune_flwr")
+    return Path(home) / f"generated-{pid}.txt"
+
+
+@app.evaluate("prompt")
+def evaluate_prompt(msg: Message, context: Context) -> Message:
+    """Release the prompts of this device's first ``generate-samples`` test examples."""
+    cfg, node, ledger = _u_prepare(msg, context)
+    if cfg.task != "generation":
+        raise SchemaError("generation samples need task='generation'")
+    server_round, step, _ = read_step(msg.content)
+    count = min(cfg.generate_samples, len(node.test))
+    if count == 0:
+        raise SchemaError("this device has no test example to generate from")
+    rows = node.test.select(range(count))
+    budget = cfg.max_length - cfg.max_new_tokens
+    ids = [seq[-budget:] for seq in node.device.encode(list(rows["prompt"]))]
+    rel = node.device.release_ids(ids)
+    # a prompt is a new example (shorter than the test sequence it starts): one more release
+    rel.metrics["releases-per-example-max"] = _releases(cfg, context, node, ledger, "evaluate", []) + (
+        0 if cfg.release == "fresh" else 1)
+    context.state.config_records[GENERATED] = ConfigRecord(
+        {"round": server_round, "step": step, "n": count, "prompt": [len(x) for x in ids],
+         "ids": [i for seq in ids for i in seq]})
+    return Message(content=release_content(rel.hidden, rel.attention_mask, None, rel.metrics), reply_to=msg)
+
+
+def _generated(record) -> list[list[int]]:
+    flat, out, at = list(record["ids"]), [], 0
+    lengths = list(record["lengths"]) if "lengths" in record else list(record["prompt"])
+    for n in lengths:
+        out.append(flat[at:at + n])
+        at += n
+    return out
+
+
+@app.evaluate("next")
+def evaluate_next(msg: Message, context: Context) -> Message:
+    """The middle's output at each sequence's last position -> the next token (greedy, on the
+    device); reply with the representation of that new token only (each token is released once:
+    its noise is keyed by the text up to it)."""
+    cfg, node, _ = _u_prepare(msg, context)
+    record = context.state.config_records.get(GENERATED)
+    if record is None:
+        raise SchemaError("no generation is in progress on this device")
+    count, d = int(record["n"]), node.device.split.hidden_size
+    server_round, step, outputs = read_step(msg.content, shape=(count, 1, d))
+    if (server_round, step) != (int(record["round"]), int(record["step"]) + 1):
+        raise SchemaError(f"generation step {step} of round {server_round}; this device is at step {record['step']} (stale)")
+    seqs = _generated(record)
+    _load_head(context, node.head)
+    node.head.split.head.eval()
+    with torch.no_grad():
+        logits = node.head.split.head(outputs, torch.ones(count, 1, dtype=torch.long))[:, -1]
+    for seq, token in zip(seqs, logits.argmax(-1).tolist()):
+        seq.append(int(token))
+    rel = node.device.release_ids(seqs)
+    last = rel.hidden[:, -1:].contiguous()  # decoders pad on the left: the last column is each new token
+    record["step"], record["ids"] = step, [i for seq in seqs for i in seq]
+    record["lengths"] = [len(seq) for seq in seqs]
+    metrics = {"num-examples": float(count), "num-tokens": float(count)}
+    return Message(content=release_content(last, torch.ones(count, 1, dtype=torch.long), None, metrics), reply_to=msg)
+
+
+@app.evaluate("finish")
+def evaluate_finish(msg: Message, context: Context) -> Message:
+    """Decode what was generated, score it (ROUGE-L against the references) and keep the text on
+    the device (its log and ``generated-<partition>.txt``); only the score goes back."""
+    from rouge_score import rouge_scorer
+
+    cfg, node, _ = _u_prepare(msg, context)
+    record = context.state.config_records.pop(GENERATED, None)
+    if record is None:
+        raise SchemaError("no generation is in progress on this device")
+    tok = node.device.split.tokenizer
+    seqs, prompts = _generated(record), list(record["prompt"])
+    texts = [tok.decode(seq[n:], skip_special_tokens=True).split("\n")[0].strip() for seq, n in zip(seqs, prompts)]
+    refs = [t.strip() for t in node.test.select(range(len(texts)))["target"]]
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    rouge = sum(scorer.score(r, t)["rougeL"].fmeasure for r, t in zip(refs, texts)) / len(texts)
+    pid = int(context.node_config["partition-id"])
+    path = _generated_path(pid)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        for text, ref in zip(texts, refs):
+            fh.write(f"round {record['round']}\tgenerated: {text}\treference: {ref}\n")
+    log.info("device %d generated (kept on the device, %s): %s", pid, path, texts)
+    return Message(content=head_metrics_content({"num-examples": float(len(texts)), "rouge-l": rouge}), reply_to=msg)

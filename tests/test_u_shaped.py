@@ -124,3 +124,28 @@ def test_generation_with_the_vanilla_protocol_is_refused(minilm_tokenizer):
                    tokenizer=minilm_tokenizer)
     with pytest.raises(ValueError, match="protocol='sideways'.*vanilla, u-shaped"):
         load_split("tiny", 1, protocol="sideways", hf_model=tiny_hf_model("encoder"), tokenizer=minilm_tokenizer)
+
+
+def test_returned_gradients_reveal_labels_to_the_cloud(minilm_tokenizer):
+    """The gradient the device returns is a release too: the direction attack reads the labels."""
+    from privtune_flwr.attacks.gradient import label_inference
+
+    split = _split("encoder", "classification", minilm_tokenizer)
+    cloud, device = MiddleSide(split, learning_rate=1e-3), DeviceHead(split, learning_rate=1e-3)
+    texts = [f"review number {i} {'great fun' if i % 2 else 'dull mess'} with words" for i in range(48)]
+    labels = torch.tensor([i % 2 for i in range(48)])
+    gen = torch.Generator().manual_seed(0)
+    steps = []
+    for start in range(0, 48, 12):
+        order = torch.randperm(12, generator=gen) + start
+        enc = split.tokenize([texts[i] for i in order], 16)
+        out = cloud.forward(f"s{start}", split.bottom(enc["input_ids"], enc["attention_mask"]), enc["attention_mask"])
+        grad, _ = device.step(out, enc["attention_mask"], labels[order])
+        cloud.backward(f"s{start}", grad)
+        cloud.step()
+        steps.append((grad, labels[order]))
+    result = label_inference(steps)
+    assert result["accuracy"] > 0.9 and result["auc"] > 0.9  # the labels leak through the gradient
+    # random gradients carry no label: the attack falls to about chance
+    noise = [(torch.randn(g.shape, generator=gen), y) for g, y in steps]
+    assert label_inference(noise)["auc"] < 0.85
