@@ -20,7 +20,7 @@ from . import data
 from .config import RunConfig
 from .defenses import Defense
 from .models import SplitModel, load_split
-from .schema import read_instruction, release_content
+from .schema import device_identity, read_instruction, release_content
 from .training import DeviceSide, device_defense
 
 log = logging.getLogger(__name__)
@@ -149,3 +149,9 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Release this device's test split (defended, as at inference) for the cloud to score."""
     return _release(msg, context, "evaluate")
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Say which data partition this device holds; the cloud orders devices by it."""
+    return Message(content=device_identity(*partition_ids(context.node_config)), reply_to=msg)

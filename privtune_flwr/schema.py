@@ -6,6 +6,14 @@ Vanilla protocol, one round::
     device -> cloud  reply                  released: ArrayRecord   {hidden, attention-mask, labels}
                                             metrics : MetricRecord  {num-examples, num-tokens, ...}
 
+Once per device, before it is first sampled::
+
+    cloud -> device  "query"                (empty)
+    device -> cloud  reply                  device  : MetricRecord  {partition-id, num-partitions}
+
+so that the cloud orders devices by their data partition, not by the node ids Flower draws at
+random for every run (a seeded run then samples and trains in the same order each time).
+
 Nothing else travels: no token ids, no text, no anchors of the device's tokens. The cloud
 checks every reply against this schema (:func:`parse_release`) and rejects anything else.
 """
@@ -21,6 +29,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 CONFIG = "config"
 RELEASED = "released"
 METRICS = "metrics"
+DEVICE = "device"
 
 HIDDEN = "hidden"  # float32 [N, T, d], zero at padding
 MASK = "attention-mask"  # int8 [N, T], 1 = real token
@@ -135,3 +144,22 @@ def parse_release(content: RecordDict, *, hidden_size: int, num_labels: int) -> 
         labels=torch.from_numpy(labels.copy()),
         metrics={k: float(v) for k, v in metrics.items()},
     )
+
+
+def device_identity(partition_id: int, num_partitions: int) -> RecordDict:
+    """A device's answer to the cloud's query: which partition of the data it holds."""
+    return RecordDict({DEVICE: MetricRecord({"partition-id": int(partition_id), "num-partitions": int(num_partitions)})})
+
+
+def read_device_identity(content: RecordDict) -> int:
+    """The partition id in a device's answer; :class:`SchemaError` if the answer is malformed."""
+    if set(content.keys()) != {DEVICE} or DEVICE not in content.metric_records:
+        raise SchemaError(f"identity reply records {sorted(content.keys())} differ from the schema's [{DEVICE!r}]")
+    record = content.metric_records[DEVICE]
+    try:
+        pid, total = int(record["partition-id"]), int(record["num-partitions"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SchemaError(f"identity reply is malformed: {exc}") from None
+    if not 0 <= pid < total:
+        raise SchemaError(f"partition-id={pid} is outside 0..{total - 1}")
+    return pid

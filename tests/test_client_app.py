@@ -45,6 +45,9 @@ class FakeGrid:
             replies[-1].metadata.__dict__["_src_node_id"] = m.metadata.dst_node_id
         return replies
 
+    def send_and_receive(self, messages, *, timeout=None):
+        return self.deliver(list(messages))
+
 
 def test_train_reply_carries_exactly_the_schema(minilm_split):
     cfg = _cfg()
