@@ -83,6 +83,10 @@ def parse_pairs(text: str, what: str) -> dict:
 
     if not text.strip():
         return {}
+    # Flower's parser skips what is not key=value without a word; here it is an error.
+    leftover = re.sub(r"""(\S+?)=('[^']*'|"[^"]*"|\S+)""", " ", text).split()
+    if leftover:
+        raise ValueError(f"{what} {text!r} is not a list of key=value pairs ({' '.join(leftover)!r} is not one)")
     try:
         return dict(parse_config_args([text]))
     except Exception as exc:  # noqa: BLE001 - Flower raises several kinds for bad syntax

@@ -29,10 +29,15 @@ _OUT_OF_MEMORY = re.compile(r"OutOfMemoryError|running low on memory|killed due 
 _EXCEPTION_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt))(?::\s*(.*))?$")
 
 
+DEVICE_ERROR = "device error: "  # how the strategy labels an error reply (as against a malformed one)
+
+
 def short_cause(reason: str, width: int = 160) -> str:
-    """One line for a device error: the exception that ended it, not the traceback around it."""
+    """One line for a rejected reply: the exception that ended it, not the traceback around it."""
+    label = DEVICE_ERROR if reason.startswith(DEVICE_ERROR) else ""
+    reason = reason[len(label):]
     if _OUT_OF_MEMORY.search(reason):
-        return "the device's worker was killed for lack of memory (Ray OutOfMemoryError)"
+        return label + "the device's worker was killed for lack of memory (Ray OutOfMemoryError)"
     lines = [line.strip() for line in reason.splitlines() if line.strip()]
     found = [m for m in map(_EXCEPTION_LINE.match, lines) if m]
     if found:
@@ -40,6 +45,7 @@ def short_cause(reason: str, width: int = 160) -> str:
         line = f"{name.rsplit('.', 1)[-1]}: {text}" if text else name.rsplit(".", 1)[-1]
     else:
         line = lines[0] if lines else "(no reason given)"
+    line = label + line
     return line if len(line) <= width else line[: width - 1] + "…"
 
 

@@ -28,7 +28,7 @@ from privtune_flwr.config import RunConfig
 from privtune_flwr.schema import Release, SchemaError, instruction, parse_release, read_device_identity
 from privtune_flwr.training import CloudSide, classification_metrics
 
-from .reporting import RejectedReplies
+from .reporting import DEVICE_ERROR, RejectedReplies
 
 log = logging.getLogger("privtune_flwr.cloud")
 
@@ -90,7 +90,7 @@ class SplitLearningStrategy(Strategy):
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
-                reason = f"device error: {reply.error.reason}"
+                reason = DEVICE_ERROR + str(reply.error.reason)
             else:
                 try:
                     valid.append((node, parse_release(reply.content, hidden_size=self.cloud.split.hidden_size, num_labels=self.cloud.split.num_labels)))

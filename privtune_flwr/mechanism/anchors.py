@@ -294,6 +294,8 @@ def build_tables(split: SplitModel, *, k: int = 8, n_hops: int = 2, max_neighbou
         anchors = build_anchors(split, progress=step("anchors"))
         knn, _ = knn_graph(anchors, k, progress=step("knn"))
         rings, sizes, hops = indirect_rings(knn, anchors, n_hops, max_neighbours, progress=step("rings"))
+        if bar is not None:
+            bar.update(bar.total - bar.n)  # the stage weights are floats: end on exactly 100%
     finally:
         if bar is not None:
             bar.close()
@@ -385,7 +387,6 @@ def _progress_bar(split: SplitModel):
         bar_format="{desc}: {percentage:3.0f}%|{bar:20}| {elapsed} elapsed, {remaining} left",
         file=sys.stderr if tty else _Lines(sys.stderr),
         mininterval=0.5 if tty else 10.0,
-        ncols=None if tty else 120,
     )
 
 
