@@ -43,7 +43,7 @@ def test_readme_recipes_use_only_flags_flower_has(name):
                     assert flag in helps[key], f"`{key}` has no {flag}"
                     checked += 1
                 break
-    assert checked >= (2 if name == "simulation" else 15)
+    assert checked >= (2 if name == "simulation" else 12)
 
 
 def test_requires_python_matches_the_dependencies():
