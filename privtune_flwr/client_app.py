@@ -32,8 +32,8 @@ from .device import DeviceHead, DeviceSide, device_defense
 from .device_policy import DevicePolicy
 from .mechanism.noise_key import NoiseKey, ReleaseLedger
 from .models import SplitModel, load_split
-from .schema import (SchemaError, gradient_content, head_metrics_content, read_instruction, read_step,
-                     release_content)
+from .schema import (SchemaError, device_identity, gradient_content, head_metrics_content, read_instruction,
+                     read_step, release_content)
 
 log = logging.getLogger(__name__)
 
@@ -458,3 +458,9 @@ def evaluate_finish(msg: Message, context: Context) -> Message:
             fh.write(f"round {record['round']}\tgenerated: {text}\treference: {ref}\n")
     log.info("device %d generated (kept on the device, %s): %s", pid, path, texts)
     return Message(content=head_metrics_content({"num-examples": float(len(texts)), "rouge-l": rouge}), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Say which data partition this device holds; the cloud orders devices by it."""
+    return Message(content=device_identity(*partition_ids(context.node_config)), reply_to=msg)

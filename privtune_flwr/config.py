@@ -6,6 +6,7 @@ checks this); Flower's hyphenated keys map to the underscored field names.
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
@@ -14,6 +15,12 @@ PROTOCOLS = ("vanilla", "u-shaped")
 TASKS = ("classification", "generation")
 RELEASES = ("once", "fresh")
 PARTITIONERS = ("iid", "dirichlet")
+# The names of ``defenses.DEFENSES`` (a test keeps the two equal). Spelled out here so that a
+# launcher can check a run's configuration in a fraction of a second, without importing torch.
+DEFENSE_NAMES = (
+    "none", "dchi", "gaussian", "privtune", "privtune-noimp", "privtune-nomean",
+    "privtune-random-target", "privtune-sampled-target",
+)
 
 
 @dataclass(frozen=True)
@@ -32,7 +39,9 @@ class RunConfig:
     dirichlet_alpha: float = 0.5
     num_rounds: int = 5
     devices_per_round: int = 5
-    min_devices: int = 10  # wait until this many devices are connected before sampling
+    # Sampling waits until this many devices are connected, and a run goes on while this many
+    # stay connected, so it is below the number of devices a federation starts with.
+    min_devices: int = 5
     min_replies: int = 1  # a round goes on while at least this many valid replies arrive
     batches_per_round: int = 8
     batch_size: int = 16
@@ -93,6 +102,7 @@ class RunConfig:
                  ">= 2 for classification (the number of classes of the dataset)")
         _require(0 <= self.generate_samples <= 64, "generate-samples", self.generate_samples, "0..64")
         _require(1 <= self.max_new_tokens <= 256, "max-new-tokens", self.max_new_tokens, "1..256")
+        _require(self.defense in DEFENSE_NAMES, "defense", self.defense, ", ".join(DEFENSE_NAMES))
         _require(self.lora_rank >= 0, "lora-rank", self.lora_rank, ">= 0")
         _require(math.isfinite(self.learning_rate) and self.learning_rate > 0, "learning-rate", self.learning_rate, "(0, inf)")
         _require(math.isfinite(self.epsilon) and self.epsilon > 0, "epsilon", self.epsilon, "(0, inf)")
@@ -109,7 +119,7 @@ class RunConfig:
         for key, value in run_config.items():
             name = key.replace("-", "_")
             if name not in known:
-                raise ValueError(f"unknown run-config key {key!r}; accepted: {', '.join(sorted(k.replace('_', '-') for k in known))}")
+                raise ValueError(unknown_key_message(key, [k.replace("_", "-") for k in known]))
             values[name] = _coerce(key, value, type(getattr(cls, name)))
         return cls(**values)
 
@@ -125,8 +135,29 @@ class RunConfig:
             "mu": self.mu, "s_min": self.s_min, "alpha": self.alpha, "importance_levels": self.importance_levels,
         }
 
+    def defense_summary(self) -> str:
+        """The defence and only the settings it uses, e.g. ``defense=dchi eps=64``."""
+        if self.defense == "none":
+            return "defense=none (representations released without noise)"
+        shown = {"eps": f"{self.epsilon:g}"}
+        if self.defense == "gaussian":
+            shown.update(delta=f"{self.delta:g}", clip=f"{self.clip:g}" if self.clip else "auto")
+        elif self.defense.startswith("privtune"):
+            shown.update({"n-hops": self.n_hops, "k": self.k, "s-min": f"{self.s_min:g}", "radius-scale": f"{self.radius_scale:g}"})
+        shown["release"] = self.release
+        text = f"defense={self.defense} " + " ".join(f"{k}={v}" for k, v in shown.items())
+        return text + (" REPRODUCIBLE NOISE (not private against the operator)" if self.reproducible_noise else "")
+
     def to_flower(self) -> dict[str, Any]:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+
+def unknown_key_message(key: str, accepted: list[str]) -> str:
+    """"unknown key 'num-round'; did you mean 'num-rounds'?", else the accepted keys."""
+    close = difflib.get_close_matches(key, accepted, n=1, cutoff=0.6)
+    if close:
+        return f"unknown key {key!r}; did you mean {close[0]!r}?"
+    return f"unknown key {key!r}; accepted: {', '.join(sorted(accepted))}"
 
 
 def _coerce(key: str, value: Any, kind: type) -> Any:

@@ -17,12 +17,14 @@ masks, position ids and rotary embeddings are built exactly as the unsplit model
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import logging
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -302,6 +304,36 @@ class SplitModel:
                 params[key].copy_(value)
 
 
+# A fresh task head is what fine-tuning starts from, and decoders carry no pooler: keys of these
+# kinds missing from a checkpoint (or left over in it) are expected, anything else is reported.
+_EXPECTED_LOADING_GAPS = ("classifier.", "score.", "pooler.", "lm_head.")
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' weight-loading progress bar and load report, off for one load."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _report_unexpected_loading(model: str, info: dict) -> None:
+    """Warn about checkpoint keys that were missing or unused, beyond the expected head/pooler."""
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(k) for k in info.get(kind) or ())
+        odd = [k for k in keys if not any(part in k for part in _EXPECTED_LOADING_GAPS)]
+        if odd:
+            log.warning("model %r: %d %s when loading, e.g. %s", model, len(odd), kind.replace("_", " "), odd[:3])
+
+
 def _family(model: nn.Module) -> str:
     base = getattr(model, model.base_model_prefix)
     if hasattr(base, "encoder") and hasattr(base.encoder, "layer") and hasattr(base, "embeddings"):
@@ -364,11 +396,14 @@ def load_split(
                 f"{', '.join(OFFLINE_MODELS)} (offline), a Hugging Face id (needs network) or a local folder"
             ) from exc
         torch.manual_seed(seed)  # the fresh head is initialised reproducibly
-        if task == "classification":
-            hf_model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch.float32)
-        else:
-            hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        with _quiet_transformers():
+            if task == "classification":
+                hf_model, info = AutoModelForSequenceClassification.from_pretrained(
+                    path, num_labels=num_labels, dtype=torch.float32, output_loading_info=True)
+            else:
+                hf_model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        _report_unexpected_loading(model, info)
         del config
     if tokenizer is None:
         raise ValueError("a tokenizer must be given together with hf_model")
@@ -416,7 +451,9 @@ def load_split(
             target_modules=list(LORA_TARGETS[family]),
             modules_to_save=[head] if head else None,
         )
-        top_model = get_peft_model(top_model, lora)
+        with warnings.catch_warnings():  # peft reads a property transformers 5 has deprecated
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            top_model = get_peft_model(top_model, lora)
     else:  # no blocks above the split (or LoRA off): only the task head trains
         top_model.requires_grad_(False)
         if head:

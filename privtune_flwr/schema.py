@@ -18,6 +18,14 @@ metrics). Generation samples: "evaluate.prompt" (release of a few prompts), "eva
 (outputs at the last position; the reply releases the new token's representation only), and
 "evaluate.finish" (aggregate scores). The device keeps what it generated.
 
+Once per device, before it is first sampled::
+
+    cloud -> device  "query"                (empty)
+    device -> cloud  reply                  device  : MetricRecord  {partition-id, num-partitions}
+
+so that the cloud orders devices by their data partition, not by the node ids Flower draws at
+random for every run (a seeded run then samples and trains in the same order each time).
+
 Nothing else travels: no token ids, no text, no labels in u-shaped replies, no anchors of the
 device's tokens. The cloud checks every reply against this schema (:func:`parse_release`,
 :func:`parse_gradient`) and rejects anything else.
@@ -36,6 +44,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 CONFIG = "config"
 RELEASED = "released"
 METRICS = "metrics"
+DEVICE = "device"
 
 HIDDEN = "hidden"  # float32 [N, T, d], zero at padding
 MASK = "attention-mask"  # int8 [N, T], 1 = real token
@@ -391,3 +400,20 @@ def parse_gradient(content: RecordDict, shape: tuple[int, ...]) -> tuple[torch.T
         raise
     except Exception as exc:  # noqa: BLE001
         raise SchemaError(f"unparseable reply: {type(exc).__name__}: {exc}") from None
+def device_identity(partition_id: int, num_partitions: int) -> RecordDict:
+    """A device's answer to the cloud's query: which partition of the data it holds."""
+    return RecordDict({DEVICE: MetricRecord({"partition-id": int(partition_id), "num-partitions": int(num_partitions)})})
+
+
+def read_device_identity(content: RecordDict) -> int:
+    """The partition id in a device's answer; :class:`SchemaError` if the answer is malformed."""
+    if set(content.keys()) != {DEVICE} or DEVICE not in content.metric_records:
+        raise SchemaError(f"identity reply records {sorted(content.keys())} differ from the schema's [{DEVICE!r}]")
+    record = content.metric_records[DEVICE]
+    try:
+        pid, total = int(record["partition-id"]), int(record["num-partitions"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SchemaError(f"identity reply is malformed: {exc}") from None
+    if not 0 <= pid < total:
+        raise SchemaError(f"partition-id={pid} is outside 0..{total - 1}")
+    return pid

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import random
 import resource
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from strategies import SplitLearningStrategy
+from strategies.reporting import NOT_REACHED, ProgressGrid, incomplete_rounds, last_evaluation
 
 from . import data
 from .accounting import is_finite_number, run_summary, statement_for_config
@@ -49,31 +54,80 @@ def _console_log() -> None:
     log.propagate = False
 
 
+def new_run_folder(base: str | Path) -> Path:
+    """A fresh folder for one run, ``<base>/<YYYYmmdd-HHMMSS>`` (``-2``, ``-3``... if taken)."""
+    base = Path(base).expanduser().resolve()
+    base.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1, 1000):
+        folder = base / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"no free run folder name under {base}")
+
+
+def mark_latest(folder: Path) -> None:
+    """Point ``<base>/latest`` at ``folder`` (atomically: readers see the old or the new run)."""
+    tmp = folder.parent / f".latest-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(folder.name)
+    os.replace(tmp, folder.parent / "latest")
+
+
+def seed_cloud(seed: int) -> None:
+    """Same seed, same machine, same cloud: initialisation, dropout and sampling are seeded and
+    torch uses deterministic algorithms (a warning, not an error, where it has none)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     t0 = time.perf_counter()
     cfg = RunConfig.from_flower(context.run_config)
     _console_log()
+    seed_cloud(cfg.seed)
+    out = new_run_folder(cfg.output_dir)
+    log.info("run folder: %s", out)
+    log.info("loading %s, split after block %d, and the %s data...", cfg.model, cfg.split_layer, cfg.dataset)
     # The number of classes is task metadata the cloud must know to build its head.
     num_labels = data.load_dataset(cfg.dataset, test_fraction=cfg.test_fraction, seed=cfg.seed, max_examples=cfg.max_examples or None).num_labels
     split = load_split(cfg.model, cfg.split_layer, cfg.task, num_labels, lora_rank=cfg.lora_rank, seed=cfg.seed)
     cloud = CloudSide(split, learning_rate=cfg.learning_rate, batch_size=cfg.batch_size, seed=cfg.seed)
-    out = Path(cfg.output_dir).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    log.info("model ready in %.1f s; the devices load theirs when first asked", time.perf_counter() - t0)
     strategy = SplitLearningStrategy(cloud, cfg, output_dir=out)
-    strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord({k: v.contiguous() for k, v in split.trainable_state().items()}),
-        num_rounds=cfg.num_rounds,
-        timeout=cfg.timeout,
-    )
+    error = None
+    try:
+        strategy.start(
+            grid=ProgressGrid(grid),
+            initial_arrays=ArrayRecord({k: v.contiguous() for k, v in split.trainable_state().items()}),
+            num_rounds=cfg.num_rounds,
+            timeout=cfg.timeout,
+        )
+    except Exception as exc:  # noqa: BLE001 - the results say what happened, then the run fails
+        error = exc
     history = strategy.history
-    final = history[-1] if history else {}
+    failed = incomplete_rounds(history, strategy.rejected, cfg.num_rounds)
+    if error is not None:  # the round it stopped in is the first incomplete one
+        cause = f"{type(error).__name__}: {error}"
+        if failed:
+            failed[0]["causes"] = [cause] + [c for c in failed[0]["causes"] if c != NOT_REACHED]
+        else:
+            failed = [{"round": cfg.num_rounds, "did-not": ["finish"], "causes": [cause]}]
+    final = last_evaluation(history)
     summary = {
+        "status": "failed" if failed else "completed",
+        "failed-rounds": failed,
         "config": cfg.to_flower(),
         "rounds": history,
-        "rejected-replies": strategy.rejected,
+        "rejected-replies": strategy.rejected.as_records(),
         "final": {
+            "round": final.get("round"),
             "test-accuracy": final.get("test-accuracy"),
             "test-macro-f1": final.get("test-macro-f1"),
             "self-audit-knn": final.get("self-audit-knn"),
@@ -85,5 +139,16 @@ def main(grid: Grid, context: Context) -> None:
         "trainable-parameters": sum(v.numel() for v in split.trainable_state().values()),
     }
     (out / "results.json").write_text(json.dumps(summary, indent=2))
-    log.info("summary: %s", json.dumps(summary["final"]))
-    log.info("results written to %s", out / "results.json")
+    for line in strategy.rejected.summary():
+        log.warning("rejected over the run: %s", line)
+    if final:
+        log.info("final: test accuracy %.4f, macro-F1 %.4f, from round %d of %d (the last completed evaluation)",
+                 final["test-accuracy"], final["test-macro-f1"], final["round"], cfg.num_rounds)
+    if failed:
+        for row in failed:
+            log.error("round %d did not %s: %s", row["round"], " and ".join(row["did-not"]), "; ".join(row["causes"]))
+        log.error("results (of a failed run) in %s", out / "results.json")
+        rounds = ", ".join(str(row["round"]) for row in failed)
+        raise RuntimeError(f"the run failed: {len(failed)} of {cfg.num_rounds} rounds did not complete (round {rounds})") from error
+    mark_latest(out)
+    log.info("results in %s (also %s)", out / "results.json", out.parent / "latest")

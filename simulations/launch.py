@@ -1,31 +1,43 @@
-"""Run the Flower app (``flwr run .``) on a private, self-cleaning local SuperLink.
+"""Run the Flower app (``flwr run .``) on a private, self-cleaning loopback Flower.
 
-``python -m simulations.launch [--devices 10] [--actors 2] [--run-config "k=v ..."]``
+``python -m simulations.launch [--devices 10] [--actors 2] [--run-config "k=v ..."]`` runs a
+simulation; ``--deployment`` runs a real deployment instead (one SuperLink and ``--devices``
+SuperNodes, with TLS and SuperNode authentication, on 127.0.0.1).
 
-Why a launcher: offline, Flower's CLI must not try to install dependencies; each run needs its
-own ``FLWR_HOME`` and ports so runs never collide; ``flwr run`` exits 0 even when the run failed;
-and the SuperLink it starts keeps running afterwards. So this script starts the SuperLink itself
-(in its own process group, on free loopback ports), streams the run, reads the final status
-with ``flwr ls --format json``, stops every process it started by pid, and exits non-zero if
-the run did not complete.
+Why a launcher, when ``flwr run .`` exists (the README shows both): it checks the run
+configuration before anything starts; each run gets its own ``FLWR_HOME`` and free ports, so runs
+never collide; Flower's CLI must not install dependencies offline; ``flwr run`` exits 0 even when
+the run failed, so the launcher reads the final status with ``flwr ls --format json``; and it
+stops every process it started, and every process those started, whichever of them ended first.
+The console shows the app's own progress lines; Flower's and Ray's full output goes to
+``flower.log`` in the run's folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
+import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import tomllib
+import uuid
 from pathlib import Path
 
+from privtune_flwr.config import RunConfig
+
 ROOT = Path(__file__).resolve().parent.parent
+TAG = "PRIVTUNE_LAUNCH"  # environment variable that marks every process of one launch
+POLICY = "PRIVTUNE_DEVICE_POLICY"  # a device policy ("k=v ...") for simulated devices
 
 
 def free_port() -> int:
@@ -47,6 +59,8 @@ def flower_env(home: Path, http_port: int, control_port: int) -> dict[str, str]:
         TRANSFORMERS_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
         PYTHONUNBUFFERED="1",
+        # Ray's start-up tip about GPU visibility: this project runs without GPUs.
+        RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0",
     )
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     # Flower's executables live beside this interpreter (the project venv), which need not be on PATH.
@@ -54,63 +68,160 @@ def flower_env(home: Path, http_port: int, control_port: int) -> dict[str, str]:
     return env
 
 
-def wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"flower-superlink exited with code {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError(f"flower-superlink did not become healthy on port {port} within {timeout:.0f} s")
+# ------------------------------------------------------------------------------------------------
+# the run configuration, checked before any process starts
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """End the process group this launcher started (the SuperLink and its children)."""
-    if proc.poll() is not None:
-        return
+def app_defaults(app: Path = ROOT) -> dict:
+    """``[tool.flwr.app.config]`` of the app's pyproject.toml."""
+    return tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+
+
+def parse_pairs(text: str, what: str) -> dict:
+    """``"k=v k2='s'"`` as Flower parses ``--run-config`` (TOML values)."""
+    from flwr.common.config import parse_config_args
+
+    if not text.strip():
+        return {}
+    # Flower's parser skips what is not key=value without a word; here it is an error.
+    leftover = re.sub(r"""(\S+?)=('[^']*'|"[^"]*"|\S+)""", " ", text).split()
+    if leftover:
+        raise ValueError(f"{what} {text!r} is not a list of key=value pairs ({' '.join(leftover)!r} is not one)")
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-    except ProcessLookupError:
+        return dict(parse_config_args([text]))
+    except Exception as exc:  # noqa: BLE001 - Flower raises several kinds for bad syntax
+        raise ValueError(f"{what} {text!r} is not a list of key=value pairs with TOML values ({exc})") from None
+
+
+def check_run_config(overrides: dict, app: Path = ROOT) -> RunConfig:
+    """The configuration Flower will run (the app's defaults with ``overrides``); raises
+    ``ValueError`` naming a mistyped key or a value outside its range."""
+    return RunConfig.from_flower({**app_defaults(app), **overrides})
+
+
+# ------------------------------------------------------------------------------------------------
+# processes
+
+
+def _become_subreaper() -> None:
+    """Let orphaned descendants (a killed SuperNode's SuperExec) be re-parented to this process,
+    where they stay visible, instead of to init. Linux only; elsewhere the tag sweep suffices."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
         pass
 
 
-class TreeMemory(threading.Thread):
-    """Samples the summed RSS of a process and all its descendants (SuperLink, ServerApp, Ray)."""
+def tagged_processes(value: str, *, prefix: bool = False) -> list[int]:
+    """Pids of live processes whose environment holds ``PRIVTUNE_LAUNCH=<value>`` (or a value
+    starting with ``<value>:`` when ``prefix``). Children inherit the environment, so this finds
+    every descendant, however it was started, detached or re-parented."""
+    needle = f"{TAG}={value}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                variables = f.read().split(b"\0")
+        except OSError:  # gone, or not ours to read
+            continue
+        if needle in variables or (prefix and any(v.startswith(needle + b":") for v in variables)):
+            found.append(int(entry))
+    return found
 
-    def __init__(self, root: int, interval: float = 1.0):
-        super().__init__(daemon=True)
-        self.root, self.interval, self.peak_mb = root, interval, 0.0
-        self._halt = threading.Event()
 
-    def sample(self) -> float:
-        page = os.sysconf("SC_PAGE_SIZE")
-        parent, rss = {}, {}
+class Processes:
+    """Processes this launch starts, each in its own session and tagged, and their descendants."""
+
+    def __init__(self) -> None:
+        self.tag = uuid.uuid4().hex
+        self.procs: dict[str, subprocess.Popen] = {}
+        _become_subreaper()
+
+    def start(self, name: str, cmd: list[str], env: dict[str, str], log: Path | None = None) -> subprocess.Popen:
+        env = {**env, TAG: f"{self.tag}:{name}"}
+        out = open(log, "w") if log is not None else subprocess.DEVNULL
+        try:
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        finally:
+            if log is not None:
+                out.close()
+        self.procs[name] = proc
+        return proc
+
+    def popen(self, name: str, cmd: list[str], env: dict[str, str], **kwargs) -> subprocess.Popen:
+        """Like :meth:`start`, with the caller's own stdout/stderr arguments."""
+        proc = subprocess.Popen(cmd, cwd=ROOT, env={**env, TAG: f"{self.tag}:{name}"}, start_new_session=True, **kwargs)
+        self.procs[name] = proc
+        return proc
+
+    def alive(self, name: str | None = None) -> list[int]:
+        """Live processes of this launch (of the one started as ``name``, with its descendants)."""
+        return tagged_processes(self.tag if name is None else f"{self.tag}:{name}", prefix=name is None)
+
+    def stop(self, name: str | None = None, grace: float = 10.0) -> None:
+        """End ``name`` (or everything) with its descendants: SIGTERM to each process group,
+        then to every tagged process left, SIGKILL after ``grace`` seconds."""
+        targets = [self.procs[name]] if name is not None else list(self.procs.values())
+        for proc in targets:
+            # The group outlives its leader: signal it even when the leader has exited.
+            _signal(lambda sig, pid=proc.pid: os.killpg(pid, sig), signal.SIGTERM)
+        for pid in self.alive(name):
+            _signal(lambda sig, pid=pid: os.kill(pid, sig), signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while (left := self.alive(name)) and time.monotonic() < deadline:
+            self._reap()
+            time.sleep(0.2)
+        for pid in left:
+            _signal(lambda sig, pid=pid: os.kill(pid, sig), signal.SIGKILL)
+        for proc in targets:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        time.sleep(0.2)
+        self._reap()
+
+    def _reap(self) -> None:
+        """Collect exited orphans re-parented to this process (see :func:`_become_subreaper`)."""
+        mine = {p.pid for p in self.procs.values()}
         for entry in os.listdir("/proc"):
-            if not entry.isdigit():
+            if not entry.isdigit() or int(entry) in mine:
                 continue
             try:
                 with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                with open(f"/proc/{entry}/statm") as f:
-                    rss[int(entry)] = int(f.read().split()[1]) * page
-                parent[int(entry)] = int(fields[1])
+                    state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
+                if state == "Z" and int(ppid) == os.getpid():
+                    os.waitpid(int(entry), os.WNOHANG)
+            except (OSError, ValueError, ChildProcessError):
+                continue
+
+
+def _signal(send, sig) -> None:
+    try:
+        send(sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class Memory(threading.Thread):
+    """Samples the summed RSS of every process of a launch (SuperLink, ServerApp, Ray, actors)."""
+
+    def __init__(self, procs: Processes, interval: float = 1.0):
+        super().__init__(daemon=True)
+        self.procs, self.interval, self.peak_mb = procs, interval, 0.0
+        self._halt = threading.Event()
+
+    def sample(self) -> float:
+        page, total = os.sysconf("SC_PAGE_SIZE"), 0
+        for pid in self.procs.alive():
+            try:
+                with open(f"/proc/{pid}/statm") as f:
+                    total += int(f.read().split()[1]) * page
             except (OSError, IndexError, ValueError):
                 continue
-        tree, frontier = {self.root}, [self.root]
-        while frontier:
-            frontier = [p for p, pp in parent.items() if pp in frontier and p not in tree]
-            tree.update(frontier)
-        return sum(rss.get(p, 0) for p in tree) / 2**20
+        return total / 2**20
 
     def run(self) -> None:
         while not self._halt.wait(self.interval):
@@ -120,139 +231,309 @@ class TreeMemory(threading.Thread):
         self._halt.set()
 
 
-def run_status(env: dict[str, str]) -> dict:
+# ------------------------------------------------------------------------------------------------
+# what the user sees
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_ACTOR = re.compile(r"^\((?:\w+) pid=\d+(?:, ip=[^)]*)?\)\s?")
+_FLOWER_ERROR = re.compile(r"^(?:ERROR|CRITICAL)\s*:\s*(.*)")
+
+
+class Console:
+    """Filters the ``flwr run --stream`` output: the app's own lines ([cloud], [device]) and the
+    first Flower errors go to the screen; every line goes to ``log``."""
+
+    def __init__(self, log: Path, *, quiet: bool = False, max_errors: int = 3):
+        self.log = log
+        self.quiet, self.max_errors = quiet, max_errors
+        self.errors = 0
+        self.run_folder: Path | None = None
+        self.run_id: str | None = None
+        self._file = open(log, "a", buffering=1)
+
+    def say(self, text: str) -> None:
+        self._file.write(text + "\n")
+        if not self.quiet:
+            print(text, flush=True)
+
+    def feed(self, raw: str) -> None:
+        self._file.write(raw if raw.endswith("\n") else raw + "\n")
+        text = _ACTOR.sub("", _ANSI.sub("", raw.rstrip("\n")))
+        if text.startswith("[cloud] run folder: "):
+            self.run_folder = Path(text.split(": ", 1)[1].strip())
+        if text.startswith(("[cloud]", "[device]")):
+            if not self.quiet:
+                print(text, flush=True)
+        elif text.startswith("Successfully started run "):
+            self.run_id = text.rsplit(" ", 1)[-1]
+            if not self.quiet:
+                print(f"[launch] Flower run {self.run_id} started", flush=True)
+        elif (m := _FLOWER_ERROR.match(text)) and m.group(1).strip():
+            self.errors += 1
+            if self.errors <= self.max_errors and not self.quiet:
+                print(f"[flower] error: {m.group(1)[:200]}", flush=True)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def follow(procs: Processes, console: Console, cmd: list[str], env: dict[str, str], *, fatal: dict[str, str],
+           droppable: dict[str, str], timeout: float | None = None) -> str | None:
+    """Run ``cmd`` (``flwr run ... --stream``) while watching the processes of the launch.
+
+    A process in ``fatal`` (name -> label) that exits ends the run; one in ``droppable`` (a
+    SuperNode) is reported and its leftovers stopped, and the run goes on while ``min-devices``
+    stay connected. Returns why the run was cut short, or None.
+    """
+    run = procs.popen("flwr-run", cmd, env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    reader = threading.Thread(target=lambda: [console.feed(line) for line in run.stdout], daemon=True)
+    reader.start()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    reason, dropped = None, set()
+    while run.poll() is None:
+        for name, label in fatal.items():
+            if (code := procs.procs[name].poll()) is not None:
+                reason = f"the {label} (pid {procs.procs[name].pid}) exited with code {code} during the run"
+        for name, label in droppable.items():
+            if name not in dropped and (code := procs.procs[name].poll()) is not None:
+                dropped.add(name)
+                console.say(f"[launch] {label} (pid {procs.procs[name].pid}) exited with code {code}; "
+                            "stopping what it started; the run goes on while min-devices stay connected")
+                procs.stop(name)
+        if deadline is not None and time.monotonic() > deadline:
+            reason = f"the run did not finish within {timeout:.0f} s"
+        if reason:
+            procs.stop("flwr-run")
+            break
+        time.sleep(0.5)
+    reader.join(timeout=10)
+    return reason
+
+
+def run_status(env: dict[str, str], connection: str | None = None) -> dict:
     """The newest run's record from ``flwr ls --format json``."""
-    out = subprocess.run(["flwr", "ls", "--format", "json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    cmd = ["flwr", "ls"] + ([connection] if connection else []) + ["--format", "json"]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     try:
         runs = json.loads(out.stdout).get("runs", [])
     except json.JSONDecodeError:
         raise RuntimeError(f"`flwr ls` printed no JSON: {out.stdout[-500:]} {out.stderr[-500:]}") from None
     if not runs:
         raise RuntimeError("`flwr ls` lists no run")
-    # This SuperLink is private to one launch, so the newest run is ours.
+    # The SuperLink is private to one launch, so the newest run is ours.
     return max(runs, key=lambda r: r.get("pending-at") or "")
 
 
-def launch(devices: int, actors: int, run_config: str, *, app: Path = ROOT, keep_home: bool = False, quiet: bool = False) -> int:
+def wait_healthy(port: int, proc: subprocess.Popen, *, cafile: Path | None = None, timeout: float = 60.0) -> None:
+    """Until the SuperLink's ``/health`` answers (over TLS when ``cafile`` is given)."""
+    import urllib.request
+
+    scheme = "https" if cafile else "http"
+    context = ssl.create_default_context(cafile=str(cafile)) if cafile else None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"flower-superlink exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{scheme}://127.0.0.1:{port}/health", timeout=1, context=context) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"flower-superlink did not become healthy on port {port} within {timeout:.0f} s")
+
+
+def _finish(console: Console, status: dict | None, reason: str | None, t_start: float, memory: Memory, out_base: Path) -> int:
+    """Say how the run ended, keep the full log beside its results, and return the exit code."""
+    state = (status or {}).get("status", "unknown")
+    code = 0 if state == "finished:completed" and reason is None else 1
+    run = (status or {}).get("run-id") or console.run_id or "?"
+    console.say(f"[launch] Flower run {run}: {state}" + (f" ({reason})" if reason else "")
+                + f"; {time.perf_counter() - t_start:.0f} s, peak memory of all run processes {memory.peak_mb / 1024:.1f} GB")
+    folder = console.run_folder
+    results = folder / "results.json" if folder else None
+    if code == 0 and results is not None and results.exists():
+        console.say(f"[launch] results: {results}")
+    elif code:
+        details = (status or {}).get("status-details")
+        console.say("[launch] FAILED" + (f": {details}" if details and details != "N/A" else "")
+                    + (f"; what each round did: {results}" if results and results.exists() else ""))
+    keep = (folder if folder and folder.exists() else out_base) / ("flower.log" if folder and folder.exists() else f"flower-{time.strftime('%Y%m%d-%H%M%S')}.log")
+    keep.parent.mkdir(parents=True, exist_ok=True)
+    console.close()
+    shutil.copyfile(console.log, keep)
+    print(f"[launch] full Flower log: {keep}", flush=True)
+    return code
+
+
+# ------------------------------------------------------------------------------------------------
+# simulation
+
+
+def launch(devices: int, actors: int, run_config: str, *, app: Path = ROOT, keep_home: bool = False, quiet: bool = False,
+           device_policy: str = "", out_base: Path | None = None) -> int:
+    """A simulation on a private SuperLink; returns 0 if the run completed, else 1."""
     home = Path(tempfile.mkdtemp(prefix="privtune-flwr-home-"))
-    http_port, control_port, fleet_port = free_port(), free_port(), free_port()
+    http_port, control_port = free_port(), free_port()
     env = flower_env(home, http_port, control_port)
+    if device_policy:
+        env[POLICY] = device_policy
     (home / "local-superlink").mkdir(parents=True)
-    log_file = home / "local-superlink" / "superlink.log"
-    cmd = [
-        "flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
-        "--control-api-address", f"127.0.0.1:{control_port}",
-        "--fleet-api-address", f"127.0.0.1:{fleet_port}",
-        "--host", "127.0.0.1", "--port", str(http_port),
-        "--database", str(home / "local-superlink" / "state.db"),
-        "--disable-runtime-dependency-installation",
-        "--log-file", str(log_file),
-    ]
-    superlink = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    print(f"[launch] SuperLink pid {superlink.pid} on 127.0.0.1:{http_port} (control {control_port}); FLWR_HOME={home}", flush=True)
-    memory = TreeMemory(superlink.pid)
-    memory.start()
+    procs = Processes()
+    console = Console(home / "flower.log", quiet=quiet)
+    memory = Memory(procs)
     t_start = time.perf_counter()
-    code = 1
+    status, reason = None, None
     try:
+        superlink = procs.start("superlink", [
+            "flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
+            "--host", "127.0.0.1", "--port", str(http_port),
+            "--database", str(home / "local-superlink" / "state.db"),
+            "--disable-runtime-dependency-installation",
+            "--log-file", str(home / "local-superlink" / "superlink.log"),
+        ], env)
+        console.say(f"[launch] SuperLink pid {superlink.pid} on 127.0.0.1:{http_port} (insecure: a local simulation only); "
+                    f"{devices} simulated devices, {actors} at a time")
+        memory.start()
         wait_healthy(http_port, superlink)
         cpus = max(1, (os.cpu_count() or 2) // max(1, actors))
         fed = f"num-supernodes={devices} client-resources-num-cpus={cpus} client-resources-num-gpus=0.0"
-        args = ["flwr", "run", str(app), "--stream", "--federation-config", fed]
-        if run_config:
-            args += ["--run-config", run_config]
-        subprocess.run(args, cwd=ROOT, env=env, check=False, stdout=subprocess.DEVNULL if quiet else None)
-        status = run_status(env)
-        state = status.get("status", "")
-        print(f"[launch] run {status.get('run-id')} status: {state}", flush=True)
-        code = 0 if state == "finished:completed" else 1
-        print(f"[launch] wall {time.perf_counter() - t_start:.1f} s, peak RSS of all run processes {memory.peak_mb:.0f} MB", flush=True)
+        cmd = ["flwr", "run", str(app), "--stream", "--federation-config", fed] + (["--run-config", run_config] if run_config else [])
+        reason = follow(procs, console, cmd, env, fatal={"superlink": "SuperLink"}, droppable={})
+        if superlink.poll() is None:
+            status = run_status(env)
     except Exception as exc:  # noqa: BLE001 - report, clean up, and fail the command
-        print(f"[launch] failed: {exc}", file=sys.stderr, flush=True)
-        if log_file.exists():
-            print(log_file.read_text()[-4000:], file=sys.stderr)
+        reason = reason or str(exc)
     finally:
         memory.stop()
-        stop(superlink)
+        procs.stop()
+        for log in (home / "local-superlink").glob("superlink.log*"):
+            console._file.write(f"--- {log.name}\n{log.read_text(errors='replace')[-20000:]}\n")
+        code = _finish(console, status, reason, t_start, memory, out_base or ROOT / "outputs" / "run")
         if not keep_home:
             shutil.rmtree(home, ignore_errors=True)
     return code
 
 
-def launch_deployment(num_nodes: int, run_config: str, *, app: Path = ROOT, timeout: float = 900.0) -> int:
-    """A real deployment on loopback: one SuperLink, ``num_nodes`` SuperNodes, then ``flwr run``.
+# ------------------------------------------------------------------------------------------------
+# deployment
 
-    Every process runs in its own process group and is stopped by pid at the end.
-    """
+
+def write_connection(home: Path, name: str, address: str, *, root_certificates: Path | None) -> None:
+    """A named SuperLink connection in ``$FLWR_HOME/config.toml`` (``flwr run . <name>``)."""
+    tls = f'root-certificates = "{root_certificates}"' if root_certificates else "insecure = true"
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\n{tls}\n')
+
+
+def launch_deployment(num_nodes: int, run_config: str, *, app: Path = ROOT, timeout: float = 900.0, device_policy: str = "",
+                      certs: Path | None = None, supernode_auth: bool = True, quiet: bool = False,
+                      out_base: Path | None = None) -> int:
+    """A real deployment on loopback: a SuperLink with TLS (and SuperNode authentication), then
+    ``num_nodes`` SuperNodes, then ``flwr run``. ``certs`` holds ``ca.crt``, ``server.crt`` and
+    ``server.key`` (made in the temporary FLWR_HOME when not given). Returns 0 if the run completed."""
+    from simulations.certs import make_supernode_keys, make_tls
+
     home = Path(tempfile.mkdtemp(prefix="privtune-flwr-deploy-"))
+    logs = home / "logs"
+    logs.mkdir()
     port = free_port()
     env = flower_env(home, free_port(), free_port())
-    (home / "config.toml").write_text(
-        '[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\n'
-        f'address = "127.0.0.1:{port}"\ninsecure = true\n'
-    )
-    procs: list[subprocess.Popen] = []
-    code = 1
+    procs = Processes()
+    console = Console(home / "flower.log", quiet=quiet)
+    memory = Memory(procs)
+    t_start = time.perf_counter()
+    status, reason = None, None
     try:
-        logs = home / "logs"
-        logs.mkdir()
-        superlink = subprocess.Popen(
-            ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port),
-             "--database", str(home / "state.db"), "--disable-runtime-dependency-installation"],
-            env=env, stdout=open(logs / "superlink.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        procs.append(superlink)
-        wait_healthy(port, superlink)
+        keys = home / "keys"
+        keys.mkdir()
+        if certs is None:
+            tls = make_tls(keys)
+        else:
+            tls = {"ca": certs / "ca.crt", "certfile": certs / "server.crt", "keyfile": certs / "server.key"}
+            missing = [str(p) for p in tls.values() if not p.exists()]
+            if missing:
+                raise FileNotFoundError(f"--certs {certs}: missing {', '.join(missing)}")
+        superlink = procs.start("superlink", [
+            "flower-superlink", "--host", "127.0.0.1", "--port", str(port),
+            "--ssl-ca-certfile", str(tls["ca"]), "--ssl-certfile", str(tls["certfile"]), "--ssl-keyfile", str(tls["keyfile"]),
+            "--database", str(home / "state.db"), "--disable-runtime-dependency-installation",
+        ] + (["--enable-supernode-auth"] if supernode_auth else []), env, logs / "superlink.log")
+        console.say(f"[launch] SuperLink pid {superlink.pid} on 127.0.0.1:{port} (TLS{', SuperNode authentication' if supernode_auth else ''})")
+        memory.start()
+        wait_healthy(port, superlink, cafile=tls["ca"])
+        write_connection(home, "deploy", f"127.0.0.1:{port}", root_certificates=tls["ca"])
+        policy = f" {device_policy}" if device_policy else ""
+        names = {}
         for pid in range(num_nodes):
-            procs.append(subprocess.Popen(
-                ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
-                 "--node-config", f"partition-id={pid} num-partitions={num_nodes}",
-                 "--host", "127.0.0.1", "--port", str(free_port())],
-                env=env, stdout=open(logs / f"supernode-{pid}.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
-            ))
-        args = ["flwr", "run", str(app), "deploy", "--stream"]
-        if run_config:
-            args += ["--run-config", run_config]
-        subprocess.run(args, cwd=ROOT, env=env, check=False, timeout=timeout)
-        env_ls = dict(env)
-        out = subprocess.run(["flwr", "ls", "deploy", "--format", "json"], cwd=ROOT, env=env_ls, capture_output=True, text=True, timeout=120)
-        runs = json.loads(out.stdout).get("runs", [])
-        state = max(runs, key=lambda r: r.get("pending-at") or "").get("status", "") if runs else "no run"
-        print(f"[deploy] status: {state}", flush=True)
-        code = 0 if state == "finished:completed" else 1
-        if code:
-            for f in sorted(logs.iterdir()):
-                print(f"--- {f.name}\n{f.read_text()[-3000:]}", file=sys.stderr)
+            auth = []
+            if supernode_auth:
+                private, public = make_supernode_keys(keys, f"supernode-{pid}")
+                subprocess.run(["flwr", "supernode", "register", str(public), "deploy"], cwd=ROOT, env=env, check=True,
+                               capture_output=True, timeout=120)
+                auth = ["--auth-supernode-private-key", str(private)]
+            names[f"supernode-{pid}"] = f"SuperNode {pid}"
+            procs.start(f"supernode-{pid}", [
+                "flower-supernode", "--superlink", f"127.0.0.1:{port}", "--root-certificates", str(tls["ca"]),
+                "--node-config", f"partition-id={pid} num-partitions={num_nodes}{policy}",
+                "--host", "127.0.0.1", "--port", str(free_port()),
+            ] + auth, env, logs / f"supernode-{pid}.log")
+        console.say(f"[launch] {num_nodes} SuperNodes started; their logs: {logs}")
+        cmd = ["flwr", "run", str(app), "deploy", "--stream"] + (["--run-config", run_config] if run_config else [])
+        reason = follow(procs, console, cmd, env, fatal={"superlink": "SuperLink"}, droppable=names, timeout=timeout)
+        if superlink.poll() is None:
+            status = run_status(env, "deploy")
+    except Exception as exc:  # noqa: BLE001 - report, clean up, and fail the command
+        reason = reason or f"{type(exc).__name__}: {exc}"
     finally:
-        for proc in reversed(procs):
-            stop(proc)
+        memory.stop()
+        procs.stop()
+        for log in sorted(logs.iterdir()):
+            console._file.write(f"--- {log.name}\n{log.read_text(errors='replace')[-20000:]}\n")
+        code = _finish(console, status, reason, t_start, memory, out_base or ROOT / "outputs" / "run")
         shutil.rmtree(home, ignore_errors=True)
     return code
 
 
+# ------------------------------------------------------------------------------------------------
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--devices", type=int, default=10, help="simulated devices (SuperNodes); default 10")
-    parser.add_argument("--actors", type=int, default=2, help="Ray actors, i.e. devices computed at once; default 2")
+    parser.add_argument("--devices", type=int, default=10, help="devices: simulated SuperNodes, or real ones with --deployment; default 10")
+    parser.add_argument("--actors", type=int, default=2, help="simulation: Ray actors, i.e. devices computed at once; default 2")
     parser.add_argument("--run-config", default="", help='overrides of [tool.flwr.app.config], e.g. "num-rounds=2 defense=\'none\'"')
-    parser.add_argument("--out", default="outputs/run", help="results folder (results.json, history, checkpoints)")
-    parser.add_argument("--keep-home", action="store_true", help="keep the temporary FLWR_HOME (logs) after the run")
+    parser.add_argument("--out", default="outputs/run", help="where each run gets its own folder (and `latest` the newest completed one)")
+    parser.add_argument("--device-policy", default="", help='what every device allows, "k=v ..." (e.g. "allow-reproducible-noise=true"): '
+                        f"simulated devices read ${POLICY}, SuperNodes their --node-config")
+    parser.add_argument("--deployment", action="store_true", help="a real deployment on 127.0.0.1 (TLS, SuperNode authentication) instead of a simulation")
+    parser.add_argument("--certs", type=Path, help="deployment: folder with ca.crt, server.crt, server.key (default: made for this launch)")
+    parser.add_argument("--keep-home", action="store_true", help="simulation: keep the temporary FLWR_HOME after the run")
     args = parser.parse_args(argv)
     if args.devices < 1:
-        parser.error(f"--devices={args.devices} must be >= 1")
+        parser.error(f"--devices={args.devices} is outside the accepted range: >= 1")
     if args.actors < 1:
-        parser.error(f"--actors={args.actors} must be >= 1")
+        parser.error(f"--actors={args.actors} is outside the accepted range: >= 1")
     out = Path(args.out).resolve()
-    overrides = f"output-dir='{out}' min-devices={args.devices}"
-    if "devices-per-round" not in args.run_config:
-        overrides += f" devices-per-round={min(args.devices, 5)}"
-    code = launch(args.devices, args.actors, f"{overrides} {args.run_config}".strip(), keep_home=args.keep_home)
-    results = out / "results.json"
-    if code == 0 and results.exists():
-        summary = json.loads(results.read_text())
-        print("[launch] final:", json.dumps(summary["final"]), f"wall {summary['wall-seconds']:.1f} s")
-        print(f"[launch] results: {results}")
-    return code
+    try:
+        overrides = parse_pairs(args.run_config, "--run-config")
+        parse_pairs(args.device_policy, "--device-policy")
+        defaults = RunConfig.from_flower(app_defaults())
+        overrides.setdefault("devices-per-round", min(args.devices, defaults.devices_per_round))
+        # A run goes on while min-devices stay connected: below the device count, so that one
+        # device dropping out does not stall it.
+        overrides.setdefault("min-devices", min(defaults.min_devices, max(1, args.devices - 1)))
+        overrides.setdefault("output-dir", str(out))
+        cfg = check_run_config(overrides)
+        for key, value in (("min-devices", cfg.min_devices), ("devices-per-round", cfg.devices_per_round)):
+            if value > args.devices:
+                raise ValueError(f"{key}={value} is outside the accepted range for --devices {args.devices}: 1..{args.devices}")
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    run_config = " ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items())
+    if args.deployment:
+        return launch_deployment(args.devices, run_config, device_policy=args.device_policy, certs=args.certs, out_base=out)
+    return launch(args.devices, args.actors, run_config, keep_home=args.keep_home, device_policy=args.device_policy, out_base=out)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Unlike FedAvg there is nothing to average. Each round (``Strategy.start`` drives it):
 
-1. ``configure_train``: wait for the devices, sample some, ask each for its round's batches;
+1. ``configure_train``: wait for the devices (asking each new one once which data partition it
+   holds), sample some, ask each for its round's batches;
 2. ``aggregate_train``: validate every reply against the schema (rejecting and logging bad
    ones), train the top's LoRA weights on each valid release, checkpoint, report metrics;
 3. ``configure_evaluate``: ask every connected device to release its test split;
@@ -19,13 +20,15 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from privtune_flwr.config import RunConfig
-from privtune_flwr.schema import Plan, Release, SchemaError, instruction, parse_release
 from privtune_flwr.cloud import CloudSide, NonFiniteUpdate, classification_metrics
+from privtune_flwr.schema import Plan, Release, SchemaError, instruction, parse_release, read_device_identity
+
+from .reporting import DEVICE_ERROR, RejectedReplies
 
 log = logging.getLogger("privtune_flwr.cloud")
 
@@ -43,19 +46,45 @@ class SplitLearningStrategy(Strategy):
         self.output_dir = None if output_dir is None else Path(output_dir)
         self.rng = random.Random(cfg.seed)
         self.history: list[dict] = []
-        self.rejected: list[dict] = []
+        self.rejected = RejectedReplies(self.output_dir)
+        self.partition: dict[int, int] = {}  # node id -> the data partition the device says it holds
         self._round: dict = {}
         self._t_round = time.perf_counter()
 
     # -- helpers -----------------------------------------------------------------
     def _wait_for_devices(self, grid: Grid) -> list[int]:
         deadline = time.monotonic() + self.cfg.timeout
+        said, said_at = -1, 0.0
         while len(nodes := sorted(grid.get_node_ids())) < self.cfg.min_devices:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"only {len(nodes)} of min-devices={self.cfg.min_devices} devices connected within {self.cfg.timeout:.0f} s")
-            log.info("waiting for devices: %d of %d connected", len(nodes), self.cfg.min_devices)
+            if len(nodes) != said or time.monotonic() - said_at > 30:  # on change, else every 30 s
+                log.info("waiting for devices: %d of min-devices=%d connected", len(nodes), self.cfg.min_devices)
+                said, said_at = len(nodes), time.monotonic()
             time.sleep(1.0)
-        return nodes
+        self._identify(grid, nodes)
+        return sorted(nodes, key=self._order)
+
+    def _identify(self, grid: Grid, nodes: list[int]) -> None:
+        """Ask devices not seen before which partition they hold (a node id is random per run)."""
+        new = [n for n in nodes if n not in self.partition]
+        if not new:
+            return
+        queries = [Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in new]
+        for reply in grid.send_and_receive(queries, timeout=self.cfg.timeout):
+            if not reply.has_error():
+                try:
+                    self.partition[reply.metadata.src_node_id] = read_device_identity(reply.content)
+                except SchemaError as exc:
+                    log.warning("device %d answered the identity query wrongly: %s", reply.metadata.src_node_id, exc)
+
+    def _order(self, node: int) -> tuple[int, int]:
+        """Devices in partition order; any that did not say theirs come after, by node id."""
+        return (self.partition.get(node, 1 << 62), node)
+
+    def device_name(self, node: int) -> str:
+        pid = self.partition.get(node)
+        return f"device {pid}" if pid is not None else f"node {node} (partition unknown)"
 
     def _messages(self, node_ids: Iterable[int], server_round: int, num_batches: int, kind: str) -> list[Message]:
         return [Message(content=instruction(server_round, num_batches), message_type=kind, dst_node_id=n) for n in node_ids]
@@ -73,18 +102,18 @@ class SplitLearningStrategy(Strategy):
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
-                reason = f"device error: {reply.error.reason}"
+                reason = DEVICE_ERROR + str(reply.error.reason)
             else:
                 try:
                     valid.append((node, parse_release(reply.content, plan)))
                     continue
                 except SchemaError as exc:
                     reason = str(exc)
-            log.warning("round %d %s: rejected reply from device %d: %s", server_round, phase, node, reason)
-            self.rejected.append({"round": server_round, "phase": phase, "device": node, "reason": reason})
-        # Replies arrive in whatever order the devices finish; training in device order keeps a
-        # seeded run reproducible.
-        return sorted(valid, key=lambda pair: pair[0])
+            self.rejected.add(server_round, phase, self.device_name(node), reason)
+        self.rejected.report_phase(server_round, phase)
+        # Replies arrive in whatever order the devices finish; training in partition order keeps
+        # a seeded run reproducible.
+        return sorted(valid, key=lambda pair: self._order(pair[0]))
 
     @staticmethod
     def _weighted(releases: list[tuple[int, Release]], key: str) -> float | None:
@@ -95,7 +124,7 @@ class SplitLearningStrategy(Strategy):
     # -- Strategy API ------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         nodes = self._wait_for_devices(grid)
-        sample = sorted(self.rng.sample(nodes, min(self.cfg.devices_per_round, len(nodes))))
+        sample = sorted(self.rng.sample(nodes, min(self.cfg.devices_per_round, len(nodes))), key=self._order)
         log.info("round %d: sampled %d of %d devices", server_round, len(sample), len(nodes))
         self._t_round = time.perf_counter()
         return self._messages(sample, server_round, self.cfg.batches_per_round, MessageType.TRAIN)
@@ -116,7 +145,7 @@ class SplitLearningStrategy(Strategy):
                 trained.append((node, rel))
             except NonFiniteUpdate as exc:  # the reply's updates were undone; count it as rejected
                 log.warning("round %d train: rejected reply from device %d: %s", server_round, node, exc)
-                self.rejected.append({"round": server_round, "phase": "train", "device": node, "reason": str(exc)})
+                self.rejected.add(server_round, "train", self.device_name(node), str(exc))
         valid = trained
         if not losses:
             log.warning("round %d: no reply could be trained on; the top is not updated this round", server_round)
@@ -151,6 +180,7 @@ class SplitLearningStrategy(Strategy):
         valid = self._valid_releases(server_round, "evaluate", list(replies))
         if not valid:
             log.warning("round %d: no valid evaluation replies", server_round)
+            self.history.append(dict(self._round))  # what the round did train stays on record
             return None
         self.cloud.split.top.eval()
         with torch.no_grad():
@@ -180,11 +210,9 @@ class SplitLearningStrategy(Strategy):
 
     def summary(self) -> None:
         c = self.cfg
-        noise = "" if c.defense == "none" else f" eps={c.epsilon:g} release={c.release}" + (
-            " REPRODUCIBLE NOISE (not private against the operator)" if c.reproducible_noise else "")
         log.info(
-            "SplitLearningStrategy: model=%s split=%d defense=%s%s | %d rounds x %d devices x %d batches of %d",
-            c.model, c.split_layer, c.defense, noise, c.num_rounds, c.devices_per_round, c.batches_per_round, c.batch_size,
+            "SplitLearningStrategy: model=%s split=%d %s | %d rounds x %d devices x %d batches of %d",
+            c.model, c.split_layer, c.defense_summary(), c.num_rounds, c.devices_per_round, c.batches_per_round, c.batch_size,
         )
 
 

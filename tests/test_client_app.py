@@ -51,6 +51,9 @@ class FakeGrid:
             replies[-1].metadata.__dict__["_src_node_id"] = m.metadata.dst_node_id
         return replies
 
+    def send_and_receive(self, messages, *, timeout=None):
+        return self.deliver(list(messages))
+
 
 def test_train_reply_carries_exactly_the_schema(minilm_split):
     cfg = _cfg()
@@ -169,3 +172,31 @@ def _hidden_of(n=2, t=2, d=384):
 
 def _hostile():
     return _hidden_of()
+
+
+class ShuffledGrid(FakeGrid):
+    """The same three devices under other node ids, as each run of Flower draws them."""
+
+    def __init__(self, cfg, node_ids):
+        self.contexts = {}
+        for pid, node in enumerate(node_ids):
+            context = _context(cfg, pid + 1)
+            context.node_id = node
+            self.contexts[node] = context
+
+
+def test_sampling_and_training_order_follow_partitions_not_node_ids(minilm_split):
+    cfg = _cfg(num_rounds=3, devices_per_round=2, min_devices=NUM_NODES)
+    picked = []
+    for node_ids in ([901, 17, 555], [3, 70000, 12], [42, 41, 40]):
+        grid = ShuffledGrid(cfg, node_ids)
+        strategy = SplitLearningStrategy(CloudSide(minilm_split, learning_rate=1e-3, batch_size=4), cfg)
+        rounds = []
+        for r in (1, 2, 3):
+            messages = list(strategy.configure_train(r, None, None, grid))
+            rounds.append([strategy.partition[m.metadata.dst_node_id] for m in messages])
+        picked.append(rounds)
+        assert strategy.device_name(node_ids[2]) == "device 2"
+    assert picked[0] == picked[1] == picked[2]
+    assert all(r == sorted(r) for r in picked[0])  # in partition order
+    assert len({tuple(r) for r in picked[0]}) > 1  # and not always the same devices

@@ -38,8 +38,13 @@ def test_bad_values_name_the_value_and_range(key, value, needle):
 
 
 def test_unknown_key_and_bad_type():
-    with pytest.raises(ValueError, match="unknown run-config key 'epsilonn'"):
+    with pytest.raises(ValueError, match="^unknown key 'epsilonn'; did you mean 'epsilon'\\?$"):
         RunConfig.from_flower({"epsilonn": 1.0})
+    with pytest.raises(ValueError, match="^unknown key 'num-round'; did you mean 'num-rounds'\\?$"):
+        RunConfig.from_flower({"num-round": 3})
+    # nothing close: the accepted keys are listed
+    with pytest.raises(ValueError, match="unknown key 'zzz'; accepted: alpha, audit-tokens, .*timeout$"):
+        RunConfig.from_flower({"zzz": 1})
     with pytest.raises(ValueError, match="num-rounds=2.5"):
         RunConfig.from_flower({"num-rounds": 2.5})
 
@@ -48,3 +53,19 @@ def test_defense_options_follow_the_defense():
     assert RunConfig(defense="none").defense_options() == {}
     assert set(RunConfig(defense="gaussian").defense_options()) == {"delta", "clip"}
     assert RunConfig(defense="privtune", pgd_steps=3).defense_options()["pgd_steps"] == 3
+
+
+def test_defense_names_match_the_defenses():
+    from privtune_flwr.config import DEFENSE_NAMES
+    from privtune_flwr.defenses import DEFENSES
+
+    assert DEFENSE_NAMES == tuple(DEFENSES)
+    with pytest.raises(ValueError, match="defense='nonsense' is outside the accepted range: none, dchi, gaussian, privtune"):
+        RunConfig.from_flower({"defense": "nonsense"})
+
+
+def test_banner_shows_only_the_settings_that_apply():
+    assert RunConfig(defense="none").defense_summary() == "defense=none (representations released without noise)"
+    assert RunConfig(defense="dchi", epsilon=32.0).defense_summary() == "defense=dchi eps=32"
+    assert RunConfig(defense="gaussian").defense_summary() == "defense=gaussian eps=64 delta=1e-05 clip=auto"
+    assert RunConfig().defense_summary() == "defense=privtune eps=64 n-hops=2 k=8 s-min=0.5 radius-scale=1"

@@ -1,24 +1,123 @@
-"""End-to-end Flower runs at tiny scale: `flwr run .` in simulation, and a real loopback deployment."""
+"""End-to-end Flower runs at tiny scale: the launcher, the README's own commands, TLS with
+SuperNode authentication, and what happens when one of the processes dies."""
 
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
 
 import pytest
 
+from privtune_flwr.config import RunConfig
 from simulations import launch
 
+ROOT = Path(__file__).resolve().parent.parent
 TINY = ("max-examples=300 batch-size=4 batches-per-round=2 max-length=24 "
         "eval-examples=10 audit-tokens=64 defense='dchi' epsilon=50.0")
+QUICK = "num-rounds=1 max-examples=300 batch-size=4 batches-per-round=2 max-length=24 eval-examples=10 audit-tokens=0 defense='dchi' epsilon=50.0"
 
 pytestmark = pytest.mark.e2e
 
 
-def test_flwr_run_simulation_completes_and_writes_results(tmp_path):
+# -- helpers ---------------------------------------------------------------------------------------
+
+def tagged_env(tmp_path: Path) -> tuple[dict, str]:
+    """An environment whose every descendant process carries a fresh tag (found via /proc)."""
+    tag = uuid.uuid4().hex
+    env = dict(os.environ, PRIVTUNE_TEST_TAG=tag, PYTHONUNBUFFERED="1", COLUMNS="200",
+               FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", HF_HUB_OFFLINE="1")
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env["PATH"]])
+    return env, tag
+
+
+def with_tag(tag: str) -> list[int]:
+    needle = f"PRIVTUNE_TEST_TAG={tag}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if needle in f.read().split(b"\0"):
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def live(pids) -> list[str]:
+    """Those of ``pids`` still running (zombies count as gone), with their command lines."""
+    out = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    out.append(f"{pid}: {cmdline(pid)[:120]}")
+        except OSError:
+            pass
+    return out
+
+
+def kill_tagged(tag: str) -> None:
+    for pid in with_tag(tag):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def wait_for_process(tag: str, needle: str, proc: subprocess.Popen, timeout: float = 300) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        for pid in with_tag(tag):
+            if needle in cmdline(pid) and pid != proc.pid:
+                return pid
+        time.sleep(0.2)
+    raise AssertionError(f"no process running {needle!r} appeared")
+
+
+def readme_recipe(name: str) -> str:
+    """The bash block that follows ``<!-- recipe: name -->`` in the README."""
+    text = (ROOT / "README.md").read_text()
+    match = re.search(rf"<!-- recipe: {name} -->\s*```bash\n(.*?)```", text, re.S)
+    assert match, f"README has no recipe {name!r}"
+    return match.group(1)
+
+
+def append_to_flwr_run(script: str, extra: str) -> str:
+    lines = script.splitlines()
+    runs = [i for i, line in enumerate(lines) if line.startswith("flwr run ")]
+    assert len(runs) == 1, "the recipe has one `flwr run` line"
+    code = lines[runs[0]].split("#")[0].rstrip()  # the comment stays out of the command
+    lines[runs[0]] = f"{code} {extra}"
+    return "\n".join(lines) + "\n"
+
+
+# -- the launcher ------------------------------------------------------------------------------------
+
+def test_launcher_simulation_completes_quietly_into_its_own_run_folder(tmp_path, capfd):
     out = tmp_path / "run"
     code = launch.main(["--devices", "3", "--actors", "2", "--out", str(out), "--run-config", f"num-rounds=2 {TINY}"])
-    assert code == 0
-    results = json.loads((out / "results.json").read_text())
+    console = capfd.readouterr().out
+    assert code == 0, console
+    folder = (out / "latest").resolve()
+    assert folder.parent == out and re.fullmatch(r"\d{8}-\d{6}(-\d+)?", folder.name)
+    results = json.loads((folder / "results.json").read_text())
+    assert results["status"] == "completed" and results["failed-rounds"] == []
     assert [r["round"] for r in results["rounds"]] == [1, 2]
-    assert results["final"]["cloud-steps"] == 2 * 3 * 2  # rounds x devices x batches
+    assert results["final"]["round"] == 2 and results["final"]["cloud-steps"] == 2 * 3 * 2  # rounds x devices x batches
     assert 0.0 <= results["final"]["test-accuracy"] <= 1.0
     assert results["rounds"][0]["num-examples"] == 3 * 2 * 4
     assert 0.0 <= results["final"]["self-audit-knn"] <= 1.0
@@ -30,17 +129,175 @@ def test_flwr_run_simulation_completes_and_writes_results(tmp_path):
     assert privacy["per-test-sequence-composed"]["epsilon"] == pytest.approx(50.0 * 24)
     assert privacy["releases-per-train-example-max"] == 1
     assert "OS entropy" in privacy["guarantee"] and not privacy["reproducible-noise"]
-    assert (out / "checkpoints" / "round-002.pt").exists()
+    assert (folder / "checkpoints" / "round-002.pt").exists()
+    # the console: our progress lines, not Flower's or Ray's text (that is in flower.log)
+    lines = console.splitlines()
+    assert len(lines) <= 20, console
+    assert sum(line.startswith("[cloud] [round ") for line in lines) == 2
+    assert any(line.startswith("[cloud] final: test accuracy") and "from round 2 of 2" in line for line in lines)
+    for noise in ("LOAD REPORT", "ClientAppActor", "Loading weights", "WARNING", "is_gradient_checkpointing", "eps=64"):
+        assert noise not in console
+    assert "Starting Flower Simulation" in (folder / "flower.log").read_text()
 
 
-def test_failed_run_exits_nonzero(tmp_path):
-    # An unknown dataset makes the ServerApp fail; Flower's CLI still exits 0, the launcher must not.
-    code = launch.main(["--devices", "2", "--out", str(tmp_path), "--run-config", "dataset='no_such_dataset' num-rounds=1"])
-    assert code != 0
+def test_rounds_that_fail_end_nonzero_with_a_summary_and_keep_the_last_good_run(tmp_path, capfd):
+    out = tmp_path / "run"
+    good = out / "20000101-000000"
+    good.mkdir(parents=True)
+    (out / "latest").symlink_to(good.name)
+    # 2 training rows cannot be shared out among 3 devices: every device fails, the cloud does not
+    code = launch.main(["--devices", "3", "--out", str(out), "--run-config", "num-rounds=2 max-examples=2 audit-tokens=0 defense='dchi' epsilon=50.0"])
+    console = capfd.readouterr().out
+    assert code == 1, console
+    assert (out / "latest").resolve() == good  # the failed run did not replace the good one
+    folder = next(p for p in out.iterdir() if p.is_dir() and p != good)
+    results = json.loads((folder / "results.json").read_text())
+    assert results["status"] == "failed"
+    assert [(r["round"], r["did-not"]) for r in results["failed-rounds"]] == [(1, ["train", "evaluate"]), (2, ["train", "evaluate"])]
+    assert results["final"]["round"] is None and results["final"]["test-accuracy"] is None
+    # one console line per round, phase and cause, naming the three devices; no traceback
+    rejected = [line for line in console.splitlines() if "replies rejected" in line]
+    assert len(rejected) == 4 and all("(device 0, device 1, device 2)" in line and "ValueError" in line for line in rejected)
+    assert "Traceback" not in console
+    assert sum(line.startswith("[cloud] rejected over the run: device ") for line in console.splitlines()) == 3
+    assert any(line.startswith("[cloud] round 2 did not train and evaluate") for line in console.splitlines())
+    assert "Traceback" in (folder / "errors.log").read_text()  # the full text is kept
+    assert "FAILED" in console
 
 
-def test_deployment_superlink_and_two_supernodes(tmp_path):
-    config = f"{TINY} num-rounds=1 min-devices=2 devices-per-round=2 output-dir='{tmp_path}'"
-    assert launch.launch_deployment(2, config) == 0
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert results["rounds"][0]["valid-replies"] == 2
+# -- when a process dies -----------------------------------------------------------------------------
+
+def _launch_and_kill(tmp_path, args, wait_for, target, settle=0.0):
+    env, tag = tagged_env(tmp_path)
+    env["PRIVTUNE_CACHE"] = os.environ["PRIVTUNE_CACHE"]
+    proc = subprocess.Popen([sys.executable, "-m", "simulations.launch", "--out", str(tmp_path / "run")] + args, cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen = set()
+    try:
+        wait_for_process(tag, wait_for, proc)
+        time.sleep(settle)
+        victim = wait_for_process(tag, target, proc, timeout=30)
+        seen.update(with_tag(tag))
+        os.kill(victim, signal.SIGKILL)
+        output, _ = proc.communicate(timeout=480)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    time.sleep(1.0)
+    return proc.returncode, output, seen, tag
+
+
+@pytest.mark.parametrize("wait_for,target", [
+    ("flwr-simulation", "flower-superlink"),  # the SuperLink, in the middle of a run
+    ("flwr-simulation", "flwr-simulation"),   # the ServerApp (and Ray's driver)
+])
+def test_a_killed_process_fails_the_run_and_leaves_nothing_behind(tmp_path, wait_for, target):
+    code, output, seen, tag = _launch_and_kill(tmp_path, ["--devices", "2", "--run-config", QUICK], wait_for, target, settle=3.0)
+    assert code == 1, output
+    assert "finished:completed" not in output and "FAILED" in output
+    assert live(with_tag(tag)) == [] and live(seen) == []
+
+
+def test_deployment_with_tls_survives_a_lost_supernode_and_leaves_nothing_behind(tmp_path):
+    # three SuperNodes, min-devices=2 by the launcher's default: the run goes on without one
+    code, output, seen, tag = _launch_and_kill(tmp_path, ["--deployment", "--devices", "3", "--run-config", QUICK],
+                                               "flwr-serverapp", "flower-supernode")
+    assert "(TLS, SuperNode authentication)" in output
+    assert re.search(r"\[launch\] SuperNode \d \(pid \d+\) exited with code -9", output), output
+    results = json.loads(((tmp_path / "run" / "latest") if code == 0 else next((tmp_path / "run").glob("2*"))).joinpath("results.json").read_text())
+    assert (code == 0) == (results["status"] == "completed"), output
+    assert results["rounds"] and results["rounds"][0]["valid-replies"] == 2, output
+    assert live(with_tag(tag)) == [] and live(seen) == []
+
+
+def test_unknown_supernode_is_refused(tmp_path):
+    from simulations.certs import make_supernode_keys, make_tls
+
+    env, tag = tagged_env(tmp_path)
+    home = tmp_path / "flwr"
+    home.mkdir()
+    env = {**launch.flower_env(home, launch.free_port(), launch.free_port()), "PRIVTUNE_TEST_TAG": tag}
+    tls = make_tls(tmp_path)
+    known, known_pub = make_supernode_keys(tmp_path, "known")
+    stranger, _ = make_supernode_keys(tmp_path, "stranger")
+    port = launch.free_port()
+    procs = launch.Processes()
+    try:
+        superlink = procs.start("superlink", [
+            "flower-superlink", "--host", "127.0.0.1", "--port", str(port), "--enable-supernode-auth",
+            "--ssl-ca-certfile", str(tls["ca"]), "--ssl-certfile", str(tls["certfile"]), "--ssl-keyfile", str(tls["keyfile"]),
+        ], env, tmp_path / "superlink.log")
+        launch.wait_healthy(port, superlink, cafile=tls["ca"])
+        launch.write_connection(home, "tls", f"127.0.0.1:{port}", root_certificates=tls["ca"])
+        subprocess.run(["flwr", "supernode", "register", str(known_pub), "tls"], env=env, check=True, capture_output=True, timeout=60)
+        nodes = {}
+        for name, key in (("known", known), ("stranger", stranger)):
+            nodes[name] = procs.start(name, ["flower-supernode", "--superlink", f"127.0.0.1:{port}", "--root-certificates", str(tls["ca"]),
+                                             "--auth-supernode-private-key", str(key), "--port", str(launch.free_port())],
+                                      env, tmp_path / f"{name}.log")
+        nodes["stranger"].wait(timeout=60)  # refused: it gives up
+        assert nodes["stranger"].returncode != 0
+        listed = json.loads(subprocess.run(["flwr", "supernode", "ls", "tls", "--format", "json"], env=env, capture_output=True,
+                                           text=True, timeout=60).stdout)
+        assert nodes["known"].poll() is None
+        assert len(listed["nodes"]) == 1  # the registered one only
+        assert "No SuperNode found with the given public key" in (tmp_path / "superlink.log").read_text()
+    finally:
+        procs.stop()
+    assert live(with_tag(tag)) == []
+
+
+# -- the README's own commands -----------------------------------------------------------------------
+
+def test_readme_flower_simulation_recipe(tmp_path):
+    env, tag = tagged_env(tmp_path)
+    env.update(FLWR_HOME=str(tmp_path / "flwr"), FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(launch.free_port()),
+               FLWR_LOCAL_CONTROL_API_PORT=str(launch.free_port()))
+    out = tmp_path / "run"
+    script = append_to_flwr_run(readme_recipe("simulation"),
+                                f'--federation-config "num-supernodes=3" --run-config "num-rounds=1 {QUICK} output-dir=\'{out}\'"')
+    try:
+        done = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        status = launch.run_status(env)
+    finally:
+        kill_tagged(tag)  # the local SuperLink `flwr run` started stays up by design
+    assert status["status"] == "finished:completed", done.stdout[-3000:]
+    assert json.loads((out / "latest" / "results.json").read_text())["status"] == "completed"
+
+
+def test_readme_deployment_recipe_with_tls_and_supernode_authentication(tmp_path):
+    env, tag = tagged_env(tmp_path)
+    ports = [launch.free_port() for _ in range(3)]
+    env.update(FLWR_HOME=str(tmp_path / "flwr"), LINK_PORT=str(ports[0]), NODE_PORTS=f"{ports[1]} {ports[2]}")
+    out = tmp_path / "run"
+    script = append_to_flwr_run(readme_recipe("deployment"), f'--run-config "{QUICK} output-dir=\'{out}\'"')
+    try:
+        done = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
+        deadline = time.monotonic() + 20
+        while live(with_tag(tag)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        left = live(with_tag(tag))
+    finally:
+        kill_tagged(tag)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "finished:completed" in done.stdout, done.stdout[-3000:]
+    results = json.loads((out / "latest" / "results.json").read_text())
+    assert results["status"] == "completed" and results["rounds"][0]["valid-replies"] == 2
+    assert left == []  # the recipe's last line stops everything it started
+
+
+# -- reproducibility --------------------------------------------------------------------------------
+
+@pytest.mark.skipif("reproducible_noise" not in RunConfig.__dataclass_fields__,
+                    reason="needs the run-config key reproducible-noise (device noise is secret otherwise)")
+def test_same_seed_same_numbers(tmp_path, capfd):
+    numbers = []
+    for n in range(2):
+        out = tmp_path / f"run{n}"
+        code = launch.main(["--devices", "3", "--out", str(out), "--device-policy", "allow-reproducible-noise=true",
+                            "--run-config", f"num-rounds=2 devices-per-round=2 {TINY} reproducible-noise=true"])
+        assert code == 0, capfd.readouterr().out
+        rounds = json.loads((out / "latest" / "results.json").read_text())["rounds"]
+        numbers.append([(r["train-loss"], r["test-accuracy"], r["test-loss"]) for r in rounds])
+    assert numbers[0] == numbers[1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -343,3 +344,39 @@ def test_importance_generation_and_errors():
         Importance(seqs, [0, 1, 0], vocab_size=10, alpha=1.5)
     with pytest.raises(ValueError, match="token ids"):
         Importance([[3, 99]], [0], vocab_size=10)
+
+
+def test_tables_are_built_once_per_cache_with_a_progress_bar(tmp_path, monkeypatch, capfd):
+    """A second process waits on the lock and reads the first one's file; the builder shows a bar."""
+    import fcntl
+    import threading
+
+    monkeypatch.setenv("PRIVTUNE_CACHE", str(tmp_path))
+    split = tiny_bert_split(seed=2)
+    path = anc.cache_dir() / "anchors" / f"{anc._key_name(anc._key(split, 8, 2, 16))}.pt"
+    path.parent.mkdir(parents=True)
+    held = threading.Event()
+
+    def other_builder():  # holds the lock for a second, as a process building the same tables would
+        with open(path.with_suffix(".lock"), "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            held.set()
+            time.sleep(1.0)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+    thread = threading.Thread(target=other_builder)
+    thread.start()
+    held.wait()
+    t0 = time.perf_counter()
+    tables = anc.get_tables(split, k=8, n_hops=2, max_neighbours=16)
+    thread.join()
+    assert time.perf_counter() - t0 >= 0.9 and path.exists()
+    err = capfd.readouterr().err
+    assert f"[device] waiting for another process to build the anchor tables {path.name}" in err
+    bar = [line for line in err.splitlines() if line.startswith("[device] anchor tables for tiny-bert (split 1), built once per cache")]
+    assert bar and "100%" in bar[-1] and all(line.endswith("left") for line in bar)  # whole lines, no carriage returns
+    # the next process finds the file: no build, no bar
+    anc.clear_memory_cache()
+    monkeypatch.setattr(anc, "build_tables", lambda *a, **k: pytest.fail("tables rebuilt although cached"))
+    assert torch.equal(anc.get_tables(split, k=8, n_hops=2, max_neighbours=16).rings, tables.rings)
+    assert "anchor tables" not in capfd.readouterr().err

@@ -1,6 +1,7 @@
 """Split models: frozen bottom, LoRA top, and split == unsplit without noise."""
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -137,3 +138,32 @@ def test_real_smollm2_from_gguf_split_matches_unsplit():
     real = enc["attention_mask"].bool()
     assert torch.allclose(got[real], want[real], atol=1e-4)
     assert split.tokenizer.decode(got[0, -1].argmax()).strip() == "Paris"
+
+
+def test_loading_our_models_is_quiet_and_restores_transformers_settings(capfd, caplog):
+    """The fresh task head is expected: no load report, no progress bar, no deprecation warning."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    before = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_split("minilm", split_layer=1, task="classification", num_labels=2)
+    out = capfd.readouterr()
+    for noise in ("LOAD REPORT", "MISSING", "Loading weights"):
+        assert noise not in out.out + out.err
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()) == before
+
+
+def test_unexpected_checkpoint_keys_are_still_reported(caplog):
+    from privtune_flwr.models import _report_unexpected_loading
+
+    with caplog.at_level(logging.WARNING):
+        _report_unexpected_loading("m", {"missing_keys": ["classifier.weight", "classifier.bias"], "unexpected_keys": ["pooler.dense.bias"]})
+        assert caplog.records == []  # the fresh head and an unused pooler are expected
+        _report_unexpected_loading("m", {"missing_keys": ["classifier.weight", "encoder.layer.0.attention.self.query.weight"]})
+    assert [r.getMessage() for r in caplog.records] == [
+        "model 'm': 1 missing keys when loading, e.g. ['encoder.layer.0.attention.self.query.weight']"]

@@ -1,0 +1,101 @@
+"""The launcher without a Flower run: bad input refused before anything starts, and every
+process of a launch (descendants, detached or orphaned ones included) stopped."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from simulations import launch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def no_processes(monkeypatch):
+    """Fail the test if the launcher tries to start anything."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the launcher started a process for a configuration it should refuse")
+    monkeypatch.setattr(launch, "Processes", refuse)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--run-config", "num-round=3"], "error: unknown key 'num-round'; did you mean 'num-rounds'?"),
+    (["--run-config", "defense='nonsense'"], "error: defense='nonsense' is outside the accepted range: none, dchi, gaussian, privtune"),
+    (["--run-config", "epsilon=0.0"], "error: epsilon=0.0 is outside the accepted range: (0, inf)"),
+    (["--run-config", "num-rounds=="], "error: --run-config 'num-rounds==' is not a list of key=value pairs"),
+    (["--devices", "3", "--run-config", "min-devices=4"], "error: min-devices=4 is outside the accepted range for --devices 3: 1..3"),
+    (["--devices", "3", "--run-config", "devices-per-round=5"], "error: devices-per-round=5 is outside the accepted range for --devices 3: 1..3"),
+    (["--device-policy", "allow-reproducible-noise"], "error: --device-policy 'allow-reproducible-noise' is not a list of key=value pairs"),
+])
+def test_bad_input_is_refused_before_anything_starts(no_processes, capsys, args, message):
+    assert launch.main(args) == 2
+    assert capsys.readouterr().err.startswith(message)
+
+
+def test_a_mistyped_key_is_refused_within_five_seconds():
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "simulations.launch", "--run-config", "num-round=3"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    seconds = time.perf_counter() - t0
+    assert done.returncode == 2
+    assert done.stderr.strip() == "error: unknown key 'num-round'; did you mean 'num-rounds'?"
+    assert seconds < 5.0
+
+
+def test_launcher_defaults_keep_min_devices_below_the_device_count(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(launch, "launch", lambda devices, actors, run_config, **kw: seen.update(config=run_config) or 0)
+    assert launch.main(["--devices", "10"]) == 0
+    assert "devices-per-round=5" in seen["config"] and "min-devices=5" in seen["config"]
+    assert launch.main(["--devices", "3"]) == 0
+    assert "devices-per-round=3" in seen["config"] and "min-devices=2" in seen["config"]
+    assert launch.main(["--devices", "1"]) == 0
+    assert "devices-per-round=1" in seen["config"] and "min-devices=1" in seen["config"]
+    assert launch.main(["--devices", "4", "--run-config", "min-devices=4"]) == 0
+    assert "min-devices=4" in seen["config"]
+
+
+def _state(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
+def test_stop_ends_descendants_that_left_the_group_or_lost_their_parent(tmp_path):
+    procs = launch.Processes()
+    pids = tmp_path / "pids"
+    # a leader with a child in its group and a grandchild in a session of its own
+    leader = procs.start("leader", ["bash", "-c", f"sleep 300 & echo $! >> {pids}; setsid sleep 301 & echo $! >> {pids}; wait"],
+                         dict(os.environ))
+    deadline = time.monotonic() + 10
+    while (not pids.exists() or len(pids.read_text().split()) < 2) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    children = [int(p) for p in pids.read_text().split()]
+    assert sorted(procs.alive()) == sorted([leader.pid] + children)
+    os.kill(leader.pid, signal.SIGKILL)  # whatever died first: here the leader
+    leader.wait()
+    assert all(_state(p) not in (None, "Z") for p in children)  # orphans, still running
+    procs.stop()
+    assert procs.alive() == []
+    assert all(_state(p) in (None, "Z") for p in children)
+
+
+def test_processes_of_one_name_are_stopped_alone(tmp_path):
+    procs = launch.Processes()
+    env = dict(os.environ)
+    keep = procs.start("keep", ["sleep", "300"], env)
+    drop = procs.start("drop", ["bash", "-c", "setsid sleep 302 & wait"], env)
+    time.sleep(0.5)
+    assert len(procs.alive("drop")) == 2
+    procs.stop("drop")
+    assert procs.alive("drop") == [] and drop.poll() is not None
+    assert keep.poll() is None and procs.alive("keep") == [keep.pid]
+    procs.stop()
+    assert procs.alive() == []
