@@ -19,10 +19,11 @@ import logging
 import os
 import random
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from . import data
@@ -219,6 +220,37 @@ def _test_indices(cfg: RunConfig, node: Node, pid: int) -> list[int]:
     return list(range(min(len(node.test), cfg.eval_examples or len(node.test))))
 
 
+def fault_of(cfg: RunConfig, pid: int, total: int) -> str | None:
+    """The fault this device injects (``fault-fraction`` of the devices, by partition; the kinds
+    are cycled over them), or None. For tests and demonstrations of the cloud's robustness."""
+    faulty = round(cfg.fault_fraction * total)
+    if pid >= faulty:
+        return None
+    kinds = [k.strip() for k in cfg.fault_kinds.split(",") if k.strip()]
+    return kinds[pid % len(kinds)]
+
+
+def _inject(cfg: RunConfig, context: Context, content: RecordDict) -> RecordDict:
+    pid, total = partition_ids(context.node_config)
+    fault = fault_of(cfg, pid, total)
+    if fault is None:
+        return content
+    if fault == "raise":
+        raise RuntimeError(f"injected fault: device {pid} crashes (fault-fraction={cfg.fault_fraction:g})")
+    if fault == "slow":
+        time.sleep(cfg.fault_delay)
+        return content
+    record = next(iter(content.array_records.values()))
+    key = next(iter(record.keys()))
+    array = record[key].numpy().copy()
+    if fault == "nan":
+        array.flat[0] = float("nan")
+        record[key] = Array(array)
+    else:  # garbage: bytes that are no array at all
+        record[key] = Array(dtype=array.dtype.str, shape=array.shape, stype="numpy.ndarray", data=b"\x00garbage" * 8)
+    return content
+
+
 def _release(msg: Message, context: Context, phase: str) -> Message:
     """One vanilla reply: this round's training batches, or the test split, released defended."""
     cfg, server_round, num_batches, node, ledger = _prepare(msg, context)
@@ -232,7 +264,8 @@ def _release(msg: Message, context: Context, phase: str) -> Message:
         rows = node.test.select(idx)
     rel = node.device.release(rows["text"], rows["label"])
     rel.metrics["releases-per-example-max"] = _releases(cfg, context, node, ledger, phase, idx)
-    return Message(content=release_content(rel.hidden, rel.attention_mask, rel.labels, rel.metrics), reply_to=msg)
+    content = release_content(rel.hidden, rel.attention_mask, rel.labels, rel.metrics)
+    return Message(content=_inject(cfg, context, content) if phase == "train" else content, reply_to=msg)
 
 
 @app.train()
@@ -303,7 +336,8 @@ def _u_forward(msg: Message, context: Context, phase: str) -> Message:
     n, t = rel.attention_mask.shape
     context.state.config_records[PENDING] = ConfigRecord(
         {"phase": phase, "round": server_round, "step": step, "indices": idx, "n": n, "t": t})
-    return Message(content=release_content(rel.hidden, rel.attention_mask, None, rel.metrics), reply_to=msg)
+    content = release_content(rel.hidden, rel.attention_mask, None, rel.metrics)
+    return Message(content=_inject(cfg, context, content) if phase == "train" else content, reply_to=msg)
 
 
 def _u_head(msg: Message, context: Context, phase: str) -> Message:

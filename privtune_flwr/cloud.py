@@ -145,12 +145,15 @@ class MiddleSide:
     def drop(self, key: str) -> None:
         self.pending.pop(key, None)
 
-    def step(self) -> bool:
-        """Apply the accumulated gradients; False (and nothing changed) if there were none or they
-        were non-finite."""
+    def step(self, scale: float = 1.0) -> bool:
+        """Apply the accumulated gradients (times ``scale``); False (and nothing changed) if there
+        were none or they were non-finite."""
         grads = [p.grad for p in self.params if p.grad is not None]
         if not grads:
             return False
+        if scale != 1.0:
+            for g in grads:
+                g.mul_(scale)
         if not all(torch.isfinite(g).all() for g in grads):
             self.optimizer.zero_grad(set_to_none=True)
             return False

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 PROTOCOLS = ("vanilla", "u-shaped")
 TASKS = ("classification", "generation")
 RELEASES = ("once", "fresh")
+FAULT_KINDS = ("raise", "garbage", "nan", "slow")
 PARTITIONERS = ("iid", "dirichlet")
 # The names of ``defenses.DEFENSES`` (a test keeps the two equal). Spelled out here so that a
 # launcher can check a run's configuration in a fraction of a second, without importing torch.
@@ -43,6 +44,8 @@ class RunConfig:
     # stay connected, so it is below the number of devices a federation starts with.
     min_devices: int = 5
     min_replies: int = 1  # a round goes on while at least this many valid replies arrive
+    round_retries: int = 2  # a round short of min-replies is retried this often, then the run fails
+    resume_from: str = ""  # a run folder to resume from (its last complete checkpoint); "" = a new run
     batches_per_round: int = 8
     batch_size: int = 16
     eval_examples: int = 0  # per device and evaluation; 0 = its whole test split
@@ -73,6 +76,10 @@ class RunConfig:
     # (its node config / device policy) to be weakened
     release: str = "once"  # "once" | "fresh" (fresh noise per re-send; composes)
     reproducible_noise: bool = False  # research only: noise derived from `seed`, removable by the operator
+    # fault injection, for tests and demonstrations: this share of devices misbehaves
+    fault_fraction: float = 0.0
+    fault_kinds: str = "raise,garbage,nan,slow"  # cycled over the faulty devices
+    fault_delay: float = 5.0  # seconds a "slow" device waits before replying
     # run
     seed: int = 0
     output_dir: str = "outputs/run"
@@ -88,6 +95,7 @@ class RunConfig:
         _require(self.num_rounds >= 1, "num-rounds", self.num_rounds, ">= 1")
         _require(self.devices_per_round >= 1, "devices-per-round", self.devices_per_round, ">= 1")
         _require(self.min_devices >= 1, "min-devices", self.min_devices, ">= 1")
+        _require(0 <= self.round_retries <= 100, "round-retries", self.round_retries, "0..100")
         _require(1 <= self.min_replies <= self.devices_per_round, "min-replies", self.min_replies, f"1..devices-per-round ({self.devices_per_round})")
         _require(self.batches_per_round >= 1, "batches-per-round", self.batches_per_round, ">= 1")
         _require(self.batch_size >= 1, "batch-size", self.batch_size, ">= 1")
@@ -108,6 +116,11 @@ class RunConfig:
         _require(math.isfinite(self.epsilon) and self.epsilon > 0, "epsilon", self.epsilon, "(0, inf)")
         _require(self.audit_tokens >= 0, "audit-tokens", self.audit_tokens, ">= 0 (0 = no self-audit)")
         _require(self.timeout > 0, "timeout", self.timeout, "> 0 seconds")
+        _require(0.0 <= self.fault_fraction <= 1.0, "fault-fraction", self.fault_fraction, "[0, 1]")
+        kinds = [k.strip() for k in self.fault_kinds.split(",") if k.strip()]
+        _require(bool(kinds) and all(k in FAULT_KINDS for k in kinds), "fault-kinds", self.fault_kinds,
+                 "a comma-separated list of " + ", ".join(FAULT_KINDS))
+        _require(0.0 <= self.fault_delay <= 3600.0, "fault-delay", self.fault_delay, "[0, 3600] seconds")
         _require(self.release in RELEASES, "release", self.release, " or ".join(RELEASES))
         _require(0 <= self.importance_levels <= 64, "importance-levels", self.importance_levels, "0..64 (0 = continuous)")
 

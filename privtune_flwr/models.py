@@ -372,6 +372,16 @@ def load_split(
     trained classifier; decoders: the final norm and a trained ``score``, or the tied ``lm_head``
     with LoRA for generation), so that labels and the loss stay on the device.
     """
+    # Seeded (the fresh head, LoRA's initialisation) without touching anyone else's random state:
+    # a device loading its model must not reset the cloud's when both share a process.
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return _load_split(model, split_layer, task, num_labels, lora_rank=lora_rank, lora_alpha=lora_alpha,
+                           lora_dropout=lora_dropout, hf_model=hf_model, tokenizer=tokenizer, protocol=protocol)
+
+
+def _load_split(model, split_layer, task, num_labels, *, lora_rank, lora_alpha, lora_dropout, hf_model, tokenizer,
+                protocol) -> SplitModel:
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol={protocol!r} is not supported; accepted: {', '.join(PROTOCOLS)}")
     if task == "generation" and protocol == "vanilla":
@@ -395,7 +405,6 @@ def load_split(
                 f"model={model!r} could not be loaded ({exc.__class__.__name__}); accepted: "
                 f"{', '.join(OFFLINE_MODELS)} (offline), a Hugging Face id (needs network) or a local folder"
             ) from exc
-        torch.manual_seed(seed)  # the fresh head is initialised reproducibly
         with _quiet_transformers():
             if task == "classification":
                 hf_model, info = AutoModelForSequenceClassification.from_pretrained(

@@ -15,12 +15,12 @@ import torch
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from strategies import SplitLearningStrategy
+from strategies import SplitLearningStrategy, UShapedStrategy
 from strategies.reporting import NOT_REACHED, ProgressGrid, incomplete_rounds, last_evaluation
 
 from . import data
 from .accounting import is_finite_number, run_summary, statement_for_config
-from .cloud import CloudSide
+from .cloud import CloudSide, MiddleSide
 from .config import RunConfig
 from .models import load_split
 
@@ -94,13 +94,20 @@ def main(grid: Grid, context: Context) -> None:
     seed_cloud(cfg.seed)
     out = new_run_folder(cfg.output_dir)
     log.info("run folder: %s", out)
-    log.info("loading %s, split after block %d, and the %s data...", cfg.model, cfg.split_layer, cfg.dataset)
-    # The number of classes is task metadata the cloud must know to build its head.
-    num_labels = data.load_dataset(cfg.dataset, test_fraction=cfg.test_fraction, seed=cfg.seed, max_examples=cfg.max_examples or None).num_labels
-    split = load_split(cfg.model, cfg.split_layer, cfg.task, num_labels, lora_rank=cfg.lora_rank, seed=cfg.seed)
-    cloud = CloudSide(split, learning_rate=cfg.learning_rate, batch_size=cfg.batch_size, seed=cfg.seed)
+    log.info("loading %s, split after block %d (%s protocol)...", cfg.model, cfg.split_layer, cfg.protocol)
+    # Everything the cloud needs comes from the run config (num-labels): it never loads the data.
+    num_labels = cfg.num_labels if cfg.task == "classification" else 0
+    split = load_split(cfg.model, cfg.split_layer, cfg.task, max(num_labels, 2), lora_rank=cfg.lora_rank, seed=cfg.seed,
+                       protocol=cfg.protocol)
+    if cfg.protocol == "u-shaped":
+        cloud = MiddleSide(split, learning_rate=cfg.learning_rate)
+        strategy = UShapedStrategy(cloud, cfg, output_dir=out)
+    else:
+        cloud = CloudSide(split, learning_rate=cfg.learning_rate, batch_size=cfg.batch_size, seed=cfg.seed)
+        strategy = SplitLearningStrategy(cloud, cfg, output_dir=out)
+    if cfg.resume_from:
+        strategy.resume(cfg.resume_from)
     log.info("model ready in %.1f s; the devices load theirs when first asked", time.perf_counter() - t0)
-    strategy = SplitLearningStrategy(cloud, cfg, output_dir=out)
     error = None
     try:
         strategy.start(
@@ -130,18 +137,28 @@ def main(grid: Grid, context: Context) -> None:
             "round": final.get("round"),
             "test-accuracy": final.get("test-accuracy"),
             "test-macro-f1": final.get("test-macro-f1"),
+            "test-perplexity": final.get("test-perplexity"),
             "self-audit-knn": final.get("self-audit-knn"),
             "cloud-steps": cloud.steps,
         },
+        "protocol": cfg.protocol,
+        "resumed-from": cfg.resume_from or None,
+        "devices-lost": strategy.devices_lost,
+        "generation": getattr(strategy, "generation", {}),
         "privacy": privacy_summary(cfg, history),
         "wall-seconds": time.perf_counter() - t0,
         "server-peak-rss-mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "trainable-parameters": sum(v.numel() for v in split.trainable_state().values()),
     }
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(out / "results.json")  # atomic: a reader sees the old file or the whole new one
     for line in strategy.rejected.summary():
         log.warning("rejected over the run: %s", line)
-    if final:
+    if final and cfg.task == "generation":
+        log.info("final: test perplexity %.3f, from round %d of %d (the last completed evaluation)",
+                 final["test-perplexity"], final["round"], cfg.num_rounds)
+    elif final:
         log.info("final: test accuracy %.4f, macro-F1 %.4f, from round %d of %d (the last completed evaluation)",
                  final["test-accuracy"], final["test-macro-f1"], final["round"], cfg.num_rounds)
     if failed:

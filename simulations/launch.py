@@ -508,6 +508,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deployment", action="store_true", help="a real deployment on 127.0.0.1 (TLS, SuperNode authentication) instead of a simulation")
     parser.add_argument("--certs", type=Path, help="deployment: folder with ca.crt, server.crt, server.key (default: made for this launch)")
     parser.add_argument("--keep-home", action="store_true", help="simulation: keep the temporary FLWR_HOME after the run")
+    parser.add_argument("--resume", type=Path, metavar="RUN_FOLDER",
+                        help="continue a stopped run from its last complete checkpoint (the new run gets its own folder)")
     args = parser.parse_args(argv)
     if args.devices < 1:
         parser.error(f"--devices={args.devices} is outside the accepted range: >= 1")
@@ -523,6 +525,11 @@ def main(argv: list[str] | None = None) -> int:
         # device dropping out does not stall it.
         overrides.setdefault("min-devices", min(defaults.min_devices, max(1, args.devices - 1)))
         overrides.setdefault("output-dir", str(out))
+        if args.resume is not None:
+            folder = args.resume.expanduser().resolve()
+            if not sorted((folder / "checkpoints").glob("round-[0-9][0-9][0-9].pt")):
+                raise ValueError(f"--resume {folder}: it holds no checkpoints/round-NNN.pt to resume from")
+            overrides["resume-from"] = str(folder)
         cfg = check_run_config(overrides)
         for key, value in (("min-devices", cfg.min_devices), ("devices-per-round", cfg.devices_per_round)):
             if value > args.devices:

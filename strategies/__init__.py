@@ -1,5 +1,6 @@
 """Cloud-side Flower strategies for split fine-tuning."""
 
-from .split_learning import SplitLearningStrategy
+from .split_learning import RoundFailed, SplitLearningStrategy
+from .u_shaped import UShapedStrategy
 
-__all__ = ["SplitLearningStrategy"]
+__all__ = ["RoundFailed", "SplitLearningStrategy", "UShapedStrategy"]

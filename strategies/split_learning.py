@@ -1,20 +1,27 @@
 """The cloud: a Flower strategy that fine-tunes the top model on what devices release.
 
-Unlike FedAvg there is nothing to average. Each round (``Strategy.start`` drives it):
+Unlike FedAvg there is nothing to average. :meth:`SplitLearningStrategy.start` drives the run,
+round by round, and reads as the protocol:
 
-1. ``configure_train``: wait for the devices (asking each new one once which data partition it
-   holds), sample some, ask each for its round's batches;
-2. ``aggregate_train``: validate every reply against the schema (rejecting and logging bad
-   ones), train the top's LoRA weights on each valid release, checkpoint, report metrics;
-3. ``configure_evaluate``: ask every connected device to release its test split;
-4. ``aggregate_evaluate``: score the top on those releases (accuracy, macro-F1, loss).
+1. wait for ``min-devices`` devices (asking each new one once which data partition it holds;
+   devices that disappear are counted as lost) and sample ``devices-per-round`` of them;
+2. **train**: ask each for its round's batches, validate every reply against the schema and this
+   round's plan (rejecting and logging bad ones), train the top's LoRA weights on each valid
+   release; a round with fewer than ``min-replies`` usable replies is retried with a fresh sample
+   up to ``round-retries`` times, then the run fails and says why;
+3. **evaluate**: ask every connected device to release its test split and score the top on it;
+4. checkpoint everything a resumed run needs (weights, optimiser, random states, history).
+
+``strategies.u_shaped.UShapedStrategy`` runs the same loop with the u-shaped protocol's steps.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -32,6 +39,10 @@ from .reporting import DEVICE_ERROR, RejectedReplies
 
 log = logging.getLogger("privtune_flwr.cloud")
 
+class RoundFailed(RuntimeError):
+    """A round could not train even after its retries."""
+
+
 # Public bounds the devices attach to replies (schema.OPTIONAL_METRICS); aggregated as maxima.
 PUBLIC_BOUNDS = ("epsilon-token-max", "slack-token-max", "epsilon-sequence-max", "slack-sequence-max", "shift-radius",
                  "releases-per-example-max")
@@ -44,15 +55,119 @@ class SplitLearningStrategy(Strategy):
         self.cloud = cloud
         self.cfg = cfg
         self.output_dir = None if output_dir is None else Path(output_dir)
+        if self.output_dir is not None:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
         self.rng = random.Random(cfg.seed)
         self.history: list[dict] = []
         self.rejected = RejectedReplies(self.output_dir)
         self.partition: dict[int, int] = {}  # node id -> the data partition the device says it holds
         self._round: dict = {}
         self._t_round = time.perf_counter()
+        self._seen_nodes: set[int] = set()
+        self.devices_lost = 0
+        self.restored_round = 0  # the last round a resumed run had completed
+        self.timeout = cfg.timeout
+
+    # -- the protocol, round by round ------------------------------------------------------------
+    def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int | None = None,
+              timeout: float | None = None, **_) -> None:
+        num_rounds = self.cfg.num_rounds if num_rounds is None else num_rounds
+        self.timeout = self.cfg.timeout if timeout is None else timeout
+        self.summary()
+        self.before_rounds(grid)
+        for server_round in range(self.restored_round + 1, num_rounds + 1):
+            self._t_round = time.perf_counter()
+            self._round = {"round": server_round}
+            for attempt in range(self.cfg.round_retries + 1):
+                sample = self.sample(self._wait_for_devices(grid), server_round)
+                if attempt:
+                    log.warning("round %d: retry %d of %d with %d devices", server_round, attempt, self.cfg.round_retries, len(sample))
+                if self.train_round(grid, server_round, sample):
+                    break
+            else:
+                self.history.append(dict(self._round))
+                raise RoundFailed(f"round {server_round} had fewer than min-replies={self.cfg.min_replies} usable replies "
+                                  f"in {self.cfg.round_retries + 1} attempts")
+            self.evaluate_round(grid, server_round)
+            self.checkpoint(server_round)
+        self.after_rounds(grid)
+
+    def before_rounds(self, grid: Grid) -> None:
+        """Hook: work before the first round (the u-shaped generation samples)."""
+
+    def after_rounds(self, grid: Grid) -> None:
+        """Hook: work after the last round."""
+
+    def sample(self, nodes: list[int], server_round: int) -> list[int]:
+        sample = sorted(self.rng.sample(nodes, min(self.cfg.devices_per_round, len(nodes))), key=self._order)
+        log.info("round %d: sampled %d of %d devices", server_round, len(sample), len(nodes))
+        return sample
+
+    def train_round(self, grid: Grid, server_round: int, sample: list[int]) -> bool:
+        """Vanilla: one message per device carries its round's batches and labels."""
+        messages = self._messages(sample, server_round, self.cfg.batches_per_round, MessageType.TRAIN)
+        replies = grid.send_and_receive(messages, timeout=self.timeout)
+        arrays, _ = self.aggregate_train(server_round, replies)
+        return arrays is not None
+
+    def evaluate_round(self, grid: Grid, server_round: int) -> None:
+        nodes = self._wait_for_devices(grid)
+        replies = grid.send_and_receive(self._messages(nodes, server_round, 0, MessageType.EVALUATE), timeout=self.timeout)
+        self.aggregate_evaluate(server_round, replies)
+
+    # -- checkpoints and resume ------------------------------------------------------------------
+    def cloud_state(self) -> dict:
+        return self.cloud.state()
+
+    def load_cloud_state(self, state: dict) -> None:
+        self.cloud.split.load_trainable_state(state["trainable"])
+        if state.get("optimizer"):
+            self.cloud.optimizer.load_state_dict(state["optimizer"])
+        self.cloud.steps = int(state["steps"])
+
+    def checkpoint(self, server_round: int) -> None:
+        """Everything a resumed run needs, written atomically after the round completed."""
+        if self.output_dir is None:
+            return
+        version, words, gauss = self.rng.getstate()
+        meta = {"round": server_round, "rng": [version, list(words), gauss], "history": self.history,
+                "rejected": self.rejected.entries, "devices-lost": self.devices_lost}
+        state = {"cloud": self.cloud_state(), "torch-rng": torch.get_rng_state(), "meta": json.dumps(meta)}
+        path = self.output_dir / "checkpoints" / f"round-{server_round:03d}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        os.close(fd)
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint
+
+    def resume(self, folder: str | Path) -> int:
+        """Restore the last complete checkpoint of an earlier run's folder; returns its round."""
+        folder = Path(folder).expanduser()
+        found = sorted((folder / "checkpoints").glob("round-[0-9][0-9][0-9].pt"))
+        if not found:
+            raise FileNotFoundError(f"resume-from={str(folder)!r} holds no checkpoints/round-NNN.pt")
+        state = torch.load(found[-1], weights_only=True)
+        meta = json.loads(state["meta"])
+        self.load_cloud_state(state["cloud"])
+        version, words, gauss = meta["rng"]
+        self.rng.setstate((version, tuple(words), gauss))
+        torch.set_rng_state(state["torch-rng"])
+        self.history = list(meta["history"])
+        self.rejected.entries = list(meta["rejected"])
+        self.devices_lost = int(meta.get("devices-lost", 0))
+        self.restored_round = int(meta["round"])
+        log.info("resumed from %s: round %d complete, %d steps", found[-1], self.restored_round, self.cloud.steps)
+        return self.restored_round
 
     # -- helpers -----------------------------------------------------------------
     def _wait_for_devices(self, grid: Grid) -> list[int]:
+        current = set(grid.get_node_ids())
+        lost = self._seen_nodes - current
+        if lost:  # a device that left is counted, and the run goes on while min-devices remain
+            self.devices_lost += len(lost)
+            log.warning("%d device(s) lost (%s); %d connected", len(lost), ", ".join(self.device_name(n) for n in sorted(lost)),
+                        len(current))
+        self._seen_nodes = current
         deadline = time.monotonic() + self.cfg.timeout
         said, said_at = -1, 0.0
         while len(nodes := sorted(grid.get_node_ids())) < self.cfg.min_devices:
@@ -62,6 +177,7 @@ class SplitLearningStrategy(Strategy):
                 log.info("waiting for devices: %d of min-devices=%d connected", len(nodes), self.cfg.min_devices)
                 said, said_at = len(nodes), time.monotonic()
             time.sleep(1.0)
+        self._seen_nodes = set(nodes)
         self._identify(grid, nodes)
         return sorted(nodes, key=self._order)
 
@@ -71,7 +187,7 @@ class SplitLearningStrategy(Strategy):
         if not new:
             return
         queries = [Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in new]
-        for reply in grid.send_and_receive(queries, timeout=self.cfg.timeout):
+        for reply in grid.send_and_receive(queries, timeout=self.timeout):
             if not reply.has_error():
                 try:
                     self.partition[reply.metadata.src_node_id] = read_device_identity(reply.content)
@@ -96,9 +212,10 @@ class SplitLearningStrategy(Strategy):
         return Plan(hidden_size=self.cloud.split.hidden_size, num_labels=self.cloud.split.num_labels,
                     max_examples=examples, max_tokens=c.max_length)
 
-    def _valid_releases(self, server_round: int, phase: str, replies: Iterable[Message]) -> list[tuple[int, Release]]:
+    def _valid_releases(self, server_round: int, phase: str, replies: Iterable[Message], *, report: bool = True,
+                        plan: Plan | None = None) -> list[tuple[int, Release]]:
         valid = []
-        plan = self.plan(phase)
+        plan = self.plan(phase) if plan is None else plan
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
@@ -110,7 +227,8 @@ class SplitLearningStrategy(Strategy):
                 except SchemaError as exc:
                     reason = str(exc)
             self.rejected.add(server_round, phase, self.device_name(node), reason)
-        self.rejected.report_phase(server_round, phase)
+        if report:
+            self.rejected.report_phase(server_round, phase)
         # Replies arrive in whatever order the devices finish; training in partition order keeps
         # a seeded run reproducible.
         return sorted(valid, key=lambda pair: self._order(pair[0]))
@@ -123,16 +241,15 @@ class SplitLearningStrategy(Strategy):
 
     # -- Strategy API ------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        nodes = self._wait_for_devices(grid)
-        sample = sorted(self.rng.sample(nodes, min(self.cfg.devices_per_round, len(nodes))), key=self._order)
-        log.info("round %d: sampled %d of %d devices", server_round, len(sample), len(nodes))
+        sample = self.sample(self._wait_for_devices(grid), server_round)
         self._t_round = time.perf_counter()
         return self._messages(sample, server_round, self.cfg.batches_per_round, MessageType.TRAIN)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         valid = self._valid_releases(server_round, "train", replies)
-        self._round = {"round": server_round, "replies": len(replies), "valid-replies": len(valid)}
+        self._round.update({"round": server_round, "replies": len(replies), "valid-replies": len(valid),
+                            "devices-lost": self.devices_lost})
         if len(valid) < self.cfg.min_replies:
             log.warning("round %d: %d valid replies < min-replies=%d; the top is not updated this round", server_round, len(valid), self.cfg.min_replies)
             return None, MetricRecord({"valid-replies": len(valid)})
@@ -158,6 +275,7 @@ class SplitLearningStrategy(Strategy):
             "cloud-seconds": time.perf_counter() - t0,
             # counted from what arrived, not from what the devices say they sent
             "bytes-received": float(sum(r.hidden.numel() * 4 + r.attention_mask.numel() + r.labels.numel() * 8 for _, r in valid)),
+            "messages-per-step": 1.0 / self.cfg.batches_per_round,  # one reply carries a device's round
         }
         for key in ("self-audit-knn", "bottom-seconds", "defense-seconds"):
             value = self._weighted(valid, key)
@@ -168,8 +286,6 @@ class SplitLearningStrategy(Strategy):
             if values:  # the worst case over devices
                 metrics[key] = max(values)
         self._round.update(metrics)
-        if self.output_dir is not None:
-            self.cloud.save(self.output_dir / "checkpoints" / f"round-{server_round:03d}.pt")
         state = {k: v.contiguous() for k, v in self.cloud.split.trainable_state().items()}
         return ArrayRecord(state), MetricRecord(metrics)
 
@@ -204,9 +320,16 @@ class SplitLearningStrategy(Strategy):
             server_round, self.cfg.num_rounds, _fmt(r.get("train-loss")), r["test-accuracy"], r["test-macro-f1"],
             _fmt(r.get("self-audit-knn")), r["round-seconds"],
         )
-        if self.output_dir is not None:
-            (self.output_dir / "history.json").write_text(json.dumps(self.history, indent=2))
+        self.write_history()
         return MetricRecord(metrics)
+
+    def write_history(self) -> None:
+        if self.output_dir is None:
+            return
+        fd, tmp = tempfile.mkstemp(dir=self.output_dir, prefix="history.json", suffix=".tmp")
+        with os.fdopen(fd, "w") as fh:
+            json.dump(self.history, fh, indent=2)
+        os.replace(tmp, self.output_dir / "history.json")
 
     def summary(self) -> None:
         c = self.cfg

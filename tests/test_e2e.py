@@ -301,3 +301,78 @@ def test_same_seed_same_numbers(tmp_path, capfd):
         rounds = json.loads((out / "latest" / "results.json").read_text())["rounds"]
         numbers.append([(r["train-loss"], r["test-accuracy"], r["test-loss"]) for r in rounds])
     assert numbers[0] == numbers[1]
+
+
+# -- the u-shaped protocol, generation, and resuming a killed run --------------------------------------
+
+def _results(folder: Path) -> dict:
+    return json.loads((folder / "results.json").read_text())
+
+
+def test_u_shaped_simulation_keeps_labels_on_the_devices(tmp_path):
+    out = tmp_path / "run"
+    code = launch.main(["--devices", "3", "--out", str(out), "--run-config", f"num-rounds=2 {TINY} protocol='u-shaped'"])
+    assert code == 0
+    results = _results(out / "latest")
+    assert results["status"] == "completed" and results["protocol"] == "u-shaped"
+    assert [r["round"] for r in results["rounds"]] == [1, 2]
+    assert all(0 <= r["test-accuracy"] <= 1 and r["train-loss"] > 0 for r in results["rounds"])
+    assert results["final"]["cloud-steps"] == 2 * 2  # one middle step per step (devices together)
+
+
+def test_generation_with_smollm2_end_to_end(tmp_path):
+    out, home = tmp_path / "run", tmp_path / "device-home"
+    env = dict(os.environ, PRIVTUNE_DEVICE_HOME=str(home))
+    config = ("model='smollm2' split-layer=2 task='generation' protocol='u-shaped' dataset='bbc_headlines' "
+              "max-examples=40 batch-size=2 batches-per-round=1 max-length=48 eval-examples=2 audit-tokens=0 "
+              "defense='dchi' epsilon=256.0 num-rounds=1 generate-samples=2 max-new-tokens=3 lora-rank=2")
+    proc = subprocess.run([sys.executable, "-m", "simulations.launch", "--devices", "2", "--out", str(out),
+                           "--device-policy", "max-epsilon=256", "--run-config", config],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = _results(out / "latest")
+    assert results["final"]["test-perplexity"] > 1
+    assert set(results["generation"]) == {"before", "after"}
+    assert all(0 <= g["rouge-l"] <= 1 for g in results["generation"].values())
+    # the generated texts stay on the device: in its own file, never in the cloud's results
+    kept = (home / "generated-0.txt").read_text()
+    assert kept.count("generated:") == 2 * 2
+    assert "generated:" not in json.dumps(results)
+
+
+def test_resume_after_the_server_is_killed_equals_an_uninterrupted_run(tmp_path):
+    """SIGKILL the ServerApp mid-run, resume from its folder: every round equals the uninterrupted
+    run's, and no completed round is lost (seeded, with reproducible noise the devices consent to)."""
+    config = f"{TINY} num-rounds=3 audit-tokens=0 reproducible-noise=true"
+    policy = "allow-reproducible-noise=true"
+    whole = tmp_path / "whole"
+    assert launch.main(["--devices", "3", "--out", str(whole), "--device-policy", policy, "--run-config", config]) == 0
+    env, tag = tagged_env(tmp_path)
+    env["PRIVTUNE_CACHE"] = os.environ["PRIVTUNE_CACHE"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "simulations.launch", "--devices", "3", "--out", str(killed),
+                             "--device-policy", policy, "--run-config", config], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not list(killed.glob("2*/checkpoints/round-001.pt")):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
+            time.sleep(0.5)
+        os.kill(wait_for_process(tag, "flwr-simulation", proc, timeout=30), signal.SIGKILL)
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1, output
+    folder = next(killed.glob("2*"))
+    done = sorted(p.name for p in (folder / "checkpoints").iterdir())
+    assert done and done[-1] != "round-003.pt"
+    resumed = tmp_path / "resumed"
+    assert launch.main(["--devices", "3", "--out", str(resumed), "--device-policy", policy, "--resume", str(folder),
+                        "--run-config", config]) == 0
+    a, b = _results(whole / "latest"), _results(resumed / "latest")
+    assert b["resumed-from"] == str(folder) and [r["round"] for r in b["rounds"]] == [1, 2, 3]
+    for mine, theirs in zip(b["rounds"], a["rounds"]):
+        for key in ("train-loss", "test-accuracy", "test-loss"):
+            assert mine[key] == pytest.approx(theirs[key], abs=1e-6), (mine["round"], key)
+    assert b["final"]["cloud-steps"] == a["final"]["cloud-steps"]

@@ -1,0 +1,175 @@
+"""The cloud's round loop, in-process with real ClientApps: retries, dropouts, faults, resume,
+and the u-shaped protocol end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from flwr.app import Context, RecordDict
+
+from privtune_flwr import client_app as device_app
+from privtune_flwr.cloud import CloudSide, MiddleSide
+from privtune_flwr.config import RunConfig
+from privtune_flwr.models import load_split
+from strategies import RoundFailed, SplitLearningStrategy, UShapedStrategy
+
+NODE = {"allowed-defenses": "*", "max-epsilon": float("inf"), "key-store": "memory", "allow-reproducible-noise": True}
+
+
+class Grid:
+    """Delivers messages straight to each device's ClientApp, as the simulation engine would;
+    ``drop`` takes a device off the federation (it stops answering and leaves the node list)."""
+
+    def __init__(self, cfg: RunConfig, devices: int):
+        self.contexts = {n: Context(run_id=1, node_id=n, node_config={"partition-id": n - 1, "num-partitions": devices, **NODE},
+                                    state=RecordDict(), run_config=cfg.to_flower()) for n in range(1, devices + 1)}
+        self.gone: set[int] = set()
+        self.sent = 0
+
+    def get_node_ids(self):
+        return [n for n in self.contexts if n not in self.gone]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.app import Error, Message
+
+        replies = []
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = m.object_id
+            self.sent += 1
+            node = m.metadata.dst_node_id
+            if node in self.gone:
+                reply = Message(Error(code=0, reason="no reply within the round's timeout"), reply_to=m)
+            else:
+                try:
+                    reply = device_app.app(m, self.contexts[node])
+                except Exception as exc:  # noqa: BLE001 - Flower turns a ClientApp's exception into an error reply
+                    reply = Message(Error(code=1, reason=f"{type(exc).__name__}: {exc}"), reply_to=m)
+            reply.metadata.__dict__["_src_node_id"] = node
+            replies.append(reply)
+        return replies
+
+
+def _cfg(**kw):
+    base = dict(max_examples=400, batch_size=4, batches_per_round=2, devices_per_round=3, min_devices=3, num_rounds=2,
+                max_length=24, audit_tokens=0, defense="dchi", epsilon=64.0, eval_examples=6, reproducible_noise=True,
+                timeout=30.0, round_retries=1)
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def _vanilla(cfg, out=None):
+    torch.manual_seed(cfg.seed)  # as the ServerApp seeds the cloud (dropout in the top)
+    split = load_split("minilm", 1, num_labels=2, lora_rank=4, seed=cfg.seed)
+    return SplitLearningStrategy(CloudSide(split, learning_rate=1e-3, batch_size=cfg.batch_size), cfg, output_dir=out)
+
+
+def test_round_loop_trains_evaluates_and_checkpoints(tmp_path, minilm_split):
+    cfg = _cfg()
+    strategy = _vanilla(cfg, tmp_path)
+    strategy.start(Grid(cfg, 4))
+    assert [r["round"] for r in strategy.history] == [1, 2]
+    assert all("train-loss" in r and 0 <= r["test-accuracy"] <= 1 for r in strategy.history)
+    assert strategy.cloud.steps == 2 * 3 * 2
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["round-001.pt", "round-002.pt"]
+    assert json.loads((tmp_path / "history.json").read_text())[-1]["round"] == 2
+
+
+def test_resume_equals_the_uninterrupted_run(tmp_path, minilm_split):
+    """Stop after round 1 (as a killed run would), resume from its folder: round 2 comes out as the
+    uninterrupted run's round 2, weights and metrics alike."""
+    cfg = _cfg()
+    whole = _vanilla(cfg, tmp_path / "whole")
+    whole.start(Grid(cfg, 4))
+    first = _vanilla(cfg, tmp_path / "killed")
+    first.start(Grid(cfg, 4), num_rounds=1)
+    resumed = _vanilla(cfg, tmp_path / "resumed")
+    assert resumed.resume(tmp_path / "killed") == 1
+    resumed.start(Grid(cfg, 4))
+    assert [r["round"] for r in resumed.history] == [1, 2]
+    for key in ("train-loss", "test-accuracy", "test-loss"):
+        assert resumed.history[1][key] == pytest.approx(whole.history[1][key], abs=1e-6), key
+    mine, theirs = resumed.cloud.split.trainable_state(), whole.cloud.split.trainable_state()
+    assert all(torch.allclose(mine[k], theirs[k], atol=1e-6) for k in mine)
+    with pytest.raises(FileNotFoundError, match="no checkpoints"):
+        _vanilla(cfg).resume(tmp_path / "nowhere")
+
+
+def test_lost_devices_are_counted_and_the_run_goes_on(minilm_split):
+    cfg = _cfg(num_rounds=2, min_devices=2, devices_per_round=3)
+    grid = Grid(cfg, 4)
+    strategy = _vanilla(cfg)
+    train = strategy.train_round
+
+    def train_round(grid_, server_round, sample):
+        if server_round == 2:  # a device dies in the middle of round 2
+            grid.gone.add(sample[0])
+        return train(grid_, server_round, sample)
+
+    strategy.train_round = train_round
+    strategy.start(grid)
+    assert [r["round"] for r in strategy.history] == [1, 2]
+    assert "test-accuracy" in strategy.history[1]
+    assert strategy.devices_lost == 1
+    assert sum(e["round"] == 2 and e["phase"] == "train" for e in strategy.rejected.entries) == 1
+
+
+def test_a_round_short_of_replies_is_retried_then_the_run_fails(minilm_split):
+    cfg = _cfg(min_replies=3, devices_per_round=3, min_devices=3, fault_fraction=1.0, fault_kinds="raise", round_retries=2)
+    grid = Grid(cfg, 3)
+    strategy = _vanilla(cfg)
+    with pytest.raises(RoundFailed, match="round 1 had fewer than min-replies=3 usable replies in 3 attempts"):
+        strategy.start(grid)
+    assert grid.sent >= 3 * 3  # three attempts, each to every sampled device
+    assert strategy.cloud.steps == 0
+    assert {e["cause"].split(":")[0] for e in strategy.rejected.entries} == {"device error"}
+
+
+def test_faulty_devices_are_survived_counted_by_kind_and_change_nothing_else(minilm_split):
+    """Two of five devices misbehave (one raises, one sends NaN, every round): training completes,
+    the failures are counted by kind, and the top ends exactly where a run without those two
+    devices' replies ends (nothing of theirs reached the weights). The accuracy of a clean run
+    against one with 20% faulty devices is measured by ``simulations.faults`` (README)."""
+    common = dict(devices_per_round=5, min_devices=5, num_rounds=2)
+    cfg = _cfg(**common, fault_fraction=0.4, fault_kinds="raise,nan")
+    faulty = _vanilla(cfg)
+    faulty.start(Grid(cfg, 5))
+    causes = [e["cause"] for e in faulty.rejected.entries]
+    assert sum("injected fault" in c for c in causes) == 2 and sum("non-finite" in c for c in causes) == 2
+    assert all(e["device"] in ("device 0", "device 1") for e in faulty.rejected.entries)
+    assert faulty.cloud.steps == 2 * 3 * 2  # three sound devices x two rounds x two batches
+
+    clean_cfg = _cfg(**common)
+    reference = _vanilla(clean_cfg)
+    grid = Grid(clean_cfg, 5)
+    deliver = grid.send_and_receive
+
+    def without_faulty(messages, *, timeout=None):  # the same run with devices 0 and 1 silent in training
+        replies = deliver(messages, timeout=timeout)
+        return [r for r in replies if not (r.metadata.src_node_id in (1, 2) and r.metadata.message_type == "train")]
+
+    grid.send_and_receive = without_faulty
+    reference.start(grid)
+    mine, theirs = faulty.cloud.split.trainable_state(), reference.cloud.split.trainable_state()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert faulty.history[-1]["test-accuracy"] == reference.history[-1]["test-accuracy"]
+
+
+def test_u_shaped_rounds_keep_labels_on_the_devices(minilm_split):
+    cfg = _cfg(protocol="u-shaped", num_rounds=2)
+    split = load_split("minilm", 1, num_labels=2, lora_rank=4, protocol="u-shaped", seed=cfg.seed)
+    before = {k: v.clone() for k, v in split.trainable_state().items()}
+    strategy = UShapedStrategy(MiddleSide(split, learning_rate=1e-3), cfg)
+    grid = Grid(cfg, 4)
+    strategy.start(grid)
+    assert [r["round"] for r in strategy.history] == [1, 2]
+    last = strategy.history[-1]
+    assert 0 <= last["test-accuracy"] <= 1 and last["train-loss"] > 0
+    assert strategy.cloud.steps == 2 * 2  # one middle step per step, all devices together
+    assert last["messages-per-step"] == pytest.approx(4 * 3)  # forward and head, there and back, per device
+    assert any(not torch.equal(before[k], v) for k, v in split.trainable_state().items())
+    assert not strategy.cloud.pending  # no graph outlives its step
+    # each device trained its own head, kept in its own state
+    heads = [c.state.array_records[device_app.HEAD] for c in grid.contexts.values() if device_app.HEAD in c.state.array_records]
+    assert len(heads) == 4
