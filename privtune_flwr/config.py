@@ -157,7 +157,8 @@ class RunConfig:
             shown.update(delta=f"{self.delta:g}", clip=f"{self.clip:g}" if self.clip else "auto")
         elif self.defense.startswith("privtune"):
             shown.update({"n-hops": self.n_hops, "k": self.k, "s-min": f"{self.s_min:g}", "radius-scale": f"{self.radius_scale:g}"})
-        shown["release"] = self.release
+        if self.release != "once":
+            shown["release"] = self.release
         text = f"defense={self.defense} " + " ".join(f"{k}={v}" for k, v in shown.items())
         return text + (" REPRODUCIBLE NOISE (not private against the operator)" if self.reproducible_noise else "")
 
