@@ -55,7 +55,8 @@ class SplitLearningStrategy(Strategy):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"only {len(nodes)} of min-devices={self.cfg.min_devices} devices connected within {self.cfg.timeout:.0f} s")
             if len(nodes) != said or time.monotonic() - said_at > 30:  # on change, else every 30 s
-                log.info("waiting for devices: %d of min-devices=%d connected", len(nodes), self.cfg.min_devices)
+                log.info("waiting for devices: %d of min-devices=%d connected%s", len(nodes), self.cfg.min_devices,
+                         "" if said >= 0 else ' (start more SuperNodes; in a simulation: --federation-config "num-supernodes=N")')
                 said, said_at = len(nodes), time.monotonic()
             time.sleep(1.0)
         self._identify(grid, nodes)
