@@ -240,12 +240,13 @@ _FLOWER_ERROR = re.compile(r"^(?:ERROR|CRITICAL)\s*:\s*(.*)")
 
 
 class Console:
-    """Filters the ``flwr run --stream`` output: the app's own lines ([cloud], [device]) and the
-    first Flower errors go to the screen; every line goes to ``log``."""
+    """Filters the ``flwr run --stream`` output: the app's own lines ([cloud], [device]) go to the
+    screen, every line goes to ``log``. Flower's error lines are counted, not shown: device errors
+    are summarised by the cloud, and a run that fails says why in its status."""
 
-    def __init__(self, log: Path, *, quiet: bool = False, max_errors: int = 3):
+    def __init__(self, log: Path, *, quiet: bool = False):
         self.log = log
-        self.quiet, self.max_errors = quiet, max_errors
+        self.quiet = quiet
         self.errors = 0
         self.run_folder: Path | None = None
         self.run_id: str | None = None
@@ -268,10 +269,8 @@ class Console:
             self.run_id = text.rsplit(" ", 1)[-1]
             if not self.quiet:
                 print(f"[launch] Flower run {self.run_id} started", flush=True)
-        elif (m := _FLOWER_ERROR.match(text)) and m.group(1).strip():
+        elif _FLOWER_ERROR.match(text):
             self.errors += 1
-            if self.errors <= self.max_errors and not self.quiet:
-                print(f"[flower] error: {m.group(1)[:200]}", flush=True)
 
     def close(self) -> None:
         self._file.close()
@@ -357,7 +356,8 @@ def _finish(console: Console, status: dict | None, reason: str | None, t_start: 
     elif code:
         details = (status or {}).get("status-details")
         console.say("[launch] FAILED" + (f": {details}" if details and details != "N/A" else "")
-                    + (f"; what each round did: {results}" if results and results.exists() else ""))
+                    + (f"; what each round did: {results}" if results and results.exists() else "")
+                    + (f"; Flower logged {console.errors} error lines" if console.errors else ""))
     keep = (folder if folder and folder.exists() else out_base) / ("flower.log" if folder and folder.exists() else f"flower-{time.strftime('%Y%m%d-%H%M%S')}.log")
     keep.parent.mkdir(parents=True, exist_ok=True)
     console.close()

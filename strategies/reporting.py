@@ -26,6 +26,7 @@ NO_REPLY = "no reply within the round's timeout"
 NOT_REACHED = "the run stopped before this round"
 # Ray's text when it kills a worker for lack of memory; the rest of its report is pages long.
 _OUT_OF_MEMORY = re.compile(r"OutOfMemoryError|running low on memory|killed due to .*memory", re.IGNORECASE)
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _EXCEPTION_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt))(?::\s*(.*))?$")
 
 
@@ -57,6 +58,7 @@ class RejectedReplies:
         self.errors_log = None if output_dir is None else Path(output_dir) / "errors.log"
 
     def add(self, server_round: int, phase: str, device: str, reason: str) -> None:
+        reason = _ANSI.sub("", reason)  # Ray colours its text
         self.entries.append({"round": server_round, "phase": phase, "device": device, "cause": short_cause(reason), "reason": reason})
         if self.errors_log is not None:
             with self.errors_log.open("a") as f:
