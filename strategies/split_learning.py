@@ -44,6 +44,7 @@ class SplitLearningStrategy(Strategy):
         self.history: list[dict] = []
         self.rejected = RejectedReplies(self.output_dir)
         self.partition: dict[int, int] = {}  # node id -> the data partition the device says it holds
+        self._asked: set[int] = set()
         self._round: dict = {}
         self._t_round = time.perf_counter()
 
@@ -64,9 +65,10 @@ class SplitLearningStrategy(Strategy):
 
     def _identify(self, grid: Grid, nodes: list[int]) -> None:
         """Ask devices not seen before which partition they hold (a node id is random per run)."""
-        new = [n for n in nodes if n not in self.partition]
+        new = [n for n in nodes if n not in self.partition and n not in self._asked]
         if not new:
             return
+        self._asked.update(new)  # one question per device: one that cannot answer is not asked again
         queries = [Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in new]
         for reply in grid.send_and_receive(queries, timeout=self.cfg.timeout):
             if not reply.has_error():
