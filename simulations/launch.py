@@ -77,19 +77,20 @@ def app_defaults(app: Path = ROOT) -> dict:
     return tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
 
 
-def parse_pairs(text: str, what: str) -> dict:
-    """``"k=v k2='s'"`` as Flower parses ``--run-config`` (TOML values)."""
-    from flwr.common.config import parse_config_args
+# Flower's own grammar for --run-config / --node-config pairs (flwr.common.config), without
+# importing Flower: the configuration is checked in a fraction of a second.
+_PAIR = re.compile(r"""(\S+?)=('[^']*'|"[^"]*"|\S+)""")
 
-    if not text.strip():
-        return {}
-    # Flower's parser skips what is not key=value without a word; here it is an error.
-    leftover = re.sub(r"""(\S+?)=('[^']*'|"[^"]*"|\S+)""", " ", text).split()
+
+def parse_pairs(text: str, what: str) -> dict:
+    """``"k=v k2='s'"`` as Flower parses ``--run-config`` (TOML values); what Flower would skip
+    silently (a word without ``=``) is an error here."""
+    leftover = _PAIR.sub(" ", text).split()
     if leftover:
         raise ValueError(f"{what} {text!r} is not a list of key=value pairs ({' '.join(leftover)!r} is not one)")
     try:
-        return dict(parse_config_args([text]))
-    except Exception as exc:  # noqa: BLE001 - Flower raises several kinds for bad syntax
+        return tomllib.loads("\n".join(f"{key} = {value}" for key, value in _PAIR.findall(text)))
+    except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"{what} {text!r} is not a list of key=value pairs with TOML values ({exc})") from None
 
 

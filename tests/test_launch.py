@@ -47,6 +47,13 @@ def test_a_mistyped_key_is_refused_within_five_seconds():
     assert seconds < 5.0
 
 
+@pytest.mark.parametrize("text", ["num-rounds=2 defense='none' epsilon=1e-3", 'model="a b" seed=3 flag=true', ""])
+def test_pairs_parse_as_flower_parses_them(text):
+    from flwr.common.config import parse_config_args
+
+    assert launch.parse_pairs(text, "--run-config") == parse_config_args([text])
+
+
 def test_launcher_defaults_keep_min_devices_below_the_device_count(monkeypatch):
     seen = {}
     monkeypatch.setattr(launch, "launch", lambda devices, actors, run_config, **kw: seen.update(config=run_config) or 0)
