@@ -138,7 +138,6 @@ class Processes:
     def __init__(self) -> None:
         self.tag = uuid.uuid4().hex
         self.procs: dict[str, subprocess.Popen] = {}
-        _become_subreaper()
 
     def start(self, name: str, cmd: list[str], env: dict[str, str], log: Path | None = None) -> subprocess.Popen:
         env = {**env, TAG: f"{self.tag}:{name}"}
@@ -538,4 +537,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # Only as a command: a process that imports the launcher (a test) keeps its own parentage.
+    _become_subreaper()
     sys.exit(main())
