@@ -106,3 +106,30 @@ def test_processes_of_one_name_are_stopped_alone(tmp_path):
     assert keep.poll() is None and procs.alive("keep") == [keep.pid]
     procs.stop()
     assert procs.alive() == []
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_device_policy_reaches_simulated_devices_and_supernodes(monkeypatch, tmp_path):
+    started = {}
+
+    class Recording(launch.Processes):
+        def start(self, name, cmd, env, log=None):
+            started[name] = (cmd, env)
+            if name.startswith("supernode"):
+                raise _Stop
+            return super().start(name, ["sleep", "60"], env, log)
+
+    monkeypatch.setattr(launch, "Processes", Recording)
+    monkeypatch.setattr(launch, "wait_healthy", lambda *a, **k: None)
+    monkeypatch.setattr(launch, "follow", lambda *a, **k: (_ for _ in ()).throw(_Stop()))
+    monkeypatch.setattr(launch.subprocess, "run", lambda *a, **k: None)  # `flwr supernode register`
+    assert launch.launch(2, 1, "", device_policy="allow-reproducible-noise=true", out_base=tmp_path, quiet=True) == 1
+    assert started["superlink"][1][launch.POLICY] == "allow-reproducible-noise=true"
+    assert launch.launch_deployment(2, "", device_policy="allow-reproducible-noise=true", out_base=tmp_path, quiet=True) == 1
+    cmd, env = started["supernode-0"]
+    assert cmd[cmd.index("--node-config") + 1] == "partition-id=0 num-partitions=2 allow-reproducible-noise=true"
+    assert "--insecure" not in cmd and "--root-certificates" in cmd and "--auth-supernode-private-key" in cmd
+    assert "--insecure" not in started["superlink"][0] and "--enable-supernode-auth" in started["superlink"][0]
