@@ -77,19 +77,20 @@ def app_defaults(app: Path = ROOT) -> dict:
     return tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
 
 
-def parse_pairs(text: str, what: str) -> dict:
-    """``"k=v k2='s'"`` as Flower parses ``--run-config`` (TOML values)."""
-    from flwr.common.config import parse_config_args
+# Flower's own grammar for --run-config / --node-config pairs (flwr.common.config), without
+# importing Flower: the configuration is checked in a fraction of a second.
+_PAIR = re.compile(r"""(\S+?)=('[^']*'|"[^"]*"|\S+)""")
 
-    if not text.strip():
-        return {}
-    # Flower's parser skips what is not key=value without a word; here it is an error.
-    leftover = re.sub(r"""(\S+?)=('[^']*'|"[^"]*"|\S+)""", " ", text).split()
+
+def parse_pairs(text: str, what: str) -> dict:
+    """``"k=v k2='s'"`` as Flower parses ``--run-config`` (TOML values); what Flower would skip
+    silently (a word without ``=``) is an error here."""
+    leftover = _PAIR.sub(" ", text).split()
     if leftover:
         raise ValueError(f"{what} {text!r} is not a list of key=value pairs ({' '.join(leftover)!r} is not one)")
     try:
-        return dict(parse_config_args([text]))
-    except Exception as exc:  # noqa: BLE001 - Flower raises several kinds for bad syntax
+        return tomllib.loads("\n".join(f"{key} = {value}" for key, value in _PAIR.findall(text)))
+    except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"{what} {text!r} is not a list of key=value pairs with TOML values ({exc})") from None
 
 
@@ -137,7 +138,6 @@ class Processes:
     def __init__(self) -> None:
         self.tag = uuid.uuid4().hex
         self.procs: dict[str, subprocess.Popen] = {}
-        _become_subreaper()
 
     def start(self, name: str, cmd: list[str], env: dict[str, str], log: Path | None = None) -> subprocess.Popen:
         env = {**env, TAG: f"{self.tag}:{name}"}
@@ -240,12 +240,13 @@ _FLOWER_ERROR = re.compile(r"^(?:ERROR|CRITICAL)\s*:\s*(.*)")
 
 
 class Console:
-    """Filters the ``flwr run --stream`` output: the app's own lines ([cloud], [device]) and the
-    first Flower errors go to the screen; every line goes to ``log``."""
+    """Filters the ``flwr run --stream`` output: the app's own lines ([cloud], [device]) go to the
+    screen, every line goes to ``log``. Flower's error lines are counted, not shown: device errors
+    are summarised by the cloud, and a run that fails says why in its status."""
 
-    def __init__(self, log: Path, *, quiet: bool = False, max_errors: int = 3):
+    def __init__(self, log: Path, *, quiet: bool = False):
         self.log = log
-        self.quiet, self.max_errors = quiet, max_errors
+        self.quiet = quiet
         self.errors = 0
         self.run_folder: Path | None = None
         self.run_id: str | None = None
@@ -268,10 +269,8 @@ class Console:
             self.run_id = text.rsplit(" ", 1)[-1]
             if not self.quiet:
                 print(f"[launch] Flower run {self.run_id} started", flush=True)
-        elif (m := _FLOWER_ERROR.match(text)) and m.group(1).strip():
+        elif _FLOWER_ERROR.match(text):
             self.errors += 1
-            if self.errors <= self.max_errors and not self.quiet:
-                print(f"[flower] error: {m.group(1)[:200]}", flush=True)
 
     def close(self) -> None:
         self._file.close()
@@ -357,7 +356,8 @@ def _finish(console: Console, status: dict | None, reason: str | None, t_start: 
     elif code:
         details = (status or {}).get("status-details")
         console.say("[launch] FAILED" + (f": {details}" if details and details != "N/A" else "")
-                    + (f"; what each round did: {results}" if results and results.exists() else ""))
+                    + (f"; what each round did: {results}" if results and results.exists() else "")
+                    + (f"; Flower logged {console.errors} error lines" if console.errors else ""))
     keep = (folder if folder and folder.exists() else out_base) / ("flower.log" if folder and folder.exists() else f"flower-{time.strftime('%Y%m%d-%H%M%S')}.log")
     keep.parent.mkdir(parents=True, exist_ok=True)
     console.close()
@@ -544,4 +544,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # Only as a command: a process that imports the launcher (a test) keeps its own parentage.
+    _become_subreaper()
     sys.exit(main())

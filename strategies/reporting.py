@@ -26,6 +26,7 @@ NO_REPLY = "no reply within the round's timeout"
 NOT_REACHED = "the run stopped before this round"
 # Ray's text when it kills a worker for lack of memory; the rest of its report is pages long.
 _OUT_OF_MEMORY = re.compile(r"OutOfMemoryError|running low on memory|killed due to .*memory", re.IGNORECASE)
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _EXCEPTION_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt))(?::\s*(.*))?$")
 
 
@@ -40,8 +41,8 @@ def short_cause(reason: str, width: int = 160) -> str:
         return label + "the device's worker was killed for lack of memory (Ray OutOfMemoryError)"
     lines = [line.strip() for line in reason.splitlines() if line.strip()]
     found = [m for m in map(_EXCEPTION_LINE.match, lines) if m]
-    if found:
-        name, text = found[-1].group(1), (found[-1].group(2) or "").strip()
+    if found:  # a chained traceback prints its root cause first (Ray wraps it in ClientAppException)
+        name, text = found[0].group(1), (found[0].group(2) or "").strip()
         line = f"{name.rsplit('.', 1)[-1]}: {text}" if text else name.rsplit(".", 1)[-1]
     else:
         line = lines[0] if lines else "(no reason given)"
@@ -57,6 +58,7 @@ class RejectedReplies:
         self.errors_log = None if output_dir is None else Path(output_dir) / "errors.log"
 
     def add(self, server_round: int, phase: str, device: str, reason: str) -> None:
+        reason = _ANSI.sub("", reason)  # Ray colours its text
         self.entries.append({"round": server_round, "phase": phase, "device": device, "cause": short_cause(reason), "reason": reason})
         if self.errors_log is not None:
             with self.errors_log.open("a") as f:
@@ -68,6 +70,8 @@ class RejectedReplies:
         for e in self.entries:
             if e["round"] == server_round and e["phase"] == phase:
                 devices[e["cause"]].append(e["device"])
+        for names in devices.values():
+            names.sort(key=_natural)
         where = f" (full text in {self.errors_log})" if self.errors_log is not None else ""
         for cause, names in devices.items():
             log.warning("round %d %s: %d repl%s rejected (%s): %s%s", server_round, phase, len(names),
@@ -90,6 +94,11 @@ class RejectedReplies:
     def as_records(self) -> list[dict]:
         """For results.json: everything but the full text, which is in errors.log."""
         return [{k: v for k, v in e.items() if k != "reason"} for e in self.entries]
+
+
+def _natural(name: str) -> list:
+    """Sort key that puts "device 2" before "device 10"."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 def incomplete_rounds(history: list[dict], rejected: RejectedReplies, num_rounds: int) -> list[dict]:

@@ -61,6 +61,7 @@ class SplitLearningStrategy(Strategy):
         self.history: list[dict] = []
         self.rejected = RejectedReplies(self.output_dir)
         self.partition: dict[int, int] = {}  # node id -> the data partition the device says it holds
+        self._asked: set[int] = set()
         self._round: dict = {}
         self._t_round = time.perf_counter()
         self._seen_nodes: set[int] = set()
@@ -174,7 +175,8 @@ class SplitLearningStrategy(Strategy):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"only {len(nodes)} of min-devices={self.cfg.min_devices} devices connected within {self.cfg.timeout:.0f} s")
             if len(nodes) != said or time.monotonic() - said_at > 30:  # on change, else every 30 s
-                log.info("waiting for devices: %d of min-devices=%d connected", len(nodes), self.cfg.min_devices)
+                log.info("waiting for devices: %d of min-devices=%d connected%s", len(nodes), self.cfg.min_devices,
+                         "" if said >= 0 else ' (start more SuperNodes; in a simulation: --federation-config "num-supernodes=N")')
                 said, said_at = len(nodes), time.monotonic()
             time.sleep(1.0)
         self._seen_nodes = set(nodes)
@@ -183,9 +185,10 @@ class SplitLearningStrategy(Strategy):
 
     def _identify(self, grid: Grid, nodes: list[int]) -> None:
         """Ask devices not seen before which partition they hold (a node id is random per run)."""
-        new = [n for n in nodes if n not in self.partition]
+        new = [n for n in nodes if n not in self.partition and n not in self._asked]
         if not new:
             return
+        self._asked.update(new)  # one question per device: one that cannot answer is not asked again
         queries = [Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in new]
         for reply in grid.send_and_receive(queries, timeout=self.timeout):
             if not reply.has_error():

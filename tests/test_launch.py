@@ -47,6 +47,13 @@ def test_a_mistyped_key_is_refused_within_five_seconds():
     assert seconds < 5.0
 
 
+@pytest.mark.parametrize("text", ["num-rounds=2 defense='none' epsilon=1e-3", 'model="a b" seed=3 flag=true', ""])
+def test_pairs_parse_as_flower_parses_them(text):
+    from flwr.common.config import parse_config_args
+
+    assert launch.parse_pairs(text, "--run-config") == parse_config_args([text])
+
+
 def test_launcher_defaults_keep_min_devices_below_the_device_count(monkeypatch):
     seen = {}
     monkeypatch.setattr(launch, "launch", lambda devices, actors, run_config, **kw: seen.update(config=run_config) or 0)
@@ -99,3 +106,30 @@ def test_processes_of_one_name_are_stopped_alone(tmp_path):
     assert keep.poll() is None and procs.alive("keep") == [keep.pid]
     procs.stop()
     assert procs.alive() == []
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_device_policy_reaches_simulated_devices_and_supernodes(monkeypatch, tmp_path):
+    started = {}
+
+    class Recording(launch.Processes):
+        def start(self, name, cmd, env, log=None):
+            started[name] = (cmd, env)
+            if name.startswith("supernode"):
+                raise _Stop
+            return super().start(name, ["sleep", "60"], env, log)
+
+    monkeypatch.setattr(launch, "Processes", Recording)
+    monkeypatch.setattr(launch, "wait_healthy", lambda *a, **k: None)
+    monkeypatch.setattr(launch, "follow", lambda *a, **k: (_ for _ in ()).throw(_Stop()))
+    monkeypatch.setattr(launch.subprocess, "run", lambda *a, **k: None)  # `flwr supernode register`
+    assert launch.launch(2, 1, "", device_policy="allow-reproducible-noise=true", out_base=tmp_path, quiet=True) == 1
+    assert started["superlink"][1][launch.POLICY] == "allow-reproducible-noise=true"
+    assert launch.launch_deployment(2, "", device_policy="allow-reproducible-noise=true", out_base=tmp_path, quiet=True) == 1
+    cmd, env = started["supernode-0"]
+    assert cmd[cmd.index("--node-config") + 1] == "partition-id=0 num-partitions=2 allow-reproducible-noise=true"
+    assert "--insecure" not in cmd and "--root-certificates" in cmd and "--auth-supernode-private-key" in cmd
+    assert "--insecure" not in started["superlink"][0] and "--enable-supernode-auth" in started["superlink"][0]

@@ -27,13 +27,19 @@ def test_short_cause_keeps_the_exception_line_only():
         "RayActorError: The actor died unexpectedly before finishing this task.")
     oom = "Task was killed due to the node running low on memory.\nMemory on the node was 23.1GB / 24GB " + "x" * 2000
     assert short_cause(oom) == "the device's worker was killed for lack of memory (Ray OutOfMemoryError)"
+    chained = ("device error: <class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'ray::ClientAppActor.run()\n"
+               "  File \"data.py\", line 238, in partition\n    raise ValueError(\n"
+               "ValueError: num_partitions must be in [1, 2], got 3\n\n"
+               "The above exception was the direct cause of the following exception:\n\n"
+               "flwr.clientapp.client_app.ClientAppException: \nException ClientAppException occurred. Message: num_partitions")
+    assert short_cause(chained) == "device error: ValueError: num_partitions must be in [1, 2], got 3"  # the root cause
     assert short_cause("") == "(no reason given)"
     assert len(short_cause("no exception here " * 50)) == 160
 
 
 def test_rejections_one_line_per_cause_and_devices_counted(tmp_path, caplog):
     rejected = RejectedReplies(tmp_path)
-    for device in ("device 0", "device 2"):
+    for device in ("device 2", "device 0"):  # in the order the replies arrived
         rejected.add(3, "train", device, RAY_TRACEBACK)
     rejected.add(3, "train", "device 4", "device error: RayActorError: The actor died")
     rejected.add(4, "train", "device 2", RAY_TRACEBACK)
