@@ -345,7 +345,7 @@ def test_generation_with_smollm2_end_to_end(tmp_path):
 def test_resume_after_the_server_is_killed_equals_an_uninterrupted_run(tmp_path):
     """SIGKILL the ServerApp mid-run, resume from its folder: every round equals the uninterrupted
     run's, and no completed round is lost (seeded, with reproducible noise the devices consent to)."""
-    config = f"{TINY} num-rounds=3 audit-tokens=0 reproducible-noise=true"
+    config = TINY.replace("audit-tokens=64", "audit-tokens=0") + " num-rounds=3 reproducible-noise=true"
     policy = "allow-reproducible-noise=true"
     whole = tmp_path / "whole"
     assert launch.main(["--devices", "3", "--out", str(whole), "--device-policy", policy, "--run-config", config]) == 0

@@ -203,7 +203,11 @@ def test_anchors_are_context_free_token_representations(tiny):
     cls_, sep = split.tokenizer.cls_token_id, split.tokenizer.sep_token_id
     batch = torch.stack([torch.tensor([cls_, int(w), sep]) for w in ids])
     expected = split.bottom(batch, torch.ones_like(batch))[:, 1]
-    torch.testing.assert_close(tables.anchors[ids], expected, atol=1e-5, rtol=1e-5)
+    # the table is built in chunks of thousands of rows: float32 kernels chosen per batch size differ
+    # by up to ~1e-4 on some CPUs, while a token without its special tokens around it moves far more
+    torch.testing.assert_close(tables.anchors[ids], expected, atol=2e-4, rtol=0)
+    bare = split.bottom(ids[:, None], torch.ones(len(ids), 1, dtype=torch.long))[:, 0]
+    assert (tables.anchors[ids] - bare).abs().max() > 1e-2
     assert tables.anchors.shape == (split.vocab_size, split.hidden_size)
 
 
