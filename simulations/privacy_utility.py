@@ -127,6 +127,7 @@ class SweepSettings:
     max_steps: int = 150  # cap on optimiser steps per point
     patience: int = 2  # validation scores without a new best before stopping
     eval_every: int = 50  # optimiser steps between validation scores
+    decays: int = 0  # learning-rate decays (x0.3, back to the best weights) before stopping
     validation_fraction: float = 0.1  # of the device's training data, held out for stopping
     batch_size: int = 16
     max_examples: int = 2000  # per split of the victim corpus (0 = all)
@@ -151,6 +152,8 @@ class SweepSettings:
                 raise ValueError(f"epsilon={eps!r} is invalid; accepted: a finite value > 0")
         if not self.seeds or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in self.seeds):
             raise ValueError(f"seeds={list(self.seeds)!r} is invalid; accepted: one or more integers >= 0")
+        if not isinstance(self.decays, int) or self.decays < 0:
+            raise ValueError(f"decays={self.decays!r} is invalid; accepted: an integer >= 0")
         for key in ("max_steps", "patience", "eval_every", "batch_size", "max_victim", "max_aux", "max_length"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ValueError(f"{key}={getattr(self, key)!r} is invalid; accepted: an integer >= 1")
@@ -162,7 +165,7 @@ class SweepSettings:
 
     @property
     def stop_rule(self) -> StopRule:
-        return StopRule(patience=self.patience, eval_every=self.eval_every, max_steps=self.max_steps)
+        return StopRule(patience=self.patience, eval_every=self.eval_every, max_steps=self.max_steps, decays=self.decays)
 
     def fingerprint(self, dataset: str, seed: int) -> str:
         """Settings that change a point's rows (the dataset/defence/ε/seed lists do not)."""
@@ -311,7 +314,7 @@ def classification_utility(name: str, split, defense, train, validation, test, s
     return {"utility_metric": metric, "utility": float(scores[metric]), "accuracy": float(scores["accuracy"]),
             "macro_f1": float(scores["macro-f1"]), "utility_examples": len(test), "steps": run["steps"],
             "best_step": run["best_step"], "stopped_by": run["stopped_by"], "epochs": run["epochs"],
-            "best_validation": run["best_validation"], "final_train_loss": run["final_train_loss"],
+            "best_validation": run["best_validation"], "final_train_loss": run["final_train_loss"], "decays": run["decays"],
             "validation_curve": ";".join(f"{s}:{v:.4f}" for s, v, _ in run["history"])}
 
 
@@ -736,6 +739,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-steps", type=int, help="cap on optimiser steps per point")
     parser.add_argument("--patience", type=int, help="validation scores without a new best before stopping")
     parser.add_argument("--eval-every", type=int, help="optimiser steps between validation scores")
+    parser.add_argument("--decays", type=int, help="learning-rate decays (x0.3) at a plateau before stopping")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -750,7 +754,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"epsilons={args.epsilons!r} is invalid; accepted: comma-separated numbers > 0") from None
     if args.seeds is not None:
         over["seeds"] = _ints(args.seeds)
-    for key in ("max_examples", "max_steps", "patience", "eval_every"):
+    for key in ("max_examples", "max_steps", "patience", "eval_every", "decays"):
         if getattr(args, key) is not None:
             over[key] = getattr(args, key)
     t0 = time.perf_counter()

@@ -143,5 +143,39 @@ def fit_subspace(rows: list[torch.Tensor], ids: list[torch.Tensor], labels, *, r
                 b = list(range(start, min(start + 256, len(rows))))
                 f, mask = features(b, basis)
                 correct += int((reader(f, mask).argmax(-1) == labels[b]).sum())
+    basis = _canonical(basis, rows, ids, labels, center, special_ids)
     return Subspace(center=center, basis=basis.contiguous(), special_ids=torch.tensor(present, dtype=torch.long),
                     special=special, reader_accuracy=correct / len(rows))
+
+
+def _canonical(basis: torch.Tensor, rows, ids, labels: torch.Tensor, center: torch.Tensor,
+               special_ids: torch.Tensor) -> torch.Tensor:
+    """The same subspace in a basis fixed by the data rather than by the optimiser's path.
+
+    Devices fit their subspaces apart, and the cloud's top reads them all: its input directions
+    must mean the same on every device. Within the span, the columns become the eigenvectors of the
+    between-class scatter of the tokens' coordinates (class means weighted by token counts), most
+    discriminative first, ties broken by the coordinates' total scatter; each column's sign makes
+    the class-weighted mean coordinate increase with the class index (else the skew positive).
+    """
+    coords, classes = [], []
+    for r, t, y in zip(rows, ids, labels.tolist()):
+        keep = ~torch.isin(t, special_ids)
+        coords.append((r[keep] - center) @ basis)
+        classes.append(torch.full((int(keep.sum()),), y))
+    f, y = torch.cat(coords).double(), torch.cat(classes)
+    mean = f.mean(0)
+    between = torch.zeros(basis.shape[1], basis.shape[1], dtype=torch.float64)
+    for c in y.unique():
+        d = f[y == c].mean(0) - mean
+        between += (y == c).sum() * torch.outer(d, d)
+    total = (f - mean).T @ (f - mean)
+    scatter = between / between.trace().clamp_min(1e-12) + 1e-3 * total / total.trace().clamp_min(1e-12)
+    _, vectors = torch.linalg.eigh(scatter)
+    vectors = vectors.flip(1)  # descending eigenvalues
+    g = (f - mean) @ vectors
+    trend = (g * (y.double() - y.double().mean()).unsqueeze(1)).mean(0)
+    skew = (g ** 3).mean(0)
+    sign = torch.where(trend.abs() > 1e-9 * g.std(0).clamp_min(1e-12), trend.sign(), skew.sign())
+    sign[sign == 0] = 1.0
+    return (basis.double() @ (vectors * sign)).float()
