@@ -55,6 +55,8 @@ def statement_for_config(cfg, *, radius: float = 0.0) -> "PrivacyStatement":
         return PrivacyStatement(defense="none", epsilon=None, **common)
     if cfg.defense == "dchi":
         return PrivacyStatement(defense="dchi", epsilon=cfg.epsilon, **common)
+    if cfg.defense == "label-subspace":
+        return PrivacyStatement(defense=cfg.defense, epsilon=cfg.epsilon, projection_rank=cfg.subspace_rank, **common)
     if cfg.defense == "gaussian":
         from .mechanism.gaussian import analytic_gaussian_sigma
 
@@ -83,6 +85,7 @@ class PrivacyStatement:
     reproducible: bool = False
     key_source: str = "os-entropy"
     experimental: str | None = None  # research variants: the words that replace a formal guarantee
+    projection_rank: int | None = None  # label-subspace: the noise lives in a rank-k subspace fitted on device data
 
     def __post_init__(self):
         if self.release not in RELEASE_MODES:
@@ -173,6 +176,14 @@ class PrivacyStatement:
                         f"same scale s in [{min(self.scales):g}, 1]: s varies continuously with the private token "
                         "importance, so almost no two distinct tokens share it, and the release's norm reveals s. "
                         "No bound holds between tokens of different importance")
+            elif self.projection_rank is not None:
+                text = (f"d_chi (metric) privacy per token on its projection onto a rank-{self.projection_rank} label "
+                        f"subspace: output densities of two tokens differ by at most exp(epsilon * ||U^T (h - h')||), "
+                        "which is at most exp(epsilon * ||h - h'||) (U has orthonormal columns). The subspace (its centre, "
+                        "basis U and the constants released for special tokens) was fitted once on the device's own "
+                        "labelled data and is revealed by the releases: it is aggregate information about that data "
+                        "that no bound covers. The protection against token inversion comes from the projection and "
+                        "is empirical (measured by the attacks), not implied by epsilon")
             elif len(self.scales) == 1:
                 text = (f"d_chi (metric) privacy per token on the split-layer representation: output densities of two "
                         f"tokens differ by at most {bound} with s = {self.scales[0]:g}{shift}")

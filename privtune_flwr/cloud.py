@@ -1,8 +1,10 @@
 """The cloud half of split fine-tuning: the top model, its LoRA optimiser, training and evaluation.
 
 :class:`CloudSide` is what the strategy (:mod:`strategies.split_learning`) drives in a Flower run;
-:func:`fine_tune` drives it in-process against one :class:`~privtune_flwr.device.DeviceSide` (the
-centralised baseline and the privacy-utility sweep), so every path trains the same way. The cloud
+:func:`fine_tune` drives it in-process against one :class:`~privtune_flwr.device.DeviceSide` for a
+fixed number of steps (the centralised baseline), and :func:`fine_tune_to_convergence` until a
+validation split the device holds out stops improving (the privacy-utility sweep), so every path
+trains the same way. The cloud
 sees only what a device releases: representations, the attention mask and (vanilla protocol)
 labels.
 """
@@ -10,7 +12,10 @@ labels.
 from __future__ import annotations
 
 import copy
+import math
 import random
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -214,3 +219,163 @@ def fine_tune(device, cloud: "CloudSide", train, steps: int, *, seed: int = 0, p
         rel = device.release(rows["text"], rows["label"])
         losses += cloud.train_on(rel.hidden, rel.attention_mask, rel.labels)
     return losses
+
+
+# ------------------------------------------------------------------------------------------------
+# Fine-tuning to convergence
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """When :func:`fine_tune_to_convergence` stops.
+
+    The validation split is scored every ``eval_every`` optimiser steps. After ``patience`` scores
+    in a row without a new best, the top goes back to its best weights and, ``decays`` times, the
+    learning rate is multiplied by ``decay_factor`` and training goes on; the next time it stops.
+    It also stops at ``max_steps``. The top ends at the weights of its best validation score.
+    """
+
+    patience: int = 4
+    eval_every: int = 100
+    max_steps: int = 4000
+    decays: int = 0
+    decay_factor: float = 0.3
+
+    def __post_init__(self):
+        for name, low in (("patience", 1), ("eval_every", 1), ("max_steps", 1), ("decays", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name}={value!r} is outside the accepted range: an integer >= {low}")
+        factor = self.decay_factor
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < 1:
+            raise ValueError(f"decay_factor={factor!r} is outside the accepted range: (0, 1)")
+
+
+class ReleasedSet:
+    """A device's examples released once, kept per example (trimmed of padding).
+
+    Release once makes a re-sent example the bit-identical tensor, so releasing each example one
+    time and reusing it over epochs is exactly what the cloud would receive round after round.
+    """
+
+    def __init__(self, device, texts, labels, *, chunk: int = 256):
+        texts, labels = list(texts), list(labels)
+        if not texts:
+            raise ValueError("texts=[] is empty; a released set needs at least one example")
+        self.left = getattr(device.split.tokenizer, "padding_side", "right") == "left"
+        self.rows: list[torch.Tensor] = []
+        self.metrics: dict[str, float] = {}
+        for start in range(0, len(texts), chunk):
+            rel = device.release(texts[start:start + chunk], labels[start:start + chunk])
+            for hidden, mask in zip(rel.hidden, rel.attention_mask):
+                self.rows.append(hidden[mask.bool()].clone())
+            for k, v in rel.metrics.items():
+                if k.endswith("seconds") or k.startswith("num-") or k == "bytes-sent":
+                    self.metrics[k] = self.metrics.get(k, 0.0) + float(v)
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.lengths = torch.tensor([len(r) for r in self.rows])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batch(self, index) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``hidden [b, T, d]`` (zero padding on the tokenizer's side), ``mask [b, T]``, ``labels [b]``."""
+        index = [int(i) for i in index]
+        width = int(max(self.lengths[i] for i in index))
+        d = self.rows[index[0]].shape[-1]
+        hidden = torch.zeros(len(index), width, d)
+        mask = torch.zeros(len(index), width, dtype=torch.long)
+        for r, i in enumerate(index):
+            n = len(self.rows[i])
+            span = slice(width - n, width) if self.left else slice(0, n)
+            hidden[r, span], mask[r, span] = self.rows[i], 1
+        return hidden, mask, self.labels[index]
+
+
+def bucketed_batches(lengths: torch.Tensor, batch_size: int, generator: torch.Generator, pool: int = 32) -> list[list[int]]:
+    """One epoch of batches: a seeded shuffle, sorted by length within pools of ``pool`` batches
+    (so a batch pads little), then the batches shuffled again. Every example appears once."""
+    order = torch.randperm(len(lengths), generator=generator)
+    batches: list[list[int]] = []
+    span = batch_size * pool
+    for start in range(0, len(order), span):
+        chunk = order[start:start + span]
+        chunk = chunk[torch.argsort(lengths[chunk], stable=True)]
+        batches += [chunk[i:i + batch_size].tolist() for i in range(0, len(chunk), batch_size)]
+    shuffle = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in shuffle]
+
+
+@torch.no_grad()
+def evaluate_set(cloud: CloudSide, released: ReleasedSet, batch_size: int = 64) -> dict[str, float]:
+    """:func:`classification_metrics` of the cloud's top on a released set (length-sorted batches)."""
+    cloud.split.top.eval()
+    order = torch.argsort(released.lengths, stable=True)
+    logits = torch.empty(len(released), cloud.split.num_labels)
+    for start in range(0, len(order), batch_size):
+        index = order[start:start + batch_size]
+        hidden, mask, _ = released.batch(index)
+        logits[index] = cloud.split.top(hidden, mask).float()
+    return classification_metrics(logits, released.labels, cloud.split.num_labels)
+
+
+def fine_tune_to_convergence(device, cloud: CloudSide, train, validation, rule: StopRule = StopRule(), *,
+                             seed: int = 0, metric: str = "accuracy", progress: bool = False) -> dict:
+    """Fine-tune the cloud's top on ``train`` until ``validation`` stops improving.
+
+    ``train``/``validation``: datasets with ``text`` and ``label`` columns, both held by the device
+    (the validation split is held out from its training data) and both released through it once.
+    ``metric``: the validation score to maximise (``accuracy`` or ``macro-f1``). The top ends at the
+    weights of its best validation score. Returns ``{"steps", "best_step", "best_validation",
+    "stopped_by" ("patience" | "max-steps"), "decays" (learning-rate decays taken), "epochs",
+    "history" [(step, score, loss)], "final_train_loss", "release_seconds"}``.
+    """
+    if metric not in ("accuracy", "macro-f1"):
+        raise ValueError(f"metric={metric!r} is not accepted; accepted: accuracy, macro-f1")
+    t0 = time.perf_counter()
+    train_set = ReleasedSet(device, train["text"], train["label"])
+    val_set = ReleasedSet(device, validation["text"], validation["label"])
+    release_seconds = time.perf_counter() - t0
+    generator = torch.Generator().manual_seed(seed)
+    best, best_step, best_state, waited = -math.inf, 0, cloud.split.trainable_state(), 0
+    history, losses, steps, stopped_by, decays = [], [], 0, "max-steps", 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=rule.max_steps, desc="fine-tuning", unit="step")
+    while steps < rule.max_steps and stopped_by != "patience":
+        for index in bucketed_batches(train_set.lengths, cloud.batch_size, generator):
+            losses += cloud.train_on(*train_set.batch(index))
+            steps += 1
+            if bar is not None:
+                bar.update(1)
+            if steps % rule.eval_every == 0 or steps == rule.max_steps:
+                scores = evaluate_set(cloud, val_set)
+                history.append((steps, scores[metric], scores["loss"]))
+                if scores[metric] > best:
+                    best, best_step, waited = scores[metric], steps, 0
+                    best_state = cloud.split.trainable_state()
+                else:
+                    waited += 1
+                if bar is not None:
+                    bar.set_postfix_str(f"val {metric} {scores[metric]:.3f} (best {best:.3f} @ {best_step})")
+                if waited >= rule.patience and decays < rule.decays:
+                    decays, waited = decays + 1, 0
+                    cloud.split.load_trainable_state(best_state)
+                    for group in cloud.optimizer.param_groups:
+                        group["lr"] *= rule.decay_factor
+                elif waited >= rule.patience:
+                    stopped_by = "patience"
+                    break
+            if steps >= rule.max_steps:
+                break
+    if bar is not None:
+        bar.close()
+    cloud.split.load_trainable_state(best_state)
+    tail = losses[-50:]
+    return {"steps": steps, "best_step": best_step, "best_validation": best, "stopped_by": stopped_by, "decays": decays,
+            "epochs": steps * cloud.batch_size / len(train_set), "history": history,
+            "final_train_loss": sum(tail) / len(tail), "release_seconds": release_seconds,
+            "train_examples": len(train_set), "validation_examples": len(val_set)}

@@ -72,6 +72,7 @@ class RunConfig:
     importance_levels: int = 3  # public noise-scale levels (0 = continuous: no bound across importance)
     delta: float = 1e-5  # gaussian only
     clip: float = 0.0  # gaussian only; 0 = calibrate from the anchors
+    subspace_rank: int = 4  # label-subspace only: directions kept per token
     # noise: a secret key on each device, each example released once; both need the device's consent
     # (its node config / device policy) to be weakened
     release: str = "once"  # "once" | "fresh" (fresh noise per re-send; composes)
@@ -123,6 +124,7 @@ class RunConfig:
         _require(0.0 <= self.fault_delay <= 3600.0, "fault-delay", self.fault_delay, "[0, 3600] seconds")
         _require(self.release in RELEASES, "release", self.release, " or ".join(RELEASES))
         _require(0 <= self.importance_levels <= 64, "importance-levels", self.importance_levels, "0..64 (0 = continuous)")
+        _require(self.subspace_rank >= 1, "subspace-rank", self.subspace_rank, "an integer >= 1 (and <= the hidden size)")
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any]) -> "RunConfig":
@@ -142,6 +144,8 @@ class RunConfig:
             return {}
         if self.defense == "gaussian":
             return {"delta": self.delta, "clip": self.clip or None}
+        if self.defense == "label-subspace":
+            return {"subspace_rank": self.subspace_rank}
         return {
             "n_hops": self.n_hops, "k": self.k, "max_neighbours": self.max_neighbours,
             "radius_scale": self.radius_scale, "pgd_steps": self.pgd_steps, "lam": self.lam,

@@ -33,6 +33,7 @@ import importlib.util
 import math
 import numbers
 import os
+import random
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -749,3 +750,31 @@ def _cache_put(cache: collections.OrderedDict, key: tuple, value: Any) -> None:
     cache.move_to_end(key)
     while len(cache) > _CACHE_SIZE:
         cache.popitem(last=False)
+
+
+def holdout(dataset: datasets.Dataset, fraction: float, *, seed: int = 0,
+            label_column: str = "label") -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Split a device's labelled data into ``(train, validation)``, stratified by label.
+
+    Each class gives ``round(fraction * its size)`` rows (at least one when it has two or more)
+    to the validation split, chosen by a seeded shuffle; both splits keep the original row order.
+    ``fraction`` in (0, 1); both splits must end up non-empty.
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0.0 < float(fraction) < 1.0:
+        raise ValueError(f"fraction={fraction!r} is outside the accepted range: (0, 1)")
+    labels = list(dataset[label_column])
+    by_class: dict = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(y, []).append(i)
+    rng = random.Random(seed)
+    held: list[int] = []
+    for y in sorted(by_class, key=str):
+        rows = by_class[y]
+        rng.shuffle(rows)
+        take = round(fraction * len(rows))
+        held += rows[: max(take, 1 if len(rows) >= 2 else 0)]
+    chosen = set(held)
+    kept = [i for i in range(len(labels)) if i not in chosen]
+    if not held or not kept:
+        raise ValueError(f"a validation fraction of {fraction} of {len(labels)} rows leaves an empty split")
+    return dataset.select(kept), dataset.select(sorted(held))

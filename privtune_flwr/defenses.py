@@ -28,6 +28,7 @@ from .mechanism.noise_key import NoiseKey, NoiseStream
 from .mechanism.gaussian import analytic_gaussian_sigma, check_delta
 from .mechanism.importance import Importance
 from .mechanism.pgd import pool_weights, solve_shift
+from .mechanism.subspace import Subspace
 from .models import SplitModel
 
 
@@ -412,11 +413,74 @@ class PrivTuneSampledTarget(PrivTuneDefense):
     target_mode = "sampled"
 
 
+class LabelSubspaceDefense(Defense):
+    """Release each token's projection onto a label subspace fitted on the device, plus d_chi noise in it.
+
+    ``released_i = c + U (U^T (h_i - c) + z_i)`` for every regular token, where ``U`` ``[d, k]`` is
+    the orthonormal basis and ``c`` the centre of a :class:`~privtune_flwr.mechanism.subspace.Subspace`
+    that the device fitted once on its own labelled data (:func:`privtune_flwr.device.device_defense`)
+    and keeps fixed, and ``z_i`` is d_chi noise of dimension ``k`` at ``epsilon``. Special tokens are
+    released as the subspace's public constants. The top receives ``R^d`` as for every defence.
+
+    Why: the top needs the sentence label, an inverter each token's identity; a release that keeps
+    only ``k`` label-predicting directions per token loses identity within every group of tokens of
+    equal label relevance. What it guarantees: :meth:`statement`.
+    """
+
+    name = "label-subspace"
+
+    def __init__(self, split: SplitModel, epsilon: float, *, key=None, seed=None, release="once",
+                 subspace: Subspace | None = None, subspace_rank: int = 4):
+        super().__init__(split, epsilon, key=key, seed=seed, release=release)
+        self.subspace_rank = _number("subspace_rank", subspace_rank, 1, split.hidden_size, low_open=False, integer=True)
+        if subspace is None:
+            raise ValueError("defense='label-subspace' needs subspace=<a Subspace fitted on the device's own data>; "
+                             "build it with privtune_flwr.device.device_defense(...)")
+        if not isinstance(subspace, Subspace):
+            raise ValueError(f"subspace must be a Subspace, got {type(subspace).__name__}")
+        subspace.check(split.hidden_size)
+        if subspace.rank != self.subspace_rank:
+            raise ValueError(f"the subspace has rank {subspace.rank} but subspace_rank={self.subspace_rank}")
+        self.register_buffer("center", subspace.center.float().clone(), persistent=False)
+        self.register_buffer("basis", subspace.basis.float().clone(), persistent=False)
+        self.register_buffer("special_ids", split.special_ids, persistent=False)
+        # One public constant per special id ([V] lookup); a special the fit never saw gets the centre.
+        table = self.center.unsqueeze(0).repeat(len(split.special_ids), 1)
+        for sid, row in zip(subspace.special_ids.tolist(), subspace.special):
+            hit = (split.special_ids == sid).nonzero()
+            if len(hit):
+                table[int(hit[0])] = row.float()
+        self.register_buffer("special_values", table, persistent=False)
+        self.reader_accuracy = float(subspace.reader_accuracy)
+
+    def mechanism_config(self) -> dict:
+        digest = hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes()
+                                         for t in (self.center, self.basis, self.special_values))).hexdigest()
+        return {**super().mechanism_config(), "subspace": digest, "rank": self.subspace_rank}
+
+    def perturb(self, hidden, input_ids, attention_mask):
+        spans = real_spans(attention_mask)
+        streams = self.streams(input_ids, attention_mask, spans)
+        gaussian, scale = sample_dchi_keyed(streams, attention_mask, self.subspace_rank, self.epsilon, spans)
+        coords = (hidden - self.center) @ self.basis
+        coords = torch.addcmul(coords, gaussian.to(hidden.device), scale.to(hidden.device).unsqueeze(-1))
+        released = self.center + coords @ self.basis.T
+        special = torch.isin(input_ids, self.special_ids)
+        if special.any():
+            slot = torch.searchsorted(self.special_ids, input_ids[special])
+            released[special] = self.special_values[slot]
+        return released
+
+    def statement(self) -> PrivacyStatement:
+        return PrivacyStatement(defense=self.name, epsilon=self.epsilon, scales=(1.0,),
+                                projection_rank=self.subspace_rank, **self._key_words())
+
+
 DEFENSES: dict[str, type[Defense]] = {
     cls.name: cls
     for cls in (
         NoDefense, DChiDefense, GaussianDefense, PrivTuneDefense, PrivTuneNoImportance,
-        PrivTuneNoMean, PrivTuneRandomTarget, PrivTuneSampledTarget,
+        PrivTuneNoMean, PrivTuneRandomTarget, PrivTuneSampledTarget, LabelSubspaceDefense,
     )
 }
 
@@ -425,6 +489,7 @@ DEFENSES: dict[str, type[Defense]] = {
 OPTIONS = {
     "n_hops": 2, "k": 8, "max_neighbours": 16, "radius_scale": 1.0, "pgd_steps": 10, "lam": 0.5,
     "mu": 1.0, "s_min": 0.5, "alpha": 0.5, "importance_levels": 3, "importance": None, "delta": 1e-5, "clip": None,
+    "subspace_rank": 4, "subspace": None,
 }
 
 

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .defenses import Defense, build_defense
+from .defenses import OPTIONS, Defense, build_defense
+from .mechanism.subspace import Subspace, fit_subspace
 from .models import SplitModel
 
 BUCKET = 8
@@ -44,14 +45,38 @@ class DeviceRelease:
 
 
 def device_defense(name: str, split: SplitModel, *, epsilon: float | None, texts, labels, task: str = "classification",
-                   max_length: int = 64, **options) -> Defense:
-    """Build defence ``name`` as a device does: PrivTune's token importance comes from the
-    device's own ``texts``/``labels``, which never leave it. ``options`` go to ``build_defense``
-    (``key``/``seed``/``release`` included)."""
+                   max_length: int = 64, fit_seed: int = 0, **options) -> Defense:
+    """Build defence ``name`` as a device does, from the device's own ``texts``/``labels`` (which
+    never leave it): PrivTune's token importance, or the label subspace of ``label-subspace``
+    (fitted once with ``fit_seed``). ``options`` go to ``build_defense`` (``key``/``seed``/``release``
+    included)."""
     if name.startswith("privtune"):
         ids = [split.tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
         options["importance"] = {"sequences": ids, "labels": None if labels is None else list(labels), "task": task}
+    if name == "label-subspace":
+        if labels is None or task != "classification":
+            raise ValueError(f"defense='label-subspace' fits its subspace on labelled classification data; got task={task!r}"
+                             + (" without labels" if labels is None else ""))
+        rank = options.get("subspace_rank", OPTIONS["subspace_rank"])
+        options["subspace"] = device_subspace(split, texts, labels, rank=rank, max_length=max_length, seed=fit_seed)
     return build_defense(name, epsilon=None if name == "none" else epsilon, split=split, **options)
+
+
+def device_subspace(split: SplitModel, texts, labels, *, rank: int, max_length: int = 64, seed: int = 0,
+                    chunk: int = 256) -> Subspace:
+    """The label subspace a device fits on its own data: the bottom's representations of ``texts``
+    (computed exactly as a release computes them, before any defence) and their ``labels``."""
+    texts, labels = list(texts), list(labels)
+    if not texts or len(texts) != len(labels):
+        raise ValueError(f"the subspace fit needs texts and as many labels (got {len(texts)} texts, {len(labels)} labels)")
+    clean = DeviceSide(split, build_defense("none", split=split), max_length=max_length, audit_tokens=0)
+    rows, ids = [], []
+    for start in range(0, len(texts), chunk):
+        rel = clean.release(texts[start:start + chunk])
+        for hidden, tokens, mask in zip(rel.hidden, rel.input_ids, rel.attention_mask):
+            rows.append(hidden[mask.bool()])
+            ids.append(tokens[mask.bool()])
+    return fit_subspace(rows, ids, labels, rank=rank, special_ids=split.special_ids, seed=seed)
 
 
 class DeviceSide:

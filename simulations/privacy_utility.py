@@ -1,19 +1,26 @@
-"""Privacy-utility sweep: utility of the fine-tuned top against attack success, per defence and ε.
+"""Privacy-utility sweep: utility at convergence against attack success, per defence, ε and seed.
 
 ``python -m simulations.privacy_utility [--quick | --headline | --all-datasets | --floors] --out DIR
-[--datasets a,b] [--defenses ...] [--epsilons ...] [--attacks ...] [--max-examples N] [--steps N]``
+[--datasets a,b] [--defenses ...] [--epsilons ...] [--attacks ...] [--seeds 0,1,2] [--max-examples N]
+[--max-steps N] [--patience N] [--eval-every N] [--threads N]``
 
-For every (dataset, defence, ε) point it
+For every (dataset, defence, ε, seed) point it
 
-1. fine-tunes the cloud top with the same :class:`DeviceSide`/:class:`CloudSide` code path as the
-   Flower app and ``simulations.centralised`` (one in-process device holds the training subset;
-   ``steps`` optimiser steps of ``batch_size`` sequences; the top is reset to its initial weights
-   before every point);
+1. holds a validation split out of the device's training data (``validation_fraction``, stratified),
+   builds the defence as the device does (from its own training part only) and fine-tunes the cloud
+   top with the same :class:`DeviceSide`/:class:`CloudSide` code as the Flower app until the
+   validation score stops improving (:func:`fine_tune_to_convergence`: scored every
+   ``eval_every`` steps, stops after ``patience`` scores without a new best or at ``max_steps``,
+   keeps the best weights); the row reports the steps used;
 2. scores utility on the victim test split released through the defence (``utility_metric`` is
    accuracy for balanced sets, macro-F1 for the unbalanced drug_reviews / political_debates);
-3. runs the spec §4 attacks (:func:`privtune_flwr.attacks.run_attacks`): adaptive attacker, aux
-   data released through the same bottom and defence, scored on the victim test release, each
-   also against the clean release (``asr_clean``).
+3. runs the spec §4 attacks (:func:`privtune_flwr.attacks.run_attacks`) under both attacker
+   protocols: ``adaptive`` (aux data released through the same bottom and defence) and ``static``
+   (aux data released clean); every row carries its ``protocol``, and ``asr_clean`` (the clean
+   attacker on the clean victim release).
+
+Noise is seeded (``seed=`` of the defence), so every point is reproducible; each row's privacy
+statement says so (REPRODUCIBLE NOISE). A device's own noise comes from a secret key instead.
 
 Auxiliary data (a *different* dataset from the victim's; spec §4):
 
@@ -32,14 +39,16 @@ political_speeches  political_debates  party
 When the auxiliary corpus lacks the attribute, AIA-1 alone is trained on the victim dataset's
 own train split (never its test split); the row's ``attack_aux`` says which aux each attack used.
 
-Grids: quick = rotten_tomatoes + political_debates, none/dchi/gaussian/privtune, ε ∈ {16, 32, 64}
-(MiniLM layer-1 token norms are ~11 with d = 384; d_chi noise norm is d/ε: 24, 12, 6), small data
-and cheap attack settings (8 min measured on an idle 2-core machine, 60 steps). Full (default) = every classification corpus,
-ε ∈ {8, 16, 24, 32, 48, 64, 128}, all six attacks at spec sizes, larger caps: hours on CPU.
+Grids: ``--quick`` is a small smoke grid; ``--headline`` is the README's Rotten Tomatoes frontier
+(every defence over the ε grid at seed 0, the headline points at three seeds); ``--all-datasets``
+the other four datasets at the headline ε; the default is the full grid of ``FULL_*`` (hours).
 
-Resumable: each finished point is written atomically to ``DIR/points/<dataset>__<defense>__<eps>.json``
-(with a fingerprint of its settings; a rerun with the same settings skips it); ``results.json``,
-``results.csv`` and ``<dataset>.png`` are rebuilt from the point files at the end.
+Resumable: each finished point is written atomically to
+``DIR/points/<dataset>__<defense>__<eps>__s<seed>.json`` (with a fingerprint of its settings; a
+rerun with the same settings skips it). ``results.json``/``.csv`` (one row per point, attack and
+protocol), ``summary.json``/``.csv`` (mean and sd over seeds, the drop against ``none`` of the same
+seed, the target check) and ``<dataset>_<protocol>.png`` (the frontiers) are rebuilt from the point
+files at the end.
 """
 
 from __future__ import annotations
@@ -51,6 +60,7 @@ import json
 import math
 import os
 import random
+import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -60,12 +70,12 @@ import torch
 from tqdm import tqdm
 
 from privtune_flwr import data
-from privtune_flwr.attacks import ATTACKS, run_attacks
+from privtune_flwr.attacks import ATTACKS, PROTOCOLS, run_attacks
 from privtune_flwr.attacks.keywords import GENERIC_KEYWORDS, MOVIE_GENRE_KEYWORDS, genre_attribute, top_classes
 from privtune_flwr.config import RunConfig
 from privtune_flwr.defenses import DEFENSES
 from privtune_flwr.models import load_split
-from privtune_flwr.cloud import CloudSide, fine_tune
+from privtune_flwr.cloud import CloudSide, ReleasedSet, StopRule, evaluate_set, fine_tune_to_convergence
 from privtune_flwr.device import DeviceSide, device_defense
 
 # victim -> auxiliary corpus for the attacks (always a different dataset).
@@ -80,6 +90,7 @@ AUX_PAIRS: dict[str, str] = {
 SWEEP_DATASETS = tuple(AUX_PAIRS)
 UNBALANCED = ("drug_reviews", "political_debates")  # utility = macro-F1
 SWEEP_DEFENSES = tuple(DEFENSES)
+ABLATIONS = ("privtune-noimp", "privtune-nomean", "privtune-random-target", "privtune-sampled-target")
 
 QUICK_DATASETS = ("rotten_tomatoes", "political_debates")
 QUICK_DEFENSES = ("none", "dchi", "gaussian", "privtune")
@@ -98,6 +109,11 @@ FULL_EPSILONS = (8.0, 16.0, 24.0, 32.0, 48.0, 64.0, 128.0)
 FULL_ATTACKS = ATTACKS
 PARTY_CLASSES = ["democrat", "republican"]
 
+# The targets of a defence that protects against the adaptive attacker (README, "Targets").
+TARGET_DROP = 0.0333  # relative utility drop against `none` at convergence
+TARGET_INVERSION = 0.10  # EIA-1/EIA-2 top-1 token recovery
+TARGET_MARGIN = 0.05  # EIA-3 above its blind floor; each AIA above its majority / chance / blind rate
+
 
 @dataclass
 class SweepSettings:
@@ -106,19 +122,26 @@ class SweepSettings:
     epsilons: tuple[float, ...] = QUICK_EPSILONS
     attacks: tuple[str, ...] = QUICK_ATTACKS
     attack_options: dict = field(default_factory=lambda: dict(QUICK_ATTACK_OPTIONS))
-    steps: int = 60
+    seeds: tuple[int, ...] = (0,)
+    protocols: tuple[str, ...] = PROTOCOLS
+    max_steps: int = 150  # cap on optimiser steps per point
+    patience: int = 2  # validation scores without a new best before stopping
+    eval_every: int = 50  # optimiser steps between validation scores
+    decays: int = 0  # learning-rate decays (x0.3, back to the best weights) before stopping
+    validation_fraction: float = 0.1  # of the device's training data, held out for stopping
     batch_size: int = 16
     max_examples: int = 2000  # per split of the victim corpus (0 = all)
-    max_victim: int = 150  # victim test sequences scored for utility and attacked
+    max_victim: int = 150  # victim test sequences attacked
+    max_utility: int = 0  # victim test sequences scored for utility (0 = the whole test split)
     max_aux: int = 300  # auxiliary sequences the attacker trains on
     max_length: int = 64
     learning_rate: float = 3e-3
-    seed: int = 0
 
     def validate(self) -> None:
         _check_names("dataset", self.datasets, SWEEP_DATASETS)
         _check_names("defense", self.defenses, SWEEP_DEFENSES)
         _check_names("attack", self.attacks, ATTACKS)
+        _check_names("protocol", self.protocols, PROTOCOLS)
         bad = sorted(set(self.attack_options) - set(ATTACKS))
         if bad:
             raise ValueError(f"attack options for unknown attacks {bad}; accepted: {', '.join(ATTACKS)}")
@@ -127,17 +150,27 @@ class SweepSettings:
         for eps in self.epsilons:
             if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
                 raise ValueError(f"epsilon={eps!r} is invalid; accepted: a finite value > 0")
-        for key in ("steps", "batch_size", "max_victim", "max_aux", "max_length"):
+        if not self.seeds or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in self.seeds):
+            raise ValueError(f"seeds={list(self.seeds)!r} is invalid; accepted: one or more integers >= 0")
+        if not isinstance(self.decays, int) or self.decays < 0:
+            raise ValueError(f"decays={self.decays!r} is invalid; accepted: an integer >= 0")
+        for key in ("max_steps", "patience", "eval_every", "batch_size", "max_victim", "max_aux", "max_length"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ValueError(f"{key}={getattr(self, key)!r} is invalid; accepted: an integer >= 1")
-        if not isinstance(self.max_examples, int) or self.max_examples < 0:
-            raise ValueError(f"max_examples={self.max_examples!r} is invalid; accepted: an integer >= 0 (0 = all)")
+        for key in ("max_examples", "max_utility"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
+                raise ValueError(f"{key}={getattr(self, key)!r} is invalid; accepted: an integer >= 0 (0 = all)")
+        if not 0 < self.validation_fraction < 1:
+            raise ValueError(f"validation_fraction={self.validation_fraction!r} is invalid; accepted: (0, 1)")
 
-    def fingerprint(self, dataset: str) -> str:
-        """Settings that change a point's rows (datasets/defences/ε lists do not)."""
-        keep = {k: v for k, v in asdict(self).items() if k not in ("datasets", "defenses", "epsilons")}
-        keep["dataset"] = dataset
-        keep["aux"] = AUX_PAIRS[dataset]
+    @property
+    def stop_rule(self) -> StopRule:
+        return StopRule(patience=self.patience, eval_every=self.eval_every, max_steps=self.max_steps, decays=self.decays)
+
+    def fingerprint(self, dataset: str, seed: int) -> str:
+        """Settings that change a point's rows (the dataset/defence/ε/seed lists do not)."""
+        keep = {k: v for k, v in asdict(self).items() if k not in ("datasets", "defenses", "epsilons", "seeds")}
+        keep.update(dataset=dataset, aux=AUX_PAIRS[dataset], seed=seed, version=2)
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -147,46 +180,50 @@ def quick_settings(**overrides) -> SweepSettings:
 
 def full_settings(**overrides) -> SweepSettings:
     base = dict(datasets=FULL_DATASETS, defenses=FULL_DEFENSES, epsilons=FULL_EPSILONS, attacks=FULL_ATTACKS,
-                attack_options={}, steps=200, max_examples=0, max_victim=1000, max_aux=2000, learning_rate=1e-3)
+                attack_options={}, max_steps=4000, patience=4, eval_every=100, max_examples=0, max_victim=1000,
+                max_aux=2000, learning_rate=1e-3)
     base.update(overrides)
     return SweepSettings(**base)
 
 
-# The README's headline table: Rotten Tomatoes, every defence at eps 64 (the app's default), the
-# three main defences also at 32 and 128, all six attacks; about 35 minutes on 2 cores.
+# The README's headline settings: all six attacks at the sizes below, both protocols, every point
+# fine-tuned to convergence (scored every 100 steps, patience 4, at most 4,000 steps of 16).
 HEADLINE_COMMON = dict(
-    datasets=("rotten_tomatoes",), max_victim=500, max_aux=1000, steps=200, learning_rate=1e-3, max_examples=0,
+    datasets=("rotten_tomatoes",), max_victim=500, max_aux=1000, learning_rate=1e-3, max_examples=0,
+    max_steps=4000, patience=4, eval_every=100,
     attack_options={"eia-mlp": {"hidden": 1024, "epochs": 3, "vocab_cap": 4000}, "eia-context": {"width": 128, "epochs": 4},
                     "aia-attribute": {"epochs": 30}, "aia-keyword": {"epochs": 30}, "aia-bow": {"epochs": 30}},
 )
+HEADLINE_EPSILON = 64.0
+HEADLINE_SEEDS = (0, 1, 2)
+# (defences, epsilons, seeds): the headline points at three seeds, the frontier over the full ε
+# grid and the ablations at seed 0.
 HEADLINE_GRID = (
-    (("none", "dchi", "gaussian", "privtune", "privtune-sampled-target"), (64.0,)),
-    (("privtune-noimp", "privtune-nomean", "privtune-random-target"), (64.0,)),
-    (("dchi", "gaussian", "privtune"), (32.0, 128.0)),
+    (("none", "dchi", "gaussian", "privtune"), (HEADLINE_EPSILON,), HEADLINE_SEEDS),
+    (("dchi", "gaussian", "privtune"), FULL_EPSILONS, (0,)),
+    (ABLATIONS, (HEADLINE_EPSILON,), (0,)),
 )
-
-
-# Every dataset of the paper at the headline sizes: none, dchi, gaussian and privtune at eps 64.
-# Same settings as the headline, so its Rotten Tomatoes points are reused when ``out`` is shared.
-DATASETS_GRID = ((("none", "dchi", "gaussian", "privtune"), (64.0,)),)
+# The other datasets at the headline ε, seed 0; same settings, so a shared ``out`` reuses points.
+DATASETS_GRID = ((("none", "dchi", "gaussian", "privtune"), (HEADLINE_EPSILON,), (0,)),)
 
 
 def headline(out: Path, *, progress: bool = True, grid=HEADLINE_GRID, datasets=("rotten_tomatoes",), **overrides) -> list[dict]:
-    """Run (or resume) ``grid`` (pairs of defences and epsilons) on ``datasets`` at the headline
-    sizes (``overrides``: other settings, e.g. ``steps``) into ``out``; the results cover every
-    point of the grid."""
+    """Run (or resume) ``grid`` (triples of defences, epsilons and seeds) on ``datasets`` at the
+    headline sizes (``overrides``: other settings, e.g. ``max_steps``) into ``out``; the results
+    cover every point of the grid."""
     rows: list[dict] = []
     common = {**HEADLINE_COMMON, **overrides, "datasets": tuple(datasets)}
-    for defenses, epsilons in grid:
-        rows += sweep(full_settings(defenses=defenses, epsilons=epsilons, **common), out, plots=False, progress=progress)["rows"]
+    for defenses, epsilons, seeds in grid:
+        rows += sweep(full_settings(defenses=defenses, epsilons=epsilons, seeds=tuple(seeds), **common), out,
+                      plots=False, progress=progress)["rows"]
     seen, unique = set(), []
-    for r in rows:  # `none` appears once per sub-grid that lists it
-        key = (r["dataset"], r["defense"], r["epsilon"], r["attack"])
+    for r in rows:  # a point listed by several sub-grids is kept once
+        key = (r["dataset"], r["defense"], r["epsilon"], r["seed"], r["attack"], r["protocol"])
         if key not in seen:
             seen.add(key)
             unique.append(r)
     write_results(unique, Path(out))
-    plot(unique, Path(out))
+    plot(summarise(unique), Path(out))
     return unique
 
 
@@ -220,15 +257,15 @@ def _sample(split_ds, n: int, seed: int):
     return split_ds.select(sorted(idx[:n]))
 
 
-def attack_inputs(name: str, ds: data.TextDataset, victim, settings: SweepSettings) -> dict:
+def attack_inputs(name: str, ds: data.TextDataset, victim, settings: SweepSettings, seed: int = 0) -> dict:
     """Aux texts, attributes and keywords for the attacks on victim ``name``.
 
     Returns ``{"aux_name", "aux_texts", "attribute", "aux_attr", "victim_attr", "keywords",
     "attr_aux_name", "attr_aux_texts"}``; ``attr_aux_*`` is set only when AIA-1 needs its own aux.
     """
     aux_name = AUX_PAIRS[name]
-    aux_ds = data.load_dataset(aux_name, seed=settings.seed, max_examples=max(settings.max_aux, 1))
-    aux = _sample(aux_ds.train, settings.max_aux, settings.seed + 1)
+    aux_ds = data.load_dataset(aux_name, seed=seed, max_examples=max(settings.max_aux, 1))
+    aux = _sample(aux_ds.train, settings.max_aux, seed + 1)
     out = {"aux_name": aux_name, "aux_texts": list(aux["text"]), "attr_aux_name": None, "attr_aux_texts": None}
     vtexts = list(victim["text"])
     if name in ("rotten_tomatoes", "imdb"):
@@ -248,7 +285,7 @@ def attack_inputs(name: str, ds: data.TextDataset, victim, settings: SweepSettin
     else:  # bbc_news: topic; drug_reviews: condition: only the victim corpus carries them
         column = "topic" if name == "bbc_news" else "condition"
         out["keywords"] = list(GENERIC_KEYWORDS)
-        own = _sample(ds.train, settings.max_aux, settings.seed + 2)
+        own = _sample(ds.train, settings.max_aux, seed + 2)
         values = list(own[column])
         if column == "condition":
             values = [v if v != data.UNKNOWN else "" for v in values]
@@ -266,44 +303,81 @@ def attack_inputs(name: str, ds: data.TextDataset, victim, settings: SweepSettin
 # ------------------------------------------------------------------------------------------------
 
 
-def classification_utility(name: str, split, defense, ds, victim, settings: SweepSettings) -> dict:
-    """Fine-tune the classifier top on releases of ``ds.train``; score it on the victim release."""
-    device = DeviceSide(split, defense, max_length=settings.max_length, audit_tokens=0)
-    cloud = CloudSide(split, learning_rate=settings.learning_rate, batch_size=settings.batch_size, seed=settings.seed)
-    losses = fine_tune(device, cloud, ds.train, settings.steps, seed=settings.seed)
-    rel = device.release(victim["text"], victim["label"])
-    scores = cloud.evaluate(rel.hidden, rel.attention_mask, rel.labels)
+def classification_utility(name: str, split, defense, train, validation, test, settings: SweepSettings, seed: int) -> dict:
+    """Fine-tune the classifier top to convergence on releases of ``train`` (stopping on
+    ``validation``); score it on the release of ``test``."""
     metric = "macro-f1" if name in UNBALANCED else "accuracy"
+    device = DeviceSide(split, defense, max_length=settings.max_length, audit_tokens=0)
+    cloud = CloudSide(split, learning_rate=settings.learning_rate, batch_size=settings.batch_size, seed=seed)
+    run = fine_tune_to_convergence(device, cloud, train, validation, settings.stop_rule, seed=seed, metric=metric)
+    scores = evaluate_set(cloud, ReleasedSet(device, test["text"], test["label"]))
     return {"utility_metric": metric, "utility": float(scores[metric]), "accuracy": float(scores["accuracy"]),
-            "macro_f1": float(scores["macro-f1"]), "final_train_loss": sum(losses[-10:]) / len(losses[-10:])}
+            "macro_f1": float(scores["macro-f1"]), "utility_examples": len(test), "steps": run["steps"],
+            "best_step": run["best_step"], "stopped_by": run["stopped_by"], "epochs": run["epochs"],
+            "best_validation": run["best_validation"], "final_train_loss": run["final_train_loss"], "decays": run["decays"],
+            "validation_curve": ";".join(f"{s}:{v:.4f}" for s, v, _ in run["history"])}
 
 
-# Utility scorer per task: ``(name, split, defense, ds, victim, settings) -> {"utility_metric",
-# "utility", ...}``. Generation slots in here (a causal-LM top scored by perplexity or ROUGE-L on
-# the victim release) together with an AUX_PAIRS entry and a split loaded for the task (``sweep``
-# loads a classification MiniLM today); the attacks only see token releases and are task-agnostic.
+# Utility scorer per task: ``(name, split, defense, train, validation, test, settings, seed) ->
+# {"utility_metric", "utility", "steps", ...}``. Generation slots in here (a causal-LM top scored by
+# perplexity or ROUGE-L on the victim release) together with an AUX_PAIRS entry and a split loaded for
+# the task (``sweep`` loads a classification MiniLM today); the attacks only see token releases.
 UTILITY = {"classification": classification_utility}
 
 
-def run_point(name: str, defense_name: str, eps: float | None, split, initial_state, ds, victim, inputs,
-              settings: SweepSettings, *, defense=None) -> list[dict]:
-    """Fine-tune, score utility and attack one (dataset, defence, ε) point; returns its rows.
+@dataclass
+class DatasetContext:
+    """Everything a point of one (dataset, seed) shares: the data, the attack inputs, the split."""
+
+    name: str
+    seed: int
+    ds: data.TextDataset
+    train: object  # the device's training part
+    validation: object  # held out from the device's training data, for stopping only
+    test: object  # scored for utility
+    victim: object  # attacked
+    inputs: dict
+    split: object
+    initial_state: dict
+
+
+def dataset_context(name: str, seed: int, settings: SweepSettings) -> DatasetContext:
+    ds = data.load_dataset(name, seed=seed, max_examples=settings.max_examples or None)
+    if len(ds.train) == 0 or len(ds.test) == 0:
+        raise ValueError(f"dataset={name!r} has an empty split (train {len(ds.train)}, test {len(ds.test)})")
+    train, validation = data.holdout(ds.train, settings.validation_fraction, seed=seed)
+    victim = _sample(ds.test, settings.max_victim, seed)
+    test = ds.test if not settings.max_utility else _sample(ds.test, settings.max_utility, seed)
+    inputs = attack_inputs(name, ds, victim, settings, seed)
+    split = load_split("minilm", 1, "classification", ds.num_labels, seed=seed)
+    return DatasetContext(name, seed, ds, train, validation, test, victim, inputs, split, split.trainable_state())
+
+
+def make_defense(defense_name: str, eps: float | None, ctx: DatasetContext, settings: SweepSettings):
+    """The defence as the device builds it from its own training part, with seeded (stated) noise."""
+    options = RunConfig(defense=defense_name, seed=ctx.seed, max_length=settings.max_length).defense_options()
+    return device_defense(defense_name, ctx.split, epsilon=None if eps is None else float(eps),
+                          texts=ctx.train["text"], labels=ctx.train["label"], task=ctx.ds.task,
+                          max_length=settings.max_length, seed=ctx.seed, **options)
+
+
+def run_point(defense_name: str, eps: float | None, ctx: DatasetContext, settings: SweepSettings, *,
+              defense=None) -> list[dict]:
+    """Fine-tune to convergence, score utility and attack one (dataset, defence, ε, seed) point under
+    every protocol of ``settings``; returns its rows (one per attack and protocol).
 
     ``defense``: a ready-made defence module to use instead of building ``defense_name`` (for
     experimental variants outside the registry); rows still carry ``defense_name``.
     """
     t0 = time.perf_counter()
-    torch.manual_seed(settings.seed)
-    split.load_trainable_state(initial_state)  # every point starts from the same top
+    name, seed, split = ctx.name, ctx.seed, ctx.split
+    torch.manual_seed(seed)
+    split.load_trainable_state(ctx.initial_state)  # every point starts from the same top
     if defense is None:
-        options = RunConfig(defense=defense_name, seed=settings.seed, max_length=settings.max_length).defense_options()
-        # Seeded noise (stated in every row): a sweep must be reproducible; a device's is secret.
-        defense = device_defense(defense_name, split, epsilon=None if eps is None else float(eps),
-                                 texts=ds.train["text"], labels=ds.train["label"], task=ds.task,
-                                 max_length=settings.max_length, seed=settings.seed, **options)
-    if ds.task not in UTILITY:
-        raise ValueError(f"dataset={name!r} is a {ds.task} task; the sweep scores: {', '.join(UTILITY)}")
-    utility = UTILITY[ds.task](name, split, defense, ds, victim, settings)
+        defense = make_defense(defense_name, eps, ctx, settings)
+    if ctx.ds.task not in UTILITY:
+        raise ValueError(f"dataset={name!r} is a {ctx.ds.task} task; the sweep scores: {', '.join(UTILITY)}")
+    utility = UTILITY[ctx.ds.task](name, split, defense, ctx.train, ctx.validation, ctx.test, settings, seed)
     t_train = time.perf_counter() - t0
 
     statement = defense.statement()
@@ -311,23 +385,25 @@ def run_point(name: str, defense_name: str, eps: float | None, split, initial_st
                if k not in ("defense", "epsilon") and (v is None or isinstance(v, (int, float, str, bool)))}
     privacy["privacy_scales"] = ",".join(f"{s:g}" for s in statement.scales)
 
+    inputs = ctx.inputs
     attacks = list(settings.attacks)
     attr_separate = inputs["attr_aux_texts"] is not None and "aia-attribute" in attacks
     main_names = [a for a in attacks if not (attr_separate and a == "aia-attribute")]
     opts = settings.attack_options
-    common = dict(keywords=inputs["keywords"], max_length=settings.max_length, seed=settings.seed)
+    common = dict(keywords=inputs["keywords"], max_length=settings.max_length, seed=seed,
+                  protocols=tuple(settings.protocols))
     results: list[tuple[dict, str]] = []
     if main_names:
         # The attribute labels belong to the aux AIA-1 trains on: only passed when that is this aux.
         with_attr = "aia-attribute" in main_names
-        res = run_attacks(split, defense, inputs["aux_texts"], list(victim["text"]),
+        res = run_attacks(split, defense, inputs["aux_texts"], list(ctx.victim["text"]),
                           aux_attributes={inputs["attribute"]: inputs["aux_attr"]} if with_attr else None,
                           victim_attributes={inputs["attribute"]: inputs["victim_attr"]} if with_attr else None,
                           attribute=inputs["attribute"] if with_attr else None, names=main_names,
                           options={k: v for k, v in opts.items() if k in main_names}, **common)
         results += [(r, inputs["aux_name"]) for r in res]
     if attr_separate:
-        res = run_attacks(split, defense, inputs["attr_aux_texts"], list(victim["text"]),
+        res = run_attacks(split, defense, inputs["attr_aux_texts"], list(ctx.victim["text"]),
                           aux_attributes={inputs["attribute"]: inputs["aux_attr"]},
                           victim_attributes={inputs["attribute"]: inputs["victim_attr"]},
                           attribute=inputs["attribute"], names=["aia-attribute"],
@@ -336,17 +412,18 @@ def run_point(name: str, defense_name: str, eps: float | None, split, initial_st
     seconds = time.perf_counter() - t0
     base = {
         "dataset": name, "defense": defense_name, "epsilon": None if defense_name == "none" else float(eps),
-        **utility, "victim_examples": len(victim), "steps": settings.steps, "train_seconds": t_train,
+        "seed": seed, **utility, "victim_examples": len(ctx.victim), "train_seconds": t_train,
         "point_seconds": seconds, "attribute": inputs["attribute"],
     }
     rows = []
-    order_index = {a: i for i, a in enumerate(attacks)}
-    for r, aux_used in sorted(results, key=lambda x: order_index[x[0]["attack"]]):
+    order_index = {(a, p): i for i, (a, p) in enumerate((a, p) for a in attacks for p in settings.protocols)}
+    for r, aux_used in sorted(results, key=lambda x: order_index[(x[0]["attack"], x[0]["protocol"])]):
         extras = {f"attack_{k}": v for k, v in r.items()
-                  if k not in ("attack", "asr", "asr_clean", "defense", "epsilon", "seconds", "clean")
+                  if k not in ("attack", "asr", "asr_clean", "defense", "epsilon", "seconds", "clean", "protocol")
                   and (v is None or isinstance(v, (int, float, str, bool)))}
-        rows.append({**base, "attack": r["attack"], "asr": float(r["asr"]), "asr_clean": float(r["asr_clean"]),
-                     "attack_aux": aux_used, "attack_seconds": float(r["seconds"]), **extras, **privacy})
+        rows.append({**base, "attack": r["attack"], "protocol": r["protocol"], "asr": float(r["asr"]),
+                     "asr_clean": float(r["asr_clean"]), "attack_aux": aux_used, "attack_seconds": float(r["seconds"]),
+                     **extras, **privacy})
     return rows
 
 
@@ -355,9 +432,9 @@ def run_point(name: str, defense_name: str, eps: float | None, split, initial_st
 # ------------------------------------------------------------------------------------------------
 
 
-def point_path(out: Path, dataset: str, defense: str, eps: float | None) -> Path:
+def point_path(out: Path, dataset: str, defense: str, eps: float | None, seed: int) -> Path:
     tag = "none" if eps is None else f"{eps:g}"
-    return out / "points" / f"{dataset}__{defense}__{tag}.json"
+    return out / "points" / f"{dataset}__{defense}__{tag}__s{seed}.json"
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -386,19 +463,20 @@ def _load_point(path: Path, fingerprint: str) -> list[dict] | None:
     return stored["rows"]
 
 
-def points_of(settings: SweepSettings) -> list[tuple[str, str, float | None]]:
+def points_of(settings: SweepSettings) -> list[tuple[str, str, float | None, int]]:
     pts = []
     for name in settings.datasets:
-        for d in settings.defenses:
-            if d == "none":
-                pts.append((name, d, None))
-            else:
-                pts += [(name, d, float(e)) for e in settings.epsilons]
+        for seed in settings.seeds:
+            for d in settings.defenses:
+                if d == "none":
+                    pts.append((name, d, None, seed))
+                else:
+                    pts += [(name, d, float(e), seed) for e in settings.epsilons]
     return pts
 
 
 def sweep(settings: SweepSettings, out: Path, *, plots: bool = True, progress: bool = True) -> dict:
-    """Run every missing point, then rebuild results.json/csv and plots. Returns rows and counts."""
+    """Run every missing point, then rebuild results, summary and plots. Returns rows and counts."""
     settings.validate()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -407,90 +485,165 @@ def sweep(settings: SweepSettings, out: Path, *, plots: bool = True, progress: b
     all_rows: list[dict] = []
     bar = tqdm(total=len(pts), desc="privacy-utility points", unit="point", disable=not progress)
     for name in settings.datasets:
-        fp = settings.fingerprint(name)
-        mine = [p for p in pts if p[0] == name]
-        todo = []
-        for p in mine:
-            rows = _load_point(point_path(out, *p), fp)
-            if rows is None:
-                todo.append(p)
-            else:
-                skipped.append(p)
+        for seed in settings.seeds:
+            fp = settings.fingerprint(name, seed)
+            todo = []
+            for p in (p for p in pts if p[0] == name and p[3] == seed):
+                rows = _load_point(point_path(out, *p), fp)
+                if rows is None:
+                    todo.append(p)
+                else:
+                    skipped.append(p)
+                    all_rows += rows
+                    bar.update(1)
+            if not todo:
+                continue
+            ctx = dataset_context(name, seed, settings)
+            for p in todo:
+                bar.set_postfix_str(f"{p[0]} {p[1]} eps={p[2]} seed={p[3]}")
+                rows = run_point(p[1], p[2], ctx, settings)
+                _atomic_write(point_path(out, *p), json.dumps({"fingerprint": fp, "point": list(p), "rows": rows}, indent=1))
+                computed.append(p)
                 all_rows += rows
                 bar.update(1)
-        if not todo:
-            continue
-        ds = data.load_dataset(name, seed=settings.seed, max_examples=settings.max_examples or None)
-        if len(ds.train) == 0 or len(ds.test) == 0:
-            raise ValueError(f"dataset={name!r} has an empty split (train {len(ds.train)}, test {len(ds.test)})")
-        victim = _sample(ds.test, settings.max_victim, settings.seed)
-        inputs = attack_inputs(name, ds, victim, settings)
-        split = load_split("minilm", 1, "classification", ds.num_labels, seed=settings.seed)
-        initial = split.trainable_state()
-        for p in todo:
-            bar.set_postfix_str(f"{p[0]} {p[1]} eps={p[2]}")
-            rows = run_point(p[0], p[1], p[2], split, initial, ds, victim, inputs, settings)
-            _atomic_write(point_path(out, *p), json.dumps({"fingerprint": fp, "point": list(p), "rows": rows}, indent=1))
-            computed.append(p)
-            all_rows += rows
-            bar.update(1)
     bar.close()
     key = {p: i for i, p in enumerate(pts)}
-    all_rows.sort(key=lambda r: key.get((r["dataset"], r["defense"], r["epsilon"]), len(key)))
+    all_rows.sort(key=lambda r: key.get((r["dataset"], r["defense"], r["epsilon"], r["seed"]), len(key)))
     write_results(all_rows, out)
     if plots:
-        plot(all_rows, out)
+        plot(summarise(all_rows), out)
     return {"rows": all_rows, "computed": computed, "skipped": skipped}
 
 
-def write_results(rows: list[dict], out: Path) -> None:
-    _atomic_write(out / "results.json", json.dumps(rows, indent=1))
+def _write_table(rows: list[dict], out: Path, stem: str) -> None:
+    _atomic_write(out / f"{stem}.json", json.dumps(rows, indent=1))
     columns: list[str] = []
     for r in rows:
         columns += [k for k in r if k not in columns]
-    fd, tmp = tempfile.mkstemp(dir=out, prefix="results.csv", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=f"{stem}.csv", suffix=".tmp")
     with os.fdopen(fd, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
     os.chmod(tmp, 0o644)
-    os.replace(tmp, out / "results.csv")
+    os.replace(tmp, out / f"{stem}.csv")
 
 
-def plot(rows: list[dict], out: Path) -> list[Path]:
+def write_results(rows: list[dict], out: Path) -> None:
+    """``results.json``/``.csv`` (every row) and ``summary.json``/``.csv`` (:func:`summarise`)."""
+    _write_table(rows, out, "results")
+    _write_table(summarise(rows), out, "summary")
+
+
+# The rate a guess that ignores the release reaches, per attack (the row field holding it).
+FLOOR_FIELDS = {"eia-mlp": "attack_blind_accuracy", "eia-context": "attack_blind_f1",
+                "aia-attribute": "attack_majority_rate", "aia-bow": "attack_blind_recall"}
+
+
+def floor_of(row: dict) -> float | None:
+    """The blind / majority / chance rate of ``row``'s attack (EIA-1: the EIA-2 blind token)."""
+    if row["attack"] == "aia-keyword":
+        return 0.5  # balanced accuracy of any constant guess
+    value = row.get(FLOOR_FIELDS.get(row["attack"], ""))
+    return None if value is None else float(value)
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean and sd over seeds per (dataset, defence, ε, attack, protocol), with the relative utility
+    drop against ``none`` at the same dataset and seed (``drop`` > 0: the defence loses utility) and
+    the floor of each attack (EIA-1 borrows EIA-2's blind token rate from the same point)."""
+    none = {(r["dataset"], r["seed"]): r["utility"] for r in rows if r["defense"] == "none"}
+    blind_token = {(r["dataset"], r["defense"], r["epsilon"], r["seed"]): r.get("attack_blind_accuracy")
+                   for r in rows if r["attack"] == "eia-mlp"}
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], r["defense"], r["epsilon"], r["attack"], r["protocol"]), []).append(r)
+    out = []
+    for (dataset, defense, eps, attack, protocol), mine in groups.items():
+        util_m, util_sd = _mean_sd([r["utility"] for r in mine])
+        asr_m, asr_sd = _mean_sd([r["asr"] for r in mine])
+        drops = [1.0 - r["utility"] / none[(dataset, r["seed"])] for r in mine if (dataset, r["seed"]) in none]
+        drop_m, drop_sd = _mean_sd(drops) if drops else (None, None)
+        floors = []
+        for r in mine:
+            f = floor_of(r) if attack != "eia-knn" else blind_token.get((dataset, defense, eps, r["seed"]))
+            if f is not None:
+                floors.append(float(f))
+        out.append({
+            "dataset": dataset, "defense": defense, "epsilon": eps, "attack": attack, "protocol": protocol,
+            "seeds": len(mine), "utility_metric": mine[0]["utility_metric"], "utility": util_m, "utility_sd": util_sd,
+            "drop": drop_m, "drop_sd": drop_sd, "asr": asr_m, "asr_sd": asr_sd,
+            "asr_clean": statistics.fmean(r["asr_clean"] for r in mine),
+            "floor": statistics.fmean(floors) if floors else None,
+            "steps": statistics.fmean(r["steps"] for r in mine),
+            "stopped_by": ",".join(sorted({r["stopped_by"] for r in mine})),
+            "point_seconds": statistics.fmean(r["point_seconds"] for r in mine),
+            "privacy_guarantee": mine[0].get("privacy_guarantee"),
+        })
+    return out
+
+
+def meets_target(summary: list[dict], dataset: str, defense: str, eps: float | None, protocol: str = "adaptive") -> dict:
+    """Which targets the (dataset, defence, ε) point meets under ``protocol``: ``drop`` (relative
+    utility drop <= 3.33%), ``eia-knn``/``eia-mlp`` (<= 0.10), ``eia-context`` (within 0.05 of its blind
+    floor), each AIA (within 0.05 of its majority / chance / blind rate). Missing attacks are absent."""
+    mine = [r for r in summary if (r["dataset"], r["defense"], r["epsilon"], r["protocol"]) == (dataset, defense, eps, protocol)]
+    out: dict[str, bool] = {}
+    if mine and mine[0]["drop"] is not None:
+        out["drop"] = mine[0]["drop"] <= TARGET_DROP
+    for r in mine:
+        if r["attack"] in ("eia-knn", "eia-mlp"):
+            out[r["attack"]] = r["asr"] <= TARGET_INVERSION
+        elif r["floor"] is not None:
+            out[r["attack"]] = r["asr"] <= r["floor"] + TARGET_MARGIN
+    return out
+
+
+def plot(summary: list[dict], out: Path) -> list[Path]:
+    """One figure per dataset and protocol: ASR against utility per attack (means over seeds, with
+    sd bars where there are several), one line per defence over ε, the attack's floor dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     paths = []
-    for name in dict.fromkeys(r["dataset"] for r in rows):
-        mine = [r for r in rows if r["dataset"] == name]
-        attacks = list(dict.fromkeys(r["attack"] for r in mine))
-        fig, axes = plt.subplots(1, len(attacks), figsize=(4 * len(attacks), 3.6), squeeze=False)
-        for ax, attack in zip(axes[0], attacks):
-            sel = [r for r in mine if r["attack"] == attack]
-            for d in dict.fromkeys(r["defense"] for r in sel):
-                pts = sorted((r for r in sel if r["defense"] == d), key=lambda r: r["epsilon"] or 0)
-                if d == "none":
-                    ax.scatter([p["utility"] for p in pts], [p["asr"] for p in pts], marker="*", s=150, c="k",
-                               label="none", zorder=3)
-                    continue
-                ax.plot([p["utility"] for p in pts], [p["asr"] for p in pts], marker="o", label=d)
-                for p in pts:
-                    ax.annotate(f"{p['epsilon']:g}", (p["utility"], p["asr"]), fontsize=7,
-                                textcoords="offset points", xytext=(3, 3))
-            ax.set_title(f"{attack} ({sel[0].get('attack_metric', 'asr')})", fontsize=9)
-            ax.set_xlabel(f"utility ({sel[0]['utility_metric']})")
-            ax.set_ylabel("ASR")
-            ax.grid(alpha=0.3)
-        axes[0][0].legend(fontsize=7)
-        fig.suptitle(f"{name}: attack success vs utility (labels: ε)")
-        fig.tight_layout()
-        path = out / f"{name}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+    for name in dict.fromkeys(r["dataset"] for r in summary):
+        for protocol in dict.fromkeys(r["protocol"] for r in summary if r["dataset"] == name):
+            mine = [r for r in summary if r["dataset"] == name and r["protocol"] == protocol]
+            attacks = list(dict.fromkeys(r["attack"] for r in mine))
+            fig, axes = plt.subplots(1, len(attacks), figsize=(4 * len(attacks), 3.8), squeeze=False)
+            for ax, attack in zip(axes[0], attacks):
+                sel = [r for r in mine if r["attack"] == attack]
+                for d in dict.fromkeys(r["defense"] for r in sel):
+                    pts = sorted((r for r in sel if r["defense"] == d), key=lambda r: r["epsilon"] or 0)
+                    xs, ys = [p["utility"] for p in pts], [p["asr"] for p in pts]
+                    xerr, yerr = [p["utility_sd"] for p in pts], [p["asr_sd"] for p in pts]
+                    if d == "none":
+                        ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="*", ms=12, c="k", label="none", zorder=3)
+                        continue
+                    ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="-o", ms=3, lw=1, capsize=2, label=d)
+                    for p in pts:
+                        ax.annotate(f"{p['epsilon']:g}", (p["utility"], p["asr"]), fontsize=6,
+                                    textcoords="offset points", xytext=(2, 2))
+                floors = [r["floor"] for r in sel if r["floor"] is not None]
+                if floors:
+                    ax.axhline(statistics.fmean(floors), ls="--", c="grey", lw=0.8, label="blind / majority")
+                ax.set_title(attack, fontsize=9)
+                ax.set_xlabel(f"utility ({sel[0]['utility_metric']})")
+                ax.set_ylabel("ASR")
+                ax.grid(alpha=0.3)
+            axes[0][0].legend(fontsize=6)
+            fig.suptitle(f"{name}, {protocol} attacker: attack success vs utility at convergence (labels: ε)")
+            fig.tight_layout()
+            path = out / f"{name}_{protocol}.png"
+            fig.savefig(path, dpi=100)
+            plt.close(fig)
+            paths.append(path)
     return paths
 
 
@@ -510,12 +663,13 @@ def blind_floors(settings: SweepSettings) -> list[dict]:
         return Released(torch.zeros(*enc["input_ids"].shape, 1), enc["attention_mask"], enc["input_ids"])
 
     settings.validate()
-    split = load_split("minilm", 1, "classification", 2, seed=settings.seed)
+    seed = settings.seeds[0]
+    split = load_split("minilm", 1, "classification", 2, seed=seed)
     out = []
     for name in settings.datasets:
-        ds = data.load_dataset(name, seed=settings.seed, max_examples=settings.max_examples or None)
-        victim = _sample(ds.test, settings.max_victim, settings.seed)
-        inputs = attack_inputs(name, ds, victim, settings)
+        ds = data.load_dataset(name, seed=seed, max_examples=settings.max_examples or None)
+        victim = _sample(ds.test, settings.max_victim, seed)
+        inputs = attack_inputs(name, ds, victim, settings, seed)
         aux, vic = tokens_only(inputs["aux_texts"]), tokens_only(victim["text"])
         aux_tokens = aux.input_ids[real_token_mask(aux, split.special_ids)]
         keep = real_token_mask(vic, split.special_ids)
@@ -528,13 +682,29 @@ def blind_floors(settings: SweepSettings) -> list[dict]:
     return out
 
 
-def _table(rows: list[dict]) -> str:
-    lines = [f"{'dataset':<18} {'defense':<9} {'eps':>5} {'utility':>13} {'attack':<14} {'asr':>6} {'clean':>6}"]
-    for r in rows:
-        eps = "-" if r["epsilon"] is None else f"{r['epsilon']:g}"
-        util = f"{r['utility']:.3f} {r['utility_metric'][:5]}"
-        lines.append(f"{r['dataset']:<18} {r['defense']:<9} {eps:>5} {util:>13} {r['attack']:<14} "
-                     f"{r['asr']:>6.3f} {r['asr_clean']:>6.3f}")
+def summary_table(summary: list[dict], dataset: str | None = None) -> str:
+    """A markdown table: one line per (dataset, defence, ε) with utility (mean ± sd over seeds), the
+    relative drop against ``none``, the steps used and, per attack, ``adaptive / static`` ASR; the
+    last column lists the adaptive targets met (see :func:`meets_target`)."""
+    rows = [r for r in summary if dataset is None or r["dataset"] == dataset]
+    attacks = list(dict.fromkeys(r["attack"] for r in rows))
+    head = ["dataset", "defence", "ε", "seeds", "utility", "drop", "steps"] + attacks + ["adaptive targets met"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key in dict.fromkeys((r["dataset"], r["defense"], r["epsilon"]) for r in rows):
+        mine = {(r["attack"], r["protocol"]): r for r in rows if (r["dataset"], r["defense"], r["epsilon"]) == key}
+        r0 = next(iter(mine.values()))
+        util = f"{r0['utility']:.3f}" + (f" ± {r0['utility_sd']:.3f}" if r0["seeds"] > 1 else "")
+        drop = "-" if r0["drop"] is None else f"{100 * r0['drop']:+.1f}%"
+        cells = []
+        for a in attacks:
+            got = [f"{mine[(a, p)]['asr']:.3f}" if (a, p) in mine else "-" for p in PROTOCOLS]
+            cells.append(" / ".join(got))
+        met = meets_target(summary, *key)
+        ok = [k for k, v in met.items() if v]
+        verdict = "all" if met and all(met.values()) else (", ".join(ok) or "none")
+        eps = "-" if key[2] is None else f"{key[2]:g}"
+        lines.append("| " + " | ".join([key[0], key[1], eps, str(r0["seeds"]), util, drop, f"{r0['steps']:.0f}"]
+                                       + cells + [verdict]) + " |")
     return "\n".join(lines)
 
 
@@ -542,12 +712,19 @@ def _names(value: str | None) -> tuple[str, ...] | None:
     return None if value is None else tuple(v.strip() for v in value.split(",") if v.strip())
 
 
+def _ints(value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in _names(value))
+    except ValueError:
+        raise ValueError(f"seeds={value!r} is invalid; accepted: comma-separated integers >= 0") from None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="privacy-utility sweep: ASR against utility per defence and ε")
-    parser.add_argument("--quick", action="store_true", help="small grid and sizes (8 min measured on an idle 2-core machine)")
-    parser.add_argument("--headline", action="store_true", help="the README's Rotten Tomatoes table (~35 min on 2 CPU cores)")
+    parser = argparse.ArgumentParser(description="privacy-utility sweep: ASR against utility at convergence, per defence, ε and seed")
+    parser.add_argument("--quick", action="store_true", help="small grid and sizes, a few minutes")
+    parser.add_argument("--headline", action="store_true", help="the README's Rotten Tomatoes frontier (hours on 1 CPU core)")
     parser.add_argument("--all-datasets", action="store_true",
-                        help="none/dchi/gaussian/privtune at eps 64 on the five datasets, headline sizes (~15 min per dataset on 1 core)")
+                        help="the headline defences at the headline epsilon on the other datasets, headline sizes")
     parser.add_argument("--floors", action="store_true",
                         help="only print (and write floors.json) the blind floors of EIA-2/EIA-3 at the headline sizes")
     parser.add_argument("--out", required=True)
@@ -555,33 +732,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--defenses")
     parser.add_argument("--epsilons")
     parser.add_argument("--attacks")
+    parser.add_argument("--protocols", help=f"comma-separated attacker protocols (default: {','.join(PROTOCOLS)})")
+    parser.add_argument("--seeds", help="comma-separated seeds of the split, samples, fine-tune, noise and attackers "
+                                        "(default 0; fixed grids use their own unless given)")
     parser.add_argument("--max-examples", type=int)
-    parser.add_argument("--steps", type=int)
-    parser.add_argument("--seed", type=int, help="seed of the samples, the fine-tune, the noise and the attackers (default 0)")
+    parser.add_argument("--max-steps", type=int, help="cap on optimiser steps per point")
+    parser.add_argument("--patience", type=int, help="validation scores without a new best before stopping")
+    parser.add_argument("--eval-every", type=int, help="optimiser steps between validation scores")
+    parser.add_argument("--decays", type=int, help="learning-rate decays (x0.3) at a plateau before stopping")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     over: dict = {}
-    if args.datasets is not None:
-        over["datasets"] = _names(args.datasets)
-    if args.defenses is not None:
-        over["defenses"] = _names(args.defenses)
-    if args.attacks is not None:
-        over["attacks"] = _names(args.attacks)
+    for key in ("datasets", "defenses", "attacks", "protocols"):
+        if getattr(args, key) is not None:
+            over[key] = _names(getattr(args, key))
     if args.epsilons is not None:
         try:
             over["epsilons"] = tuple(float(e) for e in _names(args.epsilons))
         except ValueError:
             raise ValueError(f"epsilons={args.epsilons!r} is invalid; accepted: comma-separated numbers > 0") from None
-    if args.max_examples is not None:
-        over["max_examples"] = args.max_examples
-    if args.steps is not None:
-        over["steps"] = args.steps
-    if args.seed is not None:
-        over["seed"] = args.seed
+    if args.seeds is not None:
+        over["seeds"] = _ints(args.seeds)
+    for key in ("max_examples", "max_steps", "patience", "eval_every", "decays"):
+        if getattr(args, key) is not None:
+            over[key] = getattr(args, key)
     t0 = time.perf_counter()
     if args.floors:
-        floors = blind_floors(full_settings(**{**HEADLINE_COMMON, "datasets": over.get("datasets", FULL_DATASETS)}))
+        floors = blind_floors(full_settings(**{**HEADLINE_COMMON, "datasets": over.get("datasets", FULL_DATASETS),
+                                               "seeds": over.get("seeds", (0,))}))
         Path(args.out).mkdir(parents=True, exist_ok=True)
         _atomic_write(Path(args.out) / "floors.json", json.dumps(floors, indent=1))
         for f in floors:
@@ -589,19 +768,19 @@ def main(argv: list[str] | None = None) -> int:
                   f"blind token-set F1 {f['blind_f1']:.3f} ({f['blind_set_size']} tokens)")
         return 0
     if args.headline or args.all_datasets:
-        # --datasets / --steps / --max-examples / --seed apply; the grid fixes defences, epsilons, attacks
-        ignored = [k for k in ("defenses", "epsilons", "attacks") if k in over]
+        # --datasets / --max-* / --patience / --eval-every / --protocols apply; the grid fixes the rest
+        ignored = [k for k in ("defenses", "epsilons", "attacks", "seeds") if k in over]
         if ignored:
             raise ValueError(f"--{ignored[0]} cannot be combined with --headline/--all-datasets (their grid fixes it)")
-        datasets = over.pop("datasets", ("rotten_tomatoes",) if args.headline else FULL_DATASETS)
+        datasets = over.pop("datasets", ("rotten_tomatoes",) if args.headline else FULL_DATASETS[1:])
         grid = HEADLINE_GRID if args.headline else DATASETS_GRID
         rows = headline(Path(args.out), grid=grid, datasets=datasets, **over)
-        print(_table(rows))
+        print(summary_table(summarise(rows)))
         print(f"{time.perf_counter() - t0:.1f} s; written {Path(args.out) / 'results.json'}")
         return 0
     settings = quick_settings(**over) if args.quick else full_settings(**over)
     result = sweep(settings, Path(args.out))
-    print(_table(result["rows"]))
+    print(summary_table(summarise(result["rows"])))
     print(f"{len(result['computed'])} point(s) computed, {len(result['skipped'])} skipped, "
           f"{time.perf_counter() - t0:.1f} s; written {Path(args.out) / 'results.json'}")
     return 0

@@ -28,11 +28,11 @@ the auxiliary corpus), by Bayes' rule. It bounds what EIA-1/EIA-2 can reach from
 substitution alone and shows whether a variant *can* meet the target before any training.
 
 Every point uses the headline settings of ``simulations.privacy_utility`` (Rotten Tomatoes,
-MiniLM split after block 1, 200 LoRA steps, 500 victim sentences, the six attacks trained on
-1,000 IMDB reviews through the same bottom and variant), so its rows line up with the headline
-table. ``python -m simulations.substitution --out outputs/substitution [--variants ...]``:
-resumable like the sweep; writes ``results.json`` and ``results.csv`` and prints a table
-(about 4 minutes per variant, measured on 1 core with another job on the other).
+MiniLM split after block 1, the top fine-tuned to convergence on a held-out validation split,
+500 victim sentences, the six attacks under both attacker protocols, trained on 1,000 IMDB
+reviews), so its rows line up with the headline table. ``python -m simulations.substitution --out
+outputs/substitution [--variants ...] [--seed N]``: resumable like the sweep; writes
+``results.json`` and ``results.csv`` and prints a table.
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ from privtune_flwr.mechanism.anchors import real_token_mask
 from privtune_flwr.mechanism.dchi import dchi_from_stream
 from privtune_flwr.models import load_split
 
-from .privacy_utility import (HEADLINE_COMMON, _atomic_write, _load_point, _sample, attack_inputs, full_settings,
-                              run_point, write_results)
+from .privacy_utility import (HEADLINE_COMMON, _atomic_write, _load_point, dataset_context, full_settings, run_point,
+                              write_results)
 
 MODES = ("swap-ring", "subst-ring", "subst-uniform")
 DEFAULT_VARIANTS = (
@@ -212,54 +212,52 @@ def _variant_key(fingerprint: str, variant: dict) -> str:
     return hashlib.sha256(json.dumps([fingerprint, variant], sort_keys=True).encode()).hexdigest()[:16]
 
 
-def build_variant(variant: dict, split, ds, settings, seed: int = 0):
-    """The device-side defence for ``variant``, with importance from the device's own corpus."""
+def build_variant(variant: dict, ctx, settings):
+    """The device-side defence for ``variant``, with importance from the device's own training part."""
+    train = ctx.train
     if variant["mode"] in ("none", "privtune"):  # exactly as the sweep builds them
-        options = RunConfig(defense=variant["mode"], seed=seed, max_length=settings.max_length).defense_options()
-        return device_defense(variant["mode"], split, epsilon=EPSILON, texts=ds.train["text"], labels=ds.train["label"],
-                              task=ds.task, max_length=settings.max_length, seed=seed, **options)
-    ids = [split.tokenizer(t, truncation=True, max_length=settings.max_length)["input_ids"] for t in ds.train["text"]]
-    importance = {"sequences": ids, "labels": list(ds.train["label"]), "task": ds.task}
-    return SubstitutionDefense(split, EPSILON, seed=seed, mode=variant["mode"], hops=variant["hops"], keep=variant["keep"],
-                               alpha=variant["alpha"], importance=importance, n_hops=max(2, variant["hops"]))
+        options = RunConfig(defense=variant["mode"], seed=ctx.seed, max_length=settings.max_length).defense_options()
+        return device_defense(variant["mode"], ctx.split, epsilon=EPSILON, texts=train["text"], labels=train["label"],
+                              task=ctx.ds.task, max_length=settings.max_length, seed=ctx.seed, **options)
+    ids = [ctx.split.tokenizer(t, truncation=True, max_length=settings.max_length)["input_ids"] for t in train["text"]]
+    importance = {"sequences": ids, "labels": list(train["label"]), "task": ctx.ds.task}
+    return SubstitutionDefense(ctx.split, EPSILON, seed=ctx.seed, mode=variant["mode"], hops=variant["hops"],
+                               keep=variant["keep"], alpha=variant["alpha"], importance=importance,
+                               n_hops=max(2, variant["hops"]))
 
 
-def run(out: Path, variants=DEFAULT_VARIANTS, *, settings=None, progress: bool = True) -> list[dict]:
+def run(out: Path, variants=DEFAULT_VARIANTS, *, settings=None, seed: int = 0, progress: bool = True) -> list[dict]:
     parsed = [parse_variant(v) for v in variants]
     settings = settings or full_settings(**HEADLINE_COMMON)
     settings.validate()
     out = Path(out)
-    fp = settings.fingerprint(DATASET)
+    fp = settings.fingerprint(DATASET, seed)
     rows: list[dict] = []
     todo = []
     for v in parsed:
-        path = out / "points" / f"{v['tag'].replace(':', '_')}.json"
+        path = out / "points" / f"{v['tag'].replace(':', '_')}__s{seed}.json"
         stored = _load_point(path, _variant_key(fp, v))
         if stored is None:
             todo.append((v, path))
         else:
             rows += stored
     if todo:
-        ds = data.load_dataset(DATASET, seed=settings.seed, max_examples=settings.max_examples or None)
-        victim = _sample(ds.test, settings.max_victim, settings.seed)
-        inputs = attack_inputs(DATASET, ds, victim, settings)
-        split = load_split("minilm", 1, "classification", ds.num_labels, seed=settings.seed)
-        initial = split.trainable_state()
-        aux_ids = _real_ids(split, inputs["aux_texts"], settings.max_length)
-        victim_ids = _real_ids(split, victim["text"], settings.max_length)
+        ctx = dataset_context(DATASET, seed, settings)
+        split = ctx.split
+        aux_ids = _real_ids(split, ctx.inputs["aux_texts"], settings.max_length)
+        victim_ids = _real_ids(split, ctx.victim["text"], settings.max_length)
         prior = torch.bincount(aux_ids, minlength=split.vocab_size).double() + 1e-3
         prior /= prior.sum()
         for v, path in tqdm(todo, desc="substitution variants", unit="variant", disable=not progress):
-            defense = build_variant(v, split, ds, settings, settings.seed)
+            defense = build_variant(v, ctx, settings)
             ceiling = None
             if v["mode"] in ("subst-ring", "subst-uniform"):
                 cand = None if v["mode"] == "subst-uniform" else defense.candidates
                 ceiling = substitution_ceiling(cand, prior, victim_ids, defense.kept(), defense.regular_ids)
-            got = run_point(DATASET, v["tag"], None if v["mode"] == "none" else EPSILON, split, initial, ds, victim,
-                            inputs, settings, defense=defense)
+            got = run_point(v["tag"], None if v["mode"] == "none" else EPSILON, ctx, settings, defense=defense)
             share = None
             if isinstance(defense, SubstitutionDefense):
-                enc = split.tokenize(list(victim["text"]), settings.max_length)
+                enc = split.tokenize(list(ctx.victim["text"]), settings.max_length)
                 share = defense.substituted_share(enc["input_ids"], enc["attention_mask"])
             got = [{**r, "variant": v["tag"], "keep": v.get("keep", 0.0), "ceiling": ceiling,
                     "privacy_substituted_share": share} for r in got]
@@ -272,10 +270,12 @@ def run(out: Path, variants=DEFAULT_VARIANTS, *, settings=None, progress: bool =
     return rows
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], protocol: str = "adaptive") -> str:
+    rows = [r for r in rows if r.get("protocol", protocol) == protocol]
     attacks = list(dict.fromkeys(r["attack"] for r in rows))
     base = next((r["utility"] for r in rows if r["variant"] == "none"), None)
-    head = f"{'variant':<24} {'subst':>5} {'acc':>6} {'drop':>7} " + " ".join(f"{a:>13}" for a in attacks) + f" {'ceiling':>7}"
+    head = (f"{protocol} attacker\n{'variant':<24} {'subst':>5} {'acc':>6} {'drop':>7} "
+            + " ".join(f"{a:>13}" for a in attacks) + f" {'ceiling':>7}")
     lines = [head]
     for tag in dict.fromkeys(r["variant"] for r in rows):
         mine = {r["attack"]: r for r in rows if r["variant"] == tag}
@@ -292,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="token-substitution variants against the six attacks (Rotten Tomatoes)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--variants", help=f"comma-separated mode[:hops[:keep[:alpha]]]; default: {','.join(DEFAULT_VARIANTS)}")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -299,8 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     if not variants:
         raise ValueError(f"variants={args.variants!r} is empty; accepted: comma-separated mode[:hops[:keep[:alpha]]]")
     t0 = time.perf_counter()
-    rows = run(Path(args.out), variants)
-    print(table(rows))
+    rows = run(Path(args.out), variants, seed=args.seed)
+    print(table(rows, "adaptive"))
+    print(table(rows, "static"))
     print(f"{time.perf_counter() - t0:.1f} s; written {Path(args.out) / 'results.json'}")
     return 0
 

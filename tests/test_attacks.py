@@ -191,6 +191,55 @@ def test_run_attacks_reports_clean_beside_defended(split, data):
     assert knn["asr_clean"] >= 0.95 > 0.1 >= knn["asr"]
 
 
+def test_static_protocol_trains_on_clean_aux_and_adaptive_through_the_defence(split, data, monkeypatch):
+    from privtune_flwr.attacks.inversion import MlpInversion
+    from privtune_flwr.defenses import build_defense
+
+    (aux_t, _), (vic_t, _) = data
+    seen = []
+    original = MlpInversion.fit
+    monkeypatch.setattr(MlpInversion, "fit", lambda self, aux: (seen.append(aux.hidden.clone()), original(self, aux))[1])
+    defense = build_defense("dchi", epsilon=8.0, split=split, seed=5)
+    rows = run_attacks(split, defense, aux_t[:30], vic_t[:12], names=("eia-knn", "eia-mlp"), max_length=24,
+                       protocols=("adaptive", "static"), options={"eia-mlp": {"hidden": 32, "epochs": 1}})
+    assert [(r["attack"], r["protocol"]) for r in rows] == [("eia-knn", "adaptive"), ("eia-knn", "static"),
+                                                             ("eia-mlp", "adaptive"), ("eia-mlp", "static")]
+    clean_aux = release(split, build_defense("none", split=split), aux_t[:30], 24).hidden
+    defended_aux = release(split, defense, aux_t[:30], 24).hidden
+    # two fits: the clean attacker (used for asr_clean and, unchanged, for the static protocol) and the adaptive one
+    assert len(seen) == 2 and torch.equal(seen[0], clean_aux) and torch.equal(seen[1], defended_aux)
+    knn = {r["protocol"]: r["asr"] for r in rows if r["attack"] == "eia-knn"}
+    assert knn["adaptive"] == knn["static"]  # nothing to train: the protocols agree
+    mlp = {r["protocol"]: r for r in rows if r["attack"] == "eia-mlp"}
+    assert mlp["static"]["asr_clean"] == mlp["adaptive"]["asr_clean"] == mlp["static"]["clean"]["asr"]
+    with pytest.raises(ValueError, match="protocols=.*'replay'.*adaptive, static"):
+        run_attacks(split, defense, aux_t[:4], vic_t[:4], names=("eia-knn",), protocols=("replay",))
+
+
+def test_each_protocol_loses_ground_as_the_noise_grows(split, releases):
+    """The static attacker scores the clean-fitted model on the noisy victim; both protocols fall
+    far below the clean score under heavy d_chi noise (EIA-2, small sizes)."""
+    eia_aux_clean, eia_vic_clean, _, _ = releases["none"]
+    eia_aux_noisy, eia_vic_noisy, _, _ = releases["dchi"]
+    options = {"hidden": 256, "epochs": 4}
+    clean_attack = make_attack("eia-mlp", split, **options).fit(eia_aux_clean)
+    clean = clean_attack.score(eia_vic_clean)["asr"]
+    static = clean_attack.score(eia_vic_noisy)["asr"]
+    adaptive = run_attack("eia-mlp", split, eia_aux_noisy, eia_vic_noisy, **options)["asr"]
+    assert clean > 0.3 and static < clean / 3 and adaptive < clean / 3
+
+
+def test_bag_of_words_reports_its_blind_guess(split, releases):
+    _, _, aia_aux, aia_vic = releases["none"]
+    attack = make_attack("aia-bow", split, keywords=KEYWORDS, epochs=40).fit(aia_aux)
+    result = attack.score(aia_vic)
+    claimed = attack.prior >= attack.blind_threshold  # the words the blind guess claims, for every sequence
+    truth = attack._keyword_targets(aia_vic)
+    expected = float(truth[:, claimed].sum() / truth.sum())
+    assert result["blind_recall"] == pytest.approx(expected)
+    assert result["asr"] > result["blind_recall"]  # the clean release tells more than the word frequencies
+
+
 # ---------------------------------------------------------------- scoring functions on hand-made inputs
 
 def test_token_set_f1_by_hand():

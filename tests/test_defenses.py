@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from privtune_flwr.defenses import DEFENSES, build_defense
+from privtune_flwr.device import device_subspace
 from privtune_flwr.mechanism import anchors as anc
 from privtune_flwr.mechanism.gaussian import analytic_gaussian_sigma
 from privtune_flwr.mechanism.importance import Importance
@@ -43,6 +44,22 @@ def _tiny(family="encoder", seed=0):
     return load_split("tiny-bert" if family == "encoder" else "tiny-llama", 1, hf_model=model, tokenizer=_minilm_tokenizer(), lora_rank=0)
 
 
+CORPUS = ["a wonderful film", "dull and slow", "moving story", "thin plot", "the actors shine", "a tired script",
+          "great fun", "awful", "a joy", "boring"] * 3
+LABELS = [1, 0, 1, 0, 1, 0, 1, 0, 1, 0] * 3
+_FITTED: dict = {}
+
+
+def make(name, split, **kwargs):
+    """build_defense, with a label subspace fitted on a small local corpus for ``label-subspace``."""
+    if name == "label-subspace" and "subspace" not in kwargs:
+        rank = kwargs.get("subspace_rank", 4)
+        if (id(split), rank) not in _FITTED:
+            _FITTED[id(split), rank] = (split, device_subspace(split, CORPUS, LABELS, rank=rank, max_length=16))
+        kwargs["subspace"] = _FITTED[id(split), rank][1]
+    return build_defense(name, split=split, **kwargs)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     split = _tiny()
@@ -53,7 +70,7 @@ def tiny():
 @pytest.mark.parametrize("name", list(DEFENSES))
 def test_release_keeps_shape_dtype_and_zeroes_padding(tiny, name):
     split, ids, mask, hidden = tiny
-    defense = build_defense(name, epsilon=8.0, split=split, seed=0)
+    defense = make(name, split=split, epsilon=8.0, seed=0)
     assert (mask == 0).any()
     for dtype in (torch.float32, torch.float64):
         out = defense(hidden.to(dtype), ids, mask)
@@ -66,35 +83,41 @@ def test_release_keeps_shape_dtype_and_zeroes_padding(tiny, name):
         torch.testing.assert_close(out[mask == 1], hidden.double()[mask == 1])
 
 
-@pytest.mark.parametrize("name", ["dchi", "gaussian", "privtune", "privtune-sampled-target"])
+def _noisy_positions(name, split, ids, mask):
+    """Where noise is added: every real token (label-subspace releases specials as public constants)."""
+    real = mask.bool()
+    return real & ~torch.isin(ids, split.special_ids) if name == "label-subspace" else real
+
+
+@pytest.mark.parametrize("name", ["dchi", "gaussian", "privtune", "privtune-sampled-target", "label-subspace"])
 def test_same_seed_same_release_and_no_seed_unpredictable(tiny, name):
     split, ids, mask, hidden = tiny
-    real = mask.bool()
-    a = build_defense(name, epsilon=4.0, split=split, seed=3)(hidden, ids, mask)
-    b = build_defense(name, epsilon=4.0, split=split, seed=3)(hidden, ids, mask)
-    c = build_defense(name, epsilon=4.0, split=split, seed=4)(hidden, ids, mask)
+    real = _noisy_positions(name, split, ids, mask)
+    a = make(name, split=split, epsilon=4.0, seed=3)(hidden, ids, mask)
+    b = make(name, split=split, epsilon=4.0, seed=3)(hidden, ids, mask)
+    c = make(name, split=split, epsilon=4.0, seed=4)(hidden, ids, mask)
     assert torch.equal(a, b) and not torch.equal(a, c)
     # built the same way with no seed: each defence has its own secret key, so every token differs
-    x = build_defense(name, epsilon=4.0, split=split)(hidden, ids, mask)
-    y = build_defense(name, epsilon=4.0, split=split)(hidden, ids, mask)
+    x = make(name, split=split, epsilon=4.0)(hidden, ids, mask)
+    y = make(name, split=split, epsilon=4.0)(hidden, ids, mask)
     assert (x[real] != y[real]).any(-1).all()
-    assert build_defense(name, epsilon=4.0, split=split, seed=3).reproducible
-    assert not build_defense(name, epsilon=4.0, split=split).reproducible
+    assert make(name, split=split, epsilon=4.0, seed=3).reproducible
+    assert not make(name, split=split, epsilon=4.0).reproducible
 
 
-@pytest.mark.parametrize("name", ["dchi", "gaussian", "privtune", "privtune-sampled-target"])
+@pytest.mark.parametrize("name", ["dchi", "gaussian", "privtune", "privtune-sampled-target", "label-subspace"])
 def test_release_once_and_fresh(tiny, name):
     split, ids, mask, hidden = tiny
-    real = mask.bool()
-    once = build_defense(name, epsilon=4.0, split=split)
+    real = _noisy_positions(name, split, ids, mask)
+    once = make(name, split=split, epsilon=4.0)
     assert torch.equal(once(hidden, ids, mask), once(hidden, ids, mask))  # a re-send is the same tensor
     # one example alone or in a batch: its noise is its own (hidden is per example already)
     alone = once(hidden[1:2], ids[1:2], mask[1:2])
     assert torch.equal(alone[0][real[1]], once(hidden, ids, mask)[1][real[1]])
-    fresh = build_defense(name, epsilon=4.0, split=split, release="fresh")
+    fresh = make(name, split=split, epsilon=4.0, release="fresh")
     assert (fresh(hidden, ids, mask)[real] != fresh(hidden, ids, mask)[real]).any(-1).all()
     # another epsilon is another configuration: independent noise, not a rescaled copy
-    other = build_defense(name, epsilon=8.0, split=split, key=once.key)
+    other = make(name, split=split, epsilon=8.0, key=once.key)
     z1 = once(hidden, ids, mask) - hidden
     z2 = other(hidden, ids, mask) - hidden
     ratio = (z2[real] / z1[real].where(z1[real].abs() > 1e-6, torch.ones(()))).flatten()
@@ -181,11 +204,11 @@ def test_privacy_statements(tiny):
     assert "ONLY between tokens with the same scale" in build_defense(
         "privtune", epsilon=8.0, split=split, importance_levels=0).statement().guarantee()
     for name in DEFENSES:
-        text = build_defense(name, epsilon=8.0, split=split).statement().guarantee()
+        text = make(name, split=split, epsilon=8.0).statement().guarantee()
         assert "epsilon-DP" not in text and "ε-DP" not in text
         assert "REPRODUCIBLE" not in text
         if name != "none":
-            assert "REPRODUCIBLE NOISE" in build_defense(name, epsilon=8.0, split=split, seed=1).statement().guarantee()
+            assert "REPRODUCIBLE NOISE" in make(name, split=split, epsilon=8.0, seed=1).statement().guarantee()
     g = build_defense("gaussian", epsilon=2.0, split=split, delta=1e-6, clip=3.0)
     st = g.statement()
     assert (st.epsilon, st.delta) == (2.0, 1e-6)
@@ -236,6 +259,8 @@ def default_anchor_norm(split):
         ("gaussian", {"delta": 1.0}, "delta"),
         ("gaussian", {"clip": -1.0}, "clip"),
         ("privtune", {"colour": 3}, "colour"),
+        ("label-subspace", {}, "needs subspace=.*device_defense"),
+        ("label-subspace", {"subspace": "fitted"}, "subspace must be a Subspace, got str"),
         ("laplace", {}, "laplace"),
     ],
 )
@@ -246,10 +271,10 @@ def test_bad_options_raise(tiny, name, kwargs, match):
         build_defense(name, split=split, **args)
 
 
-@pytest.mark.parametrize("name", ["dchi", "gaussian", "privtune"])
+@pytest.mark.parametrize("name", ["dchi", "gaussian", "privtune", "label-subspace"])
 def test_bad_inputs_raise(tiny, name):
     split, ids, mask, hidden = tiny
-    d = build_defense(name, epsilon=8.0, split=split)
+    d = make(name, split=split, epsilon=8.0)
     with pytest.raises(ValueError, match="hidden size|expected"):
         d(torch.zeros(*ids.shape, 16), ids, mask)
     for bad in (float("nan"), float("inf")):
@@ -302,7 +327,95 @@ def test_noise_free_release_decodes_to_indirect_neighbours(minilm_split):
     assert in_ring > own
     assert anc.self_audit(released, ids, mask, d.anchors, split.special_ids) < 0.5 * clean
     audit = {
-        name: anc.self_audit(build_defense(name, epsilon=16.0, split=split)(hidden, ids, mask), ids, mask, d.anchors, split.special_ids)
+        name: anc.self_audit(make(name, split=split, epsilon=16.0)(hidden, ids, mask), ids, mask, d.anchors, split.special_ids)
         for name in ("dchi", "privtune")
     }
     assert audit["privtune"] < 0.5 * audit["dchi"]
+
+
+# ------------------------------------------------------------------------------ label subspace
+
+
+def test_label_subspace_release_is_the_projection_plus_noise_in_it(tiny):
+    split, ids, mask, hidden = tiny
+    d = make("label-subspace", split=split, epsilon=1e9, seed=0, subspace_rank=3)
+    out = d(hidden, ids, mask)
+    special = torch.isin(ids, split.special_ids) & mask.bool()
+    regular = mask.bool() & ~special
+    projected = d.center + (hidden - d.center) @ d.basis @ d.basis.T
+    torch.testing.assert_close(out[regular], projected[regular], atol=1e-5, rtol=0)  # noise ~ 0 at eps 1e9
+    for b, t in special.nonzero().tolist():  # [CLS]/[SEP]: one public constant each, whatever the text
+        torch.testing.assert_close(out[b, t], d.special_values[int(torch.searchsorted(d.special_ids, ids[b, t]))])
+    assert (out[mask == 0] == 0).all()
+    # the noise lives in the subspace: d_chi of dimension k, ||z|| ~ Gamma(k, rate eps)
+    noisy = make("label-subspace", split=split, epsilon=2.0, seed=1, subspace_rank=3, release="fresh")
+    big, big_ids, big_mask = hidden.repeat(200, 1, 1), ids.repeat(200, 1), mask.repeat(200, 1)
+    reg = big_mask.bool() & ~torch.isin(big_ids, split.special_ids)
+    diff = (noisy(big, big_ids, big_mask) - (noisy.center + (big - noisy.center) @ noisy.basis @ noisy.basis.T))[reg]
+    outside = diff - diff @ noisy.basis @ noisy.basis.T
+    assert outside.abs().max() < 1e-4
+    from scipy import stats
+
+    norms = diff.norm(dim=-1).double().numpy()
+    assert stats.kstest(norms, stats.gamma(a=3, scale=1 / 2.0).cdf).pvalue > 1e-3
+
+
+def test_label_subspace_fit_is_seeded_and_reads_only_the_devices_data(tiny, monkeypatch):
+    from privtune_flwr import device as device_mod
+    from privtune_flwr.device import DeviceSide, device_defense
+
+    split = tiny[0]
+    a = device_subspace(split, CORPUS, LABELS, rank=2, max_length=16, seed=0)
+    b = device_subspace(split, CORPUS, LABELS, rank=2, max_length=16, seed=0)
+    c = device_subspace(split, CORPUS, LABELS, rank=2, max_length=16, seed=1)
+    assert all(torch.equal(x, y) for x, y in zip(a.state().values(), b.state().values()))
+    assert not torch.equal(a.basis, c.basis)
+    seen = []
+    original = device_mod.fit_subspace
+    monkeypatch.setattr(device_mod, "fit_subspace", lambda rows, ids, labels, **kw: (seen.append((rows, ids, labels)),
+                                                                                    original(rows, ids, labels, **kw))[1])
+    mine, theirs = CORPUS[:10], ["someone else's text"] * 10
+    device_defense("label-subspace", split, epsilon=8.0, texts=mine, labels=LABELS[:10], max_length=16, subspace_rank=2)
+    rows, ids, labels = seen[0]
+    clean = DeviceSide(split, build_defense("none", split=split), max_length=16, audit_tokens=0).release(mine)
+    assert labels == LABELS[:10] and len(rows) == len(mine)
+    for i in range(len(mine)):
+        keep = clean.attention_mask[i].bool()
+        assert torch.equal(rows[i], clean.hidden[i][keep]) and torch.equal(ids[i], clean.input_ids[i][keep])
+    other = device_defense("label-subspace", split, epsilon=8.0, texts=theirs + CORPUS[10:20], labels=LABELS[:20],
+                           max_length=16, subspace_rank=2)
+    assert not torch.equal(other.basis, seen and device_defense("label-subspace", split, epsilon=8.0, texts=mine,
+                                                                  labels=LABELS[:10], max_length=16,
+                                                                  subspace_rank=2).basis)
+
+
+def test_label_subspace_statement_and_bad_input(tiny):
+    from privtune_flwr.accounting import statement_for_config
+    from privtune_flwr.config import RunConfig
+    from privtune_flwr.device import device_defense
+    from privtune_flwr.mechanism.subspace import fit_subspace
+
+    split, ids, mask, hidden = tiny
+    d = make("label-subspace", split=split, epsilon=8.0, subspace_rank=4)
+    st = d.statement()
+    text = st.guarantee()
+    assert st.projection_rank == 4 and st.token_epsilon_max == 8.0 and st.token_slack_max == 0.0
+    assert "rank-4 label subspace" in text and "fitted once on the device's own labelled data" in text
+    assert "empirical" in text and "epsilon-DP" not in text
+    theirs = statement_for_config(RunConfig(defense="label-subspace", epsilon=8.0, subspace_rank=4))
+    assert (theirs.epsilon, theirs.projection_rank, theirs.radius) == (st.epsilon, st.projection_rank, st.radius)
+    with pytest.raises(ValueError, match=r"subspace_rank=0 is outside the accepted range: an integer in \[1"):
+        build_defense("label-subspace", split=split, epsilon=8.0, subspace=d_subspace(split), subspace_rank=0)
+    with pytest.raises(ValueError, match="the subspace has rank 4 but subspace_rank=2"):
+        build_defense("label-subspace", split=split, epsilon=8.0, subspace=d_subspace(split), subspace_rank=2)
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        device_defense("label-subspace", split, epsilon=8.0, texts=CORPUS[:4], labels=[1, 1, 1, 1], max_length=16)
+    with pytest.raises(ValueError, match="without labels"):
+        device_defense("label-subspace", split, epsilon=8.0, texts=CORPUS[:4], labels=None, max_length=16)
+    with pytest.raises(ValueError, match=r"rank=99 is outside the accepted range 1..32"):
+        fit_subspace([torch.zeros(3, 32)] * 2, [torch.tensor([101, 7, 102])] * 2, [0, 1], rank=99,
+                     special_ids=split.special_ids)
+
+
+def d_subspace(split):
+    return _FITTED[id(split), 4][1]

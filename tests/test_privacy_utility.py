@@ -12,14 +12,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from simulations import privacy_utility as pu  # noqa: E402
 
-REQUIRED = {"dataset", "defense", "epsilon", "utility_metric", "utility", "attack", "asr", "asr_clean",
-            "attack_aux", "point_seconds", "privacy_guarantee"}
+REQUIRED = {"dataset", "defense", "epsilon", "seed", "utility_metric", "utility", "attack", "protocol", "asr",
+            "asr_clean", "attack_aux", "point_seconds", "privacy_guarantee", "steps", "best_step", "stopped_by"}
 
 
 def _tiny(**over) -> pu.SweepSettings:
     base = dict(datasets=("rotten_tomatoes",), defenses=("none", "dchi"), epsilons=(2.0,),
                 attacks=("eia-knn", "aia-attribute"), attack_options={"aia-attribute": {"epochs": 5}},
-                steps=2, batch_size=8, max_examples=200, max_victim=24, max_aux=48, max_length=32)
+                max_steps=4, eval_every=2, patience=1, batch_size=8, max_examples=200, max_victim=24, max_aux=48,
+                max_length=32)
     base.update(over)
     return pu.SweepSettings(**base)
 
@@ -35,32 +36,39 @@ def swept(tmp_path_factory):
 def test_writes_results_with_required_keys(swept):
     out, first = swept
     rows = json.loads((out / "results.json").read_text())
-    assert len(rows) == 4  # 2 points x 2 attacks
+    assert len(rows) == 8  # 2 points x 2 attacks x 2 protocols
     for row in rows:
         assert REQUIRED <= set(row), REQUIRED - set(row)
         assert 0.0 <= row["asr"] <= 1.0 and 0.0 <= row["utility"] <= 1.0
         assert row["attack_aux"] == "imdb"  # a different corpus from the victim's
+        assert 1 <= row["steps"] <= 4 and row["stopped_by"] in ("patience", "max-steps")
     assert {(r["defense"], r["epsilon"]) for r in rows} == {("none", None), ("dchi", 2.0)}
+    assert {(r["attack"], r["protocol"]) for r in rows} == {(a, p) for a in ("eia-knn", "aia-attribute")
+                                                            for p in ("adaptive", "static")}
     assert (out / "results.csv").read_text().startswith("dataset,")
-    assert (out / "rotten_tomatoes.png").stat().st_size > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary) == 8 and all(r["seeds"] == 1 for r in summary)
+    assert {r["drop"] for r in summary if r["defense"] == "none"} == {0.0}
+    for protocol in ("adaptive", "static"):
+        assert (out / f"rotten_tomatoes_{protocol}.png").stat().st_size > 0
     assert len(first["computed"]) == 2 and not first["skipped"]
 
 
 def test_rerun_skips_finished_points(swept):
     out, _ = swept
     points = sorted((out / "points").glob("*.json"))
-    assert [p.name for p in points] == ["rotten_tomatoes__dchi__2.json", "rotten_tomatoes__none__none.json"]
+    assert [p.name for p in points] == ["rotten_tomatoes__dchi__2__s0.json", "rotten_tomatoes__none__none__s0.json"]
     mtimes = [p.stat().st_mtime_ns for p in points]
     again = pu.sweep(_tiny(), out, plots=False, progress=False)
     assert not again["computed"] and len(again["skipped"]) == 2
     assert [p.stat().st_mtime_ns for p in points] == mtimes
-    assert len(again["rows"]) == 4
+    assert len(again["rows"]) == 8
     assert not list(out.rglob("*.tmp"))
 
 
 def test_dchi_at_small_epsilon_lowers_knn_inversion(swept):
     _, first = swept
-    knn = {r["defense"]: r for r in first["rows"] if r["attack"] == "eia-knn"}
+    knn = {r["defense"]: r for r in first["rows"] if r["attack"] == "eia-knn" and r["protocol"] == "adaptive"}
     assert knn["dchi"]["asr"] <= knn["none"]["asr"]
     assert knn["dchi"]["asr_clean"] == pytest.approx(knn["none"]["asr"])
     assert knn["none"]["asr"] > 0.5  # clean layer-1 representations invert easily
@@ -86,22 +94,22 @@ def test_cli_rejects_unknown_attack(tmp_path):
 
 
 def test_headline_grid_over_several_datasets_keeps_every_row(tmp_path, monkeypatch):
-    tiny = dict(max_victim=16, max_aux=32, steps=2, batch_size=8, max_examples=120, max_length=32,
-                attacks=("eia-knn",), attack_options={})
+    tiny = dict(max_victim=16, max_aux=32, max_steps=2, eval_every=1, patience=1, batch_size=8, max_examples=120,
+                max_length=32, attacks=("eia-knn",), attack_options={}, protocols=("adaptive",))
     monkeypatch.setattr(pu, "HEADLINE_COMMON", tiny)
-    grid = ((("none", "dchi"), (2.0,)), (("none",), ()))  # `none` listed twice: kept once per dataset
+    grid = ((("none", "dchi"), (2.0,), (0,)), (("none",), (), (0,)))  # `none` listed twice: kept once per dataset
     rows = pu.headline(tmp_path, progress=False, grid=grid, datasets=("rotten_tomatoes", "political_debates"))
     keys = [(r["dataset"], r["defense"], r["epsilon"], r["attack"]) for r in rows]
     assert sorted(keys, key=str) == sorted([(d, "none", None, "eia-knn") for d in ("rotten_tomatoes", "political_debates")]
                                            + [(d, "dchi", 2.0, "eia-knn") for d in ("rotten_tomatoes", "political_debates")], key=str)
     assert {r["utility_metric"] for r in rows if r["dataset"] == "political_debates"} == {"macro-f1"}
     assert len(json.loads((tmp_path / "results.json").read_text())) == 4
-    assert (tmp_path / "political_debates.png").exists()
+    assert (tmp_path / "political_debates_adaptive.png").exists()
 
 
 def test_datasets_grid_names_the_five_datasets():
     assert pu.FULL_DATASETS == ("rotten_tomatoes", "imdb", "bbc_news", "drug_reviews", "political_debates")
-    assert {d for defenses, _ in pu.DATASETS_GRID for d in defenses} == {"none", "dchi", "gaussian", "privtune"}
+    assert {"none", "dchi", "gaussian", "privtune"} <= {d for defenses, _, _ in pu.DATASETS_GRID for d in defenses}
 
 
 def test_attribute_from_the_victims_own_train_split_when_the_aux_lacks_it(tmp_path):
@@ -129,3 +137,34 @@ def test_fixed_grids_refuse_grid_options(tmp_path):
     with pytest.raises(ValueError, match="--defenses cannot be combined"):
         pu.main(["--all-datasets", "--defenses", "none", "--out", str(tmp_path)])
     assert not (tmp_path / "results.json").exists()
+
+
+def _row(defense, eps, seed, attack, utility, asr, protocol="adaptive", **extra):
+    return {"dataset": "rotten_tomatoes", "defense": defense, "epsilon": eps, "seed": seed, "attack": attack,
+            "protocol": protocol, "utility": utility, "utility_metric": "accuracy", "asr": asr, "asr_clean": 0.9,
+            "steps": 100, "stopped_by": "patience", "point_seconds": 1.0, **extra}
+
+
+def test_summary_means_over_seeds_with_the_drop_against_none_of_the_same_seed():
+    rows = [_row("none", None, 0, "eia-knn", 0.80, 1.0), _row("none", None, 1, "eia-knn", 0.90, 1.0),
+            _row("dchi", 8.0, 0, "eia-knn", 0.76, 0.2), _row("dchi", 8.0, 1, "eia-knn", 0.81, 0.4)]
+    [none, dchi] = pu.summarise(rows)
+    assert none["drop"] == 0.0 and none["seeds"] == 2 and none["utility"] == pytest.approx(0.85)
+    assert dchi["drop"] == pytest.approx(0.075) and dchi["drop_sd"] == pytest.approx(0.0353553, rel=1e-5)
+    assert dchi["asr"] == pytest.approx(0.3) and dchi["asr_sd"] == pytest.approx(0.1414214, rel=1e-5)
+
+
+def test_target_check_reads_each_attack_against_its_floor():
+    rows = [_row("none", None, 0, "eia-mlp", 0.80, 0.85, attack_blind_accuracy=0.04)]
+    point = [("eia-knn", 0.05, {}), ("eia-mlp", 0.09, {"attack_blind_accuracy": 0.04}),
+             ("eia-context", 0.30, {"attack_blind_f1": 0.265}), ("aia-attribute", 0.40, {"attack_majority_rate": 0.308}),
+             ("aia-keyword", 0.54, {}), ("aia-bow", 0.04, {"attack_blind_recall": 0.0})]
+    rows += [_row("x", 1.0, 0, a, 0.78, asr, **extra) for a, asr, extra in point]
+    summary = pu.summarise(rows)
+    met = pu.meets_target(summary, "rotten_tomatoes", "x", 1.0)
+    assert met == {"drop": True, "eia-knn": True, "eia-mlp": True, "eia-context": True, "aia-attribute": False,
+                   "aia-keyword": True, "aia-bow": True}  # 0.78 is a 2.5% drop; the attribute is 9 points over majority
+    knn = next(r for r in summary if r["defense"] == "x" and r["attack"] == "eia-knn")
+    assert knn["floor"] == 0.04  # EIA-1 is read against EIA-2's blind token rate
+    table = pu.summary_table(summary)
+    assert "| rotten_tomatoes | x | 1 | 1 | 0.780 | +2.5% |" in table and "drop, eia-knn, eia-mlp" in table

@@ -2,14 +2,17 @@
 
 Threat model: the attacker sees exactly the released representations and attention masks,
 knows the bottom model, the defence and its parameters, and holds public auxiliary text from a
-different dataset. It is *adaptive*: every learned attack is trained on auxiliary text passed
-through the same bottom and the same defence (fresh noise), never on victim data, with a fixed
-epoch count (no model selection on the victim set), and then scored on the victim's release.
+different dataset. Two attacker protocols
+(``run_attacks(..., protocols=...)``): the *adaptive* attacker trains every learned attack on
+auxiliary text passed through the same bottom and the same defence; the *static* one trains on
+clean auxiliary representations (as inversion attacks fitted without the defence's noise do).
+Neither ever sees victim data in training; epoch counts are fixed (no model selection on the
+victim set); both are scored on the victim's release.
 
     aux = release(split, defense, aux_texts, attributes={"label": aux_labels})
     victim = release(split, defense, victim_texts, attributes={"label": victim_labels})
     run_attack("eia-mlp", split, aux, victim)            # {"attack", "asr", "metric", ...}
-    run_attacks(split, defense, aux_texts, victim_texts, ...)  # each attack, defended and clean
+    run_attacks(split, defense, aux_texts, victim_texts, protocols=("adaptive", "static"), ...)
 
 Every ``Attack`` has ``fit(aux)`` (the only place it learns) and ``score(victim)`` (inference).
 """
@@ -38,7 +41,7 @@ _CLASSES: dict[str, type[Attack]] = {
 }
 
 __all__ = [
-    "ATTACKS", "Attack", "Released", "release", "run_attack", "run_attacks", "make_attack", "real_token_mask",
+    "ATTACKS", "PROTOCOLS", "Attack", "Released", "release", "run_attack", "run_attacks", "make_attack", "real_token_mask",
     "context_free_anchors", "nearest_anchor", "GENERIC_KEYWORDS", "MOVIE_GENRE_CLASSES", "MOVIE_GENRE_KEYWORDS",
     "genre_attribute", "top_classes",
 ]
@@ -83,9 +86,12 @@ def run_attack(name: str, split: SplitModel, aux: Released, victim: Released, *,
     return {"attack": name, **result, "seconds": time.perf_counter() - start}
 
 
-# The clean-release score of an attack depends only on the model, the texts, the attack and its
-# options, not on the defence under test: sweeps reuse it instead of refitting per point.
-_CLEAN: dict[str, dict] = {}
+# The clean-release attacker depends only on the model, the texts, the attack and its options, not on
+# the defence under test: sweeps reuse it (its clean score, and for the static protocol the fitted
+# attacker itself) instead of refitting per point.
+_CLEAN: dict[str, tuple[Attack, dict]] = {}
+
+PROTOCOLS = ("adaptive", "static")
 
 
 def _clean_key(split, name, texts_digest: str, kwargs, max_length) -> str:
@@ -94,14 +100,30 @@ def _clean_key(split, name, texts_digest: str, kwargs, max_length) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def _fit_and_score(name: str, split: SplitModel, aux: Released, victim: Released, kwargs: dict) -> tuple[Attack, dict]:
+    attack = make_attack(name, split, **kwargs)
+    start = time.perf_counter()
+    attack.fit(aux)
+    result = attack.score(victim)
+    return attack, {"attack": name, **result, "seconds": time.perf_counter() - start}
+
+
 def run_attacks(split: SplitModel, defense, aux_texts, victim_texts, *, aux_attributes=None, victim_attributes=None,
                 attribute=None, keywords=None, names=ATTACKS, max_length: int = 64, batch_size: int = 32,
-                seed: int = 0, options: dict[str, dict] | None = None) -> list[dict]:
-    """Every attack in ``names`` against ``defense``, each also against the clean release.
+                seed: int = 0, options: dict[str, dict] | None = None,
+                protocols: tuple[str, ...] = ("adaptive",)) -> list[dict]:
+    """Every attack in ``names`` against ``defense``, under each attacker protocol in ``protocols``.
 
-    Each result dict is the defended run's, plus ``asr_clean`` (and ``clean``: the full clean
-    result) so a table shows how much the defence removes. ``options`` maps an attack name to
-    extra keyword options (e.g. ``{"eia-mlp": {"hidden": 512}}``).
+    * ``adaptive``: the attacker trains on auxiliary text released through the same bottom and the
+      same defence (it knows the defence and its parameters), then scores the victim's release;
+    * ``static``: the attacker trains on *clean* auxiliary representations (no defence), then
+      scores the victim's defended release, as inversion attacks fitted without the defence's
+      noise do.
+
+    EIA-1 (nearest anchor) trains on nothing, so its two protocols give the same number. Each
+    result dict carries ``protocol``, ``asr_clean`` (the clean attacker on the clean victim
+    release) and ``clean`` (its full result), so a table shows how much a defence removes.
+    ``options`` maps an attack name to extra keyword options (e.g. ``{"eia-mlp": {"hidden": 512}}``).
     """
     from ..defenses import build_defense
 
@@ -109,6 +131,10 @@ def run_attacks(split: SplitModel, defense, aux_texts, victim_texts, *, aux_attr
     unknown = [n for n in names if n not in _CLASSES]
     if unknown:
         raise ValueError(f"attack names {unknown} are unknown; accepted: {', '.join(ATTACKS)}")
+    protocols = tuple(protocols)
+    bad_protocols = [p for p in protocols if p not in PROTOCOLS]
+    if not protocols or bad_protocols:
+        raise ValueError(f"protocols={list(protocols)!r} is not accepted; accepted: one or more of {', '.join(PROTOCOLS)}")
     options = dict(options or {})
     bad = sorted(set(options) - set(names))
     if bad:
@@ -130,20 +156,25 @@ def run_attacks(split: SplitModel, defense, aux_texts, victim_texts, *, aux_attr
             release(split, d, victim_texts, max_length, batch_size, victim_attributes),
         )
     texts_digest = hashlib.sha256(json.dumps([list(aux_texts), list(victim_texts)]).encode()).hexdigest()
+    aux_def, victim_def = releases["defended"]
     results = []
     for name in names:
         kwargs = dict(options.get(name, {}), attribute=attribute, keywords=keywords, seed=seed)
         if name == "eia-knn":
             kwargs["anchors"] = anchors
-        defended = run_attack(name, split, *releases["defended"], **kwargs)
         key = _clean_key(split, name, texts_digest, kwargs, max_length)
-        if releases["clean"] is releases["defended"]:
-            clean = defended
-        elif key in _CLEAN:
-            clean = _CLEAN[key]
-        else:
-            clean = run_attack(name, split, *releases["clean"], **kwargs)
-        _CLEAN[key] = clean
-        results.append({**defended, "defense": getattr(defense, "name", type(defense).__name__),
-                        "epsilon": getattr(defense, "epsilon", None), "asr_clean": clean["asr"], "clean": clean})
+        if key not in _CLEAN:
+            _CLEAN[key] = _fit_and_score(name, split, *releases["clean"], kwargs)
+        clean_attack, clean = _CLEAN[key]
+        for protocol in protocols:
+            if releases["clean"] is releases["defended"]:
+                result = clean  # no defence: both protocols are the clean attacker
+            elif protocol == "adaptive":
+                result = _fit_and_score(name, split, aux_def, victim_def, kwargs)[1]
+            else:
+                start = time.perf_counter()
+                result = {"attack": name, **clean_attack.score(victim_def), "seconds": time.perf_counter() - start}
+            results.append({**result, "protocol": protocol,
+                            "defense": getattr(defense, "name", type(defense).__name__),
+                            "epsilon": getattr(defense, "epsilon", None), "asr_clean": clean["asr"], "clean": clean})
     return results

@@ -165,7 +165,9 @@ class BagOfWordsInference(_KeywordAttack):
 
     A shared MLP ``d → hidden → K`` with sigmoid outputs, trained on ``1 - holdout`` of the
     auxiliary data; the decision threshold maximises micro F1 on the held-out auxiliary slice.
-    ASR = micro recall on the victim at that threshold; micro precision is reported too.
+    ASR = micro recall on the victim at that threshold; micro precision is reported too, and
+    ``blind_recall``: the recall of a guess that ignores the release (each word scored by its
+    auxiliary frequency, thresholded the same way).
     """
 
     name = "aia-bow"
@@ -192,6 +194,10 @@ class BagOfWordsInference(_KeywordAttack):
                                        weight_decay=o["weight_decay"])
         with torch.no_grad():
             self.threshold = best_threshold(torch.sigmoid(self.model(x[hold])), targets[hold])
+        # The blind guess: each word's auxiliary frequency as its score for every sequence, with
+        # its threshold chosen the same way; it claims the same words whatever the release.
+        self.prior = targets[train].mean(0)
+        self.blind_threshold = best_threshold(self.prior.expand(len(hold), -1), targets[hold])
         self.fitted = True
         return self
 
@@ -204,7 +210,9 @@ class BagOfWordsInference(_KeywordAttack):
         prob = self.predict(victim)
         truth = self._keyword_targets(victim)
         recall, precision = recall_precision_at(prob, truth, self.threshold)
+        blind, _ = recall_precision_at(self.prior.expand(len(truth), -1), truth, self.blind_threshold)
         return {"asr": recall, "metric": "set recall (micro) at the aux-chosen threshold", "precision": precision,
+                "blind_recall": blind,
                 "threshold": self.threshold, "keywords_used": len(self.words),
                 "victim_positives": int(truth.sum()), "keywords_dropped_multitoken": self.dropped}
 

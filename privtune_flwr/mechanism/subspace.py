@@ -1,0 +1,181 @@
+"""A label subspace fitted on the device's own labelled data: what a token keeps when released.
+
+The cloud's top needs the sentence label; an inverter needs each token's identity. A release that
+keeps, per token, only a few directions that predict the label loses identity within every group
+of tokens with the same label relevance (most of them: function words, punctuation, names). This
+module fits those directions once, on the device, from its own data, and freezes them:
+
+* ``center`` ``[d]``: the mean representation of the device's regular (non-special) tokens;
+* ``basis`` ``[d, k]``: orthonormal directions. They are the token projection of a small reader
+  (a linear map ``d -> k``, one self-attention layer over the projected tokens, mean pooling and a
+  linear head) trained to predict the sentence label from the projected tokens alone, so the
+  directions are those a contextual reader of the release can use;
+* ``special`` ``[S, d]``: for each special token (``[CLS]``, ``[SEP]``, ...), the mean of its
+  representations: it is released as that public constant, which carries nothing about the text.
+
+Fitting is deterministic given the data and the seed (a local generator; one thread gives the
+same float sums). Only the device's own representations and labels are read; nothing leaves it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+@dataclass
+class Subspace:
+    """A fitted label subspace; see the module docstring. ``special_ids`` ``[S]`` index ``special``."""
+
+    center: torch.Tensor
+    basis: torch.Tensor
+    special_ids: torch.Tensor
+    special: torch.Tensor
+    reader_accuracy: float  # the fit's own training accuracy (a device-side diagnostic)
+
+    @property
+    def rank(self) -> int:
+        return self.basis.shape[1]
+
+    def check(self, hidden_size: int) -> None:
+        d, k = self.basis.shape
+        if d != hidden_size or tuple(self.center.shape) != (d,) or self.special.shape[1:] != (d,):
+            raise ValueError(f"subspace of size {d} (center {tuple(self.center.shape)}, special "
+                             f"{tuple(self.special.shape)}) does not match hidden size {hidden_size}")
+        if not 1 <= k <= d:
+            raise ValueError(f"subspace rank {k} is outside the accepted range 1..{d}")
+        gram = self.basis.T @ self.basis
+        if not torch.allclose(gram, torch.eye(k), atol=1e-4):
+            raise ValueError("subspace basis columns are not orthonormal")
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"center": self.center, "basis": self.basis, "special_ids": self.special_ids, "special": self.special}
+
+
+class _Reader(nn.Module):
+    """Projected tokens ``[B, T, k]`` -> one self-attention layer -> masked mean -> label logits."""
+
+    def __init__(self, rank: int, classes: int, width: int, max_len: int):
+        super().__init__()
+        self.inp = nn.Linear(rank, width)
+        self.pos = nn.Embedding(max_len, width)
+        self.layer = nn.TransformerEncoderLayer(width, 4, 2 * width, 0.1, batch_first=True)
+        self.out = nn.Linear(width, classes)
+
+    def forward(self, f: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.inp(f) + self.pos(torch.arange(f.shape[1]))[None]
+        x = self.layer(x, src_key_padding_mask=mask == 0)
+        m = mask.unsqueeze(-1).to(x.dtype)
+        return self.out((x * m).sum(1) / m.sum(1).clamp_min(1.0))
+
+
+def _pad(rows: list[torch.Tensor], ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    hidden = torch.zeros(len(rows), width, rows[0].shape[-1])
+    tokens = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, (r, t) in enumerate(zip(rows, ids)):
+        hidden[i, : len(r)], tokens[i, : len(r)], mask[i, : len(r)] = r, t, 1
+    return hidden, tokens, mask
+
+
+def fit_subspace(rows: list[torch.Tensor], ids: list[torch.Tensor], labels, *, rank: int, special_ids: torch.Tensor,
+                 epochs: int = 4, lr: float = 3e-3, width: int = 64, batch_size: int = 64, seed: int = 0) -> Subspace:
+    """Fit a rank-``rank`` label subspace on a device's own data.
+
+    ``rows[i]`` ``[n_i, d]``: the bottom's representations of sequence ``i`` (real tokens only, in
+    order); ``ids[i]`` ``[n_i]``: its token ids; ``labels[i]``: its class. Returns a
+    :class:`Subspace`; the same inputs and ``seed`` give the same subspace.
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank={rank!r} is outside the accepted range: an integer >= 1")
+    if not rows or len(rows) != len(ids) or len(rows) != len(labels):
+        raise ValueError(f"fit_subspace needs as many rows, ids and labels (got {len(rows)}, {len(ids)}, {len(labels)}), "
+                         "at least one")
+    labels = torch.as_tensor(list(labels), dtype=torch.long)
+    if labels.unique().numel() < 2:
+        raise ValueError(f"fit_subspace needs at least 2 classes in the device's labels; got {labels.unique().tolist()}")
+    d = rows[0].shape[-1]
+    if rank > d:
+        raise ValueError(f"rank={rank} is outside the accepted range 1..{d} (the hidden size)")
+    special_ids = torch.as_tensor(special_ids, dtype=torch.long)
+    flat_h, flat_t = torch.cat(rows), torch.cat(ids)
+    is_regular = ~torch.isin(flat_t, special_ids)
+    if not is_regular.any():
+        raise ValueError("fit_subspace found no regular (non-special) token in the device's data")
+    center = flat_h[is_regular].mean(0)
+    scale = float(flat_h[is_regular].std(0).mean())
+    present = [s for s in special_ids.tolist() if bool((flat_t == s).any())]
+    special = torch.stack([flat_h[flat_t == s].mean(0) for s in present]) if present else torch.zeros(0, d)
+    max_len = max(len(r) for r in rows)
+
+    def features(index, basis):
+        hidden, tokens, mask = _pad([rows[i] for i in index], [ids[i] for i in index])
+        regular = mask.bool() & ~torch.isin(tokens, special_ids)
+        return ((hidden - center) @ basis) * regular.unsqueeze(-1) / scale, mask
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():  # the reader's init and dropout follow the seed, not the caller's RNG
+        torch.manual_seed(seed)
+        weight = nn.Parameter(torch.randn(d, rank, generator=generator) / math.sqrt(d))
+        reader = _Reader(rank, int(labels.max()) + 1, width, max_len)
+        optimiser = torch.optim.Adam([weight, *reader.parameters()], lr=lr)
+        reader.train()
+        for _ in range(epochs):
+            order = torch.randperm(len(rows), generator=generator).tolist()
+            for start in range(0, len(order), batch_size):
+                b = order[start:start + batch_size]
+                basis, _ = torch.linalg.qr(weight)
+                f, mask = features(b, basis)
+                loss = F.cross_entropy(reader(f, mask), labels[b])
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+        reader.eval()
+        with torch.no_grad():
+            basis, _ = torch.linalg.qr(weight.detach())
+            correct = 0
+            for start in range(0, len(rows), 256):
+                b = list(range(start, min(start + 256, len(rows))))
+                f, mask = features(b, basis)
+                correct += int((reader(f, mask).argmax(-1) == labels[b]).sum())
+    basis = _canonical(basis, rows, ids, labels, center, special_ids)
+    return Subspace(center=center, basis=basis.contiguous(), special_ids=torch.tensor(present, dtype=torch.long),
+                    special=special, reader_accuracy=correct / len(rows))
+
+
+def _canonical(basis: torch.Tensor, rows, ids, labels: torch.Tensor, center: torch.Tensor,
+               special_ids: torch.Tensor) -> torch.Tensor:
+    """The same subspace in a basis fixed by the data rather than by the optimiser's path.
+
+    Devices fit their subspaces apart, and the cloud's top reads them all: its input directions
+    must mean the same on every device. Within the span, the columns become the eigenvectors of the
+    between-class scatter of the tokens' coordinates (class means weighted by token counts), most
+    discriminative first, ties broken by the coordinates' total scatter; each column's sign makes
+    the class-weighted mean coordinate increase with the class index (else the skew positive).
+    """
+    coords, classes = [], []
+    for r, t, y in zip(rows, ids, labels.tolist()):
+        keep = ~torch.isin(t, special_ids)
+        coords.append((r[keep] - center) @ basis)
+        classes.append(torch.full((int(keep.sum()),), y))
+    f, y = torch.cat(coords).double(), torch.cat(classes)
+    mean = f.mean(0)
+    between = torch.zeros(basis.shape[1], basis.shape[1], dtype=torch.float64)
+    for c in y.unique():
+        d = f[y == c].mean(0) - mean
+        between += (y == c).sum() * torch.outer(d, d)
+    total = (f - mean).T @ (f - mean)
+    scatter = between / between.trace().clamp_min(1e-12) + 1e-3 * total / total.trace().clamp_min(1e-12)
+    _, vectors = torch.linalg.eigh(scatter)
+    vectors = vectors.flip(1)  # descending eigenvalues
+    g = (f - mean) @ vectors
+    trend = (g * (y.double() - y.double().mean()).unsqueeze(1)).mean(0)
+    skew = (g ** 3).mean(0)
+    sign = torch.where(trend.abs() > 1e-9 * g.std(0).clamp_min(1e-12), trend.sign(), skew.sign())
+    sign[sign == 0] = 1.0
+    return (basis.double() @ (vectors * sign)).float()
