@@ -20,7 +20,7 @@ PARTITIONERS = ("iid", "dirichlet")
 # launcher can check a run's configuration in a fraction of a second, without importing torch.
 DEFENSE_NAMES = (
     "none", "dchi", "gaussian", "privtune", "privtune-noimp", "privtune-nomean",
-    "privtune-random-target", "privtune-sampled-target",
+    "privtune-random-target", "privtune-sampled-target", "label-subspace",
 )
 
 

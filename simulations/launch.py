@@ -546,4 +546,6 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     # Only as a command: a process that imports the launcher (a test) keeps its own parentage.
     _become_subreaper()
+    # `kill PID` (SIGTERM) unwinds like Ctrl-C, so the clean-up in `finally` stops what was started.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     sys.exit(main())

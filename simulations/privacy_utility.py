@@ -768,12 +768,16 @@ def main(argv: list[str] | None = None) -> int:
                   f"blind token-set F1 {f['blind_f1']:.3f} ({f['blind_set_size']} tokens)")
         return 0
     if args.headline or args.all_datasets:
-        # --datasets / --max-* / --patience / --eval-every / --protocols apply; the grid fixes the rest
-        ignored = [k for k in ("defenses", "epsilons", "attacks", "seeds") if k in over]
-        if ignored:
-            raise ValueError(f"--{ignored[0]} cannot be combined with --headline/--all-datasets (their grid fixes it)")
+        # --datasets / --max-* / --patience / --eval-every / --protocols apply. --defenses, --epsilons
+        # and --seeds replace the grid by one sub-grid at the same sizes (so a later full run reuses
+        # its points); --attacks would change the sizes' meaning and is refused.
+        if "attacks" in over:
+            raise ValueError("--attacks cannot be combined with --headline/--all-datasets (their grid runs all six)")
         datasets = over.pop("datasets", ("rotten_tomatoes",) if args.headline else FULL_DATASETS[1:])
         grid = HEADLINE_GRID if args.headline else DATASETS_GRID
+        if any(k in over for k in ("defenses", "epsilons", "seeds")):
+            grid = ((over.pop("defenses", grid[0][0]), over.pop("epsilons", (HEADLINE_EPSILON,)),
+                     over.pop("seeds", (0,))),)
         rows = headline(Path(args.out), grid=grid, datasets=datasets, **over)
         print(summary_table(summarise(rows)))
         print(f"{time.perf_counter() - t0:.1f} s; written {Path(args.out) / 'results.json'}")

@@ -200,6 +200,26 @@ def test_a_killed_process_fails_the_run_and_leaves_nothing_behind(tmp_path, wait
     assert live(with_tag(tag)) == [] and live(seen) == []
 
 
+def test_terminating_the_launcher_stops_everything_it_started(tmp_path):
+    """`kill <launcher pid>` (SIGTERM, as a job scheduler or a shell script sends) cleans up like Ctrl-C."""
+    env, tag = tagged_env(tmp_path)
+    env["PRIVTUNE_CACHE"] = os.environ["PRIVTUNE_CACHE"]
+    proc = subprocess.Popen([sys.executable, "-m", "simulations.launch", "--out", str(tmp_path / "run"), "--devices", "2",
+                             "--run-config", QUICK], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        wait_for_process(tag, "raylet", proc)
+        seen = set(with_tag(tag))
+        proc.terminate()
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    time.sleep(1.0)
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    assert live(with_tag(tag)) == [] and live(seen) == []
+
+
 def test_deployment_with_tls_survives_a_lost_supernode_and_leaves_nothing_behind(tmp_path):
     # three SuperNodes, min-devices=2 by the launcher's default: the run goes on without one
     code, output, seen, tag = _launch_and_kill(tmp_path, ["--deployment", "--devices", "3", "--run-config", QUICK],

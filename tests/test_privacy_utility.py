@@ -134,8 +134,8 @@ def test_blind_floors_guess_frequent_tokens_without_any_release():
 
 
 def test_fixed_grids_refuse_grid_options(tmp_path):
-    with pytest.raises(ValueError, match="--defenses cannot be combined"):
-        pu.main(["--all-datasets", "--defenses", "none", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="--attacks cannot be combined"):
+        pu.main(["--all-datasets", "--attacks", "eia-knn", "--out", str(tmp_path)])
     assert not (tmp_path / "results.json").exists()
 
 
