@@ -430,7 +430,7 @@ class LabelSubspaceDefense(Defense):
     name = "label-subspace"
 
     def __init__(self, split: SplitModel, epsilon: float, *, key=None, seed=None, release="once",
-                 subspace: Subspace | None = None, subspace_rank: int = 4):
+                 subspace: Subspace | None = None, subspace_rank: int = 1):
         super().__init__(split, epsilon, key=key, seed=seed, release=release)
         self.subspace_rank = _number("subspace_rank", subspace_rank, 1, split.hidden_size, low_open=False, integer=True)
         if subspace is None:
@@ -489,7 +489,7 @@ DEFENSES: dict[str, type[Defense]] = {
 OPTIONS = {
     "n_hops": 2, "k": 8, "max_neighbours": 16, "radius_scale": 1.0, "pgd_steps": 10, "lam": 0.5,
     "mu": 1.0, "s_min": 0.5, "alpha": 0.5, "importance_levels": 3, "importance": None, "delta": 1e-5, "clip": None,
-    "subspace_rank": 4, "subspace": None,
+    "subspace_rank": 1, "subspace": None,
 }
 
 

@@ -53,7 +53,7 @@ _FITTED: dict = {}
 def make(name, split, **kwargs):
     """build_defense, with a label subspace fitted on a small local corpus for ``label-subspace``."""
     if name == "label-subspace" and "subspace" not in kwargs:
-        rank = kwargs.get("subspace_rank", 4)
+        rank = kwargs.setdefault("subspace_rank", 4)
         if (id(split), rank) not in _FITTED:
             _FITTED[id(split), rank] = (split, device_subspace(split, CORPUS, LABELS, rank=rank, max_length=16))
         kwargs["subspace"] = _FITTED[id(split), rank][1]
