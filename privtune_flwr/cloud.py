@@ -147,6 +147,30 @@ class MiddleSide:
             raise ValueError("gradient holds non-finite values")
         outputs.backward(grad.to(outputs.dtype) * weight)
 
+    def gradients(self, key: str, grad: torch.Tensor) -> list[torch.Tensor | None]:
+        """One device's gradient of the LoRA weights, kept apart (for :meth:`apply`): the checks
+        and the graph's release are those of :meth:`backward`."""
+        outputs = self.pending.pop(key, None)
+        if outputs is None:
+            raise KeyError(f"no pending outputs for step {key!r} (stale or unknown)")
+        if tuple(grad.shape) != tuple(outputs.shape):
+            raise ValueError(f"gradient has shape {tuple(grad.shape)}; the outputs sent were {tuple(outputs.shape)}")
+        if not torch.isfinite(grad).all():
+            raise ValueError("gradient holds non-finite values")
+        return list(torch.autograd.grad(outputs, self.params, grad.to(outputs.dtype), allow_unused=True))
+
+    def apply(self, grads: list[torch.Tensor | None]) -> bool:
+        """One optimiser step with ``grads`` (from :meth:`gradients`); False, nothing changed, if
+        they are non-finite or empty."""
+        if any(g is not None and not torch.isfinite(g).all() for g in grads) or all(g is None for g in grads):
+            return False
+        for p, g in zip(self.params, grads):
+            p.grad = g
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+        return True
+
     def drop(self, key: str) -> None:
         self.pending.pop(key, None)
 

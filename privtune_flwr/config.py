@@ -16,6 +16,7 @@ TASKS = ("classification", "generation")
 RELEASES = ("once", "fresh")
 FAULT_KINDS = ("raise", "garbage", "nan", "slow")
 PARTITIONERS = ("iid", "dirichlet")
+MIDDLE_STEPS = ("per-batch", "joint")
 # The names of ``defenses.DEFENSES`` (a test keeps the two equal). Spelled out here so that a
 # launcher can check a run's configuration in a fraction of a second, without importing torch.
 DEFENSE_NAMES = (
@@ -51,6 +52,10 @@ class RunConfig:
     eval_examples: int = 0  # per device and evaluation; 0 = its whole test split
     reply_max_examples: int = 2048  # the most sequences the cloud reads from one evaluation reply
     protocol: str = "vanilla"  # "vanilla" (labels go to the cloud) | "u-shaped" (labels and loss stay on the device)
+    # u-shaped: "per-batch" = one optimiser step of the middle per device batch, as the vanilla top
+    # takes (the devices of one exchange are applied in turn, each gradient computed at the weights
+    # the exchange started from); "joint" = one step per exchange, averaged over the devices
+    middle_steps: str = "per-batch"
     generate_samples: int = 3  # generation: texts a device generates before and after fine-tuning (0 = none)
     max_new_tokens: int = 16  # generation: the longest generated continuation
     # cloud fine-tuning
@@ -103,6 +108,7 @@ class RunConfig:
         _require(self.eval_examples >= 0, "eval-examples", self.eval_examples, ">= 0 (0 = all)")
         _require(self.reply_max_examples >= 1, "reply-max-examples", self.reply_max_examples, ">= 1")
         _require(self.protocol in PROTOCOLS, "protocol", self.protocol, " or ".join(repr(p) for p in PROTOCOLS))
+        _require(self.middle_steps in MIDDLE_STEPS, "middle-steps", self.middle_steps, " or ".join(repr(m) for m in MIDDLE_STEPS))
         _require(self.task in TASKS, "task", self.task, " or ".join(repr(t) for t in TASKS))
         _require(not (self.task == "generation" and self.protocol == "vanilla"), "protocol", self.protocol,
                  "'u-shaped' for task='generation' (with the vanilla split the cloud would receive the labels, "

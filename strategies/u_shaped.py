@@ -6,8 +6,11 @@ Each round runs ``batches-per-round`` steps. One step, for the sampled devices t
 2. the cloud runs the middle on each release and sends each device its outputs (``train.head``);
 3. each device computes its loss on its own labels, updates its own head, and returns the gradient
    with respect to those outputs; the cloud back-propagates every gradient that matches what it
-   sent (weighted by batch size) and takes one optimiser step. A gradient of the wrong shape, a
-   stale step, an error or no answer: that device's part of the step is dropped with its graph.
+   sent. With ``middle-steps = "per-batch"`` (default) it then takes one optimiser step per device
+   batch, in partition order, as the vanilla top does (each gradient was computed at the weights
+   the exchange started from); with ``"joint"`` one step for the exchange, weighted by batch size.
+   A gradient of the wrong shape, a stale step, an error or no answer: that device's part of the
+   step is dropped with its graph.
 
 Evaluation: ``evaluate.forward`` / ``evaluate.head``; the devices score their test splits with
 their own heads and send back aggregate metrics. Generation tasks also run a few samples before
@@ -93,7 +96,7 @@ class UShapedStrategy(SplitLearningStrategy):
                 continue
             outputs = self._middle(server_round, step, releases, train=True)
             replies = self._ask(grid, list(outputs), "train.head", server_round, step, {n: o for n, (_, o) in outputs.items()})
-            answered = 0
+            answered, separate = 0, []
             for reply in replies:
                 node = reply.metadata.src_node_id
                 if node not in outputs:
@@ -104,7 +107,11 @@ class UShapedStrategy(SplitLearningStrategy):
                     continue
                 try:
                     grad, metrics = parse_gradient(reply.content, tuple(out.shape))
-                    self.cloud.backward(key, grad, weight=float(out.shape[0]))
+                    if self.cfg.middle_steps == "per-batch":
+                        order = (self.partition.get(node, 1 << 62), node)
+                        separate.append((order, out.shape[0], self.cloud.gradients(key, grad)))
+                    else:
+                        self.cloud.backward(key, grad, weight=float(out.shape[0]))
                 except (SchemaError, KeyError, ValueError) as exc:
                     self._reject(server_round, "train", node, str(exc))
                     continue
@@ -114,7 +121,12 @@ class UShapedStrategy(SplitLearningStrategy):
                 usable.add(node)
             for key, _ in outputs.values():  # whatever did not come back: its graph goes now
                 self.cloud.drop(key)
-            if answered and self.cloud.step(scale=1.0 / answered):
+            if separate:  # one optimiser step per device batch, in partition order, as the vanilla top
+                for _, n, grads in sorted(separate, key=lambda item: item[0]):
+                    if self.cloud.apply(grads):
+                        steps += 1
+                        examples += n
+            elif answered and self.cloud.step(scale=1.0 / answered):
                 examples += answered
                 steps += 1
         self.rejected.report_phase(server_round, "train")

@@ -156,8 +156,9 @@ def test_faulty_devices_are_survived_counted_by_kind_and_change_nothing_else(min
     assert faulty.history[-1]["test-accuracy"] == reference.history[-1]["test-accuracy"]
 
 
-def test_u_shaped_rounds_keep_labels_on_the_devices(minilm_split):
-    cfg = _cfg(protocol="u-shaped", num_rounds=2)
+@pytest.mark.parametrize("middle_steps", ["per-batch", "joint"])
+def test_u_shaped_rounds_keep_labels_on_the_devices(minilm_split, middle_steps):
+    cfg = _cfg(protocol="u-shaped", num_rounds=2, middle_steps=middle_steps)
     split = load_split("minilm", 1, num_labels=2, lora_rank=4, protocol="u-shaped", seed=cfg.seed)
     before = {k: v.clone() for k, v in split.trainable_state().items()}
     strategy = UShapedStrategy(MiddleSide(split, learning_rate=1e-3), cfg)
@@ -166,8 +167,10 @@ def test_u_shaped_rounds_keep_labels_on_the_devices(minilm_split):
     assert [r["round"] for r in strategy.history] == [1, 2]
     last = strategy.history[-1]
     assert 0 <= last["test-accuracy"] <= 1 and last["train-loss"] > 0
-    assert strategy.cloud.steps == 2 * 2  # one middle step per step, all devices together
-    assert last["messages-per-step"] == pytest.approx(4 * 3)  # forward and head, there and back, per device
+    # 2 rounds x 2 exchanges; per-batch: one middle step per device batch (3 devices), as vanilla
+    per_exchange = 3 if middle_steps == "per-batch" else 1
+    assert strategy.cloud.steps == 2 * 2 * per_exchange
+    assert last["messages-per-step"] == pytest.approx(4 * 3 / per_exchange)  # forward and head, there and back, per device
     assert any(not torch.equal(before[k], v) for k, v in split.trainable_state().items())
     assert not strategy.cloud.pending  # no graph outlives its step
     # each device trained its own head, kept in its own state

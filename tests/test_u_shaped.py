@@ -87,6 +87,33 @@ def test_one_u_shaped_step_equals_centralised_lora_training(family, task, minilm
         assert moved > 0, part  # the step really updated this part
 
 
+def test_per_batch_gradients_step_like_one_joint_step_and_check_the_same(minilm_tokenizer):
+    """`gradients` + `apply` (one optimiser step per device batch) is `backward` + `step` for one
+    batch, and refuses what `backward` refuses."""
+    joint = _split("encoder", "classification", minilm_tokenizer)
+    apart = copy.deepcopy(joint)
+    ids, mask, _ = _batch(joint)
+    grad = torch.randn(ids.shape[0], ids.shape[1], joint.hidden_size, generator=torch.Generator().manual_seed(3))
+    a, b = MiddleSide(joint, learning_rate=1e-2), MiddleSide(apart, learning_rate=1e-2)
+    a.forward("s", joint.bottom(ids, mask), mask)
+    a.backward("s", grad)
+    assert a.step()
+    b.forward("s", apart.bottom(ids, mask), mask)
+    assert b.apply(b.gradients("s", grad)) and b.steps == 1 and not b.pending
+    for k, v in joint.trainable_state().items():
+        assert torch.allclose(v, apart.trainable_state()[k], atol=1e-6, rtol=0), k
+    with pytest.raises(KeyError, match="stale or unknown"):
+        b.gradients("s", grad)
+    b.forward("t", apart.bottom(ids, mask), mask)
+    with pytest.raises(ValueError, match="non-finite"):
+        b.gradients("t", torch.full_like(grad, float("inf")))
+    assert not b.pending
+    before = {k: v.clone() for k, v in apart.trainable_state().items()}
+    nan = [None if g is None else torch.full_like(g, float("nan")) for g in b.params]
+    assert not b.apply(nan) and b.steps == 1
+    assert all(torch.equal(before[k], v) for k, v in apart.trainable_state().items())
+
+
 def test_middle_drops_bad_and_stale_gradients_without_leaking_graphs(minilm_tokenizer):
     split = _split("encoder", "classification", minilm_tokenizer)
     cloud = MiddleSide(split, learning_rate=1e-3)
