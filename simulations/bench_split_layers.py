@@ -1,0 +1,93 @@
+"""What the device pays per split layer: bottom time, weights, release size, and the subspace fit.
+
+    python -m simulations.bench_split_layers --out DIR [--layers 1,2,3,4,5] [--threads 1] [--reps 5]
+
+For MiniLM split after each of ``--layers`` blocks, on CPU, a batch of 32 Rotten Tomatoes
+sentences (real lengths, at most 64 tokens): the bottom's forward time (median of ``--reps``
+after a warm-up), the ``label-subspace`` perturbation time on top of it, the bottom's parameter
+count and float32 bytes, and the bytes one released sentence takes. Also, once per layer, the
+one-off cost of fitting the label subspace on ``--fit-examples`` of the device's sentences
+(bottom pass plus fit). Prints a table and writes ``DIR/bench_split_layers.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+from privtune_flwr import data
+from privtune_flwr.defenses import build_defense
+from privtune_flwr.device import DeviceSide, device_subspace
+from privtune_flwr.models import load_split
+
+
+def _median_time(fn, reps: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(layer: int, texts: list[str], fit_texts: list[str], fit_labels: list[int], *, reps: int, rank: int) -> dict:
+    split = load_split("minilm", layer, "classification", 2, lora_rank=0)
+    enc = split.tokenize(texts, 64)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    bottom_s = _median_time(lambda: split.bottom(ids, mask), reps)
+    t0 = time.perf_counter()
+    subspace = device_subspace(split, fit_texts, fit_labels, rank=rank)
+    fit_s = time.perf_counter() - t0
+    defense = build_defense("label-subspace", epsilon=64.0, split=split, seed=0, subspace=subspace, subspace_rank=rank)
+    hidden = split.bottom(ids, mask)
+    defense_s = _median_time(lambda: defense(hidden, ids, mask), reps)
+    params = sum(p.numel() for p in split.bottom.parameters())
+    embeddings = sum(p.numel() for n, p in split.bottom.named_parameters() if "embeddings" in n)
+    release = DeviceSide(split, defense, max_length=64, audit_tokens=0).release(texts)
+    return {
+        "split_layer": layer, "bottom_ms_per_batch": 1000 * bottom_s, "defense_ms_per_batch": 1000 * defense_s,
+        "bottom_params": params, "bottom_block_params": params - embeddings, "bottom_mb_float32": params * 4 / 2**20,
+        "release_kb_per_sentence": release.metrics["bytes-sent"] / len(texts) / 1024,
+        "fit_seconds": fit_s, "fit_examples": len(fit_texts), "batch": len(texts), "tokens": int(mask.sum()),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--layers", default="1,2,3,4,5")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--rank", type=int, default=1)
+    parser.add_argument("--fit-examples", type=int, default=768, help="sentences the subspace is fitted on (a device's share)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    layers = [int(x) for x in args.layers.split(",") if x.strip()]
+    ds = data.load_dataset("rotten_tomatoes", seed=0)
+    texts = list(ds.test["text"][:32])
+    fit = ds.train.select(range(min(args.fit_examples, len(ds.train))))
+    rows = [measure(m, texts, list(fit["text"]), list(fit["label"]), reps=args.reps, rank=args.rank) for m in layers]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_split_layers.json").write_text(json.dumps({"threads": args.threads, "rank": args.rank, "rows": rows}, indent=1))
+    print(f"MiniLM on CPU, {args.threads} thread(s), batch of {len(texts)} sentences ({rows[0]['tokens']} tokens)")
+    print(f"{'layer':>5} {'bottom ms':>10} {'subspace ms':>12} {'block params':>13} {'bottom MB':>10} "
+          f"{'release KB/sent':>16} {'fit s (' + str(args.fit_examples) + ' sent)':>18}")
+    for r in rows:
+        print(f"{r['split_layer']:>5} {r['bottom_ms_per_batch']:>10.1f} {r['defense_ms_per_batch']:>12.2f} "
+              f"{r['bottom_block_params']:>13,} {r['bottom_mb_float32']:>10.1f} {r['release_kb_per_sentence']:>16.1f} "
+              f"{r['fit_seconds']:>18.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
