@@ -313,12 +313,18 @@ def test_readme_deployment_recipe_with_tls_and_supernode_authentication(tmp_path
 
 @pytest.mark.skipif("reproducible_noise" not in RunConfig.__dataclass_fields__,
                     reason="needs the run-config key reproducible-noise (device noise is secret otherwise)")
-def test_same_seed_same_numbers(tmp_path, capfd):
+@pytest.mark.parametrize("policy,config", [
+    # the research option: the devices consent to noise derived from the seed
+    ("allow-reproducible-noise=true", TINY + " reproducible-noise=true"),
+    # no noise at all: what remains (data order, sampling, initialisation, training) is seeded
+    ("allowed-defenses='*'", TINY.replace("defense='dchi' epsilon=50.0", "defense='none'")),
+])
+def test_same_seed_same_numbers(tmp_path, capfd, policy, config):
     numbers = []
     for n in range(2):
         out = tmp_path / f"run{n}"
-        code = launch.main(["--devices", "3", "--out", str(out), "--device-policy", "allow-reproducible-noise=true",
-                            "--run-config", f"num-rounds=2 devices-per-round=2 {TINY} reproducible-noise=true"])
+        code = launch.main(["--devices", "3", "--out", str(out), "--device-policy", policy,
+                            "--run-config", f"num-rounds=2 devices-per-round=2 {config}"])
         assert code == 0, capfd.readouterr().out
         rounds = json.loads((out / "latest" / "results.json").read_text())["rounds"]
         numbers.append([(r["train-loss"], r["test-accuracy"], r["test-loss"]) for r in rounds])
