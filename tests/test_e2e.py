@@ -345,7 +345,8 @@ def test_u_shaped_simulation_keeps_labels_on_the_devices(tmp_path):
     assert results["status"] == "completed" and results["protocol"] == "u-shaped"
     assert [r["round"] for r in results["rounds"]] == [1, 2]
     assert all(0 <= r["test-accuracy"] <= 1 and r["train-loss"] > 0 for r in results["rounds"])
-    assert results["final"]["cloud-steps"] == 2 * 2  # one middle step per step (devices together)
+    # middle-steps='per-batch': one middle step per device batch (2 rounds x 2 batches x 3 devices)
+    assert results["final"]["cloud-steps"] == 2 * 2 * 3
 
 
 def test_generation_with_smollm2_end_to_end(tmp_path):
