@@ -56,6 +56,7 @@ class RejectedReplies:
     def __init__(self, output_dir: Path | None = None):
         self.entries: list[dict] = []
         self.errors_log = None if output_dir is None else Path(output_dir) / "errors.log"
+        self._reported: set[int] = set()  # entries summarised already (a retried round reuses its number)
 
     def add(self, server_round: int, phase: str, device: str, reason: str) -> None:
         reason = _ANSI.sub("", reason)  # Ray colours its text
@@ -65,11 +66,13 @@ class RejectedReplies:
                 f.write(f"=== round {server_round} {phase}, {device}\n{reason.rstrip()}\n\n")
 
     def report_phase(self, server_round: int, phase: str) -> None:
-        """One console line per cause of this round and phase, naming the devices."""
+        """One console line per cause of this round and phase, naming the devices; a retry of the
+        round reports only its own rejections."""
         devices: dict[str, list[str]] = defaultdict(list)
-        for e in self.entries:
-            if e["round"] == server_round and e["phase"] == phase:
+        for i, e in enumerate(self.entries):
+            if i not in self._reported and e["round"] == server_round and e["phase"] == phase:
                 devices[e["cause"]].append(e["device"])
+                self._reported.add(i)
         for names in devices.values():
             names.sort(key=_natural)
         where = f" (full text in {self.errors_log})" if self.errors_log is not None else ""

@@ -155,14 +155,17 @@ def test_rounds_that_fail_end_nonzero_with_a_summary_and_keep_the_last_good_run(
     assert results["status"] == "failed"
     assert [(r["round"], r["did-not"]) for r in results["failed-rounds"]] == [(1, ["train", "evaluate"]), (2, ["train", "evaluate"])]
     assert results["final"]["round"] is None and results["final"]["test-accuracy"] is None
-    # one console line per round, phase and cause, naming the three devices; no traceback
+    # round 1 is tried 1 + round-retries (2) times, then the run stops: one console line per attempt
+    # and cause, naming the three devices once each; no traceback
     rejected = [line for line in console.splitlines() if "replies rejected" in line]
-    assert len(rejected) == 4 and all("(device 0, device 1, device 2)" in line and "ValueError" in line for line in rejected)
+    assert len(rejected) == 3 and all("3 replies rejected (device 0, device 1, device 2)" in line and "ValueError" in line
+                                      for line in rejected)
+    assert any("round 2 did not train and evaluate: the run stopped before this round" in line for line in console.splitlines())
     assert "Traceback" not in console
     assert sum(line.startswith("[cloud] rejected over the run: device ") for line in console.splitlines()) == 3
     assert any(line.startswith("[cloud] round 2 did not train and evaluate") for line in console.splitlines())
     full = (folder / "errors.log").read_text()  # the full text is kept
-    assert full.count("=== round") == 12 and "raise ValueError(" in full and "\x1b[" not in full
+    assert full.count("=== round") == 9 and "raise ValueError(" in full and "\x1b[" not in full  # 3 devices x 3 attempts
     assert "FAILED" in console
 
 

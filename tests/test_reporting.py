@@ -58,6 +58,15 @@ def test_rejections_one_line_per_cause_and_devices_counted(tmp_path, caplog):
     full = (tmp_path / "errors.log").read_text()
     assert full.count("=== round") == 4 and full.count("ray internals") == 3 * 150
     assert "reason" not in rejected.as_records()[0] and len(rejected) == 4
+    # a retry of round 3 reports only its own rejections; round 4's entry is still to be reported
+    caplog.clear()
+    rejected.add(3, "train", "device 0", RAY_TRACEBACK)
+    with caplog.at_level(logging.INFO, logger="privtune_flwr.cloud"):
+        rejected.report_phase(3, "train")
+        rejected.report_phase(4, "train")
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line.split(":")[0] + ":" + line.split(":")[1] for line in lines] == [
+        "round 3 train: 1 reply rejected (device 0)", "round 4 train: 1 reply rejected (device 2)"]
 
 
 def test_incomplete_rounds_and_the_last_completed_evaluation():
