@@ -136,8 +136,9 @@ class MiddleSide:
         self.pending[key] = outputs
         return outputs.detach()
 
-    def backward(self, key: str, grad: torch.Tensor, weight: float = 1.0) -> None:
-        """Back-propagate one device's gradient (scaled by ``weight``) into the LoRA weights."""
+    def _take(self, key: str, grad: torch.Tensor) -> torch.Tensor:
+        """The pending outputs of ``key`` (their graph leaves ``pending`` whatever happens), once
+        ``grad`` is checked against them."""
         outputs = self.pending.pop(key, None)
         if outputs is None:
             raise KeyError(f"no pending outputs for step {key!r} (stale or unknown)")
@@ -145,18 +146,16 @@ class MiddleSide:
             raise ValueError(f"gradient has shape {tuple(grad.shape)}; the outputs sent were {tuple(outputs.shape)}")
         if not torch.isfinite(grad).all():
             raise ValueError("gradient holds non-finite values")
+        return outputs
+
+    def backward(self, key: str, grad: torch.Tensor, weight: float = 1.0) -> None:
+        """Back-propagate one device's gradient (scaled by ``weight``) into the LoRA weights."""
+        outputs = self._take(key, grad)
         outputs.backward(grad.to(outputs.dtype) * weight)
 
     def gradients(self, key: str, grad: torch.Tensor) -> list[torch.Tensor | None]:
-        """One device's gradient of the LoRA weights, kept apart (for :meth:`apply`): the checks
-        and the graph's release are those of :meth:`backward`."""
-        outputs = self.pending.pop(key, None)
-        if outputs is None:
-            raise KeyError(f"no pending outputs for step {key!r} (stale or unknown)")
-        if tuple(grad.shape) != tuple(outputs.shape):
-            raise ValueError(f"gradient has shape {tuple(grad.shape)}; the outputs sent were {tuple(outputs.shape)}")
-        if not torch.isfinite(grad).all():
-            raise ValueError("gradient holds non-finite values")
+        """One device's gradient of the LoRA weights, kept apart (for :meth:`apply`)."""
+        outputs = self._take(key, grad)
         return list(torch.autograd.grad(outputs, self.params, grad.to(outputs.dtype), allow_unused=True))
 
     def apply(self, grads: list[torch.Tensor | None]) -> bool:

@@ -159,23 +159,20 @@ class Top(nn.Module):
         self.model = model
         self.decoder = decoder
 
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def _run(self, hidden: torch.Tensor, attention_mask: torch.Tensor):
         extra = {"position_ids": position_ids(attention_mask)} if self.decoder else {}
-        return self.model(inputs_embeds=hidden, attention_mask=attention_mask, **extra).logits
+        return self.model(inputs_embeds=hidden, attention_mask=attention_mask, **extra)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self._run(hidden, attention_mask).logits
 
 
-class Middle(nn.Module):
+class Middle(Top):
     """Cloud half of the u-shaped split: blocks ``m..L-1`` without the head.
     ``forward(hidden [B,T,d], attention_mask [B,T]) -> outputs [B,T,d]``."""
 
-    def __init__(self, model: nn.Module, *, decoder: bool = False):
-        super().__init__()
-        self.model = model
-        self.decoder = decoder
-
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        extra = {"position_ids": position_ids(attention_mask)} if self.decoder else {}
-        return self.model(inputs_embeds=hidden, attention_mask=attention_mask, **extra).last_hidden_state
+        return self._run(hidden, attention_mask).last_hidden_state
 
 
 class EncoderHead(nn.Module):

@@ -314,6 +314,22 @@ def step_instruction(server_round: int, step: int, outputs: torch.Tensor | None 
     return content
 
 
+def _matching_array(content: RecordDict, name: str, shape: tuple[int, ...], kind: str, mismatch: str,
+                    non_finite: str) -> torch.Tensor:
+    """The float32 array ``name`` of ``content``, which must have exactly ``shape`` (what the other
+    side was sent) and be finite; read within the bytes that shape needs."""
+    record = content.array_records.get(name)
+    if record is None or set(record.keys()) != {name}:
+        raise SchemaError(f"{kind} needs ArrayRecord {name!r} holding {name!r}")
+    budget = int(np.prod(shape)) * 4 + _NPY_HEADER_MAX
+    values = read_array(record[name], name, np.dtype("float32"), len(shape), budget)
+    if values.shape != tuple(shape):
+        raise SchemaError(mismatch.format(values.shape, tuple(shape)))
+    if not np.isfinite(values).all():
+        raise SchemaError(non_finite)
+    return torch.from_numpy(values.copy())
+
+
 def read_step(content: RecordDict, *, shape: tuple[int, ...] | None = None) -> tuple[int, int, torch.Tensor | None]:
     """``(server-round, step, outputs)`` of a u-shaped instruction. ``shape``: the outputs the device
     expects (its own pending release's ``[N, T, d]``); None when the instruction carries none."""
@@ -326,16 +342,9 @@ def read_step(content: RecordDict, *, shape: tuple[int, ...] | None = None) -> t
         raise SchemaError(f"instruction records {sorted(content.keys())} differ from the schema's {sorted(expected)}")
     if shape is None:
         return server_round, step, None
-    record = content.array_records.get(OUTPUTS)
-    if record is None or set(record.keys()) != {OUTPUTS}:
-        raise SchemaError(f"instruction needs ArrayRecord {OUTPUTS!r} holding {OUTPUTS!r}")
-    budget = int(np.prod(shape)) * 4 + _NPY_HEADER_MAX
-    outputs = read_array(record[OUTPUTS], OUTPUTS, np.dtype("float32"), len(shape), budget)
-    if outputs.shape != tuple(shape):
-        raise SchemaError(f"outputs have shape {outputs.shape}; this device released {tuple(shape)}")
-    if not np.isfinite(outputs).all():
-        raise SchemaError("outputs hold non-finite values")
-    return server_round, step, torch.from_numpy(outputs.copy())
+    outputs = _matching_array(content, OUTPUTS, shape, "instruction", "outputs have shape {}; this device released {}",
+                              "outputs hold non-finite values")
+    return server_round, step, outputs
 
 
 def _head_metrics(metrics: dict[str, float]) -> MetricRecord:
@@ -385,17 +394,10 @@ def parse_gradient(content: RecordDict, shape: tuple[int, ...]) -> tuple[torch.T
     try:
         if not isinstance(content, RecordDict) or set(content.keys()) != {GRADIENT, METRICS}:
             raise SchemaError(f"reply records {sorted(content.keys())} differ from the schema's {[GRADIENT, METRICS]}")
-        record = content.array_records.get(GRADIENT)
-        if record is None or set(record.keys()) != {GRADIENT}:
-            raise SchemaError(f"reply needs ArrayRecord {GRADIENT!r} holding {GRADIENT!r}")
-        budget = int(np.prod(shape)) * 4 + _NPY_HEADER_MAX
-        grad = read_array(record[GRADIENT], GRADIENT, np.dtype("float32"), len(shape), budget)
-        if grad.shape != tuple(shape):
-            raise SchemaError(f"gradient has shape {grad.shape}; the outputs sent were {tuple(shape)}")
-        if not np.isfinite(grad).all():
-            raise SchemaError("gradient holds non-finite values")
+        grad = _matching_array(content, GRADIENT, shape, "reply", "gradient has shape {}; the outputs sent were {}",
+                               "gradient holds non-finite values")
         metrics = parse_head_metrics(content, examples=shape[0])
-        return torch.from_numpy(grad.copy()), metrics
+        return grad, metrics
     except SchemaError:
         raise
     except Exception as exc:  # noqa: BLE001

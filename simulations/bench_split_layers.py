@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 
@@ -27,16 +26,7 @@ from privtune_flwr import data
 from privtune_flwr.defenses import build_defense
 from privtune_flwr.device import DeviceSide, device_subspace
 from privtune_flwr.models import load_split
-
-
-def _median_time(fn, reps: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from simulations.bench_mechanism import _median_time
 
 
 def measure(layer: int, texts: list[str], fit_texts: list[str], fit_labels: list[int], *, reps: int, rank: int) -> dict:

@@ -44,6 +44,7 @@ class RoundFailed(RuntimeError):
 
 
 # Public bounds the devices attach to replies (schema.OPTIONAL_METRICS); aggregated as maxima.
+TRAIN_AVERAGED = ("self-audit-knn", "bottom-seconds", "defense-seconds")  # per-example means over a round's releases
 PUBLIC_BOUNDS = ("epsilon-token-max", "slack-token-max", "epsilon-sequence-max", "slack-sequence-max", "shift-radius",
                  "releases-per-example-max")
 
@@ -242,6 +243,21 @@ class SplitLearningStrategy(Strategy):
         total = sum(n for _, n in pairs)
         return sum(v * n for v, n in pairs) / total if total else None
 
+    @classmethod
+    def _release_metrics(cls, releases: list[tuple[int, Release]], averaged: tuple[str, ...], prefix: str = "") -> dict:
+        """Metrics of a phase's releases: ``averaged`` keys weighted by examples, the public
+        bounds as their worst case over devices."""
+        out = {}
+        for key in averaged:
+            value = cls._weighted(releases, key)
+            if value is not None:
+                out[prefix + key] = value
+        for key in PUBLIC_BOUNDS:
+            values = [r.metrics[key] for _, r in releases if key in r.metrics]
+            if values:
+                out[prefix + key] = max(values)
+        return out
+
     # -- Strategy API ------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         sample = self.sample(self._wait_for_devices(grid), server_round)
@@ -280,14 +296,7 @@ class SplitLearningStrategy(Strategy):
             "bytes-received": float(sum(r.hidden.numel() * 4 + r.attention_mask.numel() + r.labels.numel() * 8 for _, r in valid)),
             "messages-per-step": 1.0 / self.cfg.batches_per_round,  # one reply carries a device's round
         }
-        for key in ("self-audit-knn", "bottom-seconds", "defense-seconds"):
-            value = self._weighted(valid, key)
-            if value is not None:
-                metrics[key] = value
-        for key in PUBLIC_BOUNDS:
-            values = [r.metrics[key] for _, r in valid if key in r.metrics]
-            if values:  # the worst case over devices
-                metrics[key] = max(values)
+        metrics.update(self._release_metrics(valid, TRAIN_AVERAGED))
         self._round.update(metrics)
         state = {k: v.contiguous() for k, v in self.cloud.split.trainable_state().items()}
         return ArrayRecord(state), MetricRecord(metrics)
@@ -307,13 +316,7 @@ class SplitLearningStrategy(Strategy):
         labels = torch.cat([r.labels for _, r in valid])
         scores = classification_metrics(logits, labels, self.cloud.split.num_labels)
         metrics = {f"test-{k}": v for k, v in scores.items()}
-        audit = self._weighted(valid, "self-audit-knn")
-        if audit is not None:
-            metrics["test-self-audit-knn"] = audit
-        for key in PUBLIC_BOUNDS:
-            values = [r.metrics[key] for _, r in valid if key in r.metrics]
-            if values:
-                metrics[f"test-{key}"] = max(values)
+        metrics.update(self._release_metrics(valid, ("self-audit-knn",), prefix="test-"))
         self._round.update(metrics)
         self._round["round-seconds"] = time.perf_counter() - self._t_round
         self.history.append(dict(self._round))

@@ -32,7 +32,7 @@ from privtune_flwr.config import RunConfig
 from privtune_flwr.schema import Plan, SchemaError, parse_gradient, parse_head_metrics, parse_release, step_instruction
 
 from .reporting import DEVICE_ERROR
-from .split_learning import PUBLIC_BOUNDS, SplitLearningStrategy, _fmt
+from .split_learning import TRAIN_AVERAGED, SplitLearningStrategy, _fmt
 
 log = logging.getLogger("privtune_flwr.cloud")
 
@@ -141,14 +141,7 @@ class UShapedStrategy(SplitLearningStrategy):
             "cloud-seconds": time.perf_counter() - t0, "bytes-received": float(self._traffic["up"]),
             "bytes-sent": float(self._traffic["down"]), "messages-per-step": self._traffic["messages"] / max(steps, 1),
         }
-        for key in ("self-audit-knn", "bottom-seconds", "defense-seconds"):
-            value = self._weighted(all_releases, key)
-            if value is not None:
-                metrics[key] = value
-        for key in PUBLIC_BOUNDS:
-            values = [r.metrics[key] for _, r in all_releases if key in r.metrics]
-            if values:
-                metrics[key] = max(values)
+        metrics.update(self._release_metrics(all_releases, TRAIN_AVERAGED))
         self._round.update(metrics)
         return True
 
@@ -182,13 +175,7 @@ class UShapedStrategy(SplitLearningStrategy):
             pairs = [(s[key], s["num-examples"]) for s in scores if key in s]
             if pairs:  # example-weighted over devices (macro-F1: the weighted mean of the devices')
                 metrics[f"test-{key}"] = sum(v * n for v, n in pairs) / sum(n for _, n in pairs)
-        audit = self._weighted(releases, "self-audit-knn")
-        if audit is not None:
-            metrics["test-self-audit-knn"] = audit
-        for key in PUBLIC_BOUNDS:
-            values = [r.metrics[key] for _, r in releases if key in r.metrics]
-            if values:
-                metrics[f"test-{key}"] = max(values)
+        metrics.update(self._release_metrics(releases, ("self-audit-knn",), prefix="test-"))
         if "test-perplexity" in metrics and "test-accuracy" not in metrics:
             metrics["test-accuracy"] = None  # generation: perplexity is the utility (see test-perplexity)
         self._round.update(metrics)
