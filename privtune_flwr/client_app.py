@@ -29,7 +29,7 @@ from flwr.clientapp import ClientApp
 from . import data
 from .config import RunConfig
 from .defenses import Defense
-from .device import DeviceHead, DeviceSide, device_defense
+from .device import DeviceHead, DeviceSide, device_defense, generated_text, mean_rouge_l
 from .device_policy import DevicePolicy
 from .mechanism.noise_key import NoiseKey, ReleaseLedger
 from .models import SplitModel, load_split
@@ -472,18 +472,15 @@ def evaluate_next(msg: Message, context: Context) -> Message:
 def evaluate_finish(msg: Message, context: Context) -> Message:
     """Decode what was generated, score it (ROUGE-L against the references) and keep the text on
     the device (its log and ``generated-<partition>.txt``); only the score goes back."""
-    from rouge_score import rouge_scorer
-
     cfg, node, _ = _u_prepare(msg, context)
     record = context.state.config_records.pop(GENERATED, None)
     if record is None:
         raise SchemaError("no generation is in progress on this device")
     tok = node.device.split.tokenizer
     seqs, prompts = _generated(record), list(record["prompt"])
-    texts = [tok.decode(seq[n:], skip_special_tokens=True).split("\n")[0].strip() for seq, n in zip(seqs, prompts)]
+    texts = [generated_text(tok, seq, n) for seq, n in zip(seqs, prompts)]
     refs = [t.strip() for t in node.test.select(range(len(texts)))["target"]]
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    rouge = sum(scorer.score(r, t)["rougeL"].fmeasure for r, t in zip(refs, texts)) / len(texts)
+    rouge = mean_rouge_l(refs, texts)
     pid = int(context.node_config["partition-id"])
     path = _generated_path(pid)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -261,3 +261,32 @@ class DeviceHead:
             return classification_metrics(logits, targets, self.split.num_labels)
         loss = float(task_loss(logits, mask, targets, "generation"))
         return {"loss": loss, "perplexity": float(torch.exp(torch.tensor(loss))), "num-examples": float(len(targets))}
+
+
+@torch.no_grad()
+def next_token_loss_sum(head: DeviceHead, outputs: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token cross-entropy of the head's logits on the middle's ``outputs`` over every
+    real pair of positions, and the number of pairs (for a corpus perplexity)."""
+    import torch.nn.functional as F
+
+    head.split.head.eval()
+    logits = head.split.head(outputs, mask)
+    pairs = (mask[:, 1:] * mask[:, :-1]).bool()
+    loss = F.cross_entropy(logits[:, :-1][pairs].float(), ids[:, 1:][pairs], reduction="sum")
+    return float(loss), int(pairs.sum())
+
+
+def generated_text(tokenizer, seq: list[int], prompt_length: int) -> str:
+    """The text a device generated after its prompt: decoded, up to the first line break."""
+    return tokenizer.decode(seq[prompt_length:], skip_special_tokens=True).split("\n")[0].strip()
+
+
+def mean_rouge_l(references: list[str], texts: list[str]) -> float:
+    """Mean ROUGE-L F1 (stemmed) of generated ``texts`` against their ``references``."""
+    from rouge_score import rouge_scorer
+
+    if not texts or len(texts) != len(references):
+        raise ValueError(f"{len(texts)} generated texts for {len(references)} references; need as many, at least one")
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return sum(scorer.score(r.strip(), t)["rougeL"].fmeasure for r, t in zip(references, texts)) / len(texts)
+

@@ -113,12 +113,12 @@ def _become_subreaper() -> None:
         pass
 
 
-def tagged_processes(value: str, *, prefix: bool = False) -> list[int]:
-    """Pids of live processes whose environment holds ``PRIVTUNE_LAUNCH=<value>`` (or a value
-    starting with ``<value>:`` when ``prefix``). Children inherit the environment, so this finds
-    every descendant, however it was started, detached or re-parented."""
-    needle = f"{TAG}={value}".encode()
-    found = []
+def tagged_processes(tag: str) -> dict[int, str]:
+    """Live processes whose environment holds ``PRIVTUNE_LAUNCH=<tag>:<name>``: pid -> name.
+    Children inherit the environment, so this finds descendants however they were started,
+    detached or re-parented, as long as they keep their environment (see :meth:`Processes.alive`)."""
+    needle = f"{TAG}={tag}:".encode()
+    found = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -127,9 +127,26 @@ def tagged_processes(value: str, *, prefix: bool = False) -> list[int]:
                 variables = f.read().split(b"\0")
         except OSError:  # gone, or not ours to read
             continue
-        if needle in variables or (prefix and any(v.startswith(needle + b":") for v in variables)):
-            found.append(int(entry))
+        for variable in variables:
+            if variable.startswith(needle):
+                found[int(entry)] = variable[len(needle):].decode(errors="replace")
+                break
     return found
+
+
+def _process_table() -> dict[int, tuple[str, int, str]]:
+    """Every process now: pid -> (state, parent pid, start time in clock ticks since boot)."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            table[int(entry)] = (fields[0], int(fields[1]), fields[19])
+        except (OSError, IndexError, ValueError):
+            continue
+    return table
 
 
 class Processes:
@@ -138,6 +155,7 @@ class Processes:
     def __init__(self) -> None:
         self.tag = uuid.uuid4().hex
         self.procs: dict[str, subprocess.Popen] = {}
+        self.seen: dict[int, tuple[str, str]] = {}  # pid -> (start time, the started process it belongs to)
 
     def start(self, name: str, cmd: list[str], env: dict[str, str], log: Path | None = None) -> subprocess.Popen:
         env = {**env, TAG: f"{self.tag}:{name}"}
@@ -157,12 +175,43 @@ class Processes:
         return proc
 
     def alive(self, name: str | None = None) -> list[int]:
-        """Live processes of this launch (of the one started as ``name``, with its descendants)."""
-        return tagged_processes(self.tag if name is None else f"{self.tag}:{name}", prefix=name is None)
+        """Live processes of this launch (of the one started as ``name``, with its descendants).
+
+        Three ways in, because no one of them sees every process: the tag in the environment
+        (finds detached and re-parented descendants), the parent links from what this launch
+        started, and every process once seen by either (Ray retitles its workers and agents with
+        ``setproctitle``, which overwrites the memory ``/proc/PID/environ`` reads, so a retitled
+        process loses its tag; one whose parent died is no longer linked to us either).
+        A remembered pid counts only while its start time matches, so a reused pid is not ours."""
+        table = _process_table()
+        roots: dict[int, str] = {}
+        for label, proc in self.procs.items():
+            if name in (None, label) and proc.poll() is None:  # an exited one's pid may be reused
+                roots[proc.pid] = label
+        for pid, label in tagged_processes(self.tag).items():
+            if name in (None, label):
+                roots[pid] = label
+        children: dict[int, list[int]] = {}
+        for pid, (_, ppid, _) in table.items():
+            children.setdefault(ppid, []).append(pid)
+        found: dict[int, str] = {}
+        stack = [(pid, label) for pid, label in roots.items() if pid in table]
+        while stack:
+            pid, label = stack.pop()
+            if pid in found:
+                continue
+            found[pid] = label
+            stack.extend((child, label) for child in children.get(pid, ()))
+        for pid, label in found.items():
+            self.seen.setdefault(pid, (table[pid][2], label))
+        for pid, (start, label) in self.seen.items():
+            if pid in table and table[pid][2] == start and name in (None, label):
+                found.setdefault(pid, label)
+        return sorted(pid for pid in found if table[pid][0] != "Z" and pid != os.getpid())
 
     def stop(self, name: str | None = None, grace: float = 10.0) -> None:
         """End ``name`` (or everything) with its descendants: SIGTERM to each process group,
-        then to every tagged process left, SIGKILL after ``grace`` seconds."""
+        then to every process :meth:`alive` finds, SIGKILL after ``grace`` seconds."""
         targets = [self.procs[name]] if name is not None else list(self.procs.values())
         for proc in targets:
             # The group outlives its leader: signal it even when the leader has exited.
@@ -173,8 +222,15 @@ class Processes:
         while (left := self.alive(name)) and time.monotonic() < deadline:
             self._reap()
             time.sleep(0.2)
-        for pid in left:
-            _signal(lambda sig, pid=pid: os.kill(pid, sig), signal.SIGKILL)
+        # SIGKILL what is left; scan again, since a dying parent may just have started a child
+        for _ in range(10):
+            if not left:
+                break
+            for pid in left:
+                _signal(lambda sig, pid=pid: os.kill(pid, sig), signal.SIGKILL)
+            time.sleep(0.2)
+            self._reap()
+            left = self.alive(name)
         for proc in targets:
             try:
                 proc.wait(timeout=5)

@@ -75,8 +75,9 @@ from privtune_flwr.attacks.keywords import GENERIC_KEYWORDS, MOVIE_GENRE_KEYWORD
 from privtune_flwr.config import RunConfig
 from privtune_flwr.defenses import DEFENSES
 from privtune_flwr.models import load_split
-from privtune_flwr.cloud import CloudSide, ReleasedSet, StopRule, evaluate_set, fine_tune_to_convergence
-from privtune_flwr.device import DeviceSide, device_defense
+from privtune_flwr.cloud import (CloudSide, MiddleSide, ReleasedSet, StopRule, evaluate_set, fine_tune_to_convergence,
+                                 fine_tune_u_shaped_to_convergence, u_shaped_generate, u_shaped_perplexity)
+from privtune_flwr.device import DeviceHead, DeviceSide, device_defense, generated_text, mean_rouge_l
 
 # victim -> auxiliary corpus for the attacks (always a different dataset).
 AUX_PAIRS: dict[str, str] = {
@@ -86,7 +87,14 @@ AUX_PAIRS: dict[str, str] = {
     "drug_reviews": "imdb",
     "political_debates": "political_speeches",
     "political_speeches": "political_debates",
+    # generation (SmolLM2, u-shaped): the aux of the corpus each task is made from
+    "bbc_headlines": "political_speeches",
+    "rotten_tomatoes_continuation": "imdb",
+    "imdb_continuation": "rotten_tomatoes",
 }
+# a generation task's attributes and keywords are those of the corpus it is made from
+SOURCE = {"bbc_headlines": "bbc_news", "rotten_tomatoes_continuation": "rotten_tomatoes", "imdb_continuation": "imdb"}
+GENERATION_DATASETS = tuple(SOURCE)
 SWEEP_DATASETS = tuple(AUX_PAIRS)
 UNBALANCED = ("drug_reviews", "political_debates")  # utility = macro-F1
 SWEEP_DEFENSES = tuple(DEFENSES)
@@ -136,6 +144,12 @@ class SweepSettings:
     max_aux: int = 300  # auxiliary sequences the attacker trains on
     max_length: int = 64
     learning_rate: float = 3e-3
+    # generation tasks only (left out of a classification point's fingerprint)
+    generation_model: str = "smollm2"
+    generation_split_layer: int = 2
+    generation_max_length: int = 128  # tokens of prompt + continuation (in place of max_length)
+    max_new_tokens: int = 16  # the longest generated continuation
+    max_generate: int = 32  # victim test prompts continued greedily and scored by ROUGE-L
 
     def validate(self) -> None:
         _check_names("dataset", self.datasets, SWEEP_DATASETS)
@@ -154,14 +168,22 @@ class SweepSettings:
             raise ValueError(f"seeds={list(self.seeds)!r} is invalid; accepted: one or more integers >= 0")
         if not isinstance(self.decays, int) or self.decays < 0:
             raise ValueError(f"decays={self.decays!r} is invalid; accepted: an integer >= 0")
-        for key in ("max_steps", "patience", "eval_every", "batch_size", "max_victim", "max_aux", "max_length"):
+        for key in ("max_steps", "patience", "eval_every", "batch_size", "max_victim", "max_aux", "max_length",
+                    "generation_split_layer", "generation_max_length", "max_new_tokens", "max_generate"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ValueError(f"{key}={getattr(self, key)!r} is invalid; accepted: an integer >= 1")
         for key in ("max_examples", "max_utility"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
                 raise ValueError(f"{key}={getattr(self, key)!r} is invalid; accepted: an integer >= 0 (0 = all)")
+        if self.max_new_tokens >= self.generation_max_length:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens!r} is invalid; accepted: 1 .. generation_max_length - 1 "
+                             f"({self.generation_max_length - 1}), so a prompt keeps at least one token")
         if not 0 < self.validation_fraction < 1:
             raise ValueError(f"validation_fraction={self.validation_fraction!r} is invalid; accepted: (0, 1)")
+
+    def length_for(self, dataset: str) -> int:
+        """The most tokens a device releases per sequence on ``dataset``."""
+        return self.generation_max_length if dataset in GENERATION_DATASETS else self.max_length
 
     @property
     def stop_rule(self) -> StopRule:
@@ -169,9 +191,16 @@ class SweepSettings:
 
     def fingerprint(self, dataset: str, seed: int) -> str:
         """Settings that change a point's rows (the dataset/defence/ε/seed lists do not)."""
-        keep = {k: v for k, v in asdict(self).items() if k not in ("datasets", "defenses", "epsilons", "seeds")}
+        skip = {"datasets", "defenses", "epsilons", "seeds"}
+        if dataset not in GENERATION_DATASETS:
+            skip |= GENERATION_SETTINGS
+        keep = {k: v for k, v in asdict(self).items() if k not in skip}
         keep.update(dataset=dataset, aux=AUX_PAIRS[dataset], seed=seed, version=2)
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+GENERATION_SETTINGS = {"generation_model", "generation_split_layer", "generation_max_length", "max_new_tokens",
+                       "max_generate"}
 
 
 def quick_settings(**overrides) -> SweepSettings:
@@ -264,11 +293,12 @@ def attack_inputs(name: str, ds: data.TextDataset, victim, settings: SweepSettin
     "attr_aux_name", "attr_aux_texts"}``; ``attr_aux_*`` is set only when AIA-1 needs its own aux.
     """
     aux_name = AUX_PAIRS[name]
+    source = SOURCE.get(name, name)  # a generation task: its corpus's attributes and keywords
     aux_ds = data.load_dataset(aux_name, seed=seed, max_examples=max(settings.max_aux, 1))
     aux = _sample(aux_ds.train, settings.max_aux, seed + 1)
     out = {"aux_name": aux_name, "aux_texts": list(aux["text"]), "attr_aux_name": None, "attr_aux_texts": None}
     vtexts = list(victim["text"])
-    if name in ("rotten_tomatoes", "imdb"):
+    if source in ("rotten_tomatoes", "imdb"):
         out["keywords"] = list(MOVIE_GENRE_KEYWORDS)
         a, _ = genre_attribute(out["aux_texts"])
         v, _ = genre_attribute(vtexts)
@@ -277,13 +307,13 @@ def attack_inputs(name: str, ds: data.TextDataset, victim, settings: SweepSettin
         else:  # short sentences rarely name a genre: fall back to the sentiment label
             out.update(attribute="sentiment", aux_attr=torch.tensor(list(aux["label"])),
                        victim_attr=torch.tensor(list(victim["label"])))
-    elif name in ("political_debates", "political_speeches"):
+    elif source in ("political_debates", "political_speeches"):
         out["keywords"] = list(GENERIC_KEYWORDS)
         a, _ = top_classes([_party(p) for p in aux["party"]], 2, classes=PARTY_CLASSES)
         v, _ = top_classes([_party(p) for p in victim["party"]], 2, classes=PARTY_CLASSES)
         out.update(attribute="party", aux_attr=a, victim_attr=v)
     else:  # bbc_news: topic; drug_reviews: condition: only the victim corpus carries them
-        column = "topic" if name == "bbc_news" else "condition"
+        column = "topic" if source == "bbc_news" else "condition"
         out["keywords"] = list(GENERIC_KEYWORDS)
         own = _sample(ds.train, settings.max_aux, seed + 2)
         values = list(own[column])
@@ -318,11 +348,36 @@ def classification_utility(name: str, split, defense, train, validation, test, s
             "validation_curve": ";".join(f"{s}:{v:.4f}" for s, v, _ in run["history"])}
 
 
+def generation_utility(name: str, split, defense, train, validation, test, settings: SweepSettings, seed: int) -> dict:
+    """Fine-tune the cloud's middle and the device's head together on the u-shaped protocol
+    (generation: the targets are the text, so they never leave the device) until the validation
+    perplexity stops improving; score the perplexity of the released test sequences and the
+    ROUGE-L of greedy continuations of the first ``max_generate`` test prompts against their
+    references (``utility`` is ROUGE-L)."""
+    length = settings.length_for(name)
+    device = DeviceSide(split, defense, max_length=length, audit_tokens=0)
+    middle = MiddleSide(split, learning_rate=settings.learning_rate)
+    head = DeviceHead(split, learning_rate=settings.learning_rate)
+    run = fine_tune_u_shaped_to_convergence(device, middle, head, train["text"], validation["text"], settings.stop_rule,
+                                            batch_size=settings.batch_size, seed=seed)
+    scores = u_shaped_perplexity(middle, head, ReleasedSet(device, test["text"]))
+    rows = test.select(range(min(settings.max_generate, len(test))))
+    budget = length - settings.max_new_tokens
+    prompts = [ids[-budget:] for ids in device.encode(rows["prompt"])]
+    generated = u_shaped_generate(device, middle, head, prompts, settings.max_new_tokens)
+    texts = [generated_text(split.tokenizer, seq, len(p)) for seq, p in zip(generated, prompts)]
+    rouge = mean_rouge_l(list(rows["target"]), texts)
+    return {"utility_metric": "rouge-l", "utility": rouge, "rouge_l": rouge, "perplexity": scores["perplexity"],
+            "utility_examples": len(rows), "perplexity_tokens": scores["tokens"], "steps": run["steps"],
+            "best_step": run["best_step"], "stopped_by": run["stopped_by"], "epochs": run["epochs"],
+            "best_validation": run["best_validation"], "final_train_loss": run["final_train_loss"], "decays": run["decays"],
+            "validation_curve": ";".join(f"{s}:{v:.4f}" for s, v, _ in run["history"]),
+            "generated_example": texts[0] if texts else ""}
+
+
 # Utility scorer per task: ``(name, split, defense, train, validation, test, settings, seed) ->
-# {"utility_metric", "utility", "steps", ...}``. Generation slots in here (a causal-LM top scored by
-# perplexity or ROUGE-L on the victim release) together with an AUX_PAIRS entry and a split loaded for
-# the task (``sweep`` loads a classification MiniLM today); the attacks only see token releases.
-UTILITY = {"classification": classification_utility}
+# {"utility_metric", "utility", "steps", ...}``; the attacks only see token releases.
+UTILITY = {"classification": classification_utility, "generation": generation_utility}
 
 
 @dataclass
@@ -339,26 +394,45 @@ class DatasetContext:
     inputs: dict
     split: object
     initial_state: dict
+    initial_head: dict = field(default_factory=dict)  # u-shaped: the device's head
+
+
+def _joined(name: str, rows):
+    """A generation split as the device trains on it: ``text`` is prompt + continuation (what it
+    releases), with ``prompt`` and ``target`` kept for scoring."""
+    pairs = [data.generation_pair(name, t, g) for t, g in zip(rows["text"], rows["target"])]
+    return rows.remove_columns("text").add_column("text", [p + c for p, c in pairs]).add_column("prompt", [p for p, _ in pairs])
 
 
 def dataset_context(name: str, seed: int, settings: SweepSettings) -> DatasetContext:
     ds = data.load_dataset(name, seed=seed, max_examples=settings.max_examples or None)
     if len(ds.train) == 0 or len(ds.test) == 0:
         raise ValueError(f"dataset={name!r} has an empty split (train {len(ds.train)}, test {len(ds.test)})")
-    train, validation = data.holdout(ds.train, settings.validation_fraction, seed=seed)
+    if ds.task == data.GENERATION:
+        ds = data.TextDataset(ds.name, ds.task, _joined(name, ds.train), _joined(name, ds.test), ds.label_names,
+                              ds.attributes)
+    # stratified by the label, or (generation) by the label or topic the task keeps
+    column = "label" if "label" in ds.train.column_names else ds.attributes[0]
+    train, validation = data.holdout(ds.train, settings.validation_fraction, seed=seed, label_column=column)
     victim = _sample(ds.test, settings.max_victim, seed)
     test = ds.test if not settings.max_utility else _sample(ds.test, settings.max_utility, seed)
     inputs = attack_inputs(name, ds, victim, settings, seed)
-    split = load_split("minilm", 1, "classification", ds.num_labels, seed=seed)
-    return DatasetContext(name, seed, ds, train, validation, test, victim, inputs, split, split.trainable_state())
+    if ds.task == data.GENERATION:
+        split = load_split(settings.generation_model, settings.generation_split_layer, "generation", protocol="u-shaped",
+                           seed=seed)
+    else:
+        split = load_split("minilm", 1, "classification", ds.num_labels, seed=seed)
+    return DatasetContext(name, seed, ds, train, validation, test, victim, inputs, split, split.trainable_state(),
+                          split.head_state())
 
 
 def make_defense(defense_name: str, eps: float | None, ctx: DatasetContext, settings: SweepSettings):
     """The defence as the device builds it from its own training part, with seeded (stated) noise."""
-    options = RunConfig(defense=defense_name, seed=ctx.seed, max_length=settings.max_length).defense_options()
+    options = RunConfig(defense=defense_name, seed=ctx.seed, max_length=settings.length_for(ctx.name)).defense_options()
     return device_defense(defense_name, ctx.split, epsilon=None if eps is None else float(eps),
-                          texts=ctx.train["text"], labels=ctx.train["label"], task=ctx.ds.task,
-                          max_length=settings.max_length, seed=ctx.seed, **options)
+                          texts=ctx.train["text"], labels=ctx.train["label"] if ctx.ds.task == data.CLASSIFICATION else None,
+                          task=ctx.ds.task,
+                          max_length=settings.length_for(ctx.name), seed=ctx.seed, **options)
 
 
 def run_point(defense_name: str, eps: float | None, ctx: DatasetContext, settings: SweepSettings, *,
@@ -373,6 +447,11 @@ def run_point(defense_name: str, eps: float | None, ctx: DatasetContext, setting
     name, seed, split = ctx.name, ctx.seed, ctx.split
     torch.manual_seed(seed)
     split.load_trainable_state(ctx.initial_state)  # every point starts from the same top
+    if ctx.initial_head:
+        with torch.no_grad():
+            for k, p in split.head.named_parameters():
+                if k in ctx.initial_head:
+                    p.copy_(ctx.initial_head[k])
     if defense is None:
         defense = make_defense(defense_name, eps, ctx, settings)
     if ctx.ds.task not in UTILITY:
@@ -390,7 +469,7 @@ def run_point(defense_name: str, eps: float | None, ctx: DatasetContext, setting
     attr_separate = inputs["attr_aux_texts"] is not None and "aia-attribute" in attacks
     main_names = [a for a in attacks if not (attr_separate and a == "aia-attribute")]
     opts = settings.attack_options
-    common = dict(keywords=inputs["keywords"], max_length=settings.max_length, seed=seed,
+    common = dict(keywords=inputs["keywords"], max_length=settings.length_for(name), seed=seed,
                   protocols=tuple(settings.protocols))
     results: list[tuple[dict, str]] = []
     if main_names:
@@ -566,7 +645,8 @@ def summarise(rows: list[dict]) -> list[dict]:
     for (dataset, defense, eps, attack, protocol), mine in groups.items():
         util_m, util_sd = _mean_sd([r["utility"] for r in mine])
         asr_m, asr_sd = _mean_sd([r["asr"] for r in mine])
-        drops = [1.0 - r["utility"] / none[(dataset, r["seed"])] for r in mine if (dataset, r["seed"]) in none]
+        # a drop is relative to `none`; undefined where `none` scores 0 (an untrained generator's ROUGE-L)
+        drops = [1.0 - r["utility"] / none[(dataset, r["seed"])] for r in mine if none.get((dataset, r["seed"]), 0) > 0]
         drop_m, drop_sd = _mean_sd(drops) if drops else (None, None)
         floors = []
         for r in mine:
@@ -583,6 +663,8 @@ def summarise(rows: list[dict]) -> list[dict]:
             "stopped_by": ",".join(sorted({r["stopped_by"] for r in mine})),
             "point_seconds": statistics.fmean(r["point_seconds"] for r in mine),
             "privacy_guarantee": mine[0].get("privacy_guarantee"),
+            # generation: the test perplexity beside the ROUGE-L utility
+            "perplexity": statistics.fmean(r["perplexity"] for r in mine) if "perplexity" in mine[0] else None,
         })
     return out
 

@@ -94,6 +94,33 @@ def test_stop_ends_descendants_that_left_the_group_or_lost_their_parent(tmp_path
     assert all(_state(p) in (None, "Z") for p in children)
 
 
+def test_stop_ends_a_retitled_orphan_whose_environment_no_longer_shows_the_tag(tmp_path):
+    """Ray retitles its agents with setproctitle, which overwrites what /proc/PID/environ reads
+    (CI once left a `ray::RuntimeEnvAgent` behind this way). Once its parent dies, neither the tag
+    nor the parent links find it: the launcher has to remember it."""
+    procs = launch.Processes()
+    ready, release = tmp_path / "ready", tmp_path / "release"
+    child = (f"import os, time, ray._raylet as r; r.setproctitle('ray::Retitled' + ' ' * 200); "
+             f"open({str(ready)!r}, 'w').write(str(os.getpid())); time.sleep(300)")
+    parent = procs.start("parent", [sys.executable, "-c",
+                                    f"import subprocess, sys, os, time\n"
+                                    f"subprocess.Popen([sys.executable, '-c', {child!r}], start_new_session=True)\n"
+                                    f"while not os.path.exists({str(release)!r}): time.sleep(0.05)\n"],
+                         dict(os.environ))
+    deadline = time.monotonic() + 60
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    orphan = int(ready.read_text())
+    assert orphan in procs.alive()  # seen through its parent
+    assert orphan not in launch.tagged_processes(procs.tag)  # the tag is gone from its environment
+    release.touch()
+    parent.wait(timeout=30)
+    assert _state(orphan) not in (None, "Z")  # an orphan now, still running
+    assert orphan in procs.alive()  # remembered
+    procs.stop()
+    assert procs.alive() == [] and _state(orphan) in (None, "Z")
+
+
 def test_processes_of_one_name_are_stopped_alone(tmp_path):
     procs = launch.Processes()
     env = dict(os.environ)

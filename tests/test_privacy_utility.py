@@ -168,3 +168,45 @@ def test_target_check_reads_each_attack_against_its_floor():
     assert knn["floor"] == 0.04  # EIA-1 is read against EIA-2's blind token rate
     table = pu.summary_table(summary)
     assert "| rotten_tomatoes | x | 1 | 1 | 0.780 | +2.5% |" in table and "drop, eia-knn, eia-mlp" in table
+
+
+def test_a_generation_point_trains_u_shaped_and_scores_rouge_and_perplexity(tmp_path, monkeypatch, minilm_tokenizer):
+    """bbc_headlines through the sweep (a tiny random decoder in place of SmolLM2): the device's
+    head and the cloud's middle train until the validation perplexity stops improving; utility is
+    the ROUGE-L of greedy headlines, with the test perplexity beside it; the attacks run on the
+    decoder's releases; the topic attribute comes from the task's own train rows."""
+    import copy
+
+    from tests.conftest import tiny_hf_model
+
+    real = pu.load_split
+
+    def tiny_split(name, layer, task, *args, **kwargs):
+        assert (name, layer, task, kwargs.get("protocol")) == ("smollm2", 2, "generation", "u-shaped")
+        return real("tiny", 1, "generation", hf_model=tiny_hf_model("decoder", "generation", layers=3),
+                    tokenizer=copy.deepcopy(minilm_tokenizer), protocol="u-shaped", seed=kwargs.get("seed", 0))
+
+    monkeypatch.setattr(pu, "load_split", tiny_split)
+    settings = _tiny(datasets=("bbc_headlines",), defenses=("none", "dchi"), epsilons=(8.0,), max_examples=80,
+                     generation_max_length=40, max_new_tokens=5, max_generate=3, batch_size=4)
+    rows = pu.sweep(settings, tmp_path, plots=False, progress=False)["rows"]
+    assert len(rows) == 8
+    for row in rows:
+        assert row["utility_metric"] == "rouge-l" and 0.0 <= row["utility"] == row["rouge_l"] <= 1.0
+        assert 1.0 < row["perplexity"] < float(minilm_tokenizer.vocab_size) * 10 and row["utility_examples"] == 3
+        assert 1 <= row["steps"] <= 4 and row["best_validation"] > 1.0  # a perplexity
+        assert row["attack_aux"] == ("bbc_headlines:train" if row["attack"] == "aia-attribute" else "political_speeches")
+    assert {r["attribute"] for r in rows} == {"topic"}
+    # noise costs perplexity
+    ppl = {r["defense"]: r["perplexity"] for r in rows}
+    assert ppl["dchi"] > ppl["none"]
+
+
+def test_generation_settings_leave_classification_fingerprints_alone():
+    """Points computed before generation joined the sweep stay valid: a classification point's
+    fingerprint ignores the generation-only settings; a generation point's does not."""
+    a, b = pu.SweepSettings(), pu.SweepSettings(max_new_tokens=8, max_generate=5, generation_split_layer=3)
+    assert a.fingerprint("rotten_tomatoes", 0) == b.fingerprint("rotten_tomatoes", 0)
+    assert a.fingerprint("bbc_headlines", 0) != b.fingerprint("bbc_headlines", 0)
+    with pytest.raises(ValueError, match="max_new_tokens=64"):
+        pu.SweepSettings(max_new_tokens=64, generation_max_length=64).validate()

@@ -176,3 +176,53 @@ def test_returned_gradients_reveal_labels_to_the_cloud(minilm_tokenizer):
     # random gradients carry no label: the attack falls to about chance
     noise = [(torch.randn(g.shape, generator=gen), y) for g, y in steps]
     assert label_inference(noise)["auc"] < 0.85
+
+
+# -- generation in one process (the sweep's generation points) ---------------------------------------
+
+
+def _generation_device(split, max_length=32):
+    from privtune_flwr.device import DeviceSide, device_defense
+
+    defense = device_defense("none", split, epsilon=None, texts=["a film"], labels=None, task="generation",
+                             max_length=max_length)
+    return DeviceSide(split, defense, max_length=max_length, audit_tokens=0)
+
+
+def test_u_shaped_greedy_generation_equals_the_unsplit_models_greedy_decoding(minilm_tokenizer):
+    """With no noise, the device/cloud loop (release the sequence so far, the middle forwards it,
+    the head picks the next token) continues each prompt exactly as `generate` on the whole model,
+    whatever the other prompts in its batch pad it to."""
+    from privtune_flwr.cloud import u_shaped_generate
+
+    hf = tiny_hf_model("decoder", "generation", layers=3, seed=1)
+    reference = copy.deepcopy(hf)
+    split = load_split("tiny", 1, "generation", hf_model=hf, tokenizer=copy.deepcopy(minilm_tokenizer), protocol="u-shaped")
+    device = _generation_device(split)
+    prompts = [minilm_tokenizer(t)["input_ids"] for t in ("a wonderful, moving film", "dull", "the plot is thin but")]
+    got = u_shaped_generate(device, MiddleSide(split, learning_rate=1e-3), DeviceHead(split, learning_rate=1e-3), prompts, 6)
+    for prompt, seq in zip(prompts, got):
+        want = reference.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                  max_new_tokens=6, do_sample=False, pad_token_id=0)[0].tolist()
+        assert seq == want
+    with pytest.raises(ValueError, match="max_new_tokens=0"):
+        u_shaped_generate(device, MiddleSide(split, learning_rate=1e-3), DeviceHead(split, learning_rate=1e-3), prompts, 0)
+
+
+def test_u_shaped_fine_tuning_to_convergence_lowers_validation_perplexity_and_keeps_the_best(minilm_tokenizer):
+    from privtune_flwr.cloud import ReleasedSet, StopRule, fine_tune_u_shaped_to_convergence, u_shaped_perplexity
+
+    split = _split("decoder", "generation", minilm_tokenizer)
+    device = _generation_device(split)
+    middle, head = MiddleSide(split, learning_rate=1e-2), DeviceHead(split, learning_rate=1e-2)
+    texts = ["the film is good and the actors are good"] * 12 + ["the plot is thin and the film is long"] * 12
+    validation = ["the film is good and the plot is thin", "the actors are good and the film is long"]
+    before = u_shaped_perplexity(middle, head, ReleasedSet(device, validation))
+    run = fine_tune_u_shaped_to_convergence(device, middle, head, texts, validation, StopRule(patience=2, eval_every=3, max_steps=30),
+                                            batch_size=4, seed=0)
+    after = u_shaped_perplexity(middle, head, ReleasedSet(device, validation))
+    assert run["steps"] <= 30 and run["best_step"] >= 3 and len(run["history"]) >= 1
+    assert after["perplexity"] < 0.5 * before["perplexity"], (before, after)
+    # both halves end at the best weights: the reported best is what they score now
+    assert after["perplexity"] == pytest.approx(run["best_validation"], rel=1e-5)
+    assert min(v for _, v, _ in run["history"]) == pytest.approx(run["best_validation"])
