@@ -234,6 +234,11 @@ HEADLINE_GRID = (
 )
 # The other datasets at the headline ε, seed 0; same settings, so a shared ``out`` reuses points.
 DATASETS_GRID = ((("none", "dchi", "gaussian", "privtune"), (HEADLINE_EPSILON,), (0,)),)
+# Generation (SmolLM2 split after block 2, u-shaped): BBC headlines by default, the same six attacks
+# at the headline's attack settings on fewer texts (a decoder step costs about ten encoder steps here).
+GENERATION_COMMON = dict(max_examples=600, max_victim=100, max_aux=300, batch_size=8, learning_rate=5e-4,
+                         max_steps=400, eval_every=50, patience=2)
+GENERATION_GRID = ((("none", "dchi", "privtune"), (HEADLINE_EPSILON,), (0,)),)
 
 
 def headline(out: Path, *, progress: bool = True, grid=HEADLINE_GRID, datasets=("rotten_tomatoes",), **overrides) -> list[dict]:
@@ -776,6 +781,8 @@ def summary_table(summary: list[dict], dataset: str | None = None) -> str:
         mine = {(r["attack"], r["protocol"]): r for r in rows if (r["dataset"], r["defense"], r["epsilon"]) == key}
         r0 = next(iter(mine.values()))
         util = f"{r0['utility']:.3f}" + (f" ± {r0['utility_sd']:.3f}" if r0["seeds"] > 1 else "")
+        if r0.get("perplexity") is not None:
+            util += f" (ppl {r0['perplexity']:.1f})"
         drop = "-" if r0["drop"] is None else f"{100 * r0['drop']:+.1f}%"
         cells = []
         for a in attacks:
@@ -807,6 +814,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--headline", action="store_true", help="the README's Rotten Tomatoes frontier (hours on 1 CPU core)")
     parser.add_argument("--all-datasets", action="store_true",
                         help="the headline defences at the headline epsilon on the other datasets, headline sizes")
+    parser.add_argument("--generation", action="store_true",
+                        help="generation points (BBC headlines; --datasets for the continuation tasks): "
+                             "none, dchi, privtune at the headline epsilon")
     parser.add_argument("--floors", action="store_true",
                         help="only print (and write floors.json) the blind floors of EIA-2/EIA-3 at the headline sizes")
     parser.add_argument("--out", required=True)
@@ -848,6 +858,20 @@ def main(argv: list[str] | None = None) -> int:
         for f in floors:
             print(f"{f['dataset']:<18} aux {f['aux']:<18} blind top-1 {f['blind_accuracy']:.3f} ({f['blind_token']!r})  "
                   f"blind token-set F1 {f['blind_f1']:.3f} ({f['blind_set_size']} tokens)")
+        return 0
+    if args.generation:
+        if "attacks" in over:
+            raise ValueError("--attacks cannot be combined with --generation (its grid runs all six)")
+        datasets = over.pop("datasets", ("bbc_headlines",))
+        bad = [d for d in datasets if d not in GENERATION_DATASETS]
+        if bad:
+            raise ValueError(f"datasets={bad!r} are not generation tasks; accepted: {', '.join(GENERATION_DATASETS)}")
+        grid = GENERATION_GRID
+        if any(k in over for k in ("defenses", "epsilons", "seeds")):
+            grid = ((over.pop("defenses", grid[0][0]), over.pop("epsilons", (HEADLINE_EPSILON,)), over.pop("seeds", (0,))),)
+        rows = headline(Path(args.out), grid=grid, datasets=datasets, **{**GENERATION_COMMON, **over})
+        print(summary_table(summarise(rows)))
+        print(f"{time.perf_counter() - t0:.1f} s; written {Path(args.out) / 'results.json'}")
         return 0
     if args.headline or args.all_datasets:
         # --datasets / --max-* / --patience / --eval-every / --protocols apply. --defenses, --epsilons
