@@ -107,18 +107,30 @@ def test_stop_ends_a_retitled_orphan_whose_environment_no_longer_shows_the_tag(t
                                     f"subprocess.Popen([sys.executable, '-c', {child!r}], start_new_session=True)\n"
                                     f"while not os.path.exists({str(release)!r}): time.sleep(0.05)\n"],
                          dict(os.environ))
-    deadline = time.monotonic() + 60
-    while not ready.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    orphan = int(ready.read_text())
-    assert orphan in procs.alive()  # seen through its parent
-    assert orphan not in launch.tagged_processes(procs.tag)  # the tag is gone from its environment
-    release.touch()
-    parent.wait(timeout=30)
-    assert _state(orphan) not in (None, "Z")  # an orphan now, still running
-    assert orphan in procs.alive()  # remembered
-    procs.stop()
-    assert procs.alive() == [] and _state(orphan) in (None, "Z")
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        orphan = int(ready.read_text())
+        assert orphan in procs.alive()  # seen through its parent
+        assert orphan not in launch.tagged_processes(procs.tag)  # the tag is gone from its environment
+        release.touch()
+        parent.wait(timeout=30)
+        assert _state(orphan) not in (None, "Z")  # an orphan now, still running
+        assert orphan in procs.alive()  # remembered
+        procs.stop()
+        assert procs.alive() == [] and _state(orphan) in (None, "Z")
+    finally:
+        release.touch()
+        if ready.exists():  # whatever failed above, the orphan does not outlive the test
+            pid = int(ready.read_text())
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if b"ray::Retitled" in f.read():  # still ours, not a reused pid
+                        os.kill(pid, signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                pass
+        procs.stop()
 
 
 def test_processes_of_one_name_are_stopped_alone(tmp_path):
