@@ -1,6 +1,6 @@
 """Privacy-utility sweep: utility at convergence against attack success, per defence, ε and seed.
 
-``python -m simulations.privacy_utility [--quick | --headline | --all-datasets | --floors] --out DIR
+``python -m simulations.privacy_utility [--quick | --headline | --all-datasets | --generation | --floors] --out DIR
 [--datasets a,b] [--defenses ...] [--epsilons ...] [--attacks ...] [--seeds 0,1,2] [--max-examples N]
 [--max-steps N] [--patience N] [--eval-every N] [--threads N]``
 
@@ -13,7 +13,10 @@ For every (dataset, defence, ε, seed) point it
    ``eval_every`` steps, stops after ``patience`` scores without a new best or at ``max_steps``,
    keeps the best weights); the row reports the steps used;
 2. scores utility on the victim test split released through the defence (``utility_metric`` is
-   accuracy for balanced sets, macro-F1 for the unbalanced drug_reviews / political_debates);
+   accuracy for balanced sets, macro-F1 for the unbalanced drug_reviews / political_debates, and
+   ROUGE-L of greedy continuations for the generation tasks, with the test perplexity beside it:
+   those train SmolLM2's middle and the device's head together on the u-shaped protocol,
+   :func:`generation_utility`);
 3. runs the spec §4 attacks (:func:`privtune_flwr.attacks.run_attacks`) under both attacker
    protocols: ``adaptive`` (aux data released through the same bottom and defence) and ``static``
    (aux data released clean); every row carries its ``protocol``, and ``asr_clean`` (the clean
@@ -34,6 +37,8 @@ bbc_news            political_speeches topic (no other corpus has it: aux = bbc_
 drug_reviews        imdb               condition, top-5 (aux = drug_reviews *train* rows)
 political_debates   political_speeches party (democrat / republican; moderators left out)
 political_speeches  political_debates  party
+bbc_headlines       political_speeches topic (bbc_headlines *train* rows)
+*_continuation      as its review corpus (rotten_tomatoes / imdb)
 =================== ================== ========================================================
 
 When the auxiliary corpus lacks the attribute, AIA-1 alone is trained on the victim dataset's
@@ -41,7 +46,9 @@ own train split (never its test split); the row's ``attack_aux`` says which aux 
 
 Grids: ``--quick`` is a small smoke grid; ``--headline`` is the README's Rotten Tomatoes frontier
 (every defence over the ε grid at seed 0, the headline points at three seeds); ``--all-datasets``
-the other four datasets at the headline ε; the default is the full grid of ``FULL_*`` (hours).
+the other four datasets at the headline ε; ``--generation`` BBC headlines (or ``--datasets`` of
+``GENERATION_DATASETS``) with ``none``, ``dchi`` and ``privtune`` at the headline ε; the default is
+the full grid of ``FULL_*`` (hours).
 
 Resumable: each finished point is written atomically to
 ``DIR/points/<dataset>__<defense>__<eps>__s<seed>.json`` (with a fingerprint of its settings; a

@@ -136,6 +136,10 @@ def test_blind_floors_guess_frequent_tokens_without_any_release():
 def test_fixed_grids_refuse_grid_options(tmp_path):
     with pytest.raises(ValueError, match="--attacks cannot be combined"):
         pu.main(["--all-datasets", "--attacks", "eia-knn", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="--attacks cannot be combined with --generation"):
+        pu.main(["--generation", "--attacks", "eia-knn", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match=r"\['rotten_tomatoes'\] are not generation tasks; accepted: bbc_headlines"):
+        pu.main(["--generation", "--datasets", "rotten_tomatoes", "--out", str(tmp_path)])
     assert not (tmp_path / "results.json").exists()
 
 
