@@ -118,6 +118,9 @@ class RunConfig:
         _require(0 <= self.generate_samples <= 64, "generate-samples", self.generate_samples, "0..64")
         _require(1 <= self.max_new_tokens <= 256, "max-new-tokens", self.max_new_tokens, "1..256")
         _require(self.defense in DEFENSE_NAMES, "defense", self.defense, ", ".join(DEFENSE_NAMES))
+        _require(not (self.task == "generation" and self.defense == "label-subspace"), "defense", self.defense,
+                 "a defence other than 'label-subspace' for task='generation' (it keeps the directions that "
+                 "predict a class label; a generation task has none)")
         _require(self.lora_rank >= 0, "lora-rank", self.lora_rank, ">= 0")
         _require(math.isfinite(self.learning_rate) and self.learning_rate > 0, "learning-rate", self.learning_rate, "(0, inf)")
         _require(math.isfinite(self.epsilon) and self.epsilon > 0, "epsilon", self.epsilon, "(0, inf)")

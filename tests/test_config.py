@@ -37,6 +37,12 @@ def test_bad_values_name_the_value_and_range(key, value, needle):
     assert needle in str(err.value) and "accepted" in str(err.value)
 
 
+def test_label_subspace_is_refused_for_generation_when_the_config_is_read():
+    with pytest.raises(ValueError, match="defense='label-subspace' is outside the accepted range: a defence other than 'label-subspace' for task='generation'"):
+        RunConfig.from_flower({"task": "generation", "protocol": "u-shaped", "defense": "label-subspace"})
+    assert RunConfig.from_flower({"task": "generation", "protocol": "u-shaped", "defense": "dchi"}).defense == "dchi"
+
+
 def test_unknown_key_and_bad_type():
     with pytest.raises(ValueError, match="^unknown key 'epsilonn'; did you mean 'epsilon'\\?$"):
         RunConfig.from_flower({"epsilonn": 1.0})
