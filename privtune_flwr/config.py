@@ -62,7 +62,7 @@ class RunConfig:
     lora_rank: int = 8
     learning_rate: float = 1e-3
     # defence (the mechanism's own options are validated by build_defense)
-    defense: str = "privtune"
+    defense: str = "label-subspace"
     epsilon: float = 64.0
     audit_tokens: int = 512  # tokens per release checked by the device's KNN self-audit
     n_hops: int = 2
@@ -168,6 +168,8 @@ class RunConfig:
         shown = {"eps": f"{self.epsilon:g}"}
         if self.defense == "gaussian":
             shown.update(delta=f"{self.delta:g}", clip=f"{self.clip:g}" if self.clip else "auto")
+        elif self.defense == "label-subspace":
+            shown["rank"] = self.subspace_rank
         elif self.defense.startswith("privtune"):
             shown.update({"n-hops": self.n_hops, "k": self.k, "s-min": f"{self.s_min:g}", "radius-scale": f"{self.radius_scale:g}"})
         if self.release != "once":
