@@ -156,6 +156,7 @@ class Processes:
         self.tag = uuid.uuid4().hex
         self.procs: dict[str, subprocess.Popen] = {}
         self.seen: dict[int, tuple[str, str]] = {}  # pid -> (start time, the started process it belongs to)
+        self._lock = threading.Lock()  # the memory sampler calls alive() from its own thread
 
     def start(self, name: str, cmd: list[str], env: dict[str, str], log: Path | None = None) -> subprocess.Popen:
         env = {**env, TAG: f"{self.tag}:{name}"}
@@ -165,13 +166,15 @@ class Processes:
         finally:
             if log is not None:
                 out.close()
-        self.procs[name] = proc
+        with self._lock:
+            self.procs[name] = proc
         return proc
 
     def popen(self, name: str, cmd: list[str], env: dict[str, str], **kwargs) -> subprocess.Popen:
         """Like :meth:`start`, with the caller's own stdout/stderr arguments."""
         proc = subprocess.Popen(cmd, cwd=ROOT, env={**env, TAG: f"{self.tag}:{name}"}, start_new_session=True, **kwargs)
-        self.procs[name] = proc
+        with self._lock:
+            self.procs[name] = proc
         return proc
 
     def alive(self, name: str | None = None) -> list[int]:
@@ -183,6 +186,10 @@ class Processes:
         ``setproctitle``, which overwrites the memory ``/proc/PID/environ`` reads, so a retitled
         process loses its tag; one whose parent died is no longer linked to us either).
         A remembered pid counts only while its start time matches, so a reused pid is not ours."""
+        with self._lock:
+            return self._alive(name)
+
+    def _alive(self, name: str | None) -> list[int]:
         table = _process_table()
         roots: dict[int, str] = {}
         for label, proc in self.procs.items():
