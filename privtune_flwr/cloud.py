@@ -507,6 +507,9 @@ def u_shaped_generate(device, middle: MiddleSide, head, prompts: list[list[int]]
     the device's head picks the next token from the last position. Returns prompt + continuation."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} is outside the accepted range: >= 1")
+    if device.split.family != "decoder" or device.split.task != "generation":
+        raise ValueError(f"greedy generation needs a decoder language model; this split is a {device.split.family} "
+                         f"for {device.split.task}")
     out: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
         seqs = [list(p) for p in prompts[start:start + batch_size]]
