@@ -102,6 +102,9 @@ AUX_PAIRS: dict[str, str] = {
 # a generation task's attributes and keywords are those of the corpus it is made from
 SOURCE = {"bbc_headlines": "bbc_news", "rotten_tomatoes_continuation": "rotten_tomatoes", "imdb_continuation": "imdb"}
 GENERATION_DATASETS = tuple(SOURCE)
+# SweepSettings fields that only generation points use (left out of a classification point's fingerprint)
+GENERATION_SETTINGS = {"generation_model", "generation_split_layer", "generation_max_length", "max_new_tokens",
+                       "max_generate"}
 SWEEP_DATASETS = tuple(AUX_PAIRS)
 UNBALANCED = ("drug_reviews", "political_debates")  # utility = macro-F1
 SWEEP_DEFENSES = tuple(DEFENSES)
@@ -204,10 +207,6 @@ class SweepSettings:
         keep = {k: v for k, v in asdict(self).items() if k not in skip}
         keep.update(dataset=dataset, aux=AUX_PAIRS[dataset], seed=seed, version=2)
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-GENERATION_SETTINGS = {"generation_model", "generation_split_layer", "generation_max_length", "max_new_tokens",
-                       "max_generate"}
 
 
 def quick_settings(**overrides) -> SweepSettings:
