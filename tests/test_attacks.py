@@ -296,6 +296,21 @@ def test_keyword_helpers(split):
     assert classes == ["acne", "pain"] and codes.tolist() == [0, 1, 0, -1, 1, 0]
 
 
+def test_keywords_match_words_inside_text_for_a_byte_level_bpe_tokenizer():
+    """SmolLM2 codes "government" after a space as its own token: the keyword must be that token,
+    or the keyword and bag-of-words attacks find no keyword in any decoder release."""
+    from transformers import AutoTokenizer
+
+    from privtune_flwr.models import resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model("smollm2"))
+    words, ids, _ = keyword_token_ids(tok, ["government", "election", "film"])
+    assert words == ["government", "election", "film"]
+    enc = tok(["The government said the election was close", "A quiet film"], add_special_tokens=False,
+              padding=True, return_tensors="pt")
+    assert keyword_presence(enc["input_ids"], enc["attention_mask"], ids).tolist() == [[1, 1, 0], [0, 0, 1]]
+
+
 # ---------------------------------------------------------------- bad input
 
 def test_bad_input_raises_value_error(split, releases, data):

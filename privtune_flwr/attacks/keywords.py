@@ -53,16 +53,21 @@ GENERIC_KEYWORDS: tuple[str, ...] = (
 
 
 def keyword_token_ids(tokenizer, keywords: Iterable[str]) -> tuple[list[str], torch.Tensor, list[str]]:
-    """Map words to single token ids of ``tokenizer``.
+    """Map words to single token ids of ``tokenizer``, as the word appears inside running text.
 
-    Returns ``(kept_words, ids [K], dropped_words)``; a word is dropped when it does not encode
-    to exactly one token (without special tokens) or repeats an id already kept.
+    A byte-level BPE tokenizer (SmolLM2's) codes a word after a space as its own token
+    (``Ġgovernment``), different from the bare word at the start of a text; WordPiece (MiniLM)
+    codes both alike. So the word is encoded after a space, and bare only when that is not one
+    token. Returns ``(kept_words, ids [K], dropped_words)``; a word is dropped when neither form is
+    exactly one token (without special tokens) or its id repeats one already kept.
     """
     kept, ids, dropped = [], [], []
     for word in keywords:
         if not isinstance(word, str) or not word.strip():
             raise ValueError(f"keyword {word!r} is not a non-empty string")
-        pieces = tokenizer(word, add_special_tokens=False)["input_ids"]
+        pieces = tokenizer(" " + word.strip(), add_special_tokens=False)["input_ids"]
+        if len(pieces) != 1:
+            pieces = tokenizer(word, add_special_tokens=False)["input_ids"]
         if len(pieces) != 1 or pieces[0] in ids:
             dropped.append(word)
             continue
