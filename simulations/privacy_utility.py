@@ -64,6 +64,7 @@ import argparse
 import csv
 import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -248,15 +249,20 @@ GENERATION_COMMON = dict(max_examples=600, max_victim=100, max_aux=300, batch_si
 GENERATION_GRID = ((("none", "dchi", "privtune"), (HEADLINE_EPSILON,), (0,)),)
 
 
-def headline(out: Path, *, progress: bool = True, grid=HEADLINE_GRID, datasets=("rotten_tomatoes",), **overrides) -> list[dict]:
+def headline(out: Path, *, progress: bool = True, grid=HEADLINE_GRID, datasets=("rotten_tomatoes",),
+             rescore: bool = False, **overrides) -> list[dict]:
     """Run (or resume) ``grid`` (triples of defences, epsilons and seeds) on ``datasets`` at the
     headline sizes (``overrides``: other settings, e.g. ``max_steps``) into ``out``; the results
-    cover every point of the grid."""
+    cover every point of the grid. ``rescore``: re-run only the attacks of the stored points
+    (:func:`rescore_attacks`)."""
     rows: list[dict] = []
     common = {**HEADLINE_COMMON, **overrides, "datasets": tuple(datasets)}
     for defenses, epsilons, seeds in grid:
-        rows += sweep(full_settings(defenses=defenses, epsilons=epsilons, seeds=tuple(seeds), **common), out,
-                      plots=False, progress=progress)["rows"]
+        settings = full_settings(defenses=defenses, epsilons=epsilons, seeds=tuple(seeds), **common)
+        if rescore:
+            rows += rescore_attacks(settings, out, progress=progress)["rows"]
+        else:
+            rows += sweep(settings, out, plots=False, progress=progress)["rows"]
     seen, unique = set(), []
     for r in rows:  # a point listed by several sub-grids is kept once
         key = (r["dataset"], r["defense"], r["epsilon"], r["seed"], r["attack"], r["protocol"])
@@ -448,12 +454,14 @@ def make_defense(defense_name: str, eps: float | None, ctx: DatasetContext, sett
 
 
 def run_point(defense_name: str, eps: float | None, ctx: DatasetContext, settings: SweepSettings, *,
-              defense=None) -> list[dict]:
+              defense=None, stored_utility: dict | None = None) -> list[dict]:
     """Fine-tune to convergence, score utility and attack one (dataset, defence, ε, seed) point under
     every protocol of ``settings``; returns its rows (one per attack and protocol).
 
     ``defense``: a ready-made defence module to use instead of building ``defense_name`` (for
     experimental variants outside the registry); rows still carry ``defense_name``.
+    ``stored_utility``: the utility fields (and ``train_seconds``) of an earlier run of this very
+    point; fine-tuning is skipped and only the attacks run (see :func:`rescore_attacks`).
     """
     t0 = time.perf_counter()
     name, seed, split = ctx.name, ctx.seed, ctx.split
@@ -468,8 +476,12 @@ def run_point(defense_name: str, eps: float | None, ctx: DatasetContext, setting
         defense = make_defense(defense_name, eps, ctx, settings)
     if ctx.ds.task not in UTILITY:
         raise ValueError(f"dataset={name!r} is a {ctx.ds.task} task; the sweep scores: {', '.join(UTILITY)}")
-    utility = UTILITY[ctx.ds.task](name, split, defense, ctx.train, ctx.validation, ctx.test, settings, seed)
-    t_train = time.perf_counter() - t0
+    if stored_utility is None:
+        utility = UTILITY[ctx.ds.task](name, split, defense, ctx.train, ctx.validation, ctx.test, settings, seed)
+        t_train = time.perf_counter() - t0
+    else:
+        utility = {k: v for k, v in stored_utility.items() if k != "train_seconds"}
+        t_train = float(stored_utility["train_seconds"])
 
     statement = defense.statement()
     privacy = {f"privacy_{k}": v for k, v in statement.to_dict().items()
@@ -500,7 +512,7 @@ def run_point(defense_name: str, eps: float | None, ctx: DatasetContext, setting
                           attribute=inputs["attribute"], names=["aia-attribute"],
                           options={k: v for k, v in opts.items() if k == "aia-attribute"}, **common)
         results += [(r, inputs["attr_aux_name"]) for r in res]
-    seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0 if stored_utility is None else t_train + time.perf_counter() - t0
     base = {
         "dataset": name, "defense": defense_name, "epsilon": None if defense_name == "none" else float(eps),
         "seed": seed, **utility, "victim_examples": len(ctx.victim), "train_seconds": t_train,
@@ -552,6 +564,56 @@ def _load_point(path: Path, fingerprint: str) -> list[dict] | None:
     if stored.get("fingerprint") != fingerprint:
         return None
     return stored["rows"]
+
+
+# Keys of a stored row that are not the utility of its point: the point's identity and timing, and
+# everything that belongs to one attack row.
+_POINT_KEYS = {"dataset", "defense", "epsilon", "seed", "victim_examples", "point_seconds", "attribute", "attack",
+               "protocol", "asr", "asr_clean"}
+
+
+def stored_utility_of(rows: list[dict]) -> dict:
+    """The utility fields (and ``train_seconds``) shared by every row of a stored point."""
+    if not rows:
+        raise ValueError("a stored point has no rows; it cannot be rescored")
+    first = rows[0]
+    return {k: v for k, v in first.items()
+            if k not in _POINT_KEYS and not k.startswith("attack_") and not k.startswith("privacy_")}
+
+
+def rescore_attacks(settings: SweepSettings, out: Path, *, progress: bool = True) -> dict:
+    """Re-run the attacks of stored points whose fingerprint matches ``settings``, keeping their
+    measured utility. For when the attacks change and the fine-tuning does not: every attack reads
+    the frozen bottom's release through the defence (built again from the same seed), never the
+    fine-tuned top, so a point's utility stands. A point that is missing or was stored under other
+    settings is refused, never trained. Returns the rescored points' rows."""
+    settings.validate()
+    out = Path(out)
+    pts = points_of(settings)
+    all_rows: list[dict] = []
+    bar = tqdm(total=len(pts), desc="rescoring attacks", unit="point", disable=not progress)
+    for name in settings.datasets:
+        for seed in settings.seeds:
+            fp = settings.fingerprint(name, seed)
+            todo = [p for p in pts if p[0] == name and p[3] == seed]
+            stored = {}
+            for p in todo:
+                rows = _load_point(point_path(out, *p), fp)
+                if rows is None:
+                    raise ValueError(f"point {p} has no stored result under these settings in {out / 'points'}; "
+                                     "--rescore-attacks only re-scores stored points (run the sweep to compute it)")
+                stored[p] = rows
+            ctx = dataset_context(name, seed, settings)
+            for p in todo:
+                bar.set_postfix_str(f"{p[0]} {p[1]} eps={p[2]} seed={p[3]}")
+                rows = run_point(p[1], p[2], ctx, settings, stored_utility=stored_utility_of(stored[p]))
+                _atomic_write(point_path(out, *p), json.dumps({"fingerprint": fp, "point": list(p), "rows": rows,
+                                                               "attacks_rescored": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+                                                              indent=1))
+                all_rows += rows
+                bar.update(1)
+    bar.close()
+    return {"rows": all_rows}
 
 
 def points_of(settings: SweepSettings) -> list[tuple[str, str, float | None, int]]:
@@ -753,15 +815,26 @@ def blind_floors(settings: SweepSettings) -> list[dict]:
     from privtune_flwr.attacks.metrics import token_set_f1
 
     def tokens_only(texts) -> Released:  # a blind guess needs the answer key, not the bottom's output
-        enc = split.tokenize(list(texts), settings.max_length)
+        enc = split.tokenize(list(texts), settings.length_for(name))
         return Released(torch.zeros(*enc["input_ids"].shape, 1), enc["attention_mask"], enc["input_ids"])
 
     settings.validate()
     seed = settings.seeds[0]
-    split = load_split("minilm", 1, "classification", 2, seed=seed)
+    splits: dict = {}
     out = []
     for name in settings.datasets:
         ds = data.load_dataset(name, seed=seed, max_examples=settings.max_examples or None)
+        if ds.task == data.GENERATION:  # the releases a generation point attacks: SmolLM2's, of prompt + continuation
+            ds = data.TextDataset(ds.name, ds.task, _joined(name, ds.train), _joined(name, ds.test), ds.label_names,
+                                  ds.attributes)
+            key = (settings.generation_model, settings.generation_split_layer)
+            if key not in splits:
+                splits[key] = load_split(*key, "generation", protocol="u-shaped", seed=seed)
+        else:
+            key = ("minilm", 1)
+            if key not in splits:
+                splits[key] = load_split("minilm", 1, "classification", 2, seed=seed)
+        split = splits[key]
         victim = _sample(ds.test, settings.max_victim, seed)
         inputs = attack_inputs(name, ds, victim, settings, seed)
         aux, vic = tokens_only(inputs["aux_texts"]), tokens_only(victim["text"])
@@ -825,7 +898,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="generation points (BBC headlines; --datasets for the continuation tasks): "
                              "none, dchi, privtune at the headline epsilon")
     parser.add_argument("--floors", action="store_true",
-                        help="only print (and write floors.json) the blind floors of EIA-2/EIA-3 at the headline sizes")
+                        help="only print (and write floors.json) the blind floors of EIA-2/EIA-3 at the headline sizes "
+                             "(with --generation: the generation datasets at the generation sizes)")
+    parser.add_argument("--rescore-attacks", action="store_true",
+                        help="with --headline/--all-datasets/--generation: re-run only the attacks of the stored "
+                             "points (after a change to the attacks), keeping their measured utility")
     parser.add_argument("--out", required=True)
     parser.add_argument("--datasets")
     parser.add_argument("--defenses")
@@ -842,6 +919,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    # long points report each validation score (step, score, best so far) to stderr as they train
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    cloud_log = logging.getLogger("privtune_flwr.cloud")
+    if not cloud_log.handlers:
+        cloud_log.addHandler(handler)
+    cloud_log.setLevel(logging.INFO)
     over: dict = {}
     for key in ("datasets", "defenses", "attacks", "protocols"):
         if getattr(args, key) is not None:
@@ -858,7 +942,9 @@ def main(argv: list[str] | None = None) -> int:
             over[key] = getattr(args, key)
     t0 = time.perf_counter()
     if args.floors:
-        floors = blind_floors(full_settings(**{**HEADLINE_COMMON, "datasets": over.get("datasets", FULL_DATASETS),
+        # --generation: the generation datasets at the generation sizes, tokenised as SmolLM2 releases them
+        sizes, default = (GENERATION_COMMON, GENERATION_DATASETS) if args.generation else (HEADLINE_COMMON, FULL_DATASETS)
+        floors = blind_floors(full_settings(**{**sizes, "datasets": over.get("datasets", default),
                                                "seeds": over.get("seeds", (0,))}))
         Path(args.out).mkdir(parents=True, exist_ok=True)
         _atomic_write(Path(args.out) / "floors.json", json.dumps(floors, indent=1))
@@ -876,7 +962,8 @@ def main(argv: list[str] | None = None) -> int:
         grid = GENERATION_GRID
         if any(k in over for k in ("defenses", "epsilons", "seeds")):
             grid = ((over.pop("defenses", grid[0][0]), over.pop("epsilons", (HEADLINE_EPSILON,)), over.pop("seeds", (0,))),)
-        rows = headline(Path(args.out), grid=grid, datasets=datasets, **{**GENERATION_COMMON, **over})
+        rows = headline(Path(args.out), grid=grid, datasets=datasets, rescore=args.rescore_attacks,
+                        **{**GENERATION_COMMON, **over})
         print(summary_table(summarise(rows)))
         print(f"{time.perf_counter() - t0:.1f} s; written {Path(args.out) / 'results.json'}")
         return 0
@@ -891,11 +978,15 @@ def main(argv: list[str] | None = None) -> int:
         if any(k in over for k in ("defenses", "epsilons", "seeds")):
             grid = ((over.pop("defenses", grid[0][0]), over.pop("epsilons", (HEADLINE_EPSILON,)),
                      over.pop("seeds", (0,))),)
-        rows = headline(Path(args.out), grid=grid, datasets=datasets, **over)
+        rows = headline(Path(args.out), grid=grid, datasets=datasets, rescore=args.rescore_attacks, **over)
         print(summary_table(summarise(rows)))
         print(f"{time.perf_counter() - t0:.1f} s; written {Path(args.out) / 'results.json'}")
         return 0
     settings = quick_settings(**over) if args.quick else full_settings(**over)
+    if args.rescore_attacks:
+        rows = rescore_attacks(settings, Path(args.out))["rows"]
+        print(summary_table(summarise(rows)))
+        return 0
     result = sweep(settings, Path(args.out))
     print(summary_table(summarise(result["rows"])))
     print(f"{len(result['computed'])} point(s) computed, {len(result['skipped'])} skipped, "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -64,6 +65,32 @@ def test_rerun_skips_finished_points(swept):
     assert [p.stat().st_mtime_ns for p in points] == mtimes
     assert len(again["rows"]) == 8
     assert not list(out.rglob("*.tmp"))
+
+
+def test_rescoring_reruns_the_attacks_and_keeps_the_stored_utility(swept, tmp_path):
+    out, first = swept
+    shutil.copytree(out / "points", tmp_path / "points")
+    path = tmp_path / "points" / "rotten_tomatoes__dchi__2__s0.json"
+    stored = json.loads(path.read_text())
+    original = {(r["attack"], r["protocol"]): r["asr"] for r in stored["rows"]}
+    for r in stored["rows"]:  # a stale point: its attack scores are wrong, its utility is marked
+        r["asr"], r["utility"], r["train_seconds"] = 0.999, 0.123456, 5.0
+    path.write_text(json.dumps(stored))
+    none_before = (tmp_path / "points" / "rotten_tomatoes__none__none__s0.json").read_text()
+    rows = pu.rescore_attacks(_tiny(defenses=("dchi",)), tmp_path, progress=False)["rows"]
+    assert len(rows) == 4
+    assert {(r["attack"], r["protocol"]): r["asr"] for r in rows} == pytest.approx(original, abs=1e-6)
+    assert {r["utility"] for r in rows} == {0.123456}  # not fine-tuned again
+    assert all(r["train_seconds"] == 5.0 and r["point_seconds"] >= 5.0 for r in rows)
+    again = json.loads(path.read_text())
+    assert again["fingerprint"] == stored["fingerprint"] and "attacks_rescored" in again
+    assert [r["asr"] for r in again["rows"]] == [r["asr"] for r in rows]
+    assert (tmp_path / "points" / "rotten_tomatoes__none__none__s0.json").read_text() == none_before
+    # a point that was never computed (or was computed under other settings) is refused, not trained
+    with pytest.raises(ValueError, match="no stored result"):
+        pu.rescore_attacks(_tiny(defenses=("dchi",), epsilons=(4.0,)), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="no stored result"):
+        pu.rescore_attacks(_tiny(defenses=("dchi",), max_steps=6), tmp_path, progress=False)
 
 
 def test_dchi_at_small_epsilon_lowers_knn_inversion(swept):
@@ -174,23 +201,40 @@ def test_target_check_reads_each_attack_against_its_floor():
     assert "| rotten_tomatoes | x | 1 | 1 | 0.780 | +2.5% |" in table and "drop, eia-knn, eia-mlp" in table
 
 
+def _tiny_decoder_for_smollm2(monkeypatch, tokenizer) -> list:
+    """Make the sweep load a tiny random decoder where it asks for SmolLM2 (u-shaped, split after
+    block 2); returns the list of requests it received."""
+    import copy
+
+    from tests.conftest import tiny_hf_model
+
+    real, asked = pu.load_split, []
+
+    def tiny_split(name, layer, task, *args, **kwargs):
+        asked.append((name, layer, task, kwargs.get("protocol")))
+        assert asked[-1] == ("smollm2", 2, "generation", "u-shaped")
+        return real("tiny", 1, "generation", hf_model=tiny_hf_model("decoder", "generation", layers=3),
+                    tokenizer=copy.deepcopy(tokenizer), protocol="u-shaped", seed=kwargs.get("seed", 0))
+
+    monkeypatch.setattr(pu, "load_split", tiny_split)
+    return asked
+
+
+def test_blind_floors_of_a_generation_task_read_the_decoder_tokens_of_prompt_and_continuation(monkeypatch, minilm_tokenizer):
+    asked = _tiny_decoder_for_smollm2(monkeypatch, minilm_tokenizer)
+    [f] = pu.blind_floors(_tiny(datasets=("bbc_headlines",), max_examples=80, max_victim=20, max_aux=40,
+                                generation_max_length=40))
+    assert asked == [("smollm2", 2, "generation", "u-shaped")]
+    assert f["dataset"] == "bbc_headlines" and f["aux"] == "political_speeches"
+    assert 0.0 < f["blind_accuracy"] < 0.2 and 0.05 < f["blind_f1"] < 0.6 and f["blind_set_size"] >= 1
+
+
 def test_a_generation_point_trains_u_shaped_and_scores_rouge_and_perplexity(tmp_path, monkeypatch, minilm_tokenizer):
     """bbc_headlines through the sweep (a tiny random decoder in place of SmolLM2): the device's
     head and the cloud's middle train until the validation perplexity stops improving; utility is
     the ROUGE-L of greedy headlines, with the test perplexity beside it; the attacks run on the
     decoder's releases; the topic attribute comes from the task's own train rows."""
-    import copy
-
-    from tests.conftest import tiny_hf_model
-
-    real = pu.load_split
-
-    def tiny_split(name, layer, task, *args, **kwargs):
-        assert (name, layer, task, kwargs.get("protocol")) == ("smollm2", 2, "generation", "u-shaped")
-        return real("tiny", 1, "generation", hf_model=tiny_hf_model("decoder", "generation", layers=3),
-                    tokenizer=copy.deepcopy(minilm_tokenizer), protocol="u-shaped", seed=kwargs.get("seed", 0))
-
-    monkeypatch.setattr(pu, "load_split", tiny_split)
+    _tiny_decoder_for_smollm2(monkeypatch, minilm_tokenizer)
     settings = _tiny(datasets=("bbc_headlines",), defenses=("none", "dchi"), epsilons=(8.0,), max_examples=80,
                      generation_max_length=40, max_new_tokens=5, max_generate=3, batch_size=4)
     rows = pu.sweep(settings, tmp_path, plots=False, progress=False)["rows"]
