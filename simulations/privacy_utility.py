@@ -155,6 +155,10 @@ class SweepSettings:
     max_aux: int = 300  # auxiliary sequences the attacker trains on
     max_length: int = 64
     learning_rate: float = 3e-3
+    # classification: MiniLM is split after this block; label-subspace keeps this many directions.
+    # Left out of the fingerprint at these defaults, so points computed before they existed stay valid.
+    split_layer: int = 1
+    subspace_rank: int = 1
     # generation tasks only (left out of a classification point's fingerprint)
     generation_model: str = "smollm2"
     generation_split_layer: int = 2
@@ -180,7 +184,7 @@ class SweepSettings:
         if not isinstance(self.decays, int) or self.decays < 0:
             raise ValueError(f"decays={self.decays!r} is invalid; accepted: an integer >= 0")
         for key in ("max_steps", "patience", "eval_every", "batch_size", "max_victim", "max_aux", "max_length",
-                    "generation_split_layer", "generation_max_length", "max_new_tokens", "max_generate"):
+                    "split_layer", "subspace_rank", "generation_split_layer", "generation_max_length", "max_new_tokens", "max_generate"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ValueError(f"{key}={getattr(self, key)!r} is invalid; accepted: an integer >= 1")
         for key in ("max_examples", "max_utility"):
@@ -205,9 +209,15 @@ class SweepSettings:
         skip = {"datasets", "defenses", "epsilons", "seeds"}
         if dataset not in GENERATION_DATASETS:
             skip |= GENERATION_SETTINGS
+        else:
+            skip |= {"split_layer", "subspace_rank"}  # classification only
+        skip |= {k for k, default in SPLIT_DEFAULTS.items() if getattr(self, k) == default}
         keep = {k: v for k, v in asdict(self).items() if k not in skip}
         keep.update(dataset=dataset, aux=AUX_PAIRS[dataset], seed=seed, version=2)
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+SPLIT_DEFAULTS = {"split_layer": 1, "subspace_rank": 1}
 
 
 def quick_settings(**overrides) -> SweepSettings:
@@ -439,14 +449,15 @@ def dataset_context(name: str, seed: int, settings: SweepSettings) -> DatasetCon
         split = load_split(settings.generation_model, settings.generation_split_layer, "generation", protocol="u-shaped",
                            seed=seed)
     else:
-        split = load_split("minilm", 1, "classification", ds.num_labels, seed=seed)
+        split = load_split("minilm", settings.split_layer, "classification", ds.num_labels, seed=seed)
     return DatasetContext(name, seed, ds, train, validation, test, victim, inputs, split, split.trainable_state(),
                           split.head_state())
 
 
 def make_defense(defense_name: str, eps: float | None, ctx: DatasetContext, settings: SweepSettings):
     """The defence as the device builds it from its own training part, with seeded (stated) noise."""
-    options = RunConfig(defense=defense_name, seed=ctx.seed, max_length=settings.length_for(ctx.name)).defense_options()
+    options = RunConfig(defense=defense_name, seed=ctx.seed, max_length=settings.length_for(ctx.name),
+                        subspace_rank=settings.subspace_rank).defense_options()
     return device_defense(defense_name, ctx.split, epsilon=None if eps is None else float(eps),
                           texts=ctx.train["text"], labels=ctx.train["label"] if ctx.ds.task == data.CLASSIFICATION else None,
                           task=ctx.ds.task,
@@ -517,6 +528,7 @@ def run_point(defense_name: str, eps: float | None, ctx: DatasetContext, setting
         "dataset": name, "defense": defense_name, "epsilon": None if defense_name == "none" else float(eps),
         "seed": seed, **utility, "victim_examples": len(ctx.victim), "train_seconds": t_train,
         "point_seconds": seconds, "attribute": inputs["attribute"],
+        "split_layer": settings.generation_split_layer if ctx.ds.task == data.GENERATION else settings.split_layer,
     }
     rows = []
     order_index = {(a, p): i for i, (a, p) in enumerate((a, p) for a in attacks for p in settings.protocols)}
@@ -568,8 +580,8 @@ def _load_point(path: Path, fingerprint: str) -> list[dict] | None:
 
 # Keys of a stored row that are not the utility of its point: the point's identity and timing, and
 # everything that belongs to one attack row.
-_POINT_KEYS = {"dataset", "defense", "epsilon", "seed", "victim_examples", "point_seconds", "attribute", "attack",
-               "protocol", "asr", "asr_clean"}
+_POINT_KEYS = {"dataset", "defense", "epsilon", "seed", "victim_examples", "point_seconds", "attribute", "split_layer",
+               "attack", "protocol", "asr", "asr_clean"}
 
 
 def stored_utility_of(rows: list[dict]) -> dict:
@@ -916,6 +928,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patience", type=int, help="validation scores without a new best before stopping")
     parser.add_argument("--eval-every", type=int, help="optimiser steps between validation scores")
     parser.add_argument("--decays", type=int, help="learning-rate decays (x0.3) at a plateau before stopping")
+    parser.add_argument("--split-layer", type=int, help="classification: split MiniLM after this block (default 1)")
+    parser.add_argument("--subspace-rank", type=int, help="label-subspace: directions kept per token (default 1)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -937,7 +951,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"epsilons={args.epsilons!r} is invalid; accepted: comma-separated numbers > 0") from None
     if args.seeds is not None:
         over["seeds"] = _ints(args.seeds)
-    for key in ("max_examples", "max_steps", "patience", "eval_every", "decays"):
+    for key in ("max_examples", "max_steps", "patience", "eval_every", "decays", "split_layer", "subspace_rank"):
         if getattr(args, key) is not None:
             over[key] = getattr(args, key)
     t0 = time.perf_counter()

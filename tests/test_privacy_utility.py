@@ -258,3 +258,20 @@ def test_generation_settings_leave_classification_fingerprints_alone():
     assert a.fingerprint("bbc_headlines", 0) != b.fingerprint("bbc_headlines", 0)
     with pytest.raises(ValueError, match="max_new_tokens=64"):
         pu.SweepSettings(max_new_tokens=64, generation_max_length=64).validate()
+
+
+def test_split_layer_and_subspace_rank_reach_the_point_and_its_fingerprint(tmp_path):
+    """A deeper split and a wider label subspace are their own points: the rows say so, the
+    fingerprint changes with them, and at their defaults it does not (stored points stay valid)."""
+    a = pu.SweepSettings()
+    assert a.fingerprint("rotten_tomatoes", 0) == pu.SweepSettings(split_layer=1, subspace_rank=1).fingerprint("rotten_tomatoes", 0)
+    assert a.fingerprint("rotten_tomatoes", 0) != pu.SweepSettings(split_layer=3).fingerprint("rotten_tomatoes", 0)
+    assert a.fingerprint("rotten_tomatoes", 0) != pu.SweepSettings(subspace_rank=2).fingerprint("rotten_tomatoes", 0)
+    assert a.fingerprint("bbc_headlines", 0) == pu.SweepSettings(split_layer=3).fingerprint("bbc_headlines", 0)
+    for key in ("split_layer", "subspace_rank"):
+        with pytest.raises(ValueError, match=f"{key}=0 is invalid; accepted: an integer >= 1"):
+            pu.SweepSettings(**{key: 0}).validate()
+    rows = pu.sweep(_tiny(defenses=("label-subspace",), epsilons=(64.0,), attacks=("eia-knn",), attack_options={},
+                          split_layer=2, subspace_rank=2), tmp_path, plots=False, progress=False)["rows"]
+    assert len(rows) == 2
+    assert {r["split_layer"] for r in rows} == {2} and {r["privacy_projection_rank"] for r in rows} == {2}
