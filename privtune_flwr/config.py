@@ -29,7 +29,7 @@ DEFENSE_NAMES = (
 class RunConfig:
     # model and split
     model: str = "minilm"
-    split_layer: int = 1
+    split_layer: int = 3  # blocks on the device (3: see README, "make run defaults to label-subspace")
     task: str = "classification"
     num_labels: int = 2  # classes of a classification task (the cloud builds no head from data)
     max_length: int = 64
@@ -77,7 +77,7 @@ class RunConfig:
     importance_levels: int = 3  # public noise-scale levels (0 = continuous: no bound across importance)
     delta: float = 1e-5  # gaussian only
     clip: float = 0.0  # gaussian only; 0 = calibrate from the anchors
-    subspace_rank: int = 1  # label-subspace only: directions kept per token (1: see README, label-subspace)
+    subspace_rank: int = 2  # label-subspace only: directions kept per token (2 at split 3: see README)
     # noise: a secret key on each device, each example released once; both need the device's consent
     # (its node config / device policy) to be weakened
     release: str = "once"  # "once" | "fresh" (fresh noise per re-send; composes)

@@ -791,8 +791,9 @@ def plot(summary: list[dict], out: Path) -> list[Path]:
                     pts = sorted((r for r in sel if r["defense"] == d), key=lambda r: r["epsilon"] or 0)
                     xs, ys = [p["utility"] for p in pts], [p["asr"] for p in pts]
                     xerr, yerr = [p["utility_sd"] for p in pts], [p["asr_sd"] for p in pts]
-                    if d == "none":
-                        ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="*", ms=12, c="k", label="none", zorder=3)
+                    if d == "none" or d.startswith("none "):  # "none (split 3)": a reference of another split
+                        ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="*", ms=12, c="k" if d == "none" else "grey",
+                                    label=d, zorder=3)
                         continue
                     ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="-o", ms=3, lw=1, capsize=2, label=d)
                     for p in pts:

@@ -75,6 +75,6 @@ def test_banner_shows_only_the_settings_that_apply():
     assert RunConfig(defense="dchi", epsilon=32.0).defense_summary() == "defense=dchi eps=32"
     assert RunConfig(defense="gaussian").defense_summary() == "defense=gaussian eps=64 delta=1e-05 clip=auto"
     assert RunConfig(defense="privtune").defense_summary() == "defense=privtune eps=64 n-hops=2 k=8 s-min=0.5 radius-scale=1"
-    assert RunConfig().defense_summary() == "defense=label-subspace eps=64 rank=1"  # the default
+    assert RunConfig().defense_summary() == "defense=label-subspace eps=64 rank=2"  # the default
     assert RunConfig(defense="dchi", release="fresh", reproducible_noise=True).defense_summary() == \
         "defense=dchi eps=64 release=fresh REPRODUCIBLE NOISE (not private against the operator)"
