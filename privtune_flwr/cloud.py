@@ -415,8 +415,9 @@ def _to_convergence(train_set: ReleasedSet, batch_size: int, train_batch, valida
                     waited += 1
                 if bar is not None:
                     bar.set_postfix_str(f"val {metric} {reported:.3f} (best {best_reported:.3f} @ {best_step})")
+                recent = losses[-rule.eval_every:]
                 log.info("step %d/%d: validation %s %.4f, best %.4f at step %d, train loss %.4f", steps, rule.max_steps,
-                         metric, reported, best_reported, best_step, sum(losses[-rule.eval_every:]) / max(1, len(losses[-rule.eval_every:])))
+                         metric, reported, best_reported, best_step, sum(recent) / max(1, len(recent)))
                 if waited >= rule.patience and decays < rule.decays:
                     decays, waited = decays + 1, 0
                     load_state(best_state)

@@ -184,7 +184,8 @@ class SweepSettings:
         if not isinstance(self.decays, int) or self.decays < 0:
             raise ValueError(f"decays={self.decays!r} is invalid; accepted: an integer >= 0")
         for key in ("max_steps", "patience", "eval_every", "batch_size", "max_victim", "max_aux", "max_length",
-                    "split_layer", "subspace_rank", "generation_split_layer", "generation_max_length", "max_new_tokens", "max_generate"):
+                    "split_layer", "subspace_rank", "generation_split_layer", "generation_max_length", "max_new_tokens",
+                    "max_generate"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ValueError(f"{key}={getattr(self, key)!r} is invalid; accepted: an integer >= 1")
         for key in ("max_examples", "max_utility"):

@@ -264,7 +264,8 @@ def test_split_layer_and_subspace_rank_reach_the_point_and_its_fingerprint(tmp_p
     """A deeper split and a wider label subspace are their own points: the rows say so, the
     fingerprint changes with them, and at their defaults it does not (stored points stay valid)."""
     a = pu.SweepSettings()
-    assert a.fingerprint("rotten_tomatoes", 0) == pu.SweepSettings(split_layer=1, subspace_rank=1).fingerprint("rotten_tomatoes", 0)
+    at_defaults = pu.SweepSettings(split_layer=1, subspace_rank=1)
+    assert a.fingerprint("rotten_tomatoes", 0) == at_defaults.fingerprint("rotten_tomatoes", 0)
     assert a.fingerprint("rotten_tomatoes", 0) != pu.SweepSettings(split_layer=3).fingerprint("rotten_tomatoes", 0)
     assert a.fingerprint("rotten_tomatoes", 0) != pu.SweepSettings(subspace_rank=2).fingerprint("rotten_tomatoes", 0)
     assert a.fingerprint("bbc_headlines", 0) == pu.SweepSettings(split_layer=3).fingerprint("bbc_headlines", 0)
