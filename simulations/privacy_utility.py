@@ -269,11 +269,8 @@ def headline(out: Path, *, progress: bool = True, grid=HEADLINE_GRID, datasets=(
     rows: list[dict] = []
     common = {**HEADLINE_COMMON, **overrides, "datasets": tuple(datasets)}
     for defenses, epsilons, seeds in grid:
-        settings = full_settings(defenses=defenses, epsilons=epsilons, seeds=tuple(seeds), **common)
-        if rescore:
-            rows += rescore_attacks(settings, out, progress=progress)["rows"]
-        else:
-            rows += sweep(settings, out, plots=False, progress=progress)["rows"]
+        rows += sweep(full_settings(defenses=defenses, epsilons=epsilons, seeds=tuple(seeds), **common), out,
+                      plots=False, progress=progress, rescore=rescore)["rows"]
     seen, unique = set(), []
     for r in rows:  # a point listed by several sub-grids is kept once
         key = (r["dataset"], r["defense"], r["epsilon"], r["seed"], r["attack"], r["protocol"])
@@ -599,34 +596,8 @@ def rescore_attacks(settings: SweepSettings, out: Path, *, progress: bool = True
     measured utility. For when the attacks change and the fine-tuning does not: every attack reads
     the frozen bottom's release through the defence (built again from the same seed), never the
     fine-tuned top, so a point's utility stands. A point that is missing or was stored under other
-    settings is refused, never trained. Returns the rescored points' rows."""
-    settings.validate()
-    out = Path(out)
-    pts = points_of(settings)
-    all_rows: list[dict] = []
-    bar = tqdm(total=len(pts), desc="rescoring attacks", unit="point", disable=not progress)
-    for name in settings.datasets:
-        for seed in settings.seeds:
-            fp = settings.fingerprint(name, seed)
-            todo = [p for p in pts if p[0] == name and p[3] == seed]
-            stored = {}
-            for p in todo:
-                rows = _load_point(point_path(out, *p), fp)
-                if rows is None:
-                    raise ValueError(f"point {p} has no stored result under these settings in {out / 'points'}; "
-                                     "--rescore-attacks only re-scores stored points (run the sweep to compute it)")
-                stored[p] = rows
-            ctx = dataset_context(name, seed, settings)
-            for p in todo:
-                bar.set_postfix_str(f"{p[0]} {p[1]} eps={p[2]} seed={p[3]}")
-                rows = run_point(p[1], p[2], ctx, settings, stored_utility=stored_utility_of(stored[p]))
-                _atomic_write(point_path(out, *p), json.dumps({"fingerprint": fp, "point": list(p), "rows": rows,
-                                                               "attacks_rescored": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-                                                              indent=1))
-                all_rows += rows
-                bar.update(1)
-    bar.close()
-    return {"rows": all_rows}
+    settings is refused, never trained. Returns :func:`sweep`'s result (every point ``computed``)."""
+    return sweep(settings, out, plots=False, progress=progress, rescore=True)
 
 
 def points_of(settings: SweepSettings) -> list[tuple[str, str, float | None, int]]:
@@ -641,8 +612,11 @@ def points_of(settings: SweepSettings) -> list[tuple[str, str, float | None, int
     return pts
 
 
-def sweep(settings: SweepSettings, out: Path, *, plots: bool = True, progress: bool = True) -> dict:
-    """Run every missing point, then rebuild results, summary and plots. Returns rows and counts."""
+def sweep(settings: SweepSettings, out: Path, *, plots: bool = True, progress: bool = True,
+          rescore: bool = False) -> dict:
+    """Run every missing point, then rebuild results, summary and plots. Returns rows and counts.
+    ``rescore``: every point must be stored already; its attacks run again on its stored utility
+    (:func:`rescore_attacks`)."""
     settings.validate()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -656,8 +630,13 @@ def sweep(settings: SweepSettings, out: Path, *, plots: bool = True, progress: b
             todo = []
             for p in (p for p in pts if p[0] == name and p[3] == seed):
                 rows = _load_point(point_path(out, *p), fp)
-                if rows is None:
-                    todo.append(p)
+                if rescore and rows is None:
+                    raise ValueError(f"point {p} has no stored result under these settings in {out / 'points'}; "
+                                     "--rescore-attacks only re-scores stored points (run the sweep to compute it)")
+                if rescore:
+                    todo.append((p, stored_utility_of(rows)))
+                elif rows is None:
+                    todo.append((p, None))
                 else:
                     skipped.append(p)
                     all_rows += rows
@@ -665,10 +644,13 @@ def sweep(settings: SweepSettings, out: Path, *, plots: bool = True, progress: b
             if not todo:
                 continue
             ctx = dataset_context(name, seed, settings)
-            for p in todo:
+            for p, stored in todo:
                 bar.set_postfix_str(f"{p[0]} {p[1]} eps={p[2]} seed={p[3]}")
-                rows = run_point(p[1], p[2], ctx, settings)
-                _atomic_write(point_path(out, *p), json.dumps({"fingerprint": fp, "point": list(p), "rows": rows}, indent=1))
+                rows = run_point(p[1], p[2], ctx, settings, stored_utility=stored)
+                record = {"fingerprint": fp, "point": list(p), "rows": rows}
+                if stored is not None:
+                    record["attacks_rescored"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+                _atomic_write(point_path(out, *p), json.dumps(record, indent=1))
                 computed.append(p)
                 all_rows += rows
                 bar.update(1)
@@ -845,9 +827,9 @@ def blind_floors(settings: SweepSettings) -> list[dict]:
             if key not in splits:
                 splits[key] = load_split(*key, "generation", protocol="u-shaped", seed=seed)
         else:
-            key = ("minilm", 1)
+            key = ("minilm", 1)  # tokenisation only: any split of MiniLM
             if key not in splits:
-                splits[key] = load_split("minilm", 1, "classification", 2, seed=seed)
+                splits[key] = load_split(*key, "classification", 2, seed=seed)
         split = splits[key]
         victim = _sample(ds.test, settings.max_victim, seed)
         inputs = attack_inputs(name, ds, victim, settings, seed)
@@ -999,11 +981,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{time.perf_counter() - t0:.1f} s; written {Path(args.out) / 'results.json'}")
         return 0
     settings = quick_settings(**over) if args.quick else full_settings(**over)
-    if args.rescore_attacks:
-        rows = rescore_attacks(settings, Path(args.out))["rows"]
-        print(summary_table(summarise(rows)))
-        return 0
-    result = sweep(settings, Path(args.out))
+    result = sweep(settings, Path(args.out), rescore=args.rescore_attacks)
     print(summary_table(summarise(result["rows"])))
     print(f"{len(result['computed'])} point(s) computed, {len(result['skipped'])} skipped, "
           f"{time.perf_counter() - t0:.1f} s; written {Path(args.out) / 'results.json'}")
