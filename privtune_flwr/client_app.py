@@ -59,13 +59,13 @@ class Node:
 
 
 def _split(cfg: RunConfig, num_labels: int) -> SplitModel:
-    key = (cfg.model, cfg.split_layer, cfg.task, num_labels, cfg.protocol, cfg.lora_rank, cfg.seed)
+    key = (cfg.model, cfg.split_layer, cfg.task, num_labels, cfg.protocol, cfg.lora_rank, cfg.lora_targets, cfg.seed)
     if key not in _SPLITS:
         if cfg.protocol == "vanilla":  # the device never trains: its copy carries no LoRA
             split = load_split(cfg.model, cfg.split_layer, cfg.task, num_labels, lora_rank=0, seed=cfg.seed)
         else:  # the device trains its head (a LoRA on a tied lm_head); it holds no middle
             split = load_split(cfg.model, cfg.split_layer, cfg.task, num_labels, lora_rank=cfg.lora_rank, seed=cfg.seed,
-                               protocol="u-shaped").without_middle()
+                               protocol="u-shaped", lora_targets=cfg.lora_targets).without_middle()
         _SPLITS[key] = split
     return _SPLITS[key]
 

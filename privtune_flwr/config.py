@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 PROTOCOLS = ("vanilla", "u-shaped")
 TASKS = ("classification", "generation")
+LORA_TARGET_CHOICES = ("attention", "all")  # as privtune_flwr.models accepts them
 RELEASES = ("once", "fresh")
 FAULT_KINDS = ("raise", "garbage", "nan", "slow")
 PARTITIONERS = ("iid", "dirichlet")
@@ -60,6 +61,9 @@ class RunConfig:
     max_new_tokens: int = 16  # generation: the longest generated continuation
     # cloud fine-tuning
     lora_rank: int = 8
+    # "attention": LoRA on the top's query/value projections; "all": on every linear layer of its
+    # blocks, with an encoder's pooler trained whole (converges higher: see the README)
+    lora_targets: str = "attention"
     learning_rate: float = 1e-3
     # defence (the mechanism's own options are validated by build_defense)
     defense: str = "label-subspace"
@@ -122,6 +126,8 @@ class RunConfig:
                  "a defence other than 'label-subspace' for task='generation' (it keeps the directions that "
                  "predict a class label; a generation task has none)")
         _require(self.lora_rank >= 0, "lora-rank", self.lora_rank, ">= 0")
+        _require(self.lora_targets in LORA_TARGET_CHOICES, "lora-targets", self.lora_targets,
+                 " or ".join(repr(t) for t in LORA_TARGET_CHOICES))
         _require(math.isfinite(self.learning_rate) and self.learning_rate > 0, "learning-rate", self.learning_rate, "(0, inf)")
         _require(math.isfinite(self.epsilon) and self.epsilon > 0, "epsilon", self.epsilon, "(0, inf)")
         _require(self.audit_tokens >= 0, "audit-tokens", self.audit_tokens, ">= 0 (0 = no self-audit)")

@@ -45,6 +45,13 @@ OFFLINE_MODELS = {
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 LORA_TARGETS = {"encoder": ("query", "value"), "decoder": ("q_proj", "v_proj")}
+# ``lora_targets="all"``: LoRA on every linear layer of the blocks above the split (an encoder's
+# pooler then trains whole beside the classifier).
+LORA_TARGETS_ALL = {
+    "encoder": ("query", "key", "value", "output.dense", "intermediate.dense"),
+    "decoder": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
+LORA_TARGET_CHOICES = ("attention", "all")
 
 
 def cache_dir() -> Path:
@@ -352,6 +359,7 @@ def load_split(
     lora_rank: int = 8,
     lora_alpha: float | None = None,
     lora_dropout: float = 0.0,
+    lora_targets: str = "attention",
     hf_model: nn.Module | None = None,
     tokenizer=None,
     seed: int = 0,
@@ -361,8 +369,9 @@ def load_split(
 
     ``hf_model``/``tokenizer`` let callers pass an already-built Hugging Face model (tests use
     tiny random configs this way). ``lora_rank=0`` leaves the top without LoRA (only the head
-    trains). The cloud half gets LoRA on the attention query/value projections and a trainable
-    task head; the bottom is frozen.
+    trains). The cloud half gets LoRA on the attention query/value projections
+    (``lora_targets="attention"``) or on every linear layer of its blocks, with an encoder's pooler
+    trained whole (``"all"``), and a trainable task head; the bottom is frozen.
 
     ``protocol="u-shaped"``: the part above the bottom is cut once more into the cloud's
     ``middle`` (blocks ``m..L-1``, with LoRA) and the device's ``head`` (encoders: the pooler and a
@@ -374,11 +383,12 @@ def load_split(
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return _load_split(model, split_layer, task, num_labels, lora_rank=lora_rank, lora_alpha=lora_alpha,
-                           lora_dropout=lora_dropout, hf_model=hf_model, tokenizer=tokenizer, protocol=protocol)
+                           lora_dropout=lora_dropout, lora_targets=lora_targets, hf_model=hf_model,
+                           tokenizer=tokenizer, protocol=protocol)
 
 
-def _load_split(model, split_layer, task, num_labels, *, lora_rank, lora_alpha, lora_dropout, hf_model, tokenizer,
-                protocol) -> SplitModel:
+def _load_split(model, split_layer, task, num_labels, *, lora_rank, lora_alpha, lora_dropout, lora_targets, hf_model,
+                tokenizer, protocol) -> SplitModel:
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol={protocol!r} is not supported; accepted: {', '.join(PROTOCOLS)}")
     if task == "generation" and protocol == "vanilla":
@@ -390,6 +400,9 @@ def _load_split(model, split_layer, task, num_labels, *, lora_rank, lora_alpha, 
         raise ValueError(f"num_labels={num_labels!r} must be an integer >= 2 for classification")
     if not isinstance(lora_rank, int) or lora_rank < 0:
         raise ValueError(f"lora_rank={lora_rank!r} must be an integer >= 0")
+    if lora_targets not in LORA_TARGET_CHOICES:
+        raise ValueError(f"lora_targets={lora_targets!r} is not supported; accepted: {', '.join(LORA_TARGET_CHOICES)}")
+    targets = LORA_TARGETS_ALL if lora_targets == "all" else LORA_TARGETS
 
     if hf_model is None:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -434,7 +447,8 @@ def _load_split(model, split_layer, task, num_labels, *, lora_rank, lora_alpha, 
     prefix = hf_model.base_model_prefix
     if protocol == "u-shaped":
         return _u_split(model, hf_model, base, family, task, split_layer, num_layers, num_labels, tokenizer, low, high,
-                        lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
+                        lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, targets=targets[family],
+                        pooler=lora_targets == "all")
     if family == "encoder":
         bottom_base = _graft(base, encoder=_graft(base.encoder, layer=low), pooler=None)
         top_base = _graft(base, embeddings=_PassThroughEmbeddings(), encoder=_graft(base.encoder, layer=high))
@@ -446,24 +460,26 @@ def _load_split(model, split_layer, task, num_labels, *, lora_rank, lora_alpha, 
     head = "classifier" if family == "encoder" else "score"
     if task == "generation":
         head = None
+    # trained whole beside the task head: the head, and with "all" an encoder's pooler
+    whole = ([head] if head else []) + (["pooler"] if family == "encoder" and lora_targets == "all" else [])
     if lora_rank > 0 and split_layer < num_layers:
         from peft import LoraConfig, get_peft_model
 
-        # The top holds only blocks m..L-1, so every attention block in it gets LoRA.
+        # The top holds only blocks m..L-1, so every block in it gets LoRA.
         lora = LoraConfig(
             r=lora_rank,
             lora_alpha=lora_alpha if lora_alpha is not None else 2 * lora_rank,
             lora_dropout=lora_dropout,
-            target_modules=list(LORA_TARGETS[family]),
-            modules_to_save=[head] if head else None,
+            target_modules=list(targets[family]),
+            modules_to_save=whole or None,
         )
         with warnings.catch_warnings():  # peft reads a property transformers 5 has deprecated
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             top_model = get_peft_model(top_model, lora)
-    else:  # no blocks above the split (or LoRA off): only the task head trains
+    else:  # no blocks above the split (or LoRA off): only the task head (and pooler) train
         top_model.requires_grad_(False)
-        if head:
-            getattr(top_model, head).requires_grad_(True)
+        for name in whole:
+            getattr(top_base if name == "pooler" else top_model, name).requires_grad_(True)
 
     config = hf_model.config
     return SplitModel(
@@ -490,7 +506,7 @@ def _lora(module: nn.Module, targets: list[str], rank: int, alpha: float | None,
 
 
 def _u_split(name, hf_model, base, family, task, split_layer, num_layers, num_labels, tokenizer, low, high, *,
-             lora_rank, lora_alpha, lora_dropout) -> SplitModel:
+             lora_rank, lora_alpha, lora_dropout, targets, pooler) -> SplitModel:
     """The u-shaped cut (see :func:`load_split`)."""
     if family == "encoder":
         bottom_base = _graft(base, encoder=_graft(base.encoder, layer=low), pooler=None)
@@ -498,6 +514,7 @@ def _u_split(name, hf_model, base, family, task, split_layer, num_layers, num_la
         head = EncoderHead(base.pooler, hf_model.dropout, hf_model.classifier)
         head.requires_grad_(False)
         head.classifier.requires_grad_(True)
+        head.pooler.requires_grad_(pooler)
     else:
         bottom_base = _graft(base, layers=low, norm=nn.Identity())
         middle_base = _graft(base, layers=high, norm=nn.Identity())
@@ -514,7 +531,7 @@ def _u_split(name, hf_model, base, family, task, split_layer, num_layers, num_la
                 head = _lora(head, ["out"], lora_rank, lora_alpha, lora_dropout)
     middle_base.requires_grad_(False)
     if lora_rank > 0 and split_layer < num_layers:
-        middle_base = _lora(middle_base, list(LORA_TARGETS[family]), lora_rank, lora_alpha, lora_dropout)
+        middle_base = _lora(middle_base, list(targets), lora_rank, lora_alpha, lora_dropout)
     decoder = family == "decoder"
     middle = Middle(middle_base, decoder=decoder)
     config = hf_model.config

@@ -38,7 +38,8 @@ def run(cfg: RunConfig) -> dict:
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     ds = data.load_dataset(cfg.dataset, test_fraction=cfg.test_fraction, seed=cfg.seed, max_examples=cfg.max_examples or None)
-    split = load_split(cfg.model, cfg.split_layer, cfg.task, ds.num_labels, lora_rank=cfg.lora_rank, seed=cfg.seed)
+    split = load_split(cfg.model, cfg.split_layer, cfg.task, ds.num_labels, lora_rank=cfg.lora_rank, seed=cfg.seed,
+                       lora_targets=cfg.lora_targets)
     defense = device_defense(cfg.defense, split, epsilon=cfg.epsilon, texts=ds.train["text"], labels=ds.train["label"],
                              task=cfg.task, max_length=cfg.max_length, seed=cfg.seed, release=cfg.release,
                              **cfg.defense_options())

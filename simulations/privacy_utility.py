@@ -82,7 +82,7 @@ from privtune_flwr.attacks import ATTACKS, PROTOCOLS, run_attacks
 from privtune_flwr.attacks.keywords import GENERIC_KEYWORDS, MOVIE_GENRE_KEYWORDS, genre_attribute, top_classes
 from privtune_flwr.config import RunConfig
 from privtune_flwr.defenses import DEFENSES
-from privtune_flwr.models import load_split
+from privtune_flwr.models import LORA_TARGET_CHOICES, load_split
 from privtune_flwr.cloud import (CloudSide, MiddleSide, ReleasedSet, StopRule, evaluate_set, fine_tune_to_convergence,
                                  fine_tune_u_shaped_to_convergence, u_shaped_generate, u_shaped_perplexity)
 from privtune_flwr.device import DeviceHead, DeviceSide, device_defense, generated_text, mean_rouge_l
@@ -159,6 +159,9 @@ class SweepSettings:
     # Left out of the fingerprint at these defaults, so points computed before they existed stay valid.
     split_layer: int = 1
     subspace_rank: int = 1
+    # what LoRA adapts in the blocks above the split: "attention" (query/value) or "all" (every linear
+    # layer, and the encoder's pooler whole); left out of the fingerprint at its default
+    lora_targets: str = "attention"
     # generation tasks only (left out of a classification point's fingerprint)
     generation_model: str = "smollm2"
     generation_split_layer: int = 2
@@ -181,6 +184,8 @@ class SweepSettings:
                 raise ValueError(f"epsilon={eps!r} is invalid; accepted: a finite value > 0")
         if not self.seeds or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in self.seeds):
             raise ValueError(f"seeds={list(self.seeds)!r} is invalid; accepted: one or more integers >= 0")
+        if self.lora_targets not in LORA_TARGET_CHOICES:
+            raise ValueError(f"lora_targets={self.lora_targets!r} is invalid; accepted: {', '.join(LORA_TARGET_CHOICES)}")
         if not isinstance(self.decays, int) or self.decays < 0:
             raise ValueError(f"decays={self.decays!r} is invalid; accepted: an integer >= 0")
         for key in ("max_steps", "patience", "eval_every", "batch_size", "max_victim", "max_aux", "max_length",
@@ -218,7 +223,7 @@ class SweepSettings:
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-SPLIT_DEFAULTS = {"split_layer": 1, "subspace_rank": 1}
+SPLIT_DEFAULTS = {"split_layer": 1, "subspace_rank": 1, "lora_targets": "attention"}
 
 
 def quick_settings(**overrides) -> SweepSettings:
@@ -445,9 +450,10 @@ def dataset_context(name: str, seed: int, settings: SweepSettings) -> DatasetCon
     inputs = attack_inputs(name, ds, victim, settings, seed)
     if ds.task == data.GENERATION:
         split = load_split(settings.generation_model, settings.generation_split_layer, "generation", protocol="u-shaped",
-                           seed=seed)
+                           seed=seed, lora_targets=settings.lora_targets)
     else:
-        split = load_split("minilm", settings.split_layer, "classification", ds.num_labels, seed=seed)
+        split = load_split("minilm", settings.split_layer, "classification", ds.num_labels, seed=seed,
+                           lora_targets=settings.lora_targets)
     return DatasetContext(name, seed, ds, train, validation, test, victim, inputs, split, split.trainable_state(),
                           split.head_state())
 
@@ -527,6 +533,7 @@ def run_point(defense_name: str, eps: float | None, ctx: DatasetContext, setting
         "seed": seed, **utility, "victim_examples": len(ctx.victim), "train_seconds": t_train,
         "point_seconds": seconds, "attribute": inputs["attribute"],
         "split_layer": settings.generation_split_layer if ctx.ds.task == data.GENERATION else settings.split_layer,
+        "lora_targets": settings.lora_targets,
     }
     rows = []
     order_index = {(a, p): i for i, (a, p) in enumerate((a, p) for a in attacks for p in settings.protocols)}
@@ -579,7 +586,7 @@ def _load_point(path: Path, fingerprint: str) -> list[dict] | None:
 # Keys of a stored row that are not the utility of its point: the point's identity and timing, and
 # everything that belongs to one attack row.
 _POINT_KEYS = {"dataset", "defense", "epsilon", "seed", "victim_examples", "point_seconds", "attribute", "split_layer",
-               "attack", "protocol", "asr", "asr_clean"}
+               "lora_targets", "attack", "protocol", "asr", "asr_clean"}
 
 
 def stored_utility_of(rows: list[dict]) -> dict:
@@ -914,6 +921,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decays", type=int, help="learning-rate decays (x0.3) at a plateau before stopping")
     parser.add_argument("--split-layer", type=int, help="classification: split MiniLM after this block (default 1)")
     parser.add_argument("--subspace-rank", type=int, help="label-subspace: directions kept per token (default 1)")
+    parser.add_argument("--lora-targets", choices=LORA_TARGET_CHOICES,
+                        help="LoRA on the top's attention query/value (default) or on all its linear layers, "
+                             "with the pooler trained whole")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -935,7 +945,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"epsilons={args.epsilons!r} is invalid; accepted: comma-separated numbers > 0") from None
     if args.seeds is not None:
         over["seeds"] = _ints(args.seeds)
-    for key in ("max_examples", "max_steps", "patience", "eval_every", "decays", "split_layer", "subspace_rank"):
+    for key in ("max_examples", "max_steps", "patience", "eval_every", "decays", "split_layer", "subspace_rank",
+                "lora_targets"):
         if getattr(args, key) is not None:
             over[key] = getattr(args, key)
     t0 = time.perf_counter()

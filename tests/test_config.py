@@ -29,6 +29,7 @@ def test_pyproject_mirrors_runconfig_defaults():
         ("partitioner", "zipf", "partitioner='zipf'"),
         ("learning-rate", 0.0, "learning-rate=0.0"),
         ("batch-size", 0, "batch-size=0"),
+        ("lora-targets", "mlp", "lora-targets='mlp'"),
     ],
 )
 def test_bad_values_name_the_value_and_range(key, value, needle):
@@ -59,6 +60,12 @@ def test_defense_options_follow_the_defense():
     assert RunConfig(defense="none").defense_options() == {}
     assert set(RunConfig(defense="gaussian").defense_options()) == {"delta", "clip"}
     assert RunConfig(defense="privtune", pgd_steps=3).defense_options()["pgd_steps"] == 3
+
+
+def test_lora_target_choices_match_the_models():
+    from privtune_flwr import config, models
+
+    assert config.LORA_TARGET_CHOICES == models.LORA_TARGET_CHOICES
 
 
 def test_defense_names_match_the_defenses():

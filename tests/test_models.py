@@ -167,3 +167,35 @@ def test_unexpected_checkpoint_keys_are_still_reported(caplog):
         _report_unexpected_loading("m", {"missing_keys": ["classifier.weight", "encoder.layer.0.attention.self.query.weight"]})
     assert [r.getMessage() for r in caplog.records] == [
         "model 'm': 1 missing keys when loading, e.g. ['encoder.layer.0.attention.self.query.weight']"]
+
+
+@pytest.mark.parametrize("protocol", ["vanilla", "u-shaped"])
+def test_lora_on_all_linear_layers_trains_the_pooler_and_keeps_the_bottom_frozen(protocol, minilm_tokenizer):
+    hf = tiny_hf_model("encoder")
+    split = load_split("tiny", 1, hf_model=hf, tokenizer=minilm_tokenizer, lora_targets="all", protocol=protocol)
+    cloud = split.top if protocol == "vanilla" else split.middle
+    adapted = [n for n, p in cloud.named_parameters() if p.requires_grad and "lora_A" in n]
+    # 2 blocks above the split, each with query, key, value, attention output, intermediate and output
+    assert len(adapted) == 2 * 6
+    assert not any("pooler" in n for n in adapted)  # the pooler trains whole, not through LoRA
+    pooler_owner = split.top if protocol == "vanilla" else split.head
+    pooler = [p for n, p in pooler_owner.named_parameters() if "pooler" in n and p.requires_grad]
+    assert len(pooler) == 2  # weight and bias
+    assert not any(p.requires_grad for p in split.bottom.parameters())
+    # LoRA starts at zero: the split still computes what the unsplit model computes
+    ids, mask = _batch()
+    want = hf(input_ids=ids, attention_mask=mask).logits
+    hidden = split.bottom(ids, mask)
+    got = split.top(hidden, mask) if protocol == "vanilla" else split.head(split.middle(hidden, mask), mask)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_lora_on_all_linear_layers_of_a_decoder(minilm_tokenizer):
+    split = load_split("tiny", 1, hf_model=tiny_hf_model("decoder"), tokenizer=minilm_tokenizer, lora_targets="all")
+    adapted = [n for n, p in split.top.named_parameters() if p.requires_grad and "lora_A" in n]
+    assert len(adapted) == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 blocks above the split
+
+
+def test_unknown_lora_targets_are_refused(minilm_tokenizer):
+    with pytest.raises(ValueError, match=r"lora_targets='mlp'.*accepted: attention, all"):
+        load_split("tiny", 1, hf_model=tiny_hf_model("encoder"), tokenizer=minilm_tokenizer, lora_targets="mlp")

@@ -276,3 +276,20 @@ def test_split_layer_and_subspace_rank_reach_the_point_and_its_fingerprint(tmp_p
                           split_layer=2, subspace_rank=2), tmp_path, plots=False, progress=False)["rows"]
     assert len(rows) == 2
     assert {r["split_layer"] for r in rows} == {2} and {r["privacy_projection_rank"] for r in rows} == {2}
+
+
+def test_lora_targets_reach_the_split_and_the_fingerprint(tmp_path, monkeypatch):
+    """LoRA on all of the top's linear layers is its own point: the split is built with it and the
+    rows say so; at the default the fingerprint of stored points does not move."""
+    real, asked = pu.load_split, []
+    monkeypatch.setattr(pu, "load_split", lambda *a, **k: asked.append(k.get("lora_targets")) or real(*a, **k))
+    rows = pu.sweep(_tiny(defenses=("none",), attacks=("eia-knn",), attack_options={}, lora_targets="all"), tmp_path,
+                    plots=False, progress=False)["rows"]
+    assert asked == ["all"] and {r["lora_targets"] for r in rows} == {"all"}
+    a = pu.SweepSettings()
+    assert a.fingerprint("rotten_tomatoes", 0) == pu.SweepSettings(lora_targets="attention").fingerprint("rotten_tomatoes", 0)
+    assert a.fingerprint("rotten_tomatoes", 0) != pu.SweepSettings(lora_targets="all").fingerprint("rotten_tomatoes", 0)
+    with pytest.raises(ValueError, match="lora_targets='mlp' is invalid; accepted: attention, all"):
+        pu.SweepSettings(lora_targets="mlp").validate()
+    with pytest.raises(SystemExit):
+        pu.main(["--out", "unused", "--lora-targets", "mlp"])
