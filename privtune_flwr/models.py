@@ -183,7 +183,8 @@ class Middle(Top):
 
 
 class EncoderHead(nn.Module):
-    """Device head of an encoder classifier: the pooler (frozen) and the classifier (trained)."""
+    """Device head of an encoder classifier: the pooler (trained only with ``lora_targets="all"``)
+    and the classifier (trained)."""
 
     def __init__(self, pooler: nn.Module, dropout: nn.Module, classifier: nn.Module):
         super().__init__()

@@ -891,6 +891,16 @@ def _ints(value: str) -> tuple[int, ...]:
         raise ValueError(f"seeds={value!r} is invalid; accepted: comma-separated integers >= 0") from None
 
 
+def log_validation_scores() -> None:
+    """Long points report each validation score (step, score, best so far) to stderr as they train."""
+    cloud_log = logging.getLogger("privtune_flwr.cloud")
+    if not cloud_log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        cloud_log.addHandler(handler)
+    cloud_log.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="privacy-utility sweep: ASR against utility at convergence, per defence, ε and seed")
     parser.add_argument("--quick", action="store_true", help="small grid and sizes, a few minutes")
@@ -927,13 +937,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    # long points report each validation score (step, score, best so far) to stderr as they train
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-    cloud_log = logging.getLogger("privtune_flwr.cloud")
-    if not cloud_log.handlers:
-        cloud_log.addHandler(handler)
-    cloud_log.setLevel(logging.INFO)
+    log_validation_scores()
     over: dict = {}
     for key in ("datasets", "defenses", "attacks", "protocols"):
         if getattr(args, key) is not None:

@@ -5,7 +5,6 @@ split and defence still apply (the KNN score checks that they match).
 
     python -m simulations.screening.top_utility SEED DEFENCES OUT [LORA_TARGETS] [DECAYS]
 """
-import logging
 import sys
 
 import torch
@@ -16,11 +15,7 @@ seed, defenses, out = int(sys.argv[1]), tuple(sys.argv[2].split(",")), sys.argv[
 targets = sys.argv[4] if len(sys.argv) > 4 else "all"
 decays = int(sys.argv[5]) if len(sys.argv) > 5 else 2
 torch.set_num_threads(1)
-log = logging.getLogger("privtune_flwr.cloud")
-handler = logging.StreamHandler()
-handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-log.addHandler(handler)
-log.setLevel(logging.INFO)
+pu.log_validation_scores()
 settings = pu.full_settings(**{**pu.HEADLINE_COMMON, "defenses": defenses, "epsilons": (pu.HEADLINE_EPSILON,),
                                "seeds": (seed,), "attacks": ("eia-knn",), "attack_options": {},
                                "protocols": ("adaptive",), "split_layer": 3, "subspace_rank": 2,
