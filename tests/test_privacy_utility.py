@@ -293,3 +293,44 @@ def test_lora_targets_reach_the_split_and_the_fingerprint(tmp_path, monkeypatch)
         pu.SweepSettings(lora_targets="mlp").validate()
     with pytest.raises(SystemExit):
         pu.main(["--out", "unused", "--lora-targets", "mlp"])
+
+
+def _store(folder, *rows):
+    """Sweep points as the sweep stores them: one file per (defence, ε, seed)."""
+    points = folder / "points"
+    points.mkdir(parents=True, exist_ok=True)
+    for i, row in enumerate(rows):
+        (points / f"p{i}.json").write_text(json.dumps({"fingerprint": "f", "point": [], "rows": [row]}))
+
+
+def test_frontier_figure_pools_seeds_per_label_and_measures_each_drop_against_its_own_none(tmp_path):
+    from simulations import frontier_figure as ff
+
+    _store(tmp_path / "split1", _row("none", None, 0, "eia-knn", 0.80, 1.0), _row("dchi", 64.0, 0, "eia-knn", 0.76, 1.0))
+    _store(tmp_path / "s3a", _row("none", None, 0, "eia-knn", 0.70, 0.9), _row("label-subspace", 64.0, 0, "eia-knn", 0.70, 0.0))
+    # a second folder of the same label: seed 1, and a repeat of seed 0's `none` row that is counted once
+    _store(tmp_path / "s3b", _row("none", None, 1, "eia-knn", 0.90, 0.9), _row("none", None, 0, "eia-knn", 0.70, 0.9),
+           _row("label-subspace", 64.0, 1, "eia-knn", 0.81, 0.0))
+    out = tmp_path / "fig"
+    assert ff.main(["--out", str(out), str(tmp_path / "split1"), f"{tmp_path / 's3a'}=split 3",
+                    f"{tmp_path / 's3b'}=split 3"]) == 0
+    summary = {r["defense"]: r for r in json.loads((out / "summary.json").read_text())}
+    assert sorted(summary) == ["dchi", "label-subspace (split 3)", "none", "none (split 3)"]
+    assert summary["dchi"]["drop"] == pytest.approx(0.05)  # against split 1's none (0.80), not split 3's
+    ls = summary["label-subspace (split 3)"]
+    assert ls["seeds"] == 2 and ls["drop"] == pytest.approx((0.0 + 0.1) / 2)  # 0.70/0.70 and 0.81/0.90
+    assert summary["none (split 3)"]["seeds"] == 2 and summary["none (split 3)"]["utility"] == pytest.approx(0.80)
+    assert len(json.loads((out / "results.json").read_text())) == 6  # 7 stored, the repeat once
+    assert (out / "rotten_tomatoes_adaptive.png").stat().st_size > 0
+
+
+def test_frontier_figure_refuses_a_folder_without_points(tmp_path):
+    from simulations import frontier_figure as ff
+
+    with pytest.raises(ValueError, match="has no stored points"):
+        ff.main(["--out", str(tmp_path / "fig"), str(tmp_path)])
+    (tmp_path / "points").mkdir()
+    (tmp_path / "points" / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json is not a sweep point"):
+        ff.main(["--out", str(tmp_path / "fig"), str(tmp_path)])
+    assert not (tmp_path / "fig").exists()

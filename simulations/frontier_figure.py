@@ -1,0 +1,84 @@
+"""One frontier figure from several sweep output folders (for example split 1 and split 3).
+
+    python -m simulations.frontier_figure --out DIR SOURCE [SOURCE ...]
+
+A SOURCE is a sweep's ``--out`` folder, optionally followed by ``=LABEL``. The stored points
+(``points/*.json``) of the sources that share a label are pooled (so seeds run into separate
+folders average together) and summarised on their own: a defence's drop is measured against
+``none`` of the same label, never against another split's. A labelled source's defences are then
+named ``"<defence> (<label>)"``; the plots draw ``none (<label>)`` as a grey reference star.
+
+Writes ``results``/``summary`` (``.json`` and ``.csv``) and one PNG per dataset and protocol into
+``DIR``, and prints the summary table. Nothing is trained or attacked: it reads stored rows only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from simulations.privacy_utility import _write_table, plot, summarise, summary_table
+
+# a stored row is one (dataset, defence, ε, seed, attack, protocol); the same row in two sources is one row
+ROW_KEY = ("dataset", "defense", "epsilon", "seed", "attack", "protocol")
+
+
+def read_points(folder: Path) -> list[dict]:
+    """Every row stored under ``folder/points``; a clear error if there is none."""
+    files = sorted((folder / "points").glob("*.json"))
+    if not files:
+        raise ValueError(f"source {str(folder)!r} has no stored points (expected {folder / 'points'}/*.json)")
+    rows = []
+    for path in files:
+        try:
+            record = json.loads(path.read_text())
+            rows += record["rows"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path} is not a sweep point ({exc.__class__.__name__}: {exc})") from None
+    return rows
+
+
+def parse_source(text: str) -> tuple[Path, str]:
+    folder, _, label = text.partition("=")
+    if not folder:
+        raise ValueError(f"source {text!r} is invalid; accepted: DIR or DIR=LABEL")
+    return Path(folder), label.strip()
+
+
+def combine(sources: list[tuple[Path, str]]) -> tuple[list[dict], list[dict]]:
+    """(rows, summary) of ``sources``, pooled and summarised per label, then renamed by label."""
+    groups: dict[str, dict[tuple, dict]] = {}
+    for folder, label in sources:
+        pooled = groups.setdefault(label, {})
+        for row in read_points(folder):
+            pooled.setdefault(tuple(row.get(k) for k in ROW_KEY), row)
+
+    def named(record: dict, label: str) -> dict:
+        return {**record, "defense": f"{record['defense']} ({label})"} if label else record
+
+    rows, summary = [], []
+    for label, pooled in groups.items():
+        mine = list(pooled.values())
+        rows += [named(r, label) for r in mine]
+        summary += [named(s, label) for s in summarise(mine)]
+    return rows, summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="one frontier figure from several sweep output folders")
+    parser.add_argument("--out", required=True, help="folder for the figures and tables")
+    parser.add_argument("sources", nargs="+", help="sweep --out folders, each optionally DIR=LABEL")
+    args = parser.parse_args(argv)
+    rows, summary = combine([parse_source(s) for s in args.sources])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_table(rows, out, "results")
+    _write_table(summary, out, "summary")
+    paths = plot(summary, out)
+    print(summary_table(summary))
+    print("written", ", ".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
