@@ -502,8 +502,10 @@ def _load_split(model, split_layer, task, num_labels, *, lora_rank, lora_alpha, 
 def _lora(module: nn.Module, targets: list[str], rank: int, alpha: float | None, dropout: float) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
-    return get_peft_model(module, LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank,
-                                             lora_dropout=dropout, target_modules=targets))
+    with warnings.catch_warnings():  # peft reads a property transformers 5 has deprecated
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(module, LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank,
+                                                 lora_dropout=dropout, target_modules=targets))
 
 
 def _u_split(name, hf_model, base, family, task, split_layer, num_layers, num_labels, tokenizer, low, high, *,

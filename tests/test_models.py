@@ -150,6 +150,7 @@ def test_loading_our_models_is_quiet_and_restores_transformers_settings(capfd, c
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         load_split("minilm", split_layer=1, task="classification", num_labels=2)
+        load_split("minilm", split_layer=1, task="classification", num_labels=2, protocol="u-shaped")  # LoRA'd middle
     out = capfd.readouterr()
     for noise in ("LOAD REPORT", "MISSING", "Loading weights"):
         assert noise not in out.out + out.err
