@@ -21,6 +21,8 @@ from simulations.privacy_utility import _write_table, plot, summarise, summary_t
 
 # a stored row is one (dataset, defence, ε, seed, attack, protocol); the same row in two sources is one row
 ROW_KEY = ("dataset", "defense", "epsilon", "seed", "attack", "protocol")
+# ... but only if it was measured the same way: rows that share a key and differ in these are refused
+SAME_POINT = ("split_layer", "lora_targets", "privacy_projection_rank", "utility", "asr")
 
 
 def read_points(folder: Path) -> list[dict]:
@@ -51,7 +53,15 @@ def combine(sources: list[tuple[Path, str]]) -> tuple[list[dict], list[dict]]:
     for folder, label in sources:
         pooled = groups.setdefault(label, {})
         for row in read_points(folder):
-            pooled.setdefault(tuple(row.get(k) for k in ROW_KEY), row)
+            key = tuple(row.get(k) for k in ROW_KEY)
+            seen = pooled.setdefault(key, {**row, "_source": str(folder)})
+            if any(seen.get(k) != row.get(k) for k in SAME_POINT):
+                raise ValueError(
+                    f"{dict(zip(ROW_KEY, key))} is stored differently in {seen['_source']!r} and {str(folder)!r} "
+                    f"(split, LoRA targets, subspace rank or scores differ); give the two folders different labels")
+    for pooled in groups.values():
+        for row in pooled.values():
+            del row["_source"]
 
     def named(record: dict, label: str) -> dict:
         return {**record, "defense": f"{record['defense']} ({label})"} if label else record

@@ -334,3 +334,15 @@ def test_frontier_figure_refuses_a_folder_without_points(tmp_path):
     with pytest.raises(ValueError, match="bad.json is not a sweep point"):
         ff.main(["--out", str(tmp_path / "fig"), str(tmp_path)])
     assert not (tmp_path / "fig").exists()
+
+
+def test_frontier_figure_refuses_to_pool_one_point_measured_two_ways(tmp_path):
+    from simulations import frontier_figure as ff
+
+    _store(tmp_path / "r2", _row("label-subspace", 64.0, 0, "eia-knn", 0.70, 0.0, privacy_projection_rank=2))
+    _store(tmp_path / "r4", _row("label-subspace", 64.0, 0, "eia-knn", 0.74, 0.1, privacy_projection_rank=4))
+    with pytest.raises(ValueError, match="stored differently in .*r2.* and .*r4.*; give the two folders different labels"):
+        ff.main(["--out", str(tmp_path / "fig"), str(tmp_path / "r2"), str(tmp_path / "r4")])
+    assert ff.main(["--out", str(tmp_path / "fig"), f"{tmp_path / 'r2'}=rank 2", f"{tmp_path / 'r4'}=rank 4"]) == 0
+    names = {r["defense"] for r in json.loads((tmp_path / "fig" / "summary.json").read_text())}
+    assert names == {"label-subspace (rank 2)", "label-subspace (rank 4)"}
