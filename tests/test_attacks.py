@@ -237,6 +237,8 @@ def test_bag_of_words_reports_its_blind_guess(split, releases):
     truth = attack._keyword_targets(aia_vic)
     expected = float(truth[:, claimed].sum() / truth.sum())
     assert result["blind_recall"] == pytest.approx(expected)
+    # its precision: the share of the claimed (sequence, word) pairs that are true
+    assert result["blind_precision"] == pytest.approx(float(truth[:, claimed].sum() / (claimed.sum() * len(truth))))
     assert result["asr"] > result["blind_recall"]  # the clean release tells more than the word frequencies
 
 

@@ -210,9 +210,9 @@ class BagOfWordsInference(_KeywordAttack):
         prob = self.predict(victim)
         truth = self._keyword_targets(victim)
         recall, precision = recall_precision_at(prob, truth, self.threshold)
-        blind, _ = recall_precision_at(self.prior.expand(len(truth), -1), truth, self.blind_threshold)
+        blind, blind_precision = recall_precision_at(self.prior.expand(len(truth), -1), truth, self.blind_threshold)
         return {"asr": recall, "metric": "set recall (micro) at the aux-chosen threshold", "precision": precision,
-                "blind_recall": blind,
+                "blind_recall": blind, "blind_precision": blind_precision,
                 "threshold": self.threshold, "keywords_used": len(self.words),
                 "victim_positives": int(truth.sum()), "keywords_dropped_multitoken": self.dropped}
 
