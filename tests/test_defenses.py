@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import logging
 from pathlib import Path
 
 import pytest
@@ -415,6 +416,19 @@ def test_label_subspace_statement_and_bad_input(tiny):
     with pytest.raises(ValueError, match=r"rank=99 is outside the accepted range 1..32"):
         fit_subspace([torch.zeros(3, 32)] * 2, [torch.tensor([101, 7, 102])] * 2, [0, 1], rank=99,
                      special_ids=split.special_ids)
+
+
+def test_label_subspace_warns_when_its_rank_is_below_the_classes_minus_one(tiny, caplog):
+    from privtune_flwr.mechanism.subspace import fit_subspace
+
+    split = tiny[0]
+    rows, ids = [torch.randn(3, 32) for _ in range(6)], [torch.tensor([101, 7 + i, 102]) for i in range(6)]
+    with caplog.at_level(logging.WARNING, logger="privtune_flwr.mechanism.subspace"):
+        fit_subspace(rows, ids, [0, 1, 2, 3, 0, 1], rank=3, special_ids=split.special_ids, epochs=1)
+        assert not caplog.records  # 4 classes need 3 directions
+        fit_subspace(rows, ids, [0, 1, 2, 3, 0, 1], rank=2, special_ids=split.special_ids, epochs=1)
+    [record] = caplog.records
+    assert "rank 2 is below the 4 classes - 1" in record.getMessage() and "subspace-rank >= 3" in record.getMessage()
 
 
 def d_subspace(split):
