@@ -82,7 +82,7 @@ class RunConfig:
     importance_levels: int = 3  # public noise-scale levels (0 = continuous: no bound across importance)
     delta: float = 1e-5  # gaussian only
     clip: float = 0.0  # gaussian only; 0 = calibrate from the anchors
-    subspace_rank: int = 2  # label-subspace only: directions kept per token (2 at split 3: see README)
+    subspace_rank: int = 2  # label-subspace only: directions kept per token (2 at split 3; >= classes - 1: see README)
     # noise: a secret key on each device, each example released once; both need the device's consent
     # (its node config / device policy) to be weakened
     release: str = "once"  # "once" | "fresh" (fresh noise per re-send; composes)

@@ -8,7 +8,7 @@ folders average together) and summarised on their own: a defence's drop is measu
 ``none`` of the same label, never against another split's. A labelled source's defences are then
 named ``"<defence> (<label>)"``; the plots draw ``none (<label>)`` as a grey reference star.
 
-Writes ``results``/``summary`` (``.json`` and ``.csv``) and one PNG per dataset and protocol into
+Writes ``results.csv``/``summary.csv`` and one PNG per dataset and protocol into
 ``DIR``, and prints the summary table. Nothing is trained or attacked: it reads stored rows only.
 """
 from __future__ import annotations
@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     rows, summary = combine([parse_source(s) for s in args.sources])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_table(rows, out, "results")
-    _write_table(summary, out, "summary")
+    _write_table(rows, out, "results", with_json=False)
+    _write_table(summary, out, "summary", with_json=False)
     paths = plot(summary, out)
     print(summary_table(summary))
     print("written", ", ".join(str(p) for p in paths))

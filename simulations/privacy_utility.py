@@ -670,8 +670,9 @@ def sweep(settings: SweepSettings, out: Path, *, plots: bool = True, progress: b
     return {"rows": all_rows, "computed": computed, "skipped": skipped}
 
 
-def _write_table(rows: list[dict], out: Path, stem: str) -> None:
-    _atomic_write(out / f"{stem}.json", json.dumps(rows, indent=1))
+def _write_table(rows: list[dict], out: Path, stem: str, *, with_json: bool = True) -> None:
+    if with_json:
+        _atomic_write(out / f"{stem}.json", json.dumps(rows, indent=1))
     columns: list[str] = []
     for r in rows:
         columns += [k for k in r if k not in columns]

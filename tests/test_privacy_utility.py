@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -314,13 +315,15 @@ def test_frontier_figure_pools_seeds_per_label_and_measures_each_drop_against_it
     out = tmp_path / "fig"
     assert ff.main(["--out", str(out), str(tmp_path / "split1"), f"{tmp_path / 's3a'}=split 3",
                     f"{tmp_path / 's3b'}=split 3"]) == 0
-    summary = {r["defense"]: r for r in json.loads((out / "summary.json").read_text())}
+    with open(out / "summary.csv", newline="") as f:
+        summary = {r["defense"]: r for r in csv.DictReader(f)}
     assert sorted(summary) == ["dchi", "label-subspace (split 3)", "none", "none (split 3)"]
-    assert summary["dchi"]["drop"] == pytest.approx(0.05)  # against split 1's none (0.80), not split 3's
+    assert float(summary["dchi"]["drop"]) == pytest.approx(0.05)  # against split 1's none (0.80), not split 3's
     ls = summary["label-subspace (split 3)"]
-    assert ls["seeds"] == 2 and ls["drop"] == pytest.approx((0.0 + 0.1) / 2)  # 0.70/0.70 and 0.81/0.90
-    assert summary["none (split 3)"]["seeds"] == 2 and summary["none (split 3)"]["utility"] == pytest.approx(0.80)
-    assert len(json.loads((out / "results.json").read_text())) == 6  # 7 stored, the repeat once
+    assert ls["seeds"] == "2" and float(ls["drop"]) == pytest.approx((0.0 + 0.1) / 2)  # 0.70/0.70 and 0.81/0.90
+    assert summary["none (split 3)"]["seeds"] == "2" and float(summary["none (split 3)"]["utility"]) == pytest.approx(0.80)
+    with open(out / "results.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 6  # 7 stored, the repeat once
     assert (out / "rotten_tomatoes_adaptive.png").stat().st_size > 0
 
 
@@ -344,5 +347,6 @@ def test_frontier_figure_refuses_to_pool_one_point_measured_two_ways(tmp_path):
     with pytest.raises(ValueError, match="stored differently in .*r2.* and .*r4.*; give the two folders different labels"):
         ff.main(["--out", str(tmp_path / "fig"), str(tmp_path / "r2"), str(tmp_path / "r4")])
     assert ff.main(["--out", str(tmp_path / "fig"), f"{tmp_path / 'r2'}=rank 2", f"{tmp_path / 'r4'}=rank 4"]) == 0
-    names = {r["defense"] for r in json.loads((tmp_path / "fig" / "summary.json").read_text())}
+    with open(tmp_path / "fig" / "summary.csv", newline="") as f:
+        names = {r["defense"] for r in csv.DictReader(f)}
     assert names == {"label-subspace (rank 2)", "label-subspace (rank 4)"}
