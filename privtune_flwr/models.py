@@ -464,7 +464,7 @@ def _load_split(model, split_layer, task, num_labels, *, lora_rank, lora_alpha, 
     # trained whole beside the task head: the head, and with "all" an encoder's pooler
     whole = ([head] if head else []) + (["pooler"] if family == "encoder" and lora_targets == "all" else [])
     if lora_rank > 0 and split_layer < num_layers:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig
 
         # The top holds only blocks m..L-1, so every block in it gets LoRA.
         lora = LoraConfig(
@@ -474,9 +474,7 @@ def _load_split(model, split_layer, task, num_labels, *, lora_rank, lora_alpha, 
             target_modules=list(targets[family]),
             modules_to_save=whole or None,
         )
-        with warnings.catch_warnings():  # peft reads a property transformers 5 has deprecated
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            top_model = get_peft_model(top_model, lora)
+        top_model = _peft(top_model, lora)
     else:  # no blocks above the split (or LoRA off): only the task head (and pooler) train
         top_model.requires_grad_(False)
         for name in whole:
@@ -499,13 +497,21 @@ def _load_split(model, split_layer, task, num_labels, *, lora_rank, lora_alpha, 
     )
 
 
-def _lora(module: nn.Module, targets: list[str], rank: int, alpha: float | None, dropout: float) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
+def _peft(module: nn.Module, config) -> nn.Module:
+    """``peft.get_peft_model`` without the FutureWarning it raises under transformers 5 (it reads
+    ``is_gradient_checkpointing``, a property transformers has deprecated)."""
+    from peft import get_peft_model
 
-    with warnings.catch_warnings():  # peft reads a property transformers 5 has deprecated
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(module, LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank,
-                                                 lora_dropout=dropout, target_modules=targets))
+        return get_peft_model(module, config)
+
+
+def _lora(module: nn.Module, targets: list[str], rank: int, alpha: float | None, dropout: float) -> nn.Module:
+    from peft import LoraConfig
+
+    return _peft(module, LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank,
+                                    lora_dropout=dropout, target_modules=targets))
 
 
 def _u_split(name, hf_model, base, family, task, split_layer, num_layers, num_labels, tokenizer, low, high, *,

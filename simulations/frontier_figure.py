@@ -50,18 +50,17 @@ def parse_source(text: str) -> tuple[Path, str]:
 def combine(sources: list[tuple[Path, str]]) -> tuple[list[dict], list[dict]]:
     """(rows, summary) of ``sources``, pooled and summarised per label, then renamed by label."""
     groups: dict[str, dict[tuple, dict]] = {}
+    origin: dict[tuple, str] = {}  # (label, row key) -> the folder the kept row came from
     for folder, label in sources:
         pooled = groups.setdefault(label, {})
         for row in read_points(folder):
             key = tuple(row.get(k) for k in ROW_KEY)
-            seen = pooled.setdefault(key, {**row, "_source": str(folder)})
+            seen = pooled.setdefault(key, row)
+            origin.setdefault((label, key), str(folder))
             if any(seen.get(k) != row.get(k) for k in SAME_POINT):
                 raise ValueError(
-                    f"{dict(zip(ROW_KEY, key))} is stored differently in {seen['_source']!r} and {str(folder)!r} "
+                    f"{dict(zip(ROW_KEY, key))} is stored differently in {origin[label, key]!r} and {str(folder)!r} "
                     f"(split, LoRA targets, subspace rank or scores differ); give the two folders different labels")
-    for pooled in groups.values():
-        for row in pooled.values():
-            del row["_source"]
 
     def named(record: dict, label: str) -> dict:
         return {**record, "defense": f"{record['defense']} ({label})"} if label else record
