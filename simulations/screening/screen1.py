@@ -1,12 +1,8 @@
 import sys, json, time, torch
 torch.set_num_threads(1)
 from simulations.screening.screen_lib import *
-from privtune_flwr.models import load_split
 M = int(sys.argv[4]) if len(sys.argv) > 4 else 1
-C = torch.load(f"outputs/screening/cache_m{M}.pt")
-split = load_split("minilm", M, "classification", 2, seed=0)
-tr, va, vi, ax = C["train"], C["val"], C["victim"], C["aux"]
-sm = special_means_of(tr["rows"], tr["ids"])
+split, tr, va, vi, ax, sm = load_cache(M)
 res = []
 for k in [int(x) for x in sys.argv[1].split(",")]:
     for adv in [float(x) for x in sys.argv[2].split(",")]:

@@ -1,12 +1,8 @@
 import sys, json, time, torch
 torch.set_num_threads(1)
 from simulations.screening.screen_lib import *
-from privtune_flwr.models import load_split
 M = int(sys.argv[1]); k = int(sys.argv[2]); shares = [float(x) for x in sys.argv[3].split(",")]; steps = int(sys.argv[4])
-C = torch.load(f"outputs/screening/cache_m{M}.pt")
-split = load_split("minilm", M, "classification", 2, seed=0)
-tr, va, vi, ax = C["train"], C["val"], C["victim"], C["aux"]
-sm = special_means_of(tr["rows"], tr["ids"])
+split, tr, va, vi, ax, sm = load_cache(M)
 c, Q, reader, sd = fit_subspace(tr["rows"], tr["ids"], tr["labels"], k)
 acc = reader_accuracy(reader, c, Q, sd, va["rows"], va["ids"], va["labels"])
 for share in shares:

@@ -31,6 +31,29 @@ class TinyReader(nn.Module):
         m = mask.unsqueeze(-1).float()
         return self.out((x * m).sum(1) / m.sum(1))
 
+class TokenAdversary:
+    """A token inverter (k features -> the ``vocab_cap`` most frequent regular tokens) trained beside
+    an obfuscator: ``step`` updates it on detached features, then returns its loss on the live ones
+    (for the obfuscator to maximise)."""
+    def __init__(self, I, real, k, vocab_cap):
+        ids, cnt = I[real].unique(return_counts=True)
+        keep = ids[cnt.argsort(descending=True)[:vocab_cap]]
+        self.local = torch.full((30522,), -1); self.local[keep] = torch.arange(len(keep))
+        self.net = nn.Sequential(nn.Linear(k, 256), nn.GELU(), nn.Linear(256, len(keep)))
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=1e-3)
+    def step(self, features, token_ids):
+        tgt = self.local[token_ids]; ok = tgt >= 0
+        loss = F.cross_entropy(self.net(features[ok].detach()), tgt[ok])
+        self.opt.zero_grad(); loss.backward(); self.opt.step()
+        return F.cross_entropy(self.net(features[ok]), tgt[ok])
+
+def load_cache(m):
+    """(split, train, val, victim, aux, special means) of the bottom outputs cached by ``cache m``."""
+    from privtune_flwr.models import load_split
+    C = torch.load(f"outputs/screening/cache_m{m}.pt")
+    split = load_split("minilm", m, "classification", 2, seed=0)
+    return split, C["train"], C["val"], C["victim"], C["aux"], special_means_of(C["train"]["rows"], C["train"]["ids"])
+
 def fit_subspace(train_rows, train_ids, labels, k, *, epochs=4, lr=3e-3, seed=0, adv=0.0, vocab_cap=2000):
     torch.manual_seed(seed)
     H, I, M = pad(train_rows, train_ids)
@@ -40,13 +63,7 @@ def fit_subspace(train_rows, train_ids, labels, k, *, epochs=4, lr=3e-3, seed=0,
     W = nn.Parameter(torch.randn(H.shape[-1], k) / math.sqrt(H.shape[-1]))
     reader = TinyReader(k, int(labels.max()) + 1)
     params = [W] + list(reader.parameters())
-    inv = None
-    if adv > 0:
-        ids, cnt = I[real].unique(return_counts=True)
-        keep = ids[cnt.argsort(descending=True)[:vocab_cap]]
-        local = torch.full((30522,), -1); local[keep] = torch.arange(len(keep))
-        inv = nn.Sequential(nn.Linear(k, 256), nn.GELU(), nn.Linear(256, len(keep)))
-        opt_inv = torch.optim.Adam(inv.parameters(), lr=1e-3)
+    adversary = TokenAdversary(I, real, k, vocab_cap) if adv > 0 else None
     opt = torch.optim.Adam(params, lr=lr)
     n = len(H); g = torch.Generator().manual_seed(seed)
     for ep in range(epochs):
@@ -56,12 +73,8 @@ def fit_subspace(train_rows, train_ids, labels, k, *, epochs=4, lr=3e-3, seed=0,
             Q, _ = torch.linalg.qr(W)
             f = ((H[b] - c) @ Q) * real[b].unsqueeze(-1)
             loss = F.cross_entropy(reader(f / sd, M[b]), labels[b])
-            if inv is not None:
-                tgt = local[I[b][real[b]]]; ff = f[real[b]]
-                ok = tgt >= 0
-                l_inv = F.cross_entropy(inv(ff[ok].detach() / sd), tgt[ok])
-                opt_inv.zero_grad(); l_inv.backward(); opt_inv.step()
-                loss = loss - adv * F.cross_entropy(inv(ff[ok] / sd), tgt[ok])
+            if adversary is not None:
+                loss = loss - adv * adversary.step(f[real[b]] / sd, I[b][real[b]])
             opt.zero_grad(); loss.backward(); opt.step()
     Q, _ = torch.linalg.qr(W.detach())
     return c, Q, reader, sd
@@ -149,3 +162,54 @@ def project_rows_keep(rows, ids, c, Q, kept, eps=None, special_means=None, seed=
         k = kept[t]
         o[k] = r[k]
     return out
+
+class TokenObfuscator(nn.Module):
+    """A non-linear per-token map d -> k (the device-side obfuscator screened in ``screen3``)."""
+    def __init__(self, d, k, hidden=256):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, k))
+    def forward(self, x):
+        return self.net(x)
+
+def fit_obfuscator(train_rows, train_ids, labels, k, *, hidden=256, epochs=4, lr=1e-3, seed=0, adv=0.0, vocab_cap=2000):
+    """Train a TokenObfuscator with a TinyReader on the label; with ``adv`` > 0 also against a token
+    inverter trained alongside (its loss subtracted with weight ``adv``). Returns (c, sd, obf, reader)."""
+    torch.manual_seed(seed)
+    H, I, M = pad(train_rows, train_ids)
+    real = M.bool() & ~torch.isin(I, torch.tensor(SPECIAL))
+    c = H[real].mean(0); sd = H[real].std(0).mean()
+    obf = TokenObfuscator(H.shape[-1], k, hidden); reader = TinyReader(k, int(labels.max()) + 1)
+    opt = torch.optim.Adam(list(obf.parameters()) + list(reader.parameters()), lr=lr)
+    adversary = TokenAdversary(I, real, k, vocab_cap) if adv > 0 else None
+    n = len(H); g = torch.Generator().manual_seed(seed)
+    obf.train(); reader.train()
+    for ep in range(epochs):
+        perm = torch.randperm(n, generator=g)
+        for s in range(0, n, 64):
+            b = perm[s:s+64]
+            f = obf((H[b] - c) / sd) * real[b].unsqueeze(-1)
+            loss = F.cross_entropy(reader(f, M[b]), labels[b])
+            if adversary is not None:
+                loss = loss - adv * adversary.step(f[real[b]], I[b][real[b]])
+            opt.zero_grad(); loss.backward(); opt.step()
+    obf.eval(); reader.eval()
+    return c, sd, obf, reader
+
+def obfuscated_rows(rows, ids, c, sd, obf, lift, special_means):
+    """Each token's k features, lifted into the hidden space by the fixed orthonormal ``lift`` [d, k]
+    around ``c`` (the release keeps the top's input shape); special tokens as public constants."""
+    out = []
+    with torch.no_grad():
+        for r, t in zip(rows, ids):
+            x = c + sd * obf((r - c) / sd) @ lift.T
+            sp = torch.isin(t, torch.tensor(SPECIAL))
+            if sp.any():
+                x[sp] = torch.stack([special_means[int(tt)] for tt in t[sp]])
+            out.append(x)
+    return out
+
+def obfuscator_accuracy(reader, c, sd, obf, rows, ids, labels):
+    H, I, M = pad(rows, ids)
+    real = M.bool() & ~torch.isin(I, torch.tensor(SPECIAL))
+    with torch.no_grad():
+        return float((reader(obf((H - c) / sd) * real.unsqueeze(-1), M).argmax(-1) == labels).float().mean())
