@@ -34,8 +34,10 @@ class TinyReader(nn.Module):
 class TokenAdversary:
     """A token inverter (k features -> the ``vocab_cap`` most frequent regular tokens) trained beside
     an obfuscator: ``step`` updates it on detached features, then returns its loss on the live ones
-    (for the obfuscator to maximise)."""
-    def __init__(self, I, real, k, vocab_cap):
+    (for the obfuscator to maximise). ``mode="entropy"`` returns the entropy of its prediction
+    instead: bounded by log(vocab), so the obfuscator cannot win by pushing the loss without limit."""
+    def __init__(self, I, real, k, vocab_cap, mode="ce"):
+        self.mode = mode
         ids, cnt = I[real].unique(return_counts=True)
         keep = ids[cnt.argsort(descending=True)[:vocab_cap]]
         self.local = torch.full((30522,), -1); self.local[keep] = torch.arange(len(keep))
@@ -45,7 +47,11 @@ class TokenAdversary:
         tgt = self.local[token_ids]; ok = tgt >= 0
         loss = F.cross_entropy(self.net(features[ok].detach()), tgt[ok])
         self.opt.zero_grad(); loss.backward(); self.opt.step()
-        return F.cross_entropy(self.net(features[ok]), tgt[ok])
+        logits = self.net(features[ok])
+        if self.mode == "entropy":
+            p = logits.log_softmax(-1)
+            return -(p.exp() * p).sum(-1).mean()
+        return F.cross_entropy(logits, tgt[ok])
 
 def load_cache(m):
     """(split, train, val, victim, aux, special means) of the bottom outputs cached by ``cache m``."""
@@ -171,7 +177,8 @@ class TokenObfuscator(nn.Module):
     def forward(self, x):
         return self.net(x)
 
-def fit_obfuscator(train_rows, train_ids, labels, k, *, hidden=256, epochs=4, lr=1e-3, seed=0, adv=0.0, vocab_cap=2000):
+def fit_obfuscator(train_rows, train_ids, labels, k, *, hidden=256, epochs=4, lr=1e-3, seed=0, adv=0.0, vocab_cap=2000,
+                   adv_mode="ce"):
     """Train a TokenObfuscator with a TinyReader on the label; with ``adv`` > 0 also against a token
     inverter trained alongside (its loss subtracted with weight ``adv``). Returns (c, sd, obf, reader)."""
     torch.manual_seed(seed)
@@ -180,7 +187,7 @@ def fit_obfuscator(train_rows, train_ids, labels, k, *, hidden=256, epochs=4, lr
     c = H[real].mean(0); sd = H[real].std(0).mean()
     obf = TokenObfuscator(H.shape[-1], k, hidden); reader = TinyReader(k, int(labels.max()) + 1)
     opt = torch.optim.Adam(list(obf.parameters()) + list(reader.parameters()), lr=lr)
-    adversary = TokenAdversary(I, real, k, vocab_cap) if adv > 0 else None
+    adversary = TokenAdversary(I, real, k, vocab_cap, adv_mode) if adv > 0 else None
     n = len(H); g = torch.Generator().manual_seed(seed)
     obf.train(); reader.train()
     for ep in range(epochs):
