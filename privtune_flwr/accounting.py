@@ -57,6 +57,8 @@ def statement_for_config(cfg, *, radius: float = 0.0) -> "PrivacyStatement":
         return PrivacyStatement(defense="dchi", epsilon=cfg.epsilon, **common)
     if cfg.defense == "label-subspace":
         return PrivacyStatement(defense=cfg.defense, epsilon=cfg.epsilon, projection_rank=cfg.subspace_rank, **common)
+    if cfg.defense == "label-obfuscator":
+        return PrivacyStatement(defense=cfg.defense, epsilon=cfg.epsilon, learned_rank=cfg.subspace_rank, **common)
     if cfg.defense == "gaussian":
         from .mechanism.gaussian import analytic_gaussian_sigma
 
@@ -86,6 +88,7 @@ class PrivacyStatement:
     key_source: str = "os-entropy"
     experimental: str | None = None  # research variants: the words that replace a formal guarantee
     projection_rank: int | None = None  # label-subspace: the noise lives in a rank-k subspace fitted on device data
+    learned_rank: int | None = None  # label-obfuscator: the noise lives on k features of a network fitted on device data
 
     def __post_init__(self):
         if self.release not in RELEASE_MODES:
@@ -184,6 +187,14 @@ class PrivacyStatement:
                         "labelled data and is revealed by the releases: it is aggregate information about that data "
                         "that no bound covers. The protection against token inversion comes from the projection and "
                         "is empirical (measured by the attacks), not implied by epsilon")
+            elif self.learned_rank is not None:
+                text = (f"d_chi (metric) privacy per token on its {self.learned_rank} learned label features u(h): "
+                        "output densities of two tokens differ by at most exp(epsilon * ||u(h) - u(h')||). u is a "
+                        "small network, so no bound in ||h - h'|| follows from this. The network (its weights, centre "
+                        "and the constants released for special tokens) was fitted once on the device's own labelled "
+                        "data, against a token inverter, and is revealed by the releases: it is aggregate information "
+                        "about that data that no bound covers. The protection against token inversion comes from the "
+                        "learned map and is empirical (measured by the attacks), not implied by epsilon")
             elif len(self.scales) == 1:
                 text = (f"d_chi (metric) privacy per token on the split-layer representation: output densities of two "
                         f"tokens differ by at most {bound} with s = {self.scales[0]:g}{shift}")

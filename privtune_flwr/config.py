@@ -22,8 +22,10 @@ MIDDLE_STEPS = ("per-batch", "joint")
 # launcher can check a run's configuration in a fraction of a second, without importing torch.
 DEFENSE_NAMES = (
     "none", "dchi", "gaussian", "privtune", "privtune-noimp", "privtune-nomean",
-    "privtune-random-target", "privtune-sampled-target", "label-subspace",
+    "privtune-random-target", "privtune-sampled-target", "label-subspace", "label-obfuscator",
 )
+# The defences a device fits on its own class labels (classification only).
+LABEL_DEFENSES = ("label-subspace", "label-obfuscator")
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,7 @@ class RunConfig:
     importance_levels: int = 3  # public noise-scale levels (0 = continuous: no bound across importance)
     delta: float = 1e-5  # gaussian only
     clip: float = 0.0  # gaussian only; 0 = calibrate from the anchors
-    subspace_rank: int = 2  # label-subspace only: directions kept per token (2 at split 3; >= classes - 1: see README)
+    subspace_rank: int = 2  # label-subspace / label-obfuscator only: directions (features) kept per token (2 at split 3; >= classes - 1: see README)
     # noise: a secret key on each device, each example released once; both need the device's consent
     # (its node config / device policy) to be weakened
     release: str = "once"  # "once" | "fresh" (fresh noise per re-send; composes)
@@ -123,9 +125,9 @@ class RunConfig:
         _require(0 <= self.generate_samples <= 64, "generate-samples", self.generate_samples, "0..64")
         _require(1 <= self.max_new_tokens <= 256, "max-new-tokens", self.max_new_tokens, "1..256")
         _require(self.defense in DEFENSE_NAMES, "defense", self.defense, ", ".join(DEFENSE_NAMES))
-        _require(not (self.task == "generation" and self.defense == "label-subspace"), "defense", self.defense,
-                 "a defence other than 'label-subspace' for task='generation' (it keeps the directions that "
-                 "predict a class label; a generation task has none)")
+        _require(not (self.task == "generation" and self.defense in LABEL_DEFENSES), "defense", self.defense,
+                 f"a defence other than {' or '.join(map(repr, LABEL_DEFENSES))} for task='generation' (they keep what "
+                 "predicts a class label; a generation task has none)")
         _require(self.lora_rank >= 0, "lora-rank", self.lora_rank, ">= 0")
         _require(self.lora_targets in LORA_TARGET_CHOICES, "lora-targets", self.lora_targets,
                  " or ".join(repr(t) for t in LORA_TARGET_CHOICES))
@@ -160,7 +162,7 @@ class RunConfig:
             return {}
         if self.defense == "gaussian":
             return {"delta": self.delta, "clip": self.clip or None}
-        if self.defense == "label-subspace":
+        if self.defense in LABEL_DEFENSES:
             return {"subspace_rank": self.subspace_rank}
         return {
             "n_hops": self.n_hops, "k": self.k, "max_neighbours": self.max_neighbours,
@@ -175,7 +177,7 @@ class RunConfig:
         shown = {"eps": f"{self.epsilon:g}"}
         if self.defense == "gaussian":
             shown.update(delta=f"{self.delta:g}", clip=f"{self.clip:g}" if self.clip else "auto")
-        elif self.defense == "label-subspace":
+        elif self.defense in LABEL_DEFENSES:
             shown["rank"] = self.subspace_rank
         elif self.defense.startswith("privtune"):
             shown.update({"n-hops": self.n_hops, "k": self.k, "s-min": f"{self.s_min:g}", "radius-scale": f"{self.radius_scale:g}"})

@@ -27,6 +27,7 @@ from .mechanism.dchi import check_epsilon, real_spans, sample_dchi_keyed
 from .mechanism.noise_key import NoiseKey, NoiseStream
 from .mechanism.gaussian import analytic_gaussian_sigma, check_delta
 from .mechanism.importance import Importance
+from .mechanism.obfuscator import LAYERS, Obfuscator, feature_map
 from .mechanism.pgd import pool_weights, solve_shift
 from .mechanism.subspace import Subspace
 from .models import SplitModel
@@ -413,7 +414,42 @@ class PrivTuneSampledTarget(PrivTuneDefense):
     target_mode = "sampled"
 
 
-class LabelSubspaceDefense(Defense):
+class _LabelDefense(Defense):
+    """What the two label defences share: special tokens are released as public constants, the
+    mean of each one's representations in the device's fit (a special the fit never saw: the
+    fit's centre), whatever the text."""
+
+    def _check_fitted(self, split: SplitModel, option: str, fitted, kind: type, rank) -> None:
+        """``fitted`` (the ``option`` the device fitted) is a ``kind`` of the split's size and of rank
+        ``rank``; sets ``subspace_rank``."""
+        self.subspace_rank = _number("subspace_rank", rank, 1, split.hidden_size, low_open=False, integer=True)
+        article = "an" if kind.__name__[0] in "AEIOU" else "a"
+        if fitted is None:
+            raise ValueError(f"defense={self.name!r} needs {option}=<{article} {kind.__name__} fitted on the device's own "
+                             "data>; build it with privtune_flwr.device.device_defense(...)")
+        if not isinstance(fitted, kind):
+            raise ValueError(f"{option} must be {article} {kind.__name__}, got {type(fitted).__name__}")
+        fitted.check(split.hidden_size)
+        if fitted.rank != self.subspace_rank:
+            raise ValueError(f"the {option} has rank {fitted.rank} but subspace_rank={self.subspace_rank}")
+
+    def _register_specials(self, split: SplitModel, fitted) -> None:
+        self.register_buffer("special_ids", split.special_ids, persistent=False)
+        table = self.center.unsqueeze(0).repeat(len(split.special_ids), 1)  # one row per special id
+        for sid, row in zip(fitted.special_ids.tolist(), fitted.special):
+            hit = (split.special_ids == sid).nonzero()
+            if len(hit):
+                table[int(hit[0])] = row.float()
+        self.register_buffer("special_values", table, persistent=False)
+
+    def _with_specials(self, released: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        special = torch.isin(input_ids, self.special_ids)
+        if special.any():
+            released[special] = self.special_values[torch.searchsorted(self.special_ids, input_ids[special])]
+        return released
+
+
+class LabelSubspaceDefense(_LabelDefense):
     """Release each token's projection onto a label subspace fitted on the device, plus d_chi noise in it.
 
     ``released_i = c + U (U^T (h_i - c) + z_i)`` for every regular token, where ``U`` ``[d, k]`` is
@@ -432,25 +468,10 @@ class LabelSubspaceDefense(Defense):
     def __init__(self, split: SplitModel, epsilon: float, *, key=None, seed=None, release="once",
                  subspace: Subspace | None = None, subspace_rank: int = 1):
         super().__init__(split, epsilon, key=key, seed=seed, release=release)
-        self.subspace_rank = _number("subspace_rank", subspace_rank, 1, split.hidden_size, low_open=False, integer=True)
-        if subspace is None:
-            raise ValueError("defense='label-subspace' needs subspace=<a Subspace fitted on the device's own data>; "
-                             "build it with privtune_flwr.device.device_defense(...)")
-        if not isinstance(subspace, Subspace):
-            raise ValueError(f"subspace must be a Subspace, got {type(subspace).__name__}")
-        subspace.check(split.hidden_size)
-        if subspace.rank != self.subspace_rank:
-            raise ValueError(f"the subspace has rank {subspace.rank} but subspace_rank={self.subspace_rank}")
+        self._check_fitted(split, "subspace", subspace, Subspace, subspace_rank)
         self.register_buffer("center", subspace.center.float().clone(), persistent=False)
         self.register_buffer("basis", subspace.basis.float().clone(), persistent=False)
-        self.register_buffer("special_ids", split.special_ids, persistent=False)
-        # One public constant per special id ([V] lookup); a special the fit never saw gets the centre.
-        table = self.center.unsqueeze(0).repeat(len(split.special_ids), 1)
-        for sid, row in zip(subspace.special_ids.tolist(), subspace.special):
-            hit = (split.special_ids == sid).nonzero()
-            if len(hit):
-                table[int(hit[0])] = row.float()
-        self.register_buffer("special_values", table, persistent=False)
+        self._register_specials(split, subspace)
         self.reader_accuracy = float(subspace.reader_accuracy)
 
     def mechanism_config(self) -> dict:
@@ -465,22 +486,68 @@ class LabelSubspaceDefense(Defense):
         coords = (hidden - self.center) @ self.basis
         coords = torch.addcmul(coords, gaussian.to(hidden.device), scale.to(hidden.device).unsqueeze(-1))
         released = self.center + coords @ self.basis.T
-        special = torch.isin(input_ids, self.special_ids)
-        if special.any():
-            slot = torch.searchsorted(self.special_ids, input_ids[special])
-            released[special] = self.special_values[slot]
-        return released
+        return self._with_specials(released, input_ids)
 
     def statement(self) -> PrivacyStatement:
         return PrivacyStatement(defense=self.name, epsilon=self.epsilon, scales=(1.0,),
                                 projection_rank=self.subspace_rank, **self._key_words())
 
 
+class LabelObfuscatorDefense(_LabelDefense):
+    """Release ``k`` learned label features per token, plus d_chi noise on them.
+
+    ``released_i = c + L (u(h_i) + z_i)`` for every regular token, where ``u`` is the network of an
+    :class:`~privtune_flwr.mechanism.obfuscator.Obfuscator` the device fitted once on its own
+    labelled data (:func:`privtune_flwr.device.device_defense`): trained to keep the sentence label
+    while a token inverter trained beside it is left uncertain. ``L`` ``[d, k]`` is the public
+    orthonormal lift, ``c`` the obfuscator's centre and ``z_i`` d_chi noise of dimension ``k`` at
+    ``epsilon``. Special tokens are released as public constants. The top receives ``R^d``.
+
+    Why: ``label-subspace`` keeps linear directions; a network can keep more of the label in the
+    same ``k`` numbers and less of the token's identity. What it guarantees: :meth:`statement`.
+    """
+
+    name = "label-obfuscator"
+
+    def __init__(self, split: SplitModel, epsilon: float, *, key=None, seed=None, release="once",
+                 obfuscator: Obfuscator | None = None, subspace_rank: int = 1):
+        super().__init__(split, epsilon, key=key, seed=seed, release=release)
+        self._check_fitted(split, "obfuscator", obfuscator, Obfuscator, subspace_rank)
+        self.scale = float(obfuscator.scale)
+        self.register_buffer("center", obfuscator.center.float().clone(), persistent=False)
+        self.register_buffer("lift", obfuscator.lift.float().clone(), persistent=False)
+        for name in obfuscator.weights:
+            self.register_buffer("net_" + name.replace(".", "_"), obfuscator.weights[name].float().clone(), persistent=False)
+        self._register_specials(split, obfuscator)
+        self.reader_accuracy = float(obfuscator.reader_accuracy)
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        return {f"{i}.{p}": getattr(self, f"net_{i}_{p}") for i in LAYERS for p in ("weight", "bias")}
+
+    def mechanism_config(self) -> dict:
+        tensors = (self.center, self.lift, self.special_values, *self._weights().values())
+        digest = hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes() for t in tensors)).hexdigest()
+        return {**super().mechanism_config(), "obfuscator": digest, "scale": self.scale, "rank": self.subspace_rank}
+
+    def perturb(self, hidden, input_ids, attention_mask):
+        spans = real_spans(attention_mask)
+        streams = self.streams(input_ids, attention_mask, spans)
+        gaussian, scale = sample_dchi_keyed(streams, attention_mask, self.subspace_rank, self.epsilon, spans)
+        coords = feature_map(hidden, self.center, self.scale, self._weights())
+        coords = torch.addcmul(coords, gaussian.to(hidden.device), scale.to(hidden.device).unsqueeze(-1))
+        released = self.center + coords @ self.lift.T
+        return self._with_specials(released, input_ids)
+
+    def statement(self) -> PrivacyStatement:
+        return PrivacyStatement(defense=self.name, epsilon=self.epsilon, scales=(1.0,),
+                                learned_rank=self.subspace_rank, **self._key_words())
+
+
 DEFENSES: dict[str, type[Defense]] = {
     cls.name: cls
     for cls in (
         NoDefense, DChiDefense, GaussianDefense, PrivTuneDefense, PrivTuneNoImportance,
-        PrivTuneNoMean, PrivTuneRandomTarget, PrivTuneSampledTarget, LabelSubspaceDefense,
+        PrivTuneNoMean, PrivTuneRandomTarget, PrivTuneSampledTarget, LabelSubspaceDefense, LabelObfuscatorDefense,
     )
 }
 
@@ -489,7 +556,7 @@ DEFENSES: dict[str, type[Defense]] = {
 OPTIONS = {
     "n_hops": 2, "k": 8, "max_neighbours": 16, "radius_scale": 1.0, "pgd_steps": 10, "lam": 0.5,
     "mu": 1.0, "s_min": 0.5, "alpha": 0.5, "importance_levels": 3, "importance": None, "delta": 1e-5, "clip": None,
-    "subspace_rank": 1, "subspace": None,
+    "subspace_rank": 1, "subspace": None, "obfuscator": None,
 }
 
 

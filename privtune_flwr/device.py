@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .defenses import OPTIONS, Defense, build_defense
+from .mechanism.obfuscator import Obfuscator, fit_obfuscator
 from .mechanism.subspace import Subspace, fit_subspace
 from .models import SplitModel
 
@@ -47,28 +48,31 @@ class DeviceRelease:
 def device_defense(name: str, split: SplitModel, *, epsilon: float | None, texts, labels, task: str = "classification",
                    max_length: int = 64, fit_seed: int = 0, **options) -> Defense:
     """Build defence ``name`` as a device does, from the device's own ``texts``/``labels`` (which
-    never leave it): PrivTune's token importance, or the label subspace of ``label-subspace``
-    (fitted once with ``fit_seed``). ``options`` go to ``build_defense`` (``key``/``seed``/``release``
-    included)."""
+    never leave it): PrivTune's token importance, the label subspace of ``label-subspace`` or the
+    network of ``label-obfuscator`` (fitted once with ``fit_seed``). ``options`` go to
+    ``build_defense`` (``key``/``seed``/``release`` included)."""
     if name.startswith("privtune"):
         ids = [split.tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
         options["importance"] = {"sequences": ids, "labels": None if labels is None else list(labels), "task": task}
-    if name == "label-subspace":
+    if name in ("label-subspace", "label-obfuscator"):
         if labels is None or task != "classification":
-            raise ValueError(f"defense='label-subspace' fits its subspace on labelled classification data; got task={task!r}"
+            raise ValueError(f"defense={name!r} is fitted on labelled classification data; got task={task!r}"
                              + (" without labels" if labels is None else ""))
         rank = options.get("subspace_rank", OPTIONS["subspace_rank"])
-        options["subspace"] = device_subspace(split, texts, labels, rank=rank, max_length=max_length, seed=fit_seed)
+        if name == "label-subspace":
+            options["subspace"] = device_subspace(split, texts, labels, rank=rank, max_length=max_length, seed=fit_seed)
+        else:
+            options["obfuscator"] = device_obfuscator(split, texts, labels, rank=rank, max_length=max_length,
+                                                      seed=fit_seed)
     return build_defense(name, epsilon=None if name == "none" else epsilon, split=split, **options)
 
 
-def device_subspace(split: SplitModel, texts, labels, *, rank: int, max_length: int = 64, seed: int = 0,
-                    chunk: int = 256) -> Subspace:
-    """The label subspace a device fits on its own data: the bottom's representations of ``texts``
-    (computed exactly as a release computes them, before any defence) and their ``labels``."""
+def _clean_rows(split: SplitModel, texts, labels, *, max_length: int, chunk: int):
+    """The bottom's representations of ``texts`` (real tokens only, computed exactly as a release
+    computes them, before any defence) and their token ids, one row per text."""
     texts, labels = list(texts), list(labels)
     if not texts or len(texts) != len(labels):
-        raise ValueError(f"the subspace fit needs texts and as many labels (got {len(texts)} texts, {len(labels)} labels)")
+        raise ValueError(f"the device's fit needs texts and as many labels (got {len(texts)} texts, {len(labels)} labels)")
     clean = DeviceSide(split, build_defense("none", split=split), max_length=max_length, audit_tokens=0)
     rows, ids = [], []
     for start in range(0, len(texts), chunk):
@@ -76,7 +80,23 @@ def device_subspace(split: SplitModel, texts, labels, *, rank: int, max_length: 
         for hidden, tokens, mask in zip(rel.hidden, rel.input_ids, rel.attention_mask):
             rows.append(hidden[mask.bool()])
             ids.append(tokens[mask.bool()])
+    return rows, ids, labels
+
+
+def device_subspace(split: SplitModel, texts, labels, *, rank: int, max_length: int = 64, seed: int = 0,
+                    chunk: int = 256) -> Subspace:
+    """The label subspace a device fits on its own data: the bottom's representations of ``texts``
+    and their ``labels``."""
+    rows, ids, labels = _clean_rows(split, texts, labels, max_length=max_length, chunk=chunk)
     return fit_subspace(rows, ids, labels, rank=rank, special_ids=split.special_ids, seed=seed)
+
+
+def device_obfuscator(split: SplitModel, texts, labels, *, rank: int, max_length: int = 64, seed: int = 0,
+                      chunk: int = 256, **fit_options) -> Obfuscator:
+    """The label obfuscator a device fits on its own data (see
+    :func:`~privtune_flwr.mechanism.obfuscator.fit_obfuscator` for ``fit_options``)."""
+    rows, ids, labels = _clean_rows(split, texts, labels, max_length=max_length, chunk=chunk)
+    return fit_obfuscator(rows, ids, labels, rank=rank, special_ids=split.special_ids, seed=seed, **fit_options)
 
 
 class DeviceSide:

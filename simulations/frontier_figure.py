@@ -22,7 +22,7 @@ from simulations.privacy_utility import _write_table, plot, summarise, summary_t
 # a stored row is one (dataset, defence, ε, seed, attack, protocol); the same row in two sources is one row
 ROW_KEY = ("dataset", "defense", "epsilon", "seed", "attack", "protocol")
 # ... but only if it was measured the same way: rows that share a key and differ in these are refused
-SAME_POINT = ("split_layer", "lora_targets", "privacy_projection_rank", "utility", "asr")
+SAME_POINT = ("split_layer", "lora_targets", "privacy_projection_rank", "privacy_learned_rank", "utility", "asr")
 
 
 def read_points(folder: Path) -> list[dict]:
@@ -65,11 +65,33 @@ def combine(sources: list[tuple[Path, str]]) -> tuple[list[dict], list[dict]]:
     def named(record: dict, label: str) -> dict:
         return {**record, "defense": f"{record['defense']} ({label})"} if label else record
 
+    # `none` rows by (dataset, seed, split layer), per label: a label without its own `none` for a
+    # point measures that point's drop against another label's `none` at the same split
+    nones: dict[tuple, dict[str, list[dict]]] = {}
+    for label, pooled in groups.items():
+        for r in pooled.values():
+            if r["defense"] == "none":
+                nones.setdefault((r["dataset"], r["seed"], r.get("split_layer")), {}).setdefault(label, []).append(r)
     rows, summary = [], []
     for label, pooled in groups.items():
         mine = list(pooled.values())
         rows += [named(r, label) for r in mine]
-        summary += [named(s, label) for s in summarise(mine)]
+        own = {(r["dataset"], r["seed"]) for r in mine if r["defense"] == "none"}
+        borrowed, lenders = [], set()
+        for point in sorted({(r["dataset"], r["seed"], r.get("split_layer")) for r in mine if r["defense"] != "none"
+                             and (r["dataset"], r["seed"]) not in own}, key=str):
+            others = sorted(k for k in nones.get(point, {}) if k != label)
+            if others:
+                borrowed += nones[point][others[0]]
+                lenders.add(others[0] or "(no label)")
+        if lenders:
+            print(f"{label or '(no label)'}: drops measured against the `none` of {', '.join(sorted(lenders))} "
+                  "(same dataset, seed and split), having none of its own there")
+        kept = summarise(mine + borrowed)
+        if borrowed:
+            lent = {r["dataset"] for r in borrowed} - {d for d, _ in own}
+            kept = [s for s in kept if not (s["defense"] == "none" and s["dataset"] in lent)]
+        summary += [named(s, label) for s in kept]
     return rows, summary
 
 

@@ -931,7 +931,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-every", type=int, help="optimiser steps between validation scores")
     parser.add_argument("--decays", type=int, help="learning-rate decays (x0.3) at a plateau before stopping")
     parser.add_argument("--split-layer", type=int, help="classification: split MiniLM after this block (default 1)")
-    parser.add_argument("--subspace-rank", type=int, help="label-subspace: directions kept per token (default 1)")
+    parser.add_argument("--subspace-rank", type=int, help="label-subspace / label-obfuscator: directions (features) kept per token (default 1)")
     parser.add_argument("--lora-targets", choices=LORA_TARGET_CHOICES,
                         help="LoRA on the top's attention query/value (default) or on all its linear layers, "
                              "with the pooler trained whole")

@@ -39,7 +39,7 @@ def test_bad_values_name_the_value_and_range(key, value, needle):
 
 
 def test_label_subspace_is_refused_for_generation_when_the_config_is_read():
-    with pytest.raises(ValueError, match="defense='label-subspace' is outside the accepted range: a defence other than 'label-subspace' for task='generation'"):
+    with pytest.raises(ValueError, match="defense='label-subspace' is outside the accepted range: a defence other than 'label-subspace' or 'label-obfuscator' for task='generation'"):
         RunConfig.from_flower({"task": "generation", "protocol": "u-shaped", "defense": "label-subspace"})
     assert RunConfig.from_flower({"task": "generation", "protocol": "u-shaped", "defense": "dchi"}).defense == "dchi"
 

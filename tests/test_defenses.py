@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from privtune_flwr.defenses import DEFENSES, build_defense
-from privtune_flwr.device import device_subspace
+from privtune_flwr.device import device_obfuscator, device_subspace
 from privtune_flwr.mechanism import anchors as anc
 from privtune_flwr.mechanism.gaussian import analytic_gaussian_sigma
 from privtune_flwr.mechanism.importance import Importance
@@ -52,12 +52,19 @@ _FITTED: dict = {}
 
 
 def make(name, split, **kwargs):
-    """build_defense, with a label subspace fitted on a small local corpus for ``label-subspace``."""
+    """build_defense, with a label subspace (``label-subspace``) or obfuscator (``label-obfuscator``)
+    fitted on a small local corpus."""
     if name == "label-subspace" and "subspace" not in kwargs:
         rank = kwargs.setdefault("subspace_rank", 4)
-        if (id(split), rank) not in _FITTED:
-            _FITTED[id(split), rank] = (split, device_subspace(split, CORPUS, LABELS, rank=rank, max_length=16))
-        kwargs["subspace"] = _FITTED[id(split), rank][1]
+        if (name, id(split), rank) not in _FITTED:
+            _FITTED[name, id(split), rank] = (split, device_subspace(split, CORPUS, LABELS, rank=rank, max_length=16))
+        kwargs["subspace"] = _FITTED[name, id(split), rank][1]
+    if name == "label-obfuscator" and "obfuscator" not in kwargs:
+        rank = kwargs.setdefault("subspace_rank", 3)
+        if (name, id(split), rank) not in _FITTED:
+            _FITTED[name, id(split), rank] = (split, device_obfuscator(split, CORPUS, LABELS, rank=rank, max_length=16,
+                                                                       width=32, vocab_cap=50))
+        kwargs["obfuscator"] = _FITTED[name, id(split), rank][1]
     return build_defense(name, split=split, **kwargs)
 
 
@@ -85,12 +92,13 @@ def test_release_keeps_shape_dtype_and_zeroes_padding(tiny, name):
 
 
 def _noisy_positions(name, split, ids, mask):
-    """Where noise is added: every real token (label-subspace releases specials as public constants)."""
+    """Where noise is added: every real token (the label defences release specials as public constants)."""
     real = mask.bool()
-    return real & ~torch.isin(ids, split.special_ids) if name == "label-subspace" else real
+    return real & ~torch.isin(ids, split.special_ids) if name.startswith("label-") else real
 
 
-@pytest.mark.parametrize("name", ["dchi", "gaussian", "privtune", "privtune-sampled-target", "label-subspace"])
+@pytest.mark.parametrize("name", ["dchi", "gaussian", "privtune", "privtune-sampled-target", "label-subspace",
+                                  "label-obfuscator"])
 def test_same_seed_same_release_and_no_seed_unpredictable(tiny, name):
     split, ids, mask, hidden = tiny
     real = _noisy_positions(name, split, ids, mask)
@@ -106,7 +114,8 @@ def test_same_seed_same_release_and_no_seed_unpredictable(tiny, name):
     assert not make(name, split=split, epsilon=4.0).reproducible
 
 
-@pytest.mark.parametrize("name", ["dchi", "gaussian", "privtune", "privtune-sampled-target", "label-subspace"])
+@pytest.mark.parametrize("name", ["dchi", "gaussian", "privtune", "privtune-sampled-target", "label-subspace",
+                                  "label-obfuscator"])
 def test_release_once_and_fresh(tiny, name):
     split, ids, mask, hidden = tiny
     real = _noisy_positions(name, split, ids, mask)
@@ -262,6 +271,8 @@ def default_anchor_norm(split):
         ("privtune", {"colour": 3}, "colour"),
         ("label-subspace", {}, "needs subspace=.*device_defense"),
         ("label-subspace", {"subspace": "fitted"}, "subspace must be a Subspace, got str"),
+        ("label-obfuscator", {}, "needs obfuscator=.*device_defense"),
+        ("label-obfuscator", {"obfuscator": "fitted"}, "obfuscator must be an Obfuscator, got str"),
         ("laplace", {}, "laplace"),
     ],
 )
@@ -272,7 +283,7 @@ def test_bad_options_raise(tiny, name, kwargs, match):
         build_defense(name, split=split, **args)
 
 
-@pytest.mark.parametrize("name", ["dchi", "gaussian", "privtune", "label-subspace"])
+@pytest.mark.parametrize("name", ["dchi", "gaussian", "privtune", "label-subspace", "label-obfuscator"])
 def test_bad_inputs_raise(tiny, name):
     split, ids, mask, hidden = tiny
     d = make(name, split=split, epsilon=8.0)
@@ -432,4 +443,102 @@ def test_label_subspace_warns_when_its_rank_is_below_the_classes_minus_one(tiny,
 
 
 def d_subspace(split):
-    return _FITTED[id(split), 4][1]
+    return _FITTED["label-subspace", id(split), 4][1]
+
+
+# ------------------------------------------------------------------------------ label obfuscator
+
+
+def test_label_obfuscator_release_is_the_lifted_features_plus_noise_on_them(tiny):
+    from privtune_flwr.mechanism.obfuscator import feature_map, public_lift
+
+    split, ids, mask, hidden = tiny
+    d = make("label-obfuscator", split=split, epsilon=1e9, seed=0)
+    out = d(hidden, ids, mask)
+    special = torch.isin(ids, split.special_ids) & mask.bool()
+    regular = mask.bool() & ~special
+    torch.testing.assert_close(d.lift, public_lift(split.hidden_size, 3))  # public: a function of (d, k) only
+    expected = d.center + feature_map(hidden, d.center, d.scale, d._weights()) @ d.lift.T
+    torch.testing.assert_close(out[regular], expected[regular], atol=1e-5, rtol=0)  # noise ~ 0 at eps 1e9
+    for b, t in special.nonzero().tolist():
+        torch.testing.assert_close(out[b, t], d.special_values[int(torch.searchsorted(d.special_ids, ids[b, t]))])
+    # the noise lives in the lift's span: d_chi of dimension k, ||z|| ~ Gamma(k, rate eps)
+    noisy = make("label-obfuscator", split=split, epsilon=2.0, seed=1, release="fresh")
+    big, big_ids, big_mask = hidden.repeat(200, 1, 1), ids.repeat(200, 1), mask.repeat(200, 1)
+    reg = big_mask.bool() & ~torch.isin(big_ids, split.special_ids)
+    clean = noisy.center + feature_map(big, noisy.center, noisy.scale, noisy._weights()) @ noisy.lift.T
+    diff = (noisy(big, big_ids, big_mask) - clean)[reg]
+    assert (diff - diff @ noisy.lift @ noisy.lift.T).abs().max() < 1e-4
+    from scipy import stats
+
+    norms = diff.norm(dim=-1).double().numpy()
+    assert stats.kstest(norms, stats.gamma(a=3, scale=1 / 2.0).cdf).pvalue > 1e-3
+    assert stats.kstest(norms, stats.gamma(a=3, scale=1 / 3.0).cdf).pvalue < 1e-6  # the test can tell epsilons apart
+
+
+def test_label_obfuscator_fit_is_seeded_aligned_and_reads_only_the_devices_data(tiny, monkeypatch):
+    from privtune_flwr import device as device_mod
+    from privtune_flwr.device import DeviceSide, device_defense
+
+    split = tiny[0]
+    kw = dict(rank=2, max_length=16, width=32, vocab_cap=50)
+    a = device_obfuscator(split, CORPUS, LABELS, seed=0, **kw)
+    b = device_obfuscator(split, CORPUS, LABELS, seed=0, **kw)
+    c = device_obfuscator(split, CORPUS, LABELS, seed=1, **kw)
+    assert all(torch.equal(a.weights[k], b.weights[k]) for k in a.weights)
+    assert not torch.equal(a.weights["0.weight"], c.weights["0.weight"])
+    # the data-fixed frame: over the device's regular tokens the features are centred, and the first
+    # one's class-weighted mean rises with the class (positive films above negative ones)
+    clean = DeviceSide(split, build_defense("none", split=split), max_length=16, audit_tokens=0).release(CORPUS)
+    regular = clean.attention_mask.bool() & ~torch.isin(clean.input_ids, split.special_ids)
+    f = a.features(clean.hidden)[regular]
+    y = torch.tensor(LABELS).unsqueeze(1).expand_as(regular)[regular]
+    assert f.mean(0).abs().max() < 1e-3 * f.std(0).max()
+    # ... of a fixed size: the root-mean-square spread per feature is the hidden's mean spread per dimension
+    assert float(f.double().var(0).mean().sqrt()) == pytest.approx(a.scale, rel=1e-3)
+    assert f[y == 1, 0].mean() > f[y == 0, 0].mean()
+    seen = []
+    original = device_mod.fit_obfuscator
+    monkeypatch.setattr(device_mod, "fit_obfuscator", lambda rows, ids, labels, **k: (seen.append((rows, labels)),
+                                                                                     original(rows, ids, labels, **k))[1])
+    mine = CORPUS[:10]
+    d = device_defense("label-obfuscator", split, epsilon=8.0, texts=mine, labels=LABELS[:10], max_length=16,
+                       subspace_rank=2)
+    rows, labels = seen[0]
+    assert labels == LABELS[:10] and len(rows) == len(mine) and d.statement().learned_rank == 2
+
+
+def test_label_obfuscator_statement_and_bad_input(tiny):
+    from privtune_flwr.accounting import statement_for_config
+    from privtune_flwr.config import RunConfig
+    from privtune_flwr.device import device_defense
+    from privtune_flwr.mechanism.obfuscator import fit_obfuscator
+
+    split = tiny[0]
+    d = make("label-obfuscator", split=split, epsilon=8.0)
+    st = d.statement()
+    text = st.guarantee()
+    assert st.learned_rank == 3 and st.projection_rank is None and st.token_epsilon_max == 8.0
+    assert "3 learned label features" in text and "no bound in ||h - h'||" in text and "empirical" in text
+    theirs = statement_for_config(RunConfig(defense="label-obfuscator", epsilon=8.0, subspace_rank=3))
+    assert (theirs.epsilon, theirs.learned_rank, theirs.guarantee()) == (st.epsilon, st.learned_rank, text)
+    fitted = _FITTED["label-obfuscator", id(split), 3][1]
+    with pytest.raises(ValueError, match="the obfuscator has rank 3 but subspace_rank=2"):
+        build_defense("label-obfuscator", split=split, epsilon=8.0, obfuscator=fitted, subspace_rank=2)
+    import dataclasses
+
+    broken = dataclasses.replace(fitted, weights={**fitted.weights, "2.bias": torch.full((32,), float("nan"))})
+    with pytest.raises(ValueError, match="weights, centre, constants and lift must be finite"):
+        build_defense("label-obfuscator", split=split, epsilon=8.0, obfuscator=broken, subspace_rank=3)
+    off_centre = dataclasses.replace(fitted, center=torch.full((32,), float("inf")))
+    with pytest.raises(ValueError, match="must be finite"):
+        build_defense("label-obfuscator", split=split, epsilon=8.0, obfuscator=off_centre, subspace_rank=3)
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        device_defense("label-obfuscator", split, epsilon=8.0, texts=CORPUS[:4], labels=[1, 1, 1, 1], max_length=16)
+    with pytest.raises(ValueError, match="without labels"):
+        device_defense("label-obfuscator", split, epsilon=8.0, texts=CORPUS[:4], labels=None, max_length=16)
+    rows, ids = [torch.zeros(3, 32)] * 2, [torch.tensor([101, 7, 102])] * 2
+    with pytest.raises(ValueError, match=r"rank=99 is outside the accepted range 1..32"):
+        fit_obfuscator(rows, ids, [0, 1], rank=99, special_ids=split.special_ids)
+    with pytest.raises(ValueError, match=r"adversary_weight=-1 is outside the accepted range"):
+        fit_obfuscator(rows, ids, [0, 1], rank=2, special_ids=split.special_ids, adversary_weight=-1)

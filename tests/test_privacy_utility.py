@@ -273,10 +273,12 @@ def test_split_layer_and_subspace_rank_reach_the_point_and_its_fingerprint(tmp_p
     for key in ("split_layer", "subspace_rank"):
         with pytest.raises(ValueError, match=f"{key}=0 is invalid; accepted: an integer >= 1"):
             pu.SweepSettings(**{key: 0}).validate()
-    rows = pu.sweep(_tiny(defenses=("label-subspace",), epsilons=(64.0,), attacks=("eia-knn",), attack_options={},
-                          split_layer=2, subspace_rank=2), tmp_path, plots=False, progress=False)["rows"]
-    assert len(rows) == 2
-    assert {r["split_layer"] for r in rows} == {2} and {r["privacy_projection_rank"] for r in rows} == {2}
+    rows = pu.sweep(_tiny(defenses=("label-subspace", "label-obfuscator"), epsilons=(64.0,), attacks=("eia-knn",),
+                          attack_options={}, split_layer=2, subspace_rank=2), tmp_path, plots=False, progress=False)["rows"]
+    assert len(rows) == 4 and {r["split_layer"] for r in rows} == {2}
+    by = {r["defense"]: r for r in rows}
+    assert (by["label-subspace"]["privacy_projection_rank"], by["label-subspace"]["privacy_learned_rank"]) == (2, None)
+    assert (by["label-obfuscator"]["privacy_projection_rank"], by["label-obfuscator"]["privacy_learned_rank"]) == (None, 2)
 
 
 def test_lora_targets_reach_the_split_and_the_fingerprint(tmp_path, monkeypatch):
@@ -325,6 +327,26 @@ def test_frontier_figure_pools_seeds_per_label_and_measures_each_drop_against_it
     with open(out / "results.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 6  # 7 stored, the repeat once
     assert (out / "rotten_tomatoes_adaptive.png").stat().st_size > 0
+
+
+def test_frontier_figure_measures_a_label_without_none_against_another_labels_none_at_the_same_split(tmp_path, capsys):
+    from simulations import frontier_figure as ff
+
+    _store(tmp_path / "s1", _row("none", None, 0, "eia-knn", 0.50, 1.0, split_layer=1))
+    _store(tmp_path / "s3", _row("none", None, 0, "eia-knn", 0.80, 1.0, split_layer=3),
+           _row("label-subspace", 64.0, 0, "eia-knn", 0.78, 0.0, split_layer=3, privacy_projection_rank=2))
+    _store(tmp_path / "r4", _row("label-subspace", 64.0, 0, "eia-knn", 0.72, 0.0, split_layer=3, privacy_projection_rank=4))
+    _store(tmp_path / "r8", _row("label-subspace", 64.0, 0, "eia-knn", 0.70, 0.0, split_layer=5, privacy_projection_rank=8))
+    out = tmp_path / "fig"
+    assert ff.main(["--out", str(out), f"{tmp_path / 's1'}=split 1", f"{tmp_path / 's3'}=split 3",
+                    f"{tmp_path / 'r4'}=rank 4", f"{tmp_path / 'r8'}=split 5"]) == 0
+    assert "rank 4: drops measured against the `none` of split 3" in capsys.readouterr().out
+    with open(out / "summary.csv", newline="") as f:
+        summary = {r["defense"]: r for r in csv.DictReader(f)}
+    # 0.72 against split 3's 0.80 (not split 1's 0.50); the borrowed `none` is not a row of its own
+    assert float(summary["label-subspace (rank 4)"]["drop"]) == pytest.approx(0.10)
+    assert "none (rank 4)" not in summary and float(summary["label-subspace (split 3)"]["drop"]) == pytest.approx(0.025)
+    assert summary["label-subspace (split 5)"]["drop"] == ""  # no `none` at split 5 anywhere: no drop claimed
 
 
 def test_frontier_figure_refuses_a_folder_without_points(tmp_path):

@@ -86,6 +86,47 @@ def _pad(rows: list[torch.Tensor], ids: list[torch.Tensor]) -> tuple[torch.Tenso
     return hidden, tokens, mask
 
 
+@dataclass
+class DeviceTokens:
+    """What both label fits first read off the device's tokens (see :func:`device_tokens`)."""
+
+    labels: torch.Tensor  # [N] the sentences' classes
+    special_ids: torch.Tensor  # the model's special ids
+    tokens: torch.Tensor  # [M] every token id, flattened
+    regular: torch.Tensor  # [M] True where the token is not special
+    center: torch.Tensor  # [d] the regular tokens' mean representation
+    scale: float  # their mean spread per dimension
+    present: torch.Tensor  # the special ids that occur
+    special: torch.Tensor  # [len(present), d] each one's mean representation
+
+
+def device_tokens(fit: str, rows: list[torch.Tensor], ids: list[torch.Tensor], labels, *, rank: int,
+                  special_ids) -> DeviceTokens:
+    """Check the inputs of the label fit ``fit`` (its name goes into the errors) and compute the
+    statistics of the device's tokens it starts from."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank={rank!r} is outside the accepted range: an integer >= 1")
+    if not rows or len(rows) != len(ids) or len(rows) != len(labels):
+        raise ValueError(f"{fit} needs as many rows, ids and labels (got {len(rows)}, {len(ids)}, {len(labels)}), "
+                         "at least one")
+    labels = torch.as_tensor(list(labels), dtype=torch.long)
+    if labels.unique().numel() < 2:
+        raise ValueError(f"{fit} needs at least 2 classes in the device's labels; got {labels.unique().tolist()}")
+    d = rows[0].shape[-1]
+    if rank > d:
+        raise ValueError(f"rank={rank} is outside the accepted range 1..{d} (the hidden size)")
+    special_ids = torch.as_tensor(special_ids, dtype=torch.long)
+    flat_h, flat_t = torch.cat(rows), torch.cat(ids)
+    regular = ~torch.isin(flat_t, special_ids)
+    if not regular.any():
+        raise ValueError(f"{fit} found no regular (non-special) token in the device's data")
+    present = [s for s in special_ids.tolist() if bool((flat_t == s).any())]
+    special = torch.stack([flat_h[flat_t == s].mean(0) for s in present]) if present else torch.zeros(0, d)
+    return DeviceTokens(labels=labels, special_ids=special_ids, tokens=flat_t, regular=regular,
+                        center=flat_h[regular].mean(0), scale=float(flat_h[regular].std(0).mean()),
+                        present=torch.tensor(present, dtype=torch.long), special=special)
+
+
 def fit_subspace(rows: list[torch.Tensor], ids: list[torch.Tensor], labels, *, rank: int, special_ids: torch.Tensor,
                  epochs: int = 4, lr: float = 3e-3, width: int = 64, batch_size: int = 64, seed: int = 0) -> Subspace:
     """Fit a rank-``rank`` label subspace on a device's own data.
@@ -94,16 +135,9 @@ def fit_subspace(rows: list[torch.Tensor], ids: list[torch.Tensor], labels, *, r
     order); ``ids[i]`` ``[n_i]``: its token ids; ``labels[i]``: its class. Returns a
     :class:`Subspace`; the same inputs and ``seed`` give the same subspace.
     """
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank={rank!r} is outside the accepted range: an integer >= 1")
-    if not rows or len(rows) != len(ids) or len(rows) != len(labels):
-        raise ValueError(f"fit_subspace needs as many rows, ids and labels (got {len(rows)}, {len(ids)}, {len(labels)}), "
-                         "at least one")
-    labels = torch.as_tensor(list(labels), dtype=torch.long)
-    present_classes = labels.unique()
-    classes = present_classes.numel()
-    if classes < 2:
-        raise ValueError(f"fit_subspace needs at least 2 classes in the device's labels; got {present_classes.tolist()}")
+    stats = device_tokens("fit_subspace", rows, ids, labels, rank=rank, special_ids=special_ids)
+    labels, special_ids, center, scale = stats.labels, stats.special_ids, stats.center, stats.scale
+    classes = labels.unique().numel()
     if rank < classes - 1:
         # a linear reader separates K classes in K - 1 directions; with fewer the top loses accuracy
         # (bbc_news, 5 topics, split 3: rank 2 cost 5.7%, rank 4 nothing; README)
@@ -111,17 +145,6 @@ def fit_subspace(rows: list[torch.Tensor], ids: list[torch.Tensor], labels, *, r
                     "fewer directions than the classes need, expect an accuracy cost (subspace-rank >= %d advised)",
                     rank, classes, classes - 1)
     d = rows[0].shape[-1]
-    if rank > d:
-        raise ValueError(f"rank={rank} is outside the accepted range 1..{d} (the hidden size)")
-    special_ids = torch.as_tensor(special_ids, dtype=torch.long)
-    flat_h, flat_t = torch.cat(rows), torch.cat(ids)
-    is_regular = ~torch.isin(flat_t, special_ids)
-    if not is_regular.any():
-        raise ValueError("fit_subspace found no regular (non-special) token in the device's data")
-    center = flat_h[is_regular].mean(0)
-    scale = float(flat_h[is_regular].std(0).mean())
-    present = [s for s in special_ids.tolist() if bool((flat_t == s).any())]
-    special = torch.stack([flat_h[flat_t == s].mean(0) for s in present]) if present else torch.zeros(0, d)
     max_len = max(len(r) for r in rows)
 
     def features(index, basis):
@@ -155,8 +178,8 @@ def fit_subspace(rows: list[torch.Tensor], ids: list[torch.Tensor], labels, *, r
                 f, mask = features(b, basis)
                 correct += int((reader(f, mask).argmax(-1) == labels[b]).sum())
     basis = _canonical(basis, rows, ids, labels, center, special_ids)
-    return Subspace(center=center, basis=basis.contiguous(), special_ids=torch.tensor(present, dtype=torch.long),
-                    special=special, reader_accuracy=correct / len(rows))
+    return Subspace(center=center, basis=basis.contiguous(), special_ids=stats.present, special=stats.special,
+                    reader_accuracy=correct / len(rows))
 
 
 def _canonical(basis: torch.Tensor, rows, ids, labels: torch.Tensor, center: torch.Tensor,
@@ -174,9 +197,16 @@ def _canonical(basis: torch.Tensor, rows, ids, labels: torch.Tensor, center: tor
         keep = ~torch.isin(t, special_ids)
         coords.append((r[keep] - center) @ basis)
         classes.append(torch.full((int(keep.sum()),), y))
-    f, y = torch.cat(coords).double(), torch.cat(classes)
+    _, rotation = aligning_rotation(torch.cat(coords), torch.cat(classes))
+    return (basis.double() @ rotation).float()
+
+
+def aligning_rotation(coords: torch.Tensor, classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean [k], rotation [k, k])`` (float64) that put token coordinates ``[N, k]`` with sentence
+    classes ``[N]`` into the data-fixed frame of :func:`_canonical`: ``(coords - mean) @ rotation``."""
+    f, y = coords.double(), classes
     mean = f.mean(0)
-    between = torch.zeros(basis.shape[1], basis.shape[1], dtype=torch.float64)
+    between = torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64)
     for c in y.unique():
         d = f[y == c].mean(0) - mean
         between += (y == c).sum() * torch.outer(d, d)
@@ -189,4 +219,4 @@ def _canonical(basis: torch.Tensor, rows, ids, labels: torch.Tensor, center: tor
     skew = (g ** 3).mean(0)
     sign = torch.where(trend.abs() > 1e-9 * g.std(0).clamp_min(1e-12), trend.sign(), skew.sign())
     sign[sign == 0] = 1.0
-    return (basis.double() @ (vectors * sign)).float()
+    return mean, vectors * sign
