@@ -542,3 +542,16 @@ def test_label_obfuscator_statement_and_bad_input(tiny):
         fit_obfuscator(rows, ids, [0, 1], rank=99, special_ids=split.special_ids)
     with pytest.raises(ValueError, match=r"adversary_weight=-1 is outside the accepted range"):
         fit_obfuscator(rows, ids, [0, 1], rank=2, special_ids=split.special_ids, adversary_weight=-1)
+
+
+def test_label_obfuscator_fit_survives_batches_with_no_token_the_inverter_knows(tiny):
+    """With a one-token inverter vocabulary most batches hold only unknown tokens; the fit must
+    skip the adversary there rather than turn the network into NaN."""
+    from privtune_flwr.mechanism.obfuscator import fit_obfuscator
+
+    split = tiny[0]
+    rows = [torch.randn(4, 32) for _ in range(8)]
+    ids = [torch.tensor([101, 5 + i, 6 + i, 102]) for i in range(8)]
+    fitted = fit_obfuscator(rows, ids, [0, 1] * 4, rank=2, special_ids=split.special_ids, width=16, vocab_cap=1,
+                            batch_size=1, epochs=1)
+    fitted.check(32)  # finite weights, orthonormal lift

@@ -34,7 +34,6 @@ deterministic given the data and the seed (one thread gives the same float sums)
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 
@@ -43,8 +42,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from .subspace import _pad, _Reader, aligning_rotation, device_tokens
-
-log = logging.getLogger(__name__)
 
 LAYERS = ("0", "2", "4")  # the Linear layers of the feature network (GELU between)
 
@@ -131,6 +128,8 @@ class _Inverter:
     def step(self, features: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         target = self.targets(token_ids)
         known = target >= 0
+        if not known.any():  # only tokens outside the inverter's vocabulary: nothing to learn or raise
+            return features.sum() * 0.0
         loss = F.cross_entropy(self.net(features[known].detach()), target[known])
         self.optimiser.zero_grad()
         loss.backward()
