@@ -65,8 +65,8 @@ def combine(sources: list[tuple[Path, str]]) -> tuple[list[dict], list[dict]]:
     def named(record: dict, label: str) -> dict:
         return {**record, "defense": f"{record['defense']} ({label})"} if label else record
 
-    # `none` rows by (dataset, seed, split layer), per label: a label without its own `none` for a
-    # point measures that point's drop against another label's `none` at the same split
+    # `none` rows by (dataset, seed, split layer), per label: a label with no `none` of its own for a
+    # dataset measures its drops there against another label's `none` at the same seed and split
     nones: dict[tuple, dict[str, list[dict]]] = {}
     for label, pooled in groups.items():
         for r in pooled.values():
@@ -76,10 +76,10 @@ def combine(sources: list[tuple[Path, str]]) -> tuple[list[dict], list[dict]]:
     for label, pooled in groups.items():
         mine = list(pooled.values())
         rows += [named(r, label) for r in mine]
-        own = {(r["dataset"], r["seed"]) for r in mine if r["defense"] == "none"}
+        own = {r["dataset"] for r in mine if r["defense"] == "none"}
         borrowed, lenders = [], set()
-        for point in sorted({(r["dataset"], r["seed"], r.get("split_layer")) for r in mine if r["defense"] != "none"
-                             and (r["dataset"], r["seed"]) not in own}, key=str):
+        for point in sorted({(r["dataset"], r["seed"], r.get("split_layer")) for r in mine if r["dataset"] not in own},
+                            key=str):
             others = sorted(k for k in nones.get(point, {}) if k != label)
             if others:
                 borrowed += nones[point][others[0]]
@@ -87,10 +87,7 @@ def combine(sources: list[tuple[Path, str]]) -> tuple[list[dict], list[dict]]:
         if lenders:
             print(f"{label or '(no label)'}: drops measured against the `none` of {', '.join(sorted(lenders))} "
                   "(same dataset, seed and split), having none of its own there")
-        kept = summarise(mine + borrowed)
-        if borrowed:
-            lent = {r["dataset"] for r in borrowed} - {d for d, _ in own}
-            kept = [s for s in kept if not (s["defense"] == "none" and s["dataset"] in lent)]
+        kept = [s for s in summarise(mine + borrowed) if s["defense"] != "none" or s["dataset"] in own]
         summary += [named(s, label) for s in kept]
     return rows, summary
 

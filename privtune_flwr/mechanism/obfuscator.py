@@ -69,6 +69,7 @@ class Obfuscator:
     special: torch.Tensor
     reader_accuracy: float  # the reader's accuracy on the device's own training data (diagnostic)
     inverter_accuracy: float  # the fit's own inverter, top-1 on the device's tokens at the end (diagnostic)
+    fitted_spread: float = 0.0  # the features' RMS spread per direction before the size factor (diagnostic)
 
     @property
     def rank(self) -> int:
@@ -211,4 +212,5 @@ def fit_obfuscator(rows: list[torch.Tensor], ids: list[torch.Tensor], labels, *,
     weights["4.bias"] = (factor * rotation.T @ (last_b - mean)).float()
     return Obfuscator(center=center, scale=scale, weights=weights, lift=public_lift(d, rank),
                       special_ids=stats.present, special=stats.special,
-                      reader_accuracy=correct / len(rows), inverter_accuracy=hits / seen if seen else 0.0)
+                      reader_accuracy=correct / len(rows), inverter_accuracy=hits / seen if seen else 0.0,
+                      fitted_spread=spread)
