@@ -2,7 +2,9 @@
 
     python -m simulations.frontier_figure --out DIR SOURCE [SOURCE ...]
 
-A SOURCE is a sweep's ``--out`` folder, optionally followed by ``=LABEL``. The stored points
+A SOURCE is a sweep's ``--out`` folder, optionally followed by ``=LABEL``. It may also be the
+``results.csv`` of an earlier figure: then it gives the rows that figure drew under the same LABEL
+(or with none), so new points can join committed ones whose folders are gone. The stored points
 (``points/*.json``) of the sources that share a label are pooled (so seeds run into separate
 folders average together) and summarised on their own: a defence's drop is measured against
 ``none`` of the same label, never against another split's. A labelled source's defences are then
@@ -14,6 +16,7 @@ Writes ``results.csv``/``summary.csv`` and one PNG per dataset and protocol into
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 from pathlib import Path
 
@@ -25,8 +28,48 @@ ROW_KEY = ("dataset", "defense", "epsilon", "seed", "attack", "protocol")
 SAME_POINT = ("split_layer", "lora_targets", "privacy_projection_rank", "privacy_learned_rank", "utility", "asr")
 
 
-def read_points(folder: Path) -> list[dict]:
-    """Every row stored under ``folder/points``; a clear error if there is none."""
+def _cell(text: str):
+    """A CSV cell back as the scalar the sweep stored: '' -> None, bools, ints, floats, else the text."""
+    if text == "":
+        return None
+    if text in ("True", "False"):
+        return text == "True"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def read_figure_rows(path: Path, label: str) -> list[dict]:
+    """The rows an earlier figure's ``results.csv`` drew under ``label``, with the label taken off
+    their defence names (so they pool with fresh points of that label); a clear error if none."""
+    suffix = f" ({label})" if label else ""
+    with path.open(newline="") as f:
+        table = list(csv.DictReader(f))
+    rows = []
+    for record in table:
+        name = record.get("defense") or ""
+        if label and name.endswith(suffix):
+            base = name[: -len(suffix)]
+        elif not label and not name.endswith(")"):
+            base = name
+        else:
+            continue
+        rows.append({**{k: _cell(v) for k, v in record.items()}, "defense": base})
+    if not rows:
+        raise ValueError(f"{str(path)!r} has no row drawn under the label {label!r}")
+    return rows
+
+
+def read_points(folder: Path, label: str = "") -> list[dict]:
+    """Every row stored under ``folder/points`` (or, for an earlier figure's ``results.csv``, its
+    rows under ``label``); a clear error if there is none."""
+    if folder.suffix == ".csv":
+        if not folder.is_file():
+            raise ValueError(f"source {str(folder)!r} is not a file")
+        return read_figure_rows(folder, label)
     files = sorted((folder / "points").glob("*.json"))
     if not files:
         raise ValueError(f"source {str(folder)!r} has no stored points (expected {folder / 'points'}/*.json)")
@@ -53,7 +96,7 @@ def combine(sources: list[tuple[Path, str]]) -> tuple[list[dict], list[dict]]:
     origin: dict[tuple, str] = {}  # (label, row key) -> the folder the kept row came from
     for folder, label in sources:
         pooled = groups.setdefault(label, {})
-        for row in read_points(folder):
+        for row in read_points(folder, label):
             key = tuple(row.get(k) for k in ROW_KEY)
             seen = pooled.setdefault(key, row)
             origin.setdefault((label, key), str(folder))

@@ -372,3 +372,37 @@ def test_frontier_figure_refuses_to_pool_one_point_measured_two_ways(tmp_path):
     with open(tmp_path / "fig" / "summary.csv", newline="") as f:
         names = {r["defense"] for r in csv.DictReader(f)}
     assert names == {"label-subspace (rank 2)", "label-subspace (rank 4)"}
+
+
+def test_frontier_figure_takes_an_earlier_figures_rows_back_per_label_and_pools_new_points_with_them(tmp_path):
+    from simulations import frontier_figure as ff
+
+    _store(tmp_path / "s1", _row("none", None, 0, "eia-knn", 0.80, 1.0), _row("dchi", 64.0, 0, "eia-knn", 0.76, 1.0))
+    _store(tmp_path / "s3", _row("none", None, 0, "eia-knn", 0.70, 0.9, split_layer=3),
+           _row("dchi", 64.0, 0, "eia-knn", 0.63, 0.5, split_layer=3))
+    first = tmp_path / "first"
+    assert ff.main(["--out", str(first), str(tmp_path / "s1"), f"{tmp_path / 's3'}=split 3"]) == 0
+    # the folders are gone; the committed table alone redraws the same figure, cell for cell
+    again = tmp_path / "again"
+    table = first / "results.csv"
+    assert ff.main(["--out", str(again), str(table), f"{table}=split 3"]) == 0
+    for stem in ("results", "summary"):
+        assert (again / f"{stem}.csv").read_text() == (first / f"{stem}.csv").read_text()
+    # a new split-3 point (seed 1) pools with the old split-3 rows, not with the unlabelled ones
+    _store(tmp_path / "new", _row("none", None, 1, "eia-knn", 0.90, 0.9, split_layer=3),
+           _row("dchi", 64.0, 1, "eia-knn", 0.72, 0.4, split_layer=3))
+    both = tmp_path / "both"
+    assert ff.main(["--out", str(both), str(table), f"{table}=split 3", f"{tmp_path / 'new'}=split 3"]) == 0
+    with open(both / "summary.csv", newline="") as f:
+        summary = {r["defense"]: r for r in csv.DictReader(f)}
+    assert summary["dchi (split 3)"]["seeds"] == "2"
+    assert float(summary["dchi (split 3)"]["drop"]) == pytest.approx((0.1 + 0.2) / 2)  # 0.63/0.70 and 0.72/0.90
+    assert float(summary["dchi"]["drop"]) == pytest.approx(0.05)
+    # the same point stored two ways in the table and in a folder is refused, as between folders
+    _store(tmp_path / "clash", _row("dchi", 64.0, 0, "eia-knn", 0.66, 0.5, split_layer=3))
+    with pytest.raises(ValueError, match="stored differently"):
+        ff.main(["--out", str(tmp_path / "x"), f"{table}=split 3", f"{tmp_path / 'clash'}=split 3"])
+    with pytest.raises(ValueError, match="no row drawn under the label 'split 9'"):
+        ff.main(["--out", str(tmp_path / "x"), f"{table}=split 9"])
+    with pytest.raises(ValueError, match="is not a file"):
+        ff.main(["--out", str(tmp_path / "x"), str(tmp_path / "missing.csv")])
