@@ -442,6 +442,22 @@ def test_label_subspace_warns_when_its_rank_is_below_the_classes_minus_one(tiny,
     assert "rank 2 is below the 4 classes - 1" in record.getMessage() and "subspace-rank >= 3" in record.getMessage()
 
 
+def test_both_label_fits_warn_when_the_devices_labels_are_skewed(tiny, caplog):
+    from privtune_flwr.mechanism.obfuscator import fit_obfuscator
+    from privtune_flwr.mechanism.subspace import fit_subspace
+
+    split = tiny[0]
+    rows, ids = [torch.randn(3, 32) for _ in range(20)], [torch.tensor([101, 7 + i, 102]) for i in range(20)]
+    for fit in (fit_subspace, fit_obfuscator):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="privtune_flwr.mechanism.subspace"):
+            fit(rows, ids, [0] * 17 + [1] * 3, rank=1, special_ids=split.special_ids, epochs=1)  # 3 = 30% of 10
+            assert not caplog.records
+            fit(rows, ids, [0] * 18 + [1] * 2, rank=1, special_ids=split.special_ids, epochs=1)
+        [record] = caplog.records
+        assert f"{fit.__name__}: the device's labels are skewed (sentences per class 0: 18, 1: 2" in record.getMessage()
+
+
 def d_subspace(split):
     return _FITTED["label-subspace", id(split), 4][1]
 
