@@ -417,7 +417,13 @@ class PrivTuneSampledTarget(PrivTuneDefense):
 class _LabelDefense(Defense):
     """What the two label defences share: special tokens are released as public constants, the
     mean of each one's representations in the device's fit (a special the fit never saw: the
-    fit's centre), whatever the text."""
+    fit's centre), whatever the text.
+
+    Both map every token through matrix products, and a float32 product may
+    round differently with the batch's shape (the BLAS picks its kernel by size; measured on an
+    AVX-512 machine: 2.7e-7 between a sentence's features alone and in a batch of three). Release
+    once promises that a sentence is released identically alone or in any batch, so their maps run
+    in float64, whose rounding differences (about 1e-16) vanish when the release is cast back."""
 
     def _check_fitted(self, split: SplitModel, option: str, fitted, kind: type, rank) -> None:
         """``fitted`` (the ``option`` the device fitted) is a ``kind`` of the split's size and of rank
@@ -483,9 +489,10 @@ class LabelSubspaceDefense(_LabelDefense):
         spans = real_spans(attention_mask)
         streams = self.streams(input_ids, attention_mask, spans)
         gaussian, scale = sample_dchi_keyed(streams, attention_mask, self.subspace_rank, self.epsilon, spans)
-        coords = (hidden - self.center) @ self.basis
-        coords = torch.addcmul(coords, gaussian.to(hidden.device), scale.to(hidden.device).unsqueeze(-1))
-        released = self.center + coords @ self.basis.T
+        center, basis = self.center.double(), self.basis.double()
+        coords = (hidden.double() - center) @ basis  # float64: see _LabelDefense
+        coords = torch.addcmul(coords, gaussian.to(hidden.device).double(), scale.to(hidden.device).double().unsqueeze(-1))
+        released = (center + coords @ basis.T).to(hidden.dtype)
         return self._with_specials(released, input_ids)
 
     def statement(self) -> PrivacyStatement:
@@ -533,9 +540,11 @@ class LabelObfuscatorDefense(_LabelDefense):
         spans = real_spans(attention_mask)
         streams = self.streams(input_ids, attention_mask, spans)
         gaussian, scale = sample_dchi_keyed(streams, attention_mask, self.subspace_rank, self.epsilon, spans)
-        coords = feature_map(hidden, self.center, self.scale, self._weights())
-        coords = torch.addcmul(coords, gaussian.to(hidden.device), scale.to(hidden.device).unsqueeze(-1))
-        released = self.center + coords @ self.lift.T
+        center = self.center.double()
+        weights = {name: w.double() for name, w in self._weights().items()}
+        coords = feature_map(hidden.double(), center, self.scale, weights)  # float64: see _LabelDefense
+        coords = torch.addcmul(coords, gaussian.to(hidden.device).double(), scale.to(hidden.device).double().unsqueeze(-1))
+        released = (center + coords @ self.lift.double().T).to(hidden.dtype)
         return self._with_specials(released, input_ids)
 
     def statement(self) -> PrivacyStatement:

@@ -26,6 +26,13 @@ from .mechanism.subspace import Subspace, fit_subspace
 from .models import SplitModel
 
 BUCKET = 8
+# Examples per call of the bottom and the defence. A float32 matrix product may round a row
+# differently with the number of rows it is computed with (the BLAS picks its kernel by size): on
+# an AVX-512 machine a 3-token sentence came out 1e-6 apart alone and beside two others of its
+# width, which broke release-once's bit-identical re-sends there. One example per call gives every
+# example the same shapes whatever batch it is in, at a cost measured by
+# ``python -m simulations.bench_release_batching``.
+ROWS_PER_CALL = 1
 
 
 @dataclass
@@ -103,11 +110,14 @@ class DeviceSide:
     """What a device computes: tokenise, run the frozen bottom, apply the defence, self-audit."""
 
     def __init__(self, split: SplitModel, defense: Defense, *, max_length: int, audit_tokens: int = 512,
-                 anchors: torch.Tensor | None = None, bucket: int = BUCKET, chunk: int = 64):
+                 anchors: torch.Tensor | None = None, bucket: int = BUCKET, chunk: int = ROWS_PER_CALL):
         if not isinstance(max_length, int) or max_length < 2:
             raise ValueError(f"max_length={max_length!r} must be an integer >= 2")
         if not isinstance(bucket, int) or bucket < 1:
             raise ValueError(f"bucket={bucket!r} must be an integer >= 1")
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"chunk={chunk!r} must be an integer >= 1 (examples per call of the bottom; 1 keeps "
+                             "re-sends bit-identical on any machine, see ROWS_PER_CALL)")
         self.split = split
         self.defense = defense
         self.max_length = max_length

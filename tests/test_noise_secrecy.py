@@ -241,6 +241,26 @@ def test_release_is_bit_identical_in_any_batch(minilm_split):
         assert torch.equal(alone.hidden[0, :n], mixed.hidden[1, :n])
 
 
+def test_a_device_runs_one_example_per_call_unless_told_otherwise(minilm_split):
+    """One example per call of the bottom: the shapes an example is computed with never depend on
+    its batch, so no BLAS can round it differently beside other examples."""
+    from privtune_flwr.device import ROWS_PER_CALL
+
+    device = DeviceSide(minilm_split, build_defense("dchi", epsilon=8.0, split=minilm_split), max_length=32)
+    assert ROWS_PER_CALL == 1 and device.chunk == 1
+    calls = []
+    bottom = minilm_split.bottom
+    minilm_split.bottom = lambda ids, mask: calls.append(tuple(ids.shape)) or bottom(ids, mask)
+    try:
+        device.release(["dull", "ok", "a wonderful, moving film"])  # one padded width: one call each
+    finally:
+        minilm_split.bottom = bottom
+    assert calls == [(1, 8)] * 3
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match=f"chunk={bad!r} must be an integer >= 1"):
+            DeviceSide(minilm_split, build_defense("none", split=minilm_split), max_length=32, chunk=bad)
+
+
 def test_decoder_release_is_bit_identical_in_any_batch(minilm_tokenizer):
     """Left padding and real-token positions: the same for a decoder."""
     import copy
