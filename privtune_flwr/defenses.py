@@ -419,11 +419,11 @@ class _LabelDefense(Defense):
     mean of each one's representations in the device's fit (a special the fit never saw: the
     fit's centre), whatever the text.
 
-    Both map every token through matrix products, and a float32 product may
-    round differently with the batch's shape (the BLAS picks its kernel by size; measured on an
-    AVX-512 machine: 2.7e-7 between a sentence's features alone and in a batch of three). Release
-    once promises that a sentence is released identically alone or in any batch, so their maps run
-    in float64, whose rounding differences (about 1e-16) vanish when the release is cast back."""
+    Both map every token through matrix products, and a float32 product may round differently
+    with the batch's shape (the BLAS picks its kernel by size; measured on an AVX-512 machine:
+    2.7e-7 between a sentence's features alone and in a batch of three). Release once promises
+    that a sentence is released identically alone or in any batch, so their maps run in float64,
+    whose rounding differences (about 1e-16) vanish when the release is cast back."""
 
     def _check_fitted(self, split: SplitModel, option: str, fitted, kind: type, rank) -> None:
         """``fitted`` (the ``option`` the device fitted) is a ``kind`` of the split's size and of rank
