@@ -477,6 +477,9 @@ class LabelSubspaceDefense(_LabelDefense):
         self._check_fitted(split, "subspace", subspace, Subspace, subspace_rank)
         self.register_buffer("center", subspace.center.float().clone(), persistent=False)
         self.register_buffer("basis", subspace.basis.float().clone(), persistent=False)
+        # the float64 copies the map runs on (see _LabelDefense), made once rather than per call
+        self.register_buffer("center64", self.center.double(), persistent=False)
+        self.register_buffer("basis64", self.basis.double(), persistent=False)
         self._register_specials(split, subspace)
         self.reader_accuracy = float(subspace.reader_accuracy)
 
@@ -489,7 +492,7 @@ class LabelSubspaceDefense(_LabelDefense):
         spans = real_spans(attention_mask)
         streams = self.streams(input_ids, attention_mask, spans)
         gaussian, scale = sample_dchi_keyed(streams, attention_mask, self.subspace_rank, self.epsilon, spans)
-        center, basis = self.center.double(), self.basis.double()
+        center, basis = self.center64, self.basis64
         coords = (hidden.double() - center) @ basis  # float64: see _LabelDefense
         coords = torch.addcmul(coords, gaussian.to(hidden.device).double(), scale.to(hidden.device).double().unsqueeze(-1))
         released = (center + coords @ basis.T).to(hidden.dtype)
@@ -525,6 +528,11 @@ class LabelObfuscatorDefense(_LabelDefense):
         self.register_buffer("lift", obfuscator.lift.float().clone(), persistent=False)
         for name in obfuscator.weights:
             self.register_buffer("net_" + name.replace(".", "_"), obfuscator.weights[name].float().clone(), persistent=False)
+        # the float64 copies the map runs on (see _LabelDefense), made once rather than per call
+        self.register_buffer("center64", self.center.double(), persistent=False)
+        self.register_buffer("lift64", self.lift.double(), persistent=False)
+        for name, weight in self._weights().items():
+            self.register_buffer("net64_" + name.replace(".", "_"), weight.double(), persistent=False)
         self._register_specials(split, obfuscator)
         self.reader_accuracy = float(obfuscator.reader_accuracy)
 
@@ -540,11 +548,11 @@ class LabelObfuscatorDefense(_LabelDefense):
         spans = real_spans(attention_mask)
         streams = self.streams(input_ids, attention_mask, spans)
         gaussian, scale = sample_dchi_keyed(streams, attention_mask, self.subspace_rank, self.epsilon, spans)
-        center = self.center.double()
-        weights = {name: w.double() for name, w in self._weights().items()}
+        center = self.center64
+        weights = {f"{i}.{p}": getattr(self, f"net64_{i}_{p}") for i in LAYERS for p in ("weight", "bias")}
         coords = feature_map(hidden.double(), center, self.scale, weights)  # float64: see _LabelDefense
         coords = torch.addcmul(coords, gaussian.to(hidden.device).double(), scale.to(hidden.device).double().unsqueeze(-1))
-        released = (center + coords @ self.lift.double().T).to(hidden.dtype)
+        released = (center + coords @ self.lift64.T).to(hidden.dtype)
         return self._with_specials(released, input_ids)
 
     def statement(self) -> PrivacyStatement:
