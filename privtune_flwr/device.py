@@ -9,8 +9,9 @@ Release once, bit for bit: an example's noise is a pure function of the device k
 configuration and its tokens (:mod:`privtune_flwr.mechanism.noise_key`), and its representation
 must be too. Floating-point results of the bottom depend on the padded width of the batch, so the
 device pads each example to a width that depends only on its own length (the next multiple of
-``bucket``, at most ``max_length``) and runs the bottom and the defence per width. The same example
-then gives the bit-identical release in any batch, epoch, round or evaluation.
+``bucket``, at most ``max_length``) and runs the bottom and the defence on one example per call
+(``ROWS_PER_CALL``). The same example then gives the bit-identical release in any batch, epoch,
+round or evaluation.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import LABEL_DEFENSES
 from .defenses import OPTIONS, Defense, build_defense
 from .mechanism.obfuscator import Obfuscator, fit_obfuscator
 from .mechanism.subspace import Subspace, fit_subspace
@@ -61,7 +63,7 @@ def device_defense(name: str, split: SplitModel, *, epsilon: float | None, texts
     if name.startswith("privtune"):
         ids = [split.tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
         options["importance"] = {"sequences": ids, "labels": None if labels is None else list(labels), "task": task}
-    if name in ("label-subspace", "label-obfuscator"):
+    if name in LABEL_DEFENSES:
         if labels is None or task != "classification":
             raise ValueError(f"defense={name!r} is fitted on labelled classification data; got task={task!r}"
                              + (" without labels" if labels is None else ""))

@@ -6,8 +6,12 @@
 For MiniLM split after each of ``--layers`` blocks, on CPU, a batch of 32 Rotten Tomatoes
 sentences (real lengths, at most 64 tokens): the bottom's forward time (median of ``--reps``
 after a warm-up), the perturbation time of each of ``--defenses`` on top of it, the bottom's
-parameter count and float32 bytes, and the bytes one released sentence takes. Also, once per layer
-and defence, the one-off cost of fitting it (the label subspace, or the obfuscator network) on
+parameter count and float32 bytes, and the bytes one released sentence takes. The bottom and
+defence times are for the whole batch in one call; a device releases one example per call
+(``device.ROWS_PER_CALL``, for bit-identical re-sends), so the table also times
+``DeviceSide.release`` of the same 32 sentences as the device runs it, with ``none`` and with each
+defence, in the same process: their difference is what the defence adds per release. Also, once
+per layer and defence, the one-off cost of fitting it (the label subspace, or the obfuscator network) on
 ``--fit-examples`` of the device's sentences (bottom pass plus fit); the defences of one layer run
 side by side in one process, so their ratio is measured under the same load. Prints a table and
 writes ``DIR/bench_split_layers.json``.
@@ -44,6 +48,8 @@ def measure(layer: int, texts: list[str], fit_texts: list[str], fit_labels: list
     hidden = split.bottom(ids, mask)
     params = sum(p.numel() for p in split.bottom.parameters())
     embeddings = sum(p.numel() for n, p in split.bottom.named_parameters() if "embeddings" in n)
+    plain = DeviceSide(split, build_defense("none", epsilon=None, split=split), max_length=64, audit_tokens=0)
+    release_none_s = _median_time(lambda: plain.release(texts), reps)
     rows = []
     for name in defenses:
         fit, option = FITS[name]
@@ -52,10 +58,13 @@ def measure(layer: int, texts: list[str], fit_texts: list[str], fit_labels: list
         fit_s = time.perf_counter() - t0
         defense = build_defense(name, epsilon=64.0, split=split, seed=0, subspace_rank=rank, **{option: fitted})
         defense_s = _median_time(lambda: defense(hidden, ids, mask), reps)
-        release = DeviceSide(split, defense, max_length=64, audit_tokens=0).release(texts)
+        device = DeviceSide(split, defense, max_length=64, audit_tokens=0)
+        release_s = _median_time(lambda: device.release(texts), reps)
+        release = device.release(texts)
         rows.append({
             "split_layer": layer, "defense": name, "bottom_ms_per_batch": 1000 * bottom_s,
-            "defense_ms_per_batch": 1000 * defense_s, "bottom_params": params, "bottom_block_params": params - embeddings,
+            "defense_ms_per_batch": 1000 * defense_s, "release_none_ms_per_batch": 1000 * release_none_s,
+            "release_ms_per_batch": 1000 * release_s, "bottom_params": params, "bottom_block_params": params - embeddings,
             "bottom_mb_float32": params * 4 / 2**20, "release_kb_per_sentence": release.metrics["bytes-sent"] / len(texts) / 1024,
             "fit_seconds": fit_s, "fit_examples": len(fit_texts), "batch": len(texts), "tokens": int(mask.sum()),
         })
@@ -88,11 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     (out / "bench_split_layers.json").write_text(json.dumps({"threads": args.threads, "rank": args.rank, "rows": rows}, indent=1))
     print(f"MiniLM on CPU, {args.threads} thread(s), batch of {len(texts)} sentences ({rows[0]['tokens']} tokens)")
     print(f"{'layer':>5} {'defence':>16} {'bottom ms':>10} {'defence ms':>11} {'block params':>13} {'bottom MB':>10} "
-          f"{'release KB/sent':>16} {'fit s (' + str(args.fit_examples) + ' sent)':>18}")
+          f"{'release KB/sent':>16} {'fit s (' + str(args.fit_examples) + ' sent)':>18} {'device ms: none':>16} "
+          f"{'with defence':>13} {'ratio':>6}")
     for r in rows:
         print(f"{r['split_layer']:>5} {r['defense']:>16} {r['bottom_ms_per_batch']:>10.1f} {r['defense_ms_per_batch']:>11.2f} "
               f"{r['bottom_block_params']:>13,} {r['bottom_mb_float32']:>10.1f} {r['release_kb_per_sentence']:>16.1f} "
-              f"{r['fit_seconds']:>18.1f}")
+              f"{r['fit_seconds']:>18.1f} {r['release_none_ms_per_batch']:>16.1f} {r['release_ms_per_batch']:>13.1f} "
+              f"{r['release_ms_per_batch'] / r['release_none_ms_per_batch']:>6.2f}")
     return 0
 
 

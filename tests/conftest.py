@@ -20,6 +20,20 @@ import torch
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture
+def seeded_entropy(monkeypatch):
+    """For statistical tests of noise that a device draws from OS entropy (a fresh key, or a fresh
+    release's per-row salt): ``secrets.token_bytes`` reads a seeded stream instead, so the sample,
+    and the p-value a test asserts on, is the same on every run. The mechanism is unchanged: only
+    where its 16 or 32 random bytes come from."""
+    import random
+    import secrets
+
+    rng = random.Random(20261130)
+    monkeypatch.setattr(secrets, "token_bytes", lambda nbytes=32: rng.randbytes(32 if nbytes is None else nbytes))
+    return rng
+
+
 @pytest.fixture(scope="session")
 def minilm_tokenizer():
     from transformers import AutoTokenizer

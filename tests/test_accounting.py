@@ -57,7 +57,7 @@ def _importance(split, ids_a, ids_b, imp_a: float, imp_b: float) -> torch.Tensor
     return imp
 
 
-def test_bound_holds_within_a_level_against_the_exact_density(tiny):
+def test_bound_holds_within_a_level_against_the_exact_density(tiny, seeded_entropy):
     split = tiny
     (ids_a, mask_a, h_a), (ids_b, mask_b, h_b) = _pair(split)
     eps = 4.0
@@ -83,7 +83,7 @@ def test_bound_holds_within_a_level_against_the_exact_density(tiny):
         assert worst < 0  # strictly inside
 
 
-def test_the_old_statement_failed_across_importance_scales(tiny):
+def test_the_old_statement_failed_across_importance_scales(tiny, seeded_entropy):
     """Two tokens with the same representation but different importance: the old statement claimed
     a bound of exp((eps/s_i)(||h - h'|| + 2r)) = exp(0) here (no shift); the exact density ratio is
     far above it, and the norm of the release tells the scales apart."""
@@ -114,7 +114,7 @@ def test_the_old_statement_failed_across_importance_scales(tiny):
     assert levels.statement().pair_bound(0.0, 0.5, 0.5) == 0.0
 
 
-def test_released_noise_is_scaled_by_the_token_level(tiny):
+def test_released_noise_is_scaled_by_the_token_level(tiny, seeded_entropy):
     """||y - h|| / s follows Gamma(d, rate eps) at every level (no shift: y - h = s z); without the
     scaling the levels would be indistinguishable, with it their mean norms are in ratio s."""
     split = tiny

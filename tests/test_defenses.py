@@ -225,7 +225,7 @@ def test_privacy_statements(tiny):
     assert st.sigma == pytest.approx(analytic_gaussian_sigma(2.0, 1e-6, 6.0))
 
 
-def test_gaussian_clips_and_adds_calibrated_noise(tiny):
+def test_gaussian_clips_and_adds_calibrated_noise(tiny, seeded_entropy):
     split, ids, mask, hidden = tiny
     big = hidden.repeat(40, 1, 1)
     big_ids, big_mask = ids.repeat(40, 1), torch.ones_like(ids.repeat(40, 1))
@@ -348,7 +348,7 @@ def test_noise_free_release_decodes_to_indirect_neighbours(minilm_split):
 # ------------------------------------------------------------------------------ label subspace
 
 
-def test_label_subspace_release_is_the_projection_plus_noise_in_it(tiny):
+def test_label_subspace_release_is_the_projection_plus_noise_in_it(tiny, seeded_entropy):
     split, ids, mask, hidden = tiny
     d = make("label-subspace", split=split, epsilon=1e9, seed=0, subspace_rank=3)
     out = d(hidden, ids, mask)
@@ -465,7 +465,7 @@ def d_subspace(split):
 # ------------------------------------------------------------------------------ label obfuscator
 
 
-def test_label_obfuscator_release_is_the_lifted_features_plus_noise_on_them(tiny):
+def test_label_obfuscator_release_is_the_lifted_features_plus_noise_on_them(tiny, seeded_entropy):
     from privtune_flwr.mechanism.obfuscator import feature_map, public_lift
 
     split, ids, mask, hidden = tiny

@@ -63,7 +63,7 @@ def test_key_file_is_private_atomic_and_the_key_never_pickles(tmp_path):
 
 
 @pytest.mark.parametrize("d,eps", [(16, 1.0), (384, 10.0)])
-def test_keyed_dchi_norms_are_gamma_and_directions_isotropic(d, eps):
+def test_keyed_dchi_norms_are_gamma_and_directions_isotropic(d, eps, seeded_entropy):
     key = NoiseKey.fresh()
     draws = torch.cat([dchi_from_stream(key.stream(b"t", [i]), 20, d, eps) for i in range(150)])  # 3000 tokens
     norms = draws.norm(dim=-1).double().numpy()
@@ -83,7 +83,7 @@ def test_keyed_dchi_norms_are_gamma_and_directions_isotropic(d, eps):
 
 
 @pytest.mark.parametrize("shape", [16.0, 384.0])
-def test_marsaglia_tsang_gamma_matches_the_gamma_law(shape):
+def test_marsaglia_tsang_gamma_matches_the_gamma_law(shape, seeded_entropy):
     key = NoiseKey.fresh()
     values = torch.cat(gamma_many([key.stream(b"g", [i]) for i in range(40)], [100] * 40, shape)).numpy()
     assert stats.kstest(values, stats.gamma(a=shape).cdf).pvalue > 1e-3
