@@ -143,6 +143,9 @@ class RunConfig:
         _require(self.release in RELEASES, "release", self.release, " or ".join(RELEASES))
         _require(0 <= self.importance_levels <= 64, "importance-levels", self.importance_levels, "0..64 (0 = continuous)")
         _require(self.subspace_rank >= 1, "subspace-rank", self.subspace_rank, "an integer >= 1 (and <= the hidden size)")
+        _require(0 < self.s_min <= 1, "s-min", self.s_min, "(0, 1]")
+        _require(0 < self.delta < 1, "delta", self.delta, "(0, 1)")
+        _require(self.radius_scale >= 0 and math.isfinite(self.radius_scale), "radius-scale", self.radius_scale, "[0, inf)")
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any]) -> "RunConfig":

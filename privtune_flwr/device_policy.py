@@ -18,6 +18,14 @@ key                        default                 meaning
 ========================== ======================= =================================================
 ``allowed-defenses``       every defence but none  comma-separated names, or ``*``
 ``max-epsilon``            64.0                    the largest epsilon accepted
+``min-noise-scale``        0.5                     the smallest scale s on a token's noise accepted
+                                                   (PrivTune scales its noise down to s-min on
+                                                   important tokens: their parameter is eps / s)
+``max-delta``              1e-5                    the largest delta accepted (``gaussian``)
+``max-subspace-rank``      2                       the most directions (features) per token a label
+                                                   defence may keep: its protection against
+                                                   inversion comes from this rank, not from epsilon
+                                                   (README, "Who chooses the basis")
 ``allow-reproducible-noise`` false                 accept ``reproducible-noise = true`` (seeded noise
                                                    the operator can remove: research only)
 ``allow-fresh-noise``      false                   accept ``release = 'fresh'`` (noise that composes
@@ -45,7 +53,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from .config import RunConfig
+from .config import LABEL_DEFENSES, RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +77,9 @@ def _defense_names() -> tuple[str, ...]:
 class DevicePolicy:
     allowed_defenses: tuple[str, ...] = ()  # empty: every registered defence except "none"
     max_epsilon: float = 64.0
+    min_noise_scale: float = 0.5
+    max_delta: float = 1e-5
+    max_subspace_rank: int = 2
     allow_reproducible_noise: bool = False
     allow_fresh_noise: bool = False
     data_dir: str = ""
@@ -89,6 +100,15 @@ class DevicePolicy:
         if isinstance(self.max_epsilon, bool) or not isinstance(self.max_epsilon, (int, float)) or \
                 math.isnan(self.max_epsilon) or self.max_epsilon <= 0:
             raise ValueError(f"max-epsilon={self.max_epsilon!r} is outside the accepted range (0, inf]")
+        if isinstance(self.min_noise_scale, bool) or not isinstance(self.min_noise_scale, (int, float)) or \
+                not 0 < self.min_noise_scale <= 1:
+            raise ValueError(f"min-noise-scale={self.min_noise_scale!r} is outside the accepted range (0, 1]")
+        if isinstance(self.max_delta, bool) or not isinstance(self.max_delta, (int, float)) or \
+                not 0 < self.max_delta < 1:
+            raise ValueError(f"max-delta={self.max_delta!r} is outside the accepted range (0, 1)")
+        if isinstance(self.max_subspace_rank, bool) or not isinstance(self.max_subspace_rank, int) or \
+                self.max_subspace_rank < 1:
+            raise ValueError(f"max-subspace-rank={self.max_subspace_rank!r} must be an integer >= 1")
 
     @classmethod
     def from_sources(cls, node_config: Mapping | None = None, env: Mapping | None = None) -> "DevicePolicy":
@@ -118,11 +138,18 @@ class DevicePolicy:
             if name == "allowed_defenses":
                 text = str(value).strip()
                 kwargs[name] = _defense_names() if text == "*" else tuple(v.strip() for v in text.split(",") if v.strip())
-            elif name == "max_epsilon":
+            elif name in ("max_epsilon", "min_noise_scale", "max_delta"):
+                accepted = {"max_delta": "(0, 1)", "min_noise_scale": "(0, 1]"}.get(name, "(0, inf]")
+                if isinstance(value, bool):
+                    raise ValueError(f"{key}={value!r} is not a number; accepted: {accepted}")
                 try:
                     kwargs[name] = float(value)
                 except (TypeError, ValueError):
-                    raise ValueError(f"max-epsilon={value!r} is not a number; accepted: (0, inf]") from None
+                    raise ValueError(f"{key}={value!r} is not a number; accepted: {accepted}") from None
+            elif name == "max_subspace_rank":
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ValueError(f"max-subspace-rank={value!r} must be an integer >= 1")
+                kwargs[name] = value
             elif name == "max_batches_per_instruction":
                 if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                     raise ValueError(f"max-batches-per-instruction={value!r} must be an integer >= 1")
@@ -143,6 +170,21 @@ class DevicePolicy:
         if cfg.defense != "none" and cfg.epsilon > self.max_epsilon:
             raise PolicyError(f"this device refuses epsilon={cfg.epsilon:g}: its floor is max-epsilon={self.max_epsilon:g} "
                               "(node config 'max-epsilon')")
+        if cfg.defense != "none":
+            from .accounting import statement_for_config
+
+            smallest = min(statement_for_config(cfg).scales)
+            if smallest < self.min_noise_scale:
+                raise PolicyError(f"this device refuses s-min={cfg.s_min:g} for defense={cfg.defense!r} (noise scaled down "
+                                  f"to {smallest:g}, a per-token epsilon of {cfg.epsilon / smallest:g}): its floor is "
+                                  f"min-noise-scale={self.min_noise_scale:g} (node config 'min-noise-scale')")
+        if cfg.defense == "gaussian" and cfg.delta > self.max_delta:
+            raise PolicyError(f"this device refuses delta={cfg.delta:g}: its floor is max-delta={self.max_delta:g} "
+                              "(node config 'max-delta')")
+        if cfg.defense in LABEL_DEFENSES and cfg.subspace_rank > self.max_subspace_rank:
+            raise PolicyError(f"this device refuses subspace-rank={cfg.subspace_rank} for defense={cfg.defense!r}: the "
+                              f"rank is what keeps tokens from being inverted, and its floor is max-subspace-rank="
+                              f"{self.max_subspace_rank} (node config 'max-subspace-rank')")
         if cfg.reproducible_noise and not self.allow_reproducible_noise:
             raise PolicyError("this device refuses reproducible-noise=true (noise the operator could regenerate and "
                               "remove); its floor needs node config 'allow-reproducible-noise=true'")

@@ -188,6 +188,48 @@ def test_a_device_refuses_reproducible_noise_unless_its_own_config_allows_it(min
     assert torch.equal(a.hidden, b.hidden)  # reproducible by whoever knows the seed: that is the point
 
 
+def test_the_cloud_cannot_weaken_a_defence_through_its_parameters():
+    """The run config is the cloud's: a per-token epsilon raised through s-min, a gaussian delta,
+    or a label defence's rank (its protection against inversion) are checked against the floor."""
+    default = DevicePolicy.from_sources({}, env={})
+    default.check(RunConfig(defense="privtune"))  # s-min 0.5: the default floor's own value
+    default.check(RunConfig(defense="gaussian"))
+    default.check(RunConfig(defense="label-subspace", subspace_rank=2))
+    with pytest.raises(PolicyError, match=r"s-min=0.01 .*per-token epsilon of 6400\): its floor is min-noise-scale=0.5"):
+        default.check(RunConfig(defense="privtune", s_min=0.01))
+    with pytest.raises(PolicyError, match="min-noise-scale"):
+        default.check(RunConfig(defense="privtune-sampled-target", s_min=0.25))
+    default.check(RunConfig(defense="privtune-noimp", s_min=0.01))  # no importance: s = 1 for every token
+    with pytest.raises(PolicyError, match="delta=0.5: its floor is max-delta=1e-05"):
+        default.check(RunConfig(defense="gaussian", delta=0.5))
+    for name in ("label-subspace", "label-obfuscator"):
+        with pytest.raises(PolicyError, match=f"subspace-rank=384 for defense='{name}'.*max-subspace-rank=2"):
+            default.check(RunConfig(defense=name, subspace_rank=384))
+    default.check(RunConfig(defense="dchi", subspace_rank=384))  # the rank means nothing to a noise defence
+    # the device, not the run config, raises its own floor
+    loose = DevicePolicy.from_sources({"max-subspace-rank": 4, "min-noise-scale": 0.01, "max-delta": 0.5}, env={})
+    loose.check(RunConfig(defense="label-subspace", subspace_rank=4))
+    loose.check(RunConfig(defense="privtune", s_min=0.01))
+    loose.check(RunConfig(defense="gaussian", delta=0.5))
+    for bad, match in (({"max-subspace-rank": 0}, "max-subspace-rank=0 must be an integer >= 1"),
+                       ({"max-subspace-rank": True}, "max-subspace-rank=True"),
+                       ({"max-delta": 1.5}, r"max-delta=1.5 is outside the accepted range \(0, 1\)"),
+                       ({"min-noise-scale": "many"}, "min-noise-scale='many' is not a number"),
+                       ({"min-noise-scale": 0.0}, r"min-noise-scale=0.0 is outside the accepted range \(0, 1\]")):
+        with pytest.raises(ValueError, match=match):
+            DevicePolicy.from_mapping(bad)
+    # values that would make the statement meaningless are refused by the config itself
+    for key, value in (("s_min", 0.0), ("s_min", float("nan")), ("delta", 1.0), ("radius_scale", -1.0)):
+        with pytest.raises(ValueError, match=f"{key.replace('_', '-')}=.* is outside the accepted range"):
+            RunConfig(**{key: value})
+
+
+def test_a_device_refuses_a_label_rank_above_its_floor(minilm_split):
+    cfg = _cfg(defense="label-subspace", subspace_rank=8)
+    with pytest.raises(PolicyError, match="max-subspace-rank=2"):
+        _send(_device(cfg), MessageType.EVALUATE, 1)
+
+
 def test_fresh_release_needs_consent_and_counts_every_release(minilm_split):
     cfg = _cfg(release="fresh")
     with pytest.raises(PolicyError, match="allow-fresh-noise"):

@@ -13,6 +13,7 @@ Rotten Tomatoes with the sweep's seed-0 samples (IMDB auxiliary text for EIA-2):
     python -m simulations.screening.screen_top 1 none 1000 1      # the LoRA top on rank-1 releases
     python -m simulations.screening.screen2 1 1 0.03,0.06 400     # rank 1 plus the most label-informative tokens kept
     python -m simulations.screening.conv_none 1e-3 16 4 0         # `none` to convergence (lr, batch, patience, decays)
+    python -m simulations.screening.screen4 3 1,2,4,8 label,inverter,pca,random  # who chooses the basis: split, ranks, bases
 
 The subspace here is fitted by ``screen_lib.fit_subspace`` (a small attention reader), the
 prototype of ``privtune_flwr.mechanism.subspace``; no noise is added to the projection
