@@ -22,6 +22,10 @@ key                        default                 meaning
                                                    (PrivTune scales its noise down to s-min on
                                                    important tokens: their parameter is eps / s)
 ``max-delta``              1e-5                    the largest delta accepted (``gaussian``)
+``max-radius-scale``       1.0                     the largest PrivTune ``radius-scale`` accepted (its
+                                                   mean shift r enters the bound as a slack 2 r eps/s)
+``allow-continuous-scales`` false                  accept ``importance-levels = 0`` (the paper's
+                                                   continuous noise scale: no bound across tokens)
 ``max-subspace-rank``      2                       the most directions (features) per token a label
                                                    defence may keep: its protection against
                                                    inversion comes from this rank, not from epsilon
@@ -80,6 +84,8 @@ class DevicePolicy:
     min_noise_scale: float = 0.5
     max_delta: float = 1e-5
     max_subspace_rank: int = 2
+    max_radius_scale: float = 1.0
+    allow_continuous_scales: bool = False
     allow_reproducible_noise: bool = False
     allow_fresh_noise: bool = False
     data_dir: str = ""
@@ -106,6 +112,9 @@ class DevicePolicy:
         if isinstance(self.max_delta, bool) or not isinstance(self.max_delta, (int, float)) or \
                 not 0 < self.max_delta < 1:
             raise ValueError(f"max-delta={self.max_delta!r} is outside the accepted range (0, 1)")
+        if isinstance(self.max_radius_scale, bool) or not isinstance(self.max_radius_scale, (int, float)) or \
+                not 0 <= self.max_radius_scale < math.inf:
+            raise ValueError(f"max-radius-scale={self.max_radius_scale!r} is outside the accepted range [0, inf)")
         if isinstance(self.max_subspace_rank, bool) or not isinstance(self.max_subspace_rank, int) or \
                 self.max_subspace_rank < 1:
             raise ValueError(f"max-subspace-rank={self.max_subspace_rank!r} must be an integer >= 1")
@@ -138,8 +147,9 @@ class DevicePolicy:
             if name == "allowed_defenses":
                 text = str(value).strip()
                 kwargs[name] = _defense_names() if text == "*" else tuple(v.strip() for v in text.split(",") if v.strip())
-            elif name in ("max_epsilon", "min_noise_scale", "max_delta"):
-                accepted = {"max_delta": "(0, 1)", "min_noise_scale": "(0, 1]"}.get(name, "(0, inf]")
+            elif name in ("max_epsilon", "min_noise_scale", "max_delta", "max_radius_scale"):
+                accepted = {"max_delta": "(0, 1)", "min_noise_scale": "(0, 1]", "max_radius_scale": "[0, inf)"}.get(
+                    name, "(0, inf]")
                 if isinstance(value, bool):
                     raise ValueError(f"{key}={value!r} is not a number; accepted: {accepted}")
                 try:
@@ -173,11 +183,21 @@ class DevicePolicy:
         if cfg.defense != "none":
             from .accounting import statement_for_config
 
-            smallest = min(statement_for_config(cfg).scales)
+            statement = statement_for_config(cfg)
+            smallest = min(statement.scales)
             if smallest < self.min_noise_scale:
                 raise PolicyError(f"this device refuses s-min={cfg.s_min:g} for defense={cfg.defense!r} (noise scaled down "
                                   f"to {smallest:g}, a per-token epsilon of {cfg.epsilon / smallest:g}): its floor is "
                                   f"min-noise-scale={self.min_noise_scale:g} (node config 'min-noise-scale')")
+            if statement.continuous and not self.allow_continuous_scales:
+                raise PolicyError(f"this device refuses importance-levels=0 for defense={cfg.defense!r} (a continuous "
+                                  "noise scale: no bound holds between tokens released at different scales); its floor "
+                                  "needs node config 'allow-continuous-scales=true'")
+            shifted = cfg.defense.startswith("privtune") and cfg.defense != "privtune-nomean"
+            if shifted and cfg.radius_scale > self.max_radius_scale:
+                raise PolicyError(f"this device refuses radius-scale={cfg.radius_scale:g} (the mean shift's radius, a "
+                                  f"slack of 2 r eps / s in the bound): its floor is max-radius-scale="
+                                  f"{self.max_radius_scale:g} (node config 'max-radius-scale')")
         if cfg.defense == "gaussian" and cfg.delta > self.max_delta:
             raise PolicyError(f"this device refuses delta={cfg.delta:g}: its floor is max-delta={self.max_delta:g} "
                               "(node config 'max-delta')")

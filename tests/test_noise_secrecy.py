@@ -206,16 +206,26 @@ def test_the_cloud_cannot_weaken_a_defence_through_its_parameters():
         with pytest.raises(PolicyError, match=f"subspace-rank=384 for defense='{name}'.*max-subspace-rank=2"):
             default.check(RunConfig(defense=name, subspace_rank=384))
     default.check(RunConfig(defense="dchi", subspace_rank=384))  # the rank means nothing to a noise defence
+    with pytest.raises(PolicyError, match="importance-levels=0.*allow-continuous-scales=true"):
+        default.check(RunConfig(defense="privtune", importance_levels=0))
+    with pytest.raises(PolicyError, match="radius-scale=4.*max-radius-scale=1"):
+        default.check(RunConfig(defense="privtune", radius_scale=4.0))
+    default.check(RunConfig(defense="privtune-nomean", radius_scale=4.0))  # no mean shift, so no radius
+    default.check(RunConfig(defense="dchi", radius_scale=4.0, importance_levels=0))  # neither means anything to d_chi
     # the device, not the run config, raises its own floor
     loose = DevicePolicy.from_sources({"max-subspace-rank": 4, "min-noise-scale": 0.01, "max-delta": 0.5}, env={})
     loose.check(RunConfig(defense="label-subspace", subspace_rank=4))
     loose.check(RunConfig(defense="privtune", s_min=0.01))
     loose.check(RunConfig(defense="gaussian", delta=0.5))
+    looser = DevicePolicy.from_sources({"allow-continuous-scales": True, "max-radius-scale": 4.0}, env={})
+    looser.check(RunConfig(defense="privtune", importance_levels=0, radius_scale=4.0))
     for bad, match in (({"max-subspace-rank": 0}, "max-subspace-rank=0 must be an integer >= 1"),
                        ({"max-subspace-rank": True}, "max-subspace-rank=True"),
                        ({"max-delta": 1.5}, r"max-delta=1.5 is outside the accepted range \(0, 1\)"),
                        ({"min-noise-scale": "many"}, "min-noise-scale='many' is not a number"),
-                       ({"min-noise-scale": 0.0}, r"min-noise-scale=0.0 is outside the accepted range \(0, 1\]")):
+                       ({"min-noise-scale": 0.0}, r"min-noise-scale=0.0 is outside the accepted range \(0, 1\]"),
+                       ({"max-radius-scale": -1.0}, r"max-radius-scale=-1.0 is outside the accepted range \[0, inf\)"),
+                       ({"allow-continuous-scales": "yes"}, "allow-continuous-scales='yes' must be true or false")):
         with pytest.raises(ValueError, match=match):
             DevicePolicy.from_mapping(bad)
     # values that would make the statement meaningless are refused by the config itself
