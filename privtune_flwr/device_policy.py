@@ -67,6 +67,20 @@ FLOWER_NODE_KEYS = ("partition-id", "num-partitions")
 KEY_STORES = ("auto", "memory", "file")
 
 
+# The floor's numeric keys: the accepted range (as stated in errors) and its test (NaN fails each).
+_NUMBERS = {
+    "max_epsilon": ("(0, inf]", lambda v: v > 0),
+    "min_noise_scale": ("(0, 1]", lambda v: 0 < v <= 1),
+    "max_delta": ("(0, 1)", lambda v: 0 < v < 1),
+    "max_radius_scale": ("[0, inf)", lambda v: 0 <= v < math.inf),
+}
+_COUNTS = ("max_subspace_rank", "max_batches_per_instruction")  # integers >= 1
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
 class PolicyError(ValueError):
     """The run config asks a device for less privacy than its floor allows."""
 
@@ -103,21 +117,14 @@ class DevicePolicy:
             raise ValueError(f"allowed-defenses names unknown defences {bad}; accepted: {', '.join(names)} or '*'")
         if self.key_store not in KEY_STORES:
             raise ValueError(f"key-store={self.key_store!r} is not accepted; accepted: {', '.join(KEY_STORES)}")
-        if isinstance(self.max_epsilon, bool) or not isinstance(self.max_epsilon, (int, float)) or \
-                math.isnan(self.max_epsilon) or self.max_epsilon <= 0:
-            raise ValueError(f"max-epsilon={self.max_epsilon!r} is outside the accepted range (0, inf]")
-        if isinstance(self.min_noise_scale, bool) or not isinstance(self.min_noise_scale, (int, float)) or \
-                not 0 < self.min_noise_scale <= 1:
-            raise ValueError(f"min-noise-scale={self.min_noise_scale!r} is outside the accepted range (0, 1]")
-        if isinstance(self.max_delta, bool) or not isinstance(self.max_delta, (int, float)) or \
-                not 0 < self.max_delta < 1:
-            raise ValueError(f"max-delta={self.max_delta!r} is outside the accepted range (0, 1)")
-        if isinstance(self.max_radius_scale, bool) or not isinstance(self.max_radius_scale, (int, float)) or \
-                not 0 <= self.max_radius_scale < math.inf:
-            raise ValueError(f"max-radius-scale={self.max_radius_scale!r} is outside the accepted range [0, inf)")
-        if isinstance(self.max_subspace_rank, bool) or not isinstance(self.max_subspace_rank, int) or \
-                self.max_subspace_rank < 1:
-            raise ValueError(f"max-subspace-rank={self.max_subspace_rank!r} must be an integer >= 1")
+        for name, (accepted, ok) in _NUMBERS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+                raise ValueError(f"{_key(name)}={value!r} is outside the accepted range {accepted}")
+        for name in _COUNTS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{_key(name)}={value!r} must be an integer >= 1")
 
     @classmethod
     def from_sources(cls, node_config: Mapping | None = None, env: Mapping | None = None) -> "DevicePolicy":
@@ -137,7 +144,7 @@ class DevicePolicy:
 
     @classmethod
     def from_mapping(cls, values: Mapping) -> "DevicePolicy":
-        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        known = {_key(f.name): f for f in fields(cls)}
         kwargs = {}
         for key, value in values.items():
             if key not in known:
@@ -147,22 +154,14 @@ class DevicePolicy:
             if name == "allowed_defenses":
                 text = str(value).strip()
                 kwargs[name] = _defense_names() if text == "*" else tuple(v.strip() for v in text.split(",") if v.strip())
-            elif name in ("max_epsilon", "min_noise_scale", "max_delta", "max_radius_scale"):
-                accepted = {"max_delta": "(0, 1)", "min_noise_scale": "(0, 1]", "max_radius_scale": "[0, inf)"}.get(
-                    name, "(0, inf]")
-                if isinstance(value, bool):
-                    raise ValueError(f"{key}={value!r} is not a number; accepted: {accepted}")
+            elif name in _NUMBERS:  # node config may give 64 or "64"; the range is checked on construction
                 try:
+                    if isinstance(value, bool):
+                        raise TypeError(value)
                     kwargs[name] = float(value)
                 except (TypeError, ValueError):
-                    raise ValueError(f"{key}={value!r} is not a number; accepted: {accepted}") from None
-            elif name == "max_subspace_rank":
-                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                    raise ValueError(f"max-subspace-rank={value!r} must be an integer >= 1")
-                kwargs[name] = value
-            elif name == "max_batches_per_instruction":
-                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                    raise ValueError(f"max-batches-per-instruction={value!r} must be an integer >= 1")
+                    raise ValueError(f"{key}={value!r} is not a number; accepted: {_NUMBERS[name][0]}") from None
+            elif name in _COUNTS:
                 kwargs[name] = value
             elif name.startswith("allow_"):
                 if not isinstance(value, bool):

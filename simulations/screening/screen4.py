@@ -72,8 +72,7 @@ M = int(sys.argv[1])
 RANKS = [int(x) for x in sys.argv[2].split(",")]
 MODES = sys.argv[3].split(",")
 split, tr, va, vi, ax, sm = load_cache(M)
-_, _, _, real_tr = real_tokens(tr["rows"], tr["ids"])
-Htr = pad(tr["rows"], tr["ids"])[0]
+Htr, _, _, real_tr = real_tokens(tr["rows"], tr["ids"])
 c = Htr[real_tr].mean(0); sd = Htr[real_tr].std(0).mean()
 for k in RANKS:
     for mode in MODES:
@@ -83,7 +82,7 @@ for k in RANKS:
         elif mode == "random":
             Q, _ = torch.linalg.qr(torch.randn(split.hidden_size, k, generator=torch.Generator().manual_seed(0)))
         elif mode == "pca":
-            Hax, Iax, Max, real_ax = real_tokens(ax["rows"], ax["ids"])
+            Hax, _, _, real_ax = real_tokens(ax["rows"], ax["ids"])
             X = Hax[real_ax]
             Q = torch.linalg.svd(X - X.mean(0), full_matrices=False)[2][:k].T.contiguous()
         elif mode == "inverter":
