@@ -96,7 +96,11 @@ class RunConfig:
     # run
     seed: int = 0
     output_dir: str = "outputs/run"
-    timeout: float = 600.0
+    timeout: float = 600.0  # seconds a round waits for its replies
+    # the wait instead when a device is asked to train or evaluate for the first time: it fits its
+    # defence then (a label map on all its sentences took 145 s alone, and timed out at 600 s with
+    # three other jobs on 2 cores; README, "Many devices")
+    setup_timeout: float = 1800.0
 
     def __post_init__(self) -> None:
         _require(self.split_layer >= 0, "split-layer", self.split_layer, "an integer >= 0 (and <= the model's layer count)")
@@ -134,7 +138,9 @@ class RunConfig:
         _require(math.isfinite(self.learning_rate) and self.learning_rate > 0, "learning-rate", self.learning_rate, "(0, inf)")
         _require(math.isfinite(self.epsilon) and self.epsilon > 0, "epsilon", self.epsilon, "(0, inf)")
         _require(self.audit_tokens >= 0, "audit-tokens", self.audit_tokens, ">= 0 (0 = no self-audit)")
-        _require(self.timeout > 0, "timeout", self.timeout, "> 0 seconds")
+        _require(math.isfinite(self.timeout) and self.timeout > 0, "timeout", self.timeout, "(0, inf) seconds")
+        _require(math.isfinite(self.setup_timeout) and self.setup_timeout > 0, "setup-timeout", self.setup_timeout,
+                 "(0, inf) seconds")
         _require(0.0 <= self.fault_fraction <= 1.0, "fault-fraction", self.fault_fraction, "[0, 1]")
         kinds = [k.strip() for k in self.fault_kinds.split(",") if k.strip()]
         _require(bool(kinds) and all(k in FAULT_KINDS for k in kinds), "fault-kinds", self.fault_kinds,

@@ -30,6 +30,10 @@ key                        default                 meaning
                                                    defence may keep: its protection against
                                                    inversion comes from this rank, not from epsilon
                                                    (README, "Who chooses the basis")
+``min-split-layer``        1                       the fewest blocks the device runs before it
+                                                   releases (0 releases the embedding layer's
+                                                   output, on which no defence was measured; the
+                                                   cloud chooses split-layer)
 ``allow-reproducible-noise`` false                 accept ``reproducible-noise = true`` (seeded noise
                                                    the operator can remove: research only)
 ``allow-fresh-noise``      false                   accept ``release = 'fresh'`` (noise that composes
@@ -74,7 +78,7 @@ _NUMBERS = {
     "max_delta": ("(0, 1)", lambda v: 0 < v < 1),
     "max_radius_scale": ("[0, inf)", lambda v: 0 <= v < math.inf),
 }
-_COUNTS = ("max_subspace_rank", "max_batches_per_instruction")  # integers >= 1
+_COUNTS = {"max_subspace_rank": 1, "max_batches_per_instruction": 1, "min_split_layer": 0}  # integers >= these
 
 
 def _key(name: str) -> str:
@@ -99,6 +103,7 @@ class DevicePolicy:
     max_delta: float = 1e-5
     max_subspace_rank: int = 2
     max_radius_scale: float = 1.0
+    min_split_layer: int = 1
     allow_continuous_scales: bool = False
     allow_reproducible_noise: bool = False
     allow_fresh_noise: bool = False
@@ -121,10 +126,10 @@ class DevicePolicy:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
                 raise ValueError(f"{_key(name)}={value!r} is outside the accepted range {accepted}")
-        for name in _COUNTS:
+        for name, least in _COUNTS.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{_key(name)}={value!r} must be an integer >= 1")
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{_key(name)}={value!r} must be an integer >= {least}")
 
     @classmethod
     def from_sources(cls, node_config: Mapping | None = None, env: Mapping | None = None) -> "DevicePolicy":
@@ -197,6 +202,10 @@ class DevicePolicy:
                 raise PolicyError(f"this device refuses radius-scale={cfg.radius_scale:g} (the mean shift's radius, a "
                                   f"slack of 2 r eps / s in the bound): its floor is max-radius-scale="
                                   f"{self.max_radius_scale:g} (node config 'max-radius-scale')")
+        if cfg.defense != "none" and cfg.split_layer < self.min_split_layer:
+            raise PolicyError(f"this device refuses split-layer={cfg.split_layer} for defense={cfg.defense!r}: its floor is "
+                              f"min-split-layer={self.min_split_layer} (node config 'min-split-layer'; the defences' "
+                              "protection was measured on blocks' outputs, not on the embedding layer's)")
         if cfg.defense == "gaussian" and cfg.delta > self.max_delta:
             raise PolicyError(f"this device refuses delta={cfg.delta:g}: its floor is max-delta={self.max_delta:g} "
                               "(node config 'max-delta')")

@@ -69,6 +69,7 @@ class SplitLearningStrategy(Strategy):
         self.devices_lost = 0
         self.restored_round = 0  # the last round a resumed run had completed
         self.timeout = cfg.timeout
+        self._contacted: set[int] = set()  # devices already asked to train or evaluate in this run
 
     # -- the protocol, round by round ------------------------------------------------------------
     def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int | None = None,
@@ -108,13 +109,14 @@ class SplitLearningStrategy(Strategy):
     def train_round(self, grid: Grid, server_round: int, sample: list[int]) -> bool:
         """Vanilla: one message per device carries its round's batches and labels."""
         messages = self._messages(sample, server_round, self.cfg.batches_per_round, MessageType.TRAIN)
-        replies = grid.send_and_receive(messages, timeout=self.timeout)
+        replies = grid.send_and_receive(messages, timeout=self._timeout_for(sample))
         arrays, _ = self.aggregate_train(server_round, replies)
         return arrays is not None
 
     def evaluate_round(self, grid: Grid, server_round: int) -> None:
         nodes = self._wait_for_devices(grid)
-        replies = grid.send_and_receive(self._messages(nodes, server_round, 0, MessageType.EVALUATE), timeout=self.timeout)
+        replies = grid.send_and_receive(self._messages(nodes, server_round, 0, MessageType.EVALUATE),
+                                        timeout=self._timeout_for(nodes))
         self.aggregate_evaluate(server_round, replies)
 
     # -- checkpoints and resume ------------------------------------------------------------------
@@ -197,6 +199,21 @@ class SplitLearningStrategy(Strategy):
                     self.partition[reply.metadata.src_node_id] = read_device_identity(reply.content)
                 except SchemaError as exc:
                     log.warning("device %d answered the identity query wrongly: %s", reply.metadata.src_node_id, exc)
+
+    def _timeout_for(self, nodes: Iterable[int]) -> float:
+        """How long to wait for the replies of ``nodes``: ``setup-timeout`` when one of them is asked
+        to train or evaluate for the first time in this run (a device loads its bottom and fits its
+        defence then: a label map on all its sentences, or anchor tables), else ``timeout``."""
+        nodes = set(nodes)
+        new = nodes - self._contacted
+        self._contacted |= nodes
+        if not new:
+            return self.timeout
+        wait = max(self.timeout, self.cfg.setup_timeout)
+        if wait > self.timeout:
+            log.info("%d device(s) asked for the first time (they set up now): waiting up to setup-timeout=%.0f s",
+                     len(new), wait)
+        return wait
 
     def _order(self, node: int) -> tuple[int, int]:
         """Devices in partition order; any that did not say theirs come after, by node id."""

@@ -68,7 +68,7 @@ class UShapedStrategy(SplitLearningStrategy):
                     for n in nodes]
         self._traffic["down"] += sum(_nbytes(o) for o in outputs.values())
         self._traffic["messages"] += len(messages)
-        replies = list(grid.send_and_receive(messages, timeout=self.timeout))
+        replies = list(grid.send_and_receive(messages, timeout=self._timeout_for(nodes)))
         self._traffic["messages"] += len(replies)
         return replies
 

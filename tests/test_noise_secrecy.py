@@ -212,6 +212,13 @@ def test_the_cloud_cannot_weaken_a_defence_through_its_parameters():
         default.check(RunConfig(defense="privtune", radius_scale=4.0))
     default.check(RunConfig(defense="privtune-nomean", radius_scale=4.0))  # no mean shift, so no radius
     default.check(RunConfig(defense="dchi", radius_scale=4.0, importance_levels=0))  # neither means anything to d_chi
+    with pytest.raises(PolicyError, match="split-layer=0 for defense='label-subspace'.*min-split-layer=1"):
+        default.check(RunConfig(defense="label-subspace", split_layer=0))
+    default.check(RunConfig(defense="label-subspace", split_layer=1))
+    DevicePolicy.from_sources({"allowed-defenses": "*"}, env={}).check(RunConfig(defense="none", split_layer=0))
+    DevicePolicy.from_sources({"min-split-layer": 0}, env={}).check(RunConfig(defense="dchi", split_layer=0))
+    with pytest.raises(PolicyError, match="split-layer=2 .*min-split-layer=3"):
+        DevicePolicy.from_sources({"min-split-layer": 3}, env={}).check(RunConfig(defense="dchi", split_layer=2))
     # the device, not the run config, raises its own floor
     loose = DevicePolicy.from_sources({"max-subspace-rank": 4, "min-noise-scale": 0.01, "max-delta": 0.5}, env={})
     loose.check(RunConfig(defense="label-subspace", subspace_rank=4))
@@ -221,6 +228,7 @@ def test_the_cloud_cannot_weaken_a_defence_through_its_parameters():
     looser.check(RunConfig(defense="privtune", importance_levels=0, radius_scale=4.0))
     for bad, match in (({"max-subspace-rank": 0}, "max-subspace-rank=0 must be an integer >= 1"),
                        ({"max-subspace-rank": True}, "max-subspace-rank=True"),
+                       ({"min-split-layer": -1}, "min-split-layer=-1 must be an integer >= 0"),
                        ({"max-delta": 1.5}, r"max-delta=1.5 is outside the accepted range \(0, 1\)"),
                        ({"min-noise-scale": "many"}, "min-noise-scale='many' is not a number"),
                        ({"min-noise-scale": 0.0}, r"min-noise-scale=0.0 is outside the accepted range \(0, 1\]"),

@@ -176,3 +176,30 @@ def test_u_shaped_rounds_keep_labels_on_the_devices(minilm_split, middle_steps):
     # each device trained its own head, kept in its own state
     heads = [c.state.array_records[device_app.HEAD] for c in grid.contexts.values() if device_app.HEAD in c.state.array_records]
     assert len(heads) == 4
+
+
+def test_a_device_asked_for_the_first_time_gets_the_setup_timeout(minilm_split):
+    """A device sets up on its first train or evaluate message (it fits its defence then), so a
+    round that asks one for the first time waits setup-timeout; later rounds wait timeout."""
+    cfg = _cfg(num_rounds=2, devices_per_round=2, min_devices=3, timeout=30.0, setup_timeout=90.0)
+    waits = []
+
+    class Recording(Grid):
+        def send_and_receive(self, messages, *, timeout=None):
+            messages = list(messages)
+            if messages and messages[0].metadata.message_type != "query":
+                waits.append((messages[0].metadata.message_type, len(messages), timeout))
+            return super().send_and_receive(messages, timeout=timeout)
+
+    strategy = _vanilla(cfg)
+    strategy.start(Recording(cfg, 3))
+    # round 1: two devices train (new), then all three evaluate (the third is new); round 2: all known
+    assert waits == [("train", 2, 90.0), ("evaluate", 3, 90.0), ("train", 2, 30.0), ("evaluate", 3, 30.0)]
+    # a setup-timeout below timeout never shortens the wait
+    waits.clear()
+    strategy = _vanilla(_cfg(num_rounds=1, devices_per_round=2, min_devices=3, timeout=30.0, setup_timeout=5.0))
+    strategy.start(Recording(cfg, 3))
+    assert [w[2] for w in waits] == [30.0, 30.0]
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="setup-timeout"):
+            RunConfig(setup_timeout=bad)
