@@ -18,6 +18,7 @@ RELEASES = ("once", "fresh")
 FAULT_KINDS = ("raise", "garbage", "nan", "slow")
 PARTITIONERS = ("iid", "dirichlet")
 MIDDLE_STEPS = ("per-batch", "joint")
+SUBSPACE_FITS = ("reader", "closed-form")  # as privtune_flwr.mechanism.subspace accepts them
 # The names of ``defenses.DEFENSES`` (a test keeps the two equal). Spelled out here so that a
 # launcher can check a run's configuration in a fraction of a second, without importing torch.
 DEFENSE_NAMES = (
@@ -84,6 +85,9 @@ class RunConfig:
     importance_levels: int = 3  # public noise-scale levels (0 = continuous: no bound across importance)
     delta: float = 1e-5  # gaussian only
     clip: float = 0.0  # gaussian only; 0 = calibrate from the anchors
+    # label-subspace only: "reader" (a small reader trained with the projection) or "closed-form"
+    # (Fisher directions, then principal ones: nothing trained; devices that fit apart agree)
+    subspace_fit: str = "reader"
     subspace_rank: int = 2  # label-subspace / label-obfuscator only: directions (features) kept per token (2 at split 3; >= classes - 1: see README)
     # noise: a secret key on each device, each example released once; both need the device's consent
     # (its node config / device policy) to be weakened
@@ -148,6 +152,8 @@ class RunConfig:
         _require(0.0 <= self.fault_delay <= 3600.0, "fault-delay", self.fault_delay, "[0, 3600] seconds")
         _require(self.release in RELEASES, "release", self.release, " or ".join(RELEASES))
         _require(0 <= self.importance_levels <= 64, "importance-levels", self.importance_levels, "0..64 (0 = continuous)")
+        _require(self.subspace_fit in SUBSPACE_FITS, "subspace-fit", self.subspace_fit,
+                 " or ".join(repr(f) for f in SUBSPACE_FITS))
         _require(self.subspace_rank >= 1, "subspace-rank", self.subspace_rank, "an integer >= 1 (and <= the hidden size)")
         _require(0 < self.s_min <= 1, "s-min", self.s_min, "(0, 1]")
         _require(0 < self.delta < 1, "delta", self.delta, "(0, 1)")
@@ -171,6 +177,8 @@ class RunConfig:
             return {}
         if self.defense == "gaussian":
             return {"delta": self.delta, "clip": self.clip or None}
+        if self.defense == "label-subspace":
+            return {"subspace_rank": self.subspace_rank, "subspace_fit": self.subspace_fit}
         if self.defense in LABEL_DEFENSES:
             return {"subspace_rank": self.subspace_rank}
         return {
@@ -188,6 +196,8 @@ class RunConfig:
             shown.update(delta=f"{self.delta:g}", clip=f"{self.clip:g}" if self.clip else "auto")
         elif self.defense in LABEL_DEFENSES:
             shown["rank"] = self.subspace_rank
+            if self.defense == "label-subspace" and self.subspace_fit != "reader":
+                shown["fit"] = self.subspace_fit
         elif self.defense.startswith("privtune"):
             shown.update({"n-hops": self.n_hops, "k": self.k, "s-min": f"{self.s_min:g}", "radius-scale": f"{self.radius_scale:g}"})
         if self.release != "once":

@@ -68,8 +68,12 @@ def device_defense(name: str, split: SplitModel, *, epsilon: float | None, texts
             raise ValueError(f"defense={name!r} is fitted on labelled classification data; got task={task!r}"
                              + (" without labels" if labels is None else ""))
         rank = options.get("subspace_rank", OPTIONS["subspace_rank"])
+        method = options.pop("subspace_fit", "reader")
         if name == "label-subspace":
-            options["subspace"] = device_subspace(split, texts, labels, rank=rank, max_length=max_length, seed=fit_seed)
+            options["subspace"] = device_subspace(split, texts, labels, rank=rank, max_length=max_length, seed=fit_seed,
+                                                  method=method)
+        elif method != "reader":
+            raise ValueError(f"subspace_fit={method!r} applies to label-subspace only; label-obfuscator trains its network")
         else:
             options["obfuscator"] = device_obfuscator(split, texts, labels, rank=rank, max_length=max_length,
                                                       seed=fit_seed)
@@ -93,11 +97,11 @@ def _clean_rows(split: SplitModel, texts, labels, *, max_length: int, chunk: int
 
 
 def device_subspace(split: SplitModel, texts, labels, *, rank: int, max_length: int = 64, seed: int = 0,
-                    chunk: int = 256) -> Subspace:
+                    chunk: int = 256, method: str = "reader") -> Subspace:
     """The label subspace a device fits on its own data: the bottom's representations of ``texts``
-    and their ``labels``."""
+    and their ``labels`` (``method``: see :func:`~privtune_flwr.mechanism.subspace.fit_subspace`)."""
     rows, ids, labels = _clean_rows(split, texts, labels, max_length=max_length, chunk=chunk)
-    return fit_subspace(rows, ids, labels, rank=rank, special_ids=split.special_ids, seed=seed)
+    return fit_subspace(rows, ids, labels, rank=rank, special_ids=split.special_ids, seed=seed, method=method)
 
 
 def device_obfuscator(split: SplitModel, texts, labels, *, rank: int, max_length: int = 64, seed: int = 0,

@@ -80,7 +80,7 @@ from tqdm import tqdm
 from privtune_flwr import data
 from privtune_flwr.attacks import ATTACKS, PROTOCOLS, run_attacks
 from privtune_flwr.attacks.keywords import GENERIC_KEYWORDS, MOVIE_GENRE_KEYWORDS, genre_attribute, top_classes
-from privtune_flwr.config import RunConfig
+from privtune_flwr.config import SUBSPACE_FITS, RunConfig
 from privtune_flwr.defenses import DEFENSES
 from privtune_flwr.models import LORA_TARGET_CHOICES, load_split
 from privtune_flwr.cloud import (CloudSide, MiddleSide, ReleasedSet, StopRule, evaluate_set, fine_tune_to_convergence,
@@ -159,6 +159,7 @@ class SweepSettings:
     # Left out of the fingerprint at these defaults, so points computed before they existed stay valid.
     split_layer: int = 1
     subspace_rank: int = 1
+    subspace_fit: str = "reader"  # label-subspace: "reader" or "closed-form" (left out of the fingerprint at its default)
     # what LoRA adapts in the blocks above the split: "attention" (query/value) or "all" (every linear
     # layer, and the encoder's pooler whole); left out of the fingerprint at its default
     lora_targets: str = "attention"
@@ -186,6 +187,8 @@ class SweepSettings:
             raise ValueError(f"seeds={list(self.seeds)!r} is invalid; accepted: one or more integers >= 0")
         if self.lora_targets not in LORA_TARGET_CHOICES:
             raise ValueError(f"lora_targets={self.lora_targets!r} is invalid; accepted: {', '.join(LORA_TARGET_CHOICES)}")
+        if self.subspace_fit not in SUBSPACE_FITS:
+            raise ValueError(f"subspace_fit={self.subspace_fit!r} is invalid; accepted: {', '.join(SUBSPACE_FITS)}")
         if not isinstance(self.decays, int) or self.decays < 0:
             raise ValueError(f"decays={self.decays!r} is invalid; accepted: an integer >= 0")
         for key in ("max_steps", "patience", "eval_every", "batch_size", "max_victim", "max_aux", "max_length",
@@ -216,14 +219,14 @@ class SweepSettings:
         if dataset not in GENERATION_DATASETS:
             skip |= GENERATION_SETTINGS
         else:
-            skip |= {"split_layer", "subspace_rank"}  # classification only
+            skip |= {"split_layer", "subspace_rank", "subspace_fit"}  # classification only
         skip |= {k for k, default in SPLIT_DEFAULTS.items() if getattr(self, k) == default}
         keep = {k: v for k, v in asdict(self).items() if k not in skip}
         keep.update(dataset=dataset, aux=AUX_PAIRS[dataset], seed=seed, version=2)
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-SPLIT_DEFAULTS = {"split_layer": 1, "subspace_rank": 1, "lora_targets": "attention"}
+SPLIT_DEFAULTS = {"split_layer": 1, "subspace_rank": 1, "lora_targets": "attention", "subspace_fit": "reader"}
 
 
 def quick_settings(**overrides) -> SweepSettings:
@@ -461,7 +464,7 @@ def dataset_context(name: str, seed: int, settings: SweepSettings) -> DatasetCon
 def make_defense(defense_name: str, eps: float | None, ctx: DatasetContext, settings: SweepSettings):
     """The defence as the device builds it from its own training part, with seeded (stated) noise."""
     options = RunConfig(defense=defense_name, seed=ctx.seed, max_length=settings.length_for(ctx.name),
-                        subspace_rank=settings.subspace_rank).defense_options()
+                        subspace_rank=settings.subspace_rank, subspace_fit=settings.subspace_fit).defense_options()
     return device_defense(defense_name, ctx.split, epsilon=None if eps is None else float(eps),
                           texts=ctx.train["text"], labels=ctx.train["label"] if ctx.ds.task == data.CLASSIFICATION else None,
                           task=ctx.ds.task,
@@ -932,6 +935,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decays", type=int, help="learning-rate decays (x0.3) at a plateau before stopping")
     parser.add_argument("--split-layer", type=int, help="classification: split MiniLM after this block (default 1)")
     parser.add_argument("--subspace-rank", type=int, help="label-subspace / label-obfuscator: directions (features) kept per token (default 1)")
+    parser.add_argument("--subspace-fit", choices=SUBSPACE_FITS,
+                        help="label-subspace: fit its directions with a small reader (default) or in closed form")
     parser.add_argument("--lora-targets", choices=LORA_TARGET_CHOICES,
                         help="LoRA on the top's attention query/value (default) or on all its linear layers, "
                              "with the pooler trained whole")
@@ -951,7 +956,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds is not None:
         over["seeds"] = _ints(args.seeds)
     for key in ("max_examples", "max_steps", "patience", "eval_every", "decays", "split_layer", "subspace_rank",
-                "lora_targets"):
+                "subspace_fit", "lora_targets"):
         if getattr(args, key) is not None:
             over[key] = getattr(args, key)
     t0 = time.perf_counter()

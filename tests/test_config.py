@@ -68,6 +68,17 @@ def test_lora_target_choices_match_the_models():
     assert config.LORA_TARGET_CHOICES == models.LORA_TARGET_CHOICES
 
 
+def test_subspace_fit_choices_match_the_mechanism():
+    from privtune_flwr import config
+    from privtune_flwr.mechanism import subspace
+
+    assert config.SUBSPACE_FITS == subspace.SUBSPACE_FITS
+    assert RunConfig(defense="label-subspace", subspace_fit="closed-form").defense_options()["subspace_fit"] == "closed-form"
+    assert "subspace_fit" not in RunConfig(defense="label-obfuscator").defense_options()
+    with pytest.raises(ValueError, match="subspace-fit='lda'.*'reader' or 'closed-form'"):
+        RunConfig(subspace_fit="lda")
+
+
 def test_defense_names_match_the_defenses():
     from privtune_flwr.config import DEFENSE_NAMES
     from privtune_flwr.defenses import DEFENSES

@@ -458,6 +458,74 @@ def test_both_label_fits_warn_when_the_devices_labels_are_skewed(tiny, caplog):
         assert f"{fit.__name__}: the device's labels are skewed (sentences per class 0: 18, 1: 2" in record.getMessage()
 
 
+def _synthetic_devices(devices: int, sentences: int, d: int = 32, seed: int = 0):
+    """Sentences of 6 tokens in ``d`` dimensions: anisotropic noise, the class shifting every token
+    along a fixed direction that is not an axis; ``devices`` disjoint shares."""
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.linspace(0.3, 2.0, d)
+    scales[-1] = 4.0  # one clearly leading principal axis
+    direction = torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0)
+    shares = []
+    for _ in range(devices):
+        labels = (torch.arange(sentences) % 2).tolist()
+        rows = [torch.randn(6, d, generator=g) * scales + 0.8 * (2 * y - 1) * direction for y in labels]
+        ids = [torch.tensor([101, 7, 8, 9, 10, 102]) for _ in labels]
+        shares.append((rows, ids, labels))
+    return shares, scales, direction
+
+
+def test_closed_form_basis_is_fisher_then_principal_and_devices_agree(tiny):
+    """The closed-form fit: its first direction is the Fisher discriminant of the tokens, its second
+    their leading principal direction made orthogonal to it; devices holding different sentences of
+    the same distribution fit nearly the same span."""
+    from privtune_flwr.mechanism.subspace import closed_form_basis, fit_subspace
+
+    split = tiny[0]
+    (mine, theirs), scales, direction = _synthetic_devices(2, 300)
+    fitted = fit_subspace(*mine, rank=2, special_ids=split.special_ids, method="closed-form")
+    basis = fitted.basis
+    assert torch.allclose(basis.T @ basis, torch.eye(2), atol=1e-5)
+    # the population Fisher direction: Sigma_w^-1 (mu_1 - mu_0), Sigma_w = diag(scales^2) (shrunk by half)
+    shrunk = 0.5 * scales ** 2 + 0.5 * (scales ** 2).mean()
+    fisher = torch.nn.functional.normalize(direction / shrunk, dim=0)
+    assert abs(float(fisher @ basis[:, 0])) > 0.95
+    assert abs(float(basis[:, 1] @ torch.eye(32)[-1])) > 0.9  # the largest-variance axis, nearly orthogonal to fisher
+    assert fitted.reader_accuracy > 0.9  # the classes are well apart along the first direction
+    # a second device, other sentences: nearly the same span (cosines of the principal angles)
+    other = fit_subspace(*theirs, rank=2, special_ids=split.special_ids, method="closed-form").basis
+    assert torch.linalg.svdvals(basis.T @ other).min() > 0.95
+    # deterministic and seed-free: nothing is trained
+    again = fit_subspace(*mine, rank=2, special_ids=split.special_ids, method="closed-form", seed=7)
+    assert torch.equal(again.basis, basis)
+    # three classes: two discriminant directions span the class means' plane
+    g = torch.Generator().manual_seed(1)
+    centres = torch.randn(3, 32, generator=g) * 2
+    tokens = torch.cat([torch.randn(200, 32, generator=g) + centres[c] for c in range(3)])
+    classes = torch.arange(3).repeat_interleave(200)
+    plane = torch.linalg.qr((centres[1:] - centres[0]).T)[0]
+    assert torch.linalg.svdvals(closed_form_basis(tokens, classes, 2).T @ plane).min() > 0.95
+    with pytest.raises(ValueError, match=r"shrink=0.0 is outside the accepted range \(0, 1\]"):
+        closed_form_basis(tokens, classes, 2, shrink=0.0)
+    with pytest.raises(ValueError, match="method='lda' is not accepted; accepted: reader, closed-form"):
+        fit_subspace(*mine, rank=2, special_ids=split.special_ids, method="lda")
+
+
+def test_the_run_config_chooses_the_subspace_fit_on_the_device(tiny):
+    from privtune_flwr.config import RunConfig
+    from privtune_flwr.device import device_defense
+
+    split = tiny[0]
+    options = RunConfig(defense="label-subspace", subspace_rank=2, subspace_fit="closed-form").defense_options()
+    a = device_defense("label-subspace", split, epsilon=8.0, texts=CORPUS[:12], labels=LABELS[:12], max_length=16,
+                       **options)
+    b = device_defense("label-subspace", split, epsilon=8.0, texts=CORPUS[:12], labels=LABELS[:12], max_length=16,
+                       fit_seed=5, **options)
+    assert torch.equal(a.basis, b.basis)  # closed form: the fit's seed plays no part
+    with pytest.raises(ValueError, match="subspace_fit='closed-form' applies to label-subspace only"):
+        device_defense("label-obfuscator", split, epsilon=8.0, texts=CORPUS[:12], labels=LABELS[:12], max_length=16,
+                       subspace_rank=2, subspace_fit="closed-form")
+
+
 def d_subspace(split):
     return _FITTED["label-subspace", id(split), 4][1]
 

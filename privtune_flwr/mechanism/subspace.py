@@ -137,23 +137,64 @@ def device_tokens(fit: str, rows: list[torch.Tensor], ids: list[torch.Tensor], l
                         present=torch.tensor(present, dtype=torch.long), special=special)
 
 
+SUBSPACE_FITS = ("reader", "closed-form")
+
+
+def closed_form_basis(tokens: torch.Tensor, classes: torch.Tensor, rank: int, *, shrink: float = 0.5) -> torch.Tensor:
+    """An orthonormal ``[d, rank]`` basis fitted without training, from tokens ``[N, d]`` labelled with
+    their sentences' classes ``[N]``: the Fisher discriminant directions (at most classes - 1; the
+    within-class scatter shrunk by ``shrink`` towards its mean eigenvalue, so that a few hundred
+    sentences estimate it), then, to fill the rank, the tokens' leading principal directions."""
+    if not 0.0 < shrink <= 1.0:
+        raise ValueError(f"shrink={shrink!r} is outside the accepted range (0, 1]")
+    x = tokens.double()
+    present, index = classes.unique(return_inverse=True)
+    means = torch.stack([x[index == c].mean(0) for c in range(len(present))])
+    within = x - means[index]
+    scatter = within.T @ within / len(x)
+    d = scatter.shape[0]
+    scatter = (1 - shrink) * scatter + shrink * scatter.trace() / d * torch.eye(d, dtype=x.dtype)
+    counts = torch.bincount(index, minlength=len(present)).to(x.dtype)
+    spread = (means - x.mean(0)) * counts.sqrt().unsqueeze(1) / math.sqrt(len(x))  # between = spread.T @ spread
+    # the generalised eigenproblem between v = lambda * scatter v, through scatter's Cholesky factor
+    factor = torch.linalg.cholesky(scatter)
+    whitened = torch.linalg.solve_triangular(factor, spread.T, upper=False)  # L^-1 spread.T
+    u, _, _ = torch.linalg.svd(whitened, full_matrices=False)
+    discriminant = min(rank, len(present) - 1)
+    columns = [torch.linalg.solve_triangular(factor.T, u[:, :discriminant], upper=True)]
+    if rank > discriminant:
+        centred = x - x.mean(0)
+        columns.append(torch.linalg.eigh(centred.T @ centred)[1].flip(1)[:, :rank - discriminant])
+    basis, _ = torch.linalg.qr(torch.cat(columns, 1))
+    return basis.float()
+
+
 def fit_subspace(rows: list[torch.Tensor], ids: list[torch.Tensor], labels, *, rank: int, special_ids: torch.Tensor,
-                 epochs: int = 4, lr: float = 3e-3, width: int = 64, batch_size: int = 64, seed: int = 0) -> Subspace:
+                 epochs: int = 4, lr: float = 3e-3, width: int = 64, batch_size: int = 64, seed: int = 0,
+                 method: str = "reader") -> Subspace:
     """Fit a rank-``rank`` label subspace on a device's own data.
 
     ``rows[i]`` ``[n_i, d]``: the bottom's representations of sequence ``i`` (real tokens only, in
-    order); ``ids[i]`` ``[n_i]``: its token ids; ``labels[i]``: its class. Returns a
-    :class:`Subspace`; the same inputs and ``seed`` give the same subspace.
+    order); ``ids[i]`` ``[n_i]``: its token ids; ``labels[i]``: its class. ``method``: ``"reader"``
+    (the module docstring) or ``"closed-form"`` (:func:`closed_form_basis`: nothing trained, and
+    estimated well from a few hundred sentences, so that devices fitting apart release nearly the
+    same vectors; its ``reader_accuracy`` is that of the nearest class mean of the sentences'
+    projected mean tokens). Returns a :class:`Subspace`; the same inputs and ``seed`` give the same
+    subspace.
     """
+    if method not in SUBSPACE_FITS:
+        raise ValueError(f"method={method!r} is not accepted; accepted: {', '.join(SUBSPACE_FITS)}")
     stats = device_tokens("fit_subspace", rows, ids, labels, rank=rank, special_ids=special_ids)
-    labels, special_ids, center, scale = stats.labels, stats.special_ids, stats.center, stats.scale
-    classes = labels.unique().numel()
+    classes = stats.labels.unique().numel()
     if rank < classes - 1:
         # a linear reader separates K classes in K - 1 directions; with fewer the top loses accuracy
         # (bbc_news, 5 topics, split 3: rank 2 cost 5.7%, rank 4 nothing; README)
         log.warning("label-subspace rank %d is below the %d classes - 1 of the device's labels: the release keeps "
                     "fewer directions than the classes need, expect an accuracy cost (subspace-rank >= %d advised)",
                     rank, classes, classes - 1)
+    if method == "closed-form":
+        return _closed_form_subspace(rows, ids, stats, rank)
+    labels, special_ids, center, scale = stats.labels, stats.special_ids, stats.center, stats.scale
     d = rows[0].shape[-1]
     max_len = max(len(r) for r in rows)
 
@@ -190,6 +231,23 @@ def fit_subspace(rows: list[torch.Tensor], ids: list[torch.Tensor], labels, *, r
     basis = _canonical(basis, rows, ids, labels, center, special_ids)
     return Subspace(center=center, basis=basis.contiguous(), special_ids=stats.present, special=stats.special,
                     reader_accuracy=correct / len(rows))
+
+
+def _closed_form_subspace(rows: list[torch.Tensor], ids: list[torch.Tensor], stats: DeviceTokens, rank: int) -> Subspace:
+    lengths = torch.tensor([len(r) for r in rows])
+    sentence = torch.repeat_interleave(torch.arange(len(rows)), lengths)[stats.regular]
+    tokens = torch.cat(rows)[stats.regular]
+    basis = closed_form_basis(tokens, stats.labels[sentence], rank)
+    basis = _canonical(basis, rows, ids, stats.labels, stats.center, stats.special_ids)
+    # diagnostic: each sentence's mean projected token, classified by the nearest class mean
+    coords = (tokens - stats.center) @ basis
+    means = torch.zeros(len(rows), rank).index_add_(0, sentence, coords)
+    means /= torch.bincount(sentence, minlength=len(rows)).clamp_min(1).unsqueeze(1)
+    present = stats.labels.unique()
+    centroids = torch.stack([means[stats.labels == c].mean(0) for c in present])
+    guess = present[torch.cdist(means, centroids).argmin(1)]
+    return Subspace(center=stats.center, basis=basis.contiguous(), special_ids=stats.present, special=stats.special,
+                    reader_accuracy=float((guess == stats.labels).float().mean()))
 
 
 def _canonical(basis: torch.Tensor, rows, ids, labels: torch.Tensor, center: torch.Tensor,

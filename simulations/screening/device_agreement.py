@@ -1,6 +1,6 @@
 """Devices fit their label maps apart: does the cloud's top see one input, or one per device?
 
-    python -m simulations.screening.device_agreement [SPLIT] [DEVICES] [PARTITIONER] [ALPHA] [TEST] [TRAIN]
+    python -m simulations.screening.device_agreement [SPLIT] [DEVICES] [PARTITIONER] [ALPHA] [TEST] [TRAIN] [VARIANT]
 
 On the cached Rotten Tomatoes sentences of split ``SPLIT`` (default 3; run
 ``python -m simulations.screening.cache SPLIT`` first), the training sentences are shared out
@@ -9,7 +9,19 @@ among ``DEVICES`` devices (default 10) by the app's own partitioner (``data.part
 ``label-obfuscator`` (rank 2, as ``make run``), one map is fitted on all the training sentences
 (one device, as in the sweep) and one per device on its own share (as in the Flower app). Then, on
 the first ``TEST`` test sentences (default 500; ``TRAIN`` > 0 keeps only that many training
-sentences, for a quick check), each released at ε = 64 with seeded noise:
+sentences, for a quick check), each released at ε = 64 with seeded noise.
+
+``VARIANT`` (default: none) fits ``label-subspace`` alone, another way, and adds ``_VARIANT`` to
+the output's name:
+
+* ``stepsN``: every map's reader trained for at least ``N`` optimiser steps (more epochs on a
+  small share; the one map's 4 epochs over 6,910 sentences are 432 steps);
+* ``lda``: ``label-subspace``'s closed-form fit (``fit_subspace(..., method="closed-form")``) at
+  rank 1: the Fisher direction of the tokens (each labelled with its sentence's class, the
+  within-class scatter shrunk halfway to its mean eigenvalue);
+* ``lda-pca``: the same fit at rank 2: that direction and the tokens' first principal direction.
+
+What the screen reports:
 
 * ``feature_corr``: per direction, the correlation between a device's features of a token and the
   one-device map's (mean over devices): how far the data-fixed frame makes them the same numbers;
@@ -56,8 +68,23 @@ PARTITIONER = sys.argv[3] if len(sys.argv) > 3 else "iid"
 ALPHA = float(sys.argv[4]) if len(sys.argv) > 4 else 0.5
 TEST = int(sys.argv[5]) if len(sys.argv) > 5 else 500
 TRAIN = int(sys.argv[6]) if len(sys.argv) > 6 else 0
+VARIANT = sys.argv[7] if len(sys.argv) > 7 else ""
 RANK, EPSILON, SEED = 2, 64.0, 0
+
+
+def closed_form_subspace(rows, ids, labels, *, rank, special_ids, seed=0, **_):
+    """``lda`` / ``lda-pca``: ``label-subspace``'s closed-form fit at rank 1 / 2."""
+    return fit_subspace(rows, ids, labels, rank=rank, special_ids=special_ids, method="closed-form")
+
+
 FITS = {"label-subspace": (fit_subspace, "subspace"), "label-obfuscator": (fit_obfuscator, "obfuscator")}
+if VARIANT.startswith("steps"):
+    FITS = {"label-subspace": FITS["label-subspace"]}
+elif VARIANT in ("lda", "lda-pca"):
+    FITS = {"label-subspace": (closed_form_subspace, "subspace")}
+    RANK = 1 if VARIANT == "lda" else 2
+elif VARIANT:
+    raise SystemExit(f"VARIANT={VARIANT!r}: accepted: stepsN, lda, lda-pca")
 
 
 def release(defense, rows, ids):
@@ -110,7 +137,10 @@ def main() -> None:
         def build(index):
             rows = [train["rows"][i] for i in index]
             ids = [train["ids"][i] for i in index]
-            fitted = fit(rows, ids, labels[index].tolist(), rank=RANK, special_ids=special, seed=SEED)
+            extra = {}
+            if VARIANT.startswith("steps"):  # enough epochs for the floor on the steps, never fewer than 4
+                extra["epochs"] = max(4, -(-int(VARIANT[5:]) // -(-len(index) // 64)))
+            fitted = fit(rows, ids, labels[index].tolist(), rank=RANK, special_ids=special, seed=SEED, **extra)
             return build_defense(name, epsilon=EPSILON, split=split, seed=SEED, subspace_rank=RANK, **{option: fitted})
 
         one = build(list(range(len(labels))))
@@ -161,7 +191,7 @@ def main() -> None:
         reader_many = train_reader(lambda: batches_through(own), 2, d, max_len)
         cross = [accuracy(reader_many, r, mask, t_y) for r in per_device]
         row = {"defense": name, "split": SPLIT, "devices": DEVICES, "single_class_devices": single,
-               "partitioner": PARTITIONER,
+               "partitioner": PARTITIONER, "variant": VARIANT or "reader", "rank": RANK,
                "alpha": ALPHA if PARTITIONER == "dirichlet" else None, "test_sentences": len(t_rows),
                "share_sizes": [len(s) for s in shares],
                "share_positive": [round(float(labels[s].float().mean()), 3) for s in shares],
@@ -176,7 +206,8 @@ def main() -> None:
                "fit_seconds": fit_s, "seconds": time.time() - t0}
         print(json.dumps(row), flush=True)
         out_rows.append(row)
-    path = Path(f"outputs/screening/device_agreement_s{SPLIT}_{DEVICES}{PARTITIONER}.json")
+    tag = f"_{VARIANT}" if VARIANT else ""
+    path = Path(f"outputs/screening/device_agreement_s{SPLIT}_{DEVICES}{PARTITIONER}{tag}.json")
     path.write_text(json.dumps(out_rows, indent=1))
     print("written", path)
 

@@ -8,7 +8,9 @@ At split 3 (cached by ``cache 3``), no noise on the projection. Bases, each orth
 prototype of ``label-subspace``); ``random``: a Gaussian matrix orthonormalised (seed 0);
 ``pca``: the top-k principal directions of the auxiliary tokens; ``inverter``: fitted on the
 auxiliary tokens jointly with a token inverter to maximise token recovery (what a cloud that could
-choose the basis would pick). Per basis: the validation accuracy of a reader trained on the
+choose the basis would pick); ``lda-pca``: fitted in closed form on the training sentences
+(``label-subspace``'s closed-form basis, ``privtune_flwr.mechanism.subspace.closed_form_basis``: the
+tokens' Fisher direction for the label, then for k = 2 their first principal direction). Per basis: the validation accuracy of a reader trained on the
 projected training sentences (the label kept) and the adaptive EIA-2 top-1 recovery of a fresh
 inverter trained on auxiliary text projected the same way, scored on the victim sentences (token
 identity kept). One JSON line each."""
@@ -87,8 +89,11 @@ for k in RANKS:
             Q = torch.linalg.svd(X - X.mean(0), full_matrices=False)[2][:k].T.contiguous()
         elif mode == "inverter":
             Q = inverter_basis(ax["rows"], ax["ids"], k)
+        elif mode == "lda-pca":
+            token_class = tr["labels"].unsqueeze(1).expand(real_tr.shape)[real_tr]
+            Q = closed_form_basis(Htr[real_tr], token_class, k)
         else:
-            raise SystemExit(f"mode {mode!r}: accepted: label, random, pca, inverter")
+            raise SystemExit(f"mode {mode!r}: accepted: label, random, pca, inverter, lda-pca")
         reader = reader_on(Q, c, sd, tr["rows"], tr["ids"], tr["labels"])
         acc = reader_accuracy(reader, c, Q, sd, va["rows"], va["ids"], va["labels"])
         fit_s = time.time() - t

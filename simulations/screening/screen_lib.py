@@ -4,6 +4,7 @@ from torch import nn
 from torch.nn import functional as F
 from privtune_flwr.attacks import run_attack
 from privtune_flwr.attacks.base import Released
+from privtune_flwr.mechanism.subspace import closed_form_basis  # noqa: F401 - screen4's lda-pca basis
 
 def pad(rows, ids, labels=None, attrs=None):
     n = len(rows); T = max(len(r) for r in rows); d = rows[0].shape[-1]
@@ -220,3 +221,4 @@ def obfuscator_accuracy(reader, c, sd, obf, rows, ids, labels):
     real = M.bool() & ~torch.isin(I, torch.tensor(SPECIAL))
     with torch.no_grad():
         return float((reader(obf((H - c) / sd) * real.unsqueeze(-1), M).argmax(-1) == labels).float().mean())
+
