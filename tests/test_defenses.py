@@ -506,6 +506,10 @@ def test_closed_form_basis_is_fisher_then_principal_and_devices_agree(tiny):
     assert torch.linalg.svdvals(closed_form_basis(tokens, classes, 2).T @ plane).min() > 0.95
     with pytest.raises(ValueError, match=r"shrink=0.0 is outside the accepted range \(0, 1\]"):
         closed_form_basis(tokens, classes, 2, shrink=0.0)
+    with pytest.raises(ValueError, match="tokens that vary within their classes"):
+        closed_form_basis(centres[classes], classes, 2)  # every token at its class mean
+    with pytest.raises(ValueError, match="finite values"):
+        closed_form_basis(tokens.masked_fill(tokens > 3, float("nan")), classes, 2)
     with pytest.raises(ValueError, match="method='lda' is not accepted; accepted: reader, closed-form"):
         fit_subspace(*mine, rank=2, special_ids=split.special_ids, method="lda")
 

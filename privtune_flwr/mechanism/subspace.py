@@ -153,6 +153,9 @@ def closed_form_basis(tokens: torch.Tensor, classes: torch.Tensor, rank: int, *,
     within = x - means[index]
     scatter = within.T @ within / len(x)
     d = scatter.shape[0]
+    if not torch.isfinite(scatter).all() or float(scatter.trace()) <= 0:
+        raise ValueError("closed_form_basis needs tokens that vary within their classes, with finite values; "
+                         f"got a within-class scatter of trace {float(scatter.trace())!r}")
     scatter = (1 - shrink) * scatter + shrink * scatter.trace() / d * torch.eye(d, dtype=x.dtype)
     counts = torch.bincount(index, minlength=len(present)).to(x.dtype)
     spread = (means - x.mean(0)) * counts.sqrt().unsqueeze(1) / math.sqrt(len(x))  # between = spread.T @ spread
