@@ -196,7 +196,7 @@ def fit_subspace(rows: list[torch.Tensor], ids: list[torch.Tensor], labels, *, r
                     "fewer directions than the classes need, expect an accuracy cost (subspace-rank >= %d advised)",
                     rank, classes, classes - 1)
     if method == "closed-form":
-        return _closed_form_subspace(rows, ids, stats, rank)
+        return _closed_form_subspace(rows, stats, rank)
     labels, special_ids, center, scale = stats.labels, stats.special_ids, stats.center, stats.scale
     d = rows[0].shape[-1]
     max_len = max(len(r) for r in rows)
@@ -236,12 +236,15 @@ def fit_subspace(rows: list[torch.Tensor], ids: list[torch.Tensor], labels, *, r
                     reader_accuracy=correct / len(rows))
 
 
-def _closed_form_subspace(rows: list[torch.Tensor], ids: list[torch.Tensor], stats: DeviceTokens, rank: int) -> Subspace:
+def _closed_form_subspace(rows: list[torch.Tensor], stats: DeviceTokens, rank: int) -> Subspace:
     lengths = torch.tensor([len(r) for r in rows])
     sentence = torch.repeat_interleave(torch.arange(len(rows)), lengths)[stats.regular]
     tokens = torch.cat(rows)[stats.regular]
-    basis = closed_form_basis(tokens, stats.labels[sentence], rank)
-    basis = _canonical(basis, rows, ids, stats.labels, stats.center, stats.special_ids)
+    classes = stats.labels[sentence]
+    basis = closed_form_basis(tokens, classes, rank)
+    # the data-fixed frame of _canonical, from the regular tokens already gathered here
+    _, rotation = aligning_rotation((tokens - stats.center) @ basis, classes)
+    basis = (basis.double() @ rotation).float()
     # diagnostic: each sentence's mean projected token, classified by the nearest class mean
     coords = (tokens - stats.center) @ basis
     means = torch.zeros(len(rows), rank).index_add_(0, sentence, coords)
