@@ -21,13 +21,22 @@ The guarantees, for a token released as ``y = h + delta(h) + s * z`` with ``z`` 
   bottom is contextual), so this is a statement about representations, not about text;
 * over a run: with **release once** every later send of an example under the same configuration
   is the bit-identical tensor, i.e. post-processing, so it adds nothing; each fresh release (or
-  each new configuration) adds the per-sequence bound again (basic composition).
+  each new configuration) adds the per-sequence bound again (basic composition);
+* across configurations and runs: a new configuration draws new noise for the same example, and
+  the cloud may average such releases (or solve for ``h + delta`` from correlated ones). So the
+  device keeps a per-example :class:`ReleaseLedger` and refuses an instruction that would take any
+  example past its policy's ``max-releases-per-example`` distinct releases. The statement composes
+  over the releases the ledger admitted: at most that many times the per-sequence bound.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import tempfile
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 RELEASE_MODES = ("once", "fresh")
 
@@ -262,3 +271,124 @@ def run_summary(statement: PrivacyStatement, *, max_tokens: int, train_releases:
 
 def is_finite_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# ------------------------------------------------------------------------------- release budget
+
+
+class ReleaseBudgetExceeded(ValueError):
+    """An instruction would release an example more often than the device's budget allows."""
+
+
+LEDGER_VERSION = 2
+
+
+class ReleaseLedger:
+    """Per example, the distinct releases a device has made of it: the device's release budget.
+
+    An example is named by a keyed digest of its token ids (:meth:`NoiseKey.example_id
+    <privtune_flwr.mechanism.noise_key.NoiseKey.example_id>`), so the ledger holds no text and its
+    names mean nothing without the device key. A release is distinct when its configuration (the
+    defence's fingerprint) is new for that example, or, with ``release = 'fresh'``, every time.
+
+    :meth:`admit` checks a whole instruction before anything is released: if any example would pass
+    ``budget`` distinct releases, nothing is recorded and :class:`ReleaseBudgetExceeded` names the
+    budget's key. Otherwise the releases are recorded first (a crash after that over-counts, never
+    under-counts).
+
+    ``path`` None keeps the ledger in memory (a simulated device: for the run's lifetime; the
+    ClientApp stores :meth:`to_bytes` in its ``context.state``); a path is a deployed device's
+    persistent ledger beside its key file, rewritten atomically on every change. A ledger of the
+    first format (a list of configurations, with no examples) is read as "every example was
+    released under each of them". An unreadable ledger is an error, never a fresh start: that would
+    reset the budget.
+    """
+
+    def __init__(self, budget: int, path: str | os.PathLike | None = None, *, data: bytes | None = None):
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+            raise ValueError(f"max-releases-per-example={budget!r} must be an integer >= 1")
+        self.budget = budget
+        self.path = None if path is None else Path(path).expanduser()
+        self._configs: list[str] = []  # fingerprints, indexed by position
+        self._every: set[int] = set()  # configurations of an old ledger: assumed for every example
+        self._examples: dict[str, dict[int, int]] = {}  # example id -> {configuration: releases}
+        if self.path is not None and self.path.exists():
+            try:
+                data = self.path.read_bytes()
+            except OSError as exc:
+                raise ValueError(f"release ledger {self.path} cannot be read ({exc}); the device refuses to release "
+                                 "until it can (a lost ledger would reset max-releases-per-example)") from None
+        if data:
+            self._load(data)
+
+    def _load(self, data: bytes) -> None:
+        where = self.path or "in the device state"
+        try:
+            value = json.loads(data)
+            if isinstance(value, list):  # first format: the configurations, no examples
+                self._configs = [str(v) for v in value]
+                self._every = set(range(len(self._configs)))
+                return
+            if value.get("version") != LEDGER_VERSION:
+                raise ValueError(f"version {value.get('version')!r}")
+            self._configs = [str(v) for v in value["configs"]]
+            self._every = {int(i) for i in value.get("every", [])}
+            self._examples = {str(k): {int(c): int(n) for c, n in v.items()} for k, v in value["examples"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"release ledger {where} is not a ledger this device wrote ({exc}); it refuses to release "
+                             "until it is restored or removed by its owner (removing it resets "
+                             "max-releases-per-example)") from None
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({"version": LEDGER_VERSION, "configs": self._configs, "every": sorted(self._every),
+                           "examples": self._examples}, separators=(",", ":")).encode()
+
+    def releases(self, example: str) -> int:
+        """Distinct releases of ``example`` so far."""
+        own = self._examples.get(example, {})
+        return sum(own.values()) + sum(1 for c in self._every if c not in own)
+
+    def most(self) -> int:
+        """The most distinct releases of any one example (a per-device bound, at most ``budget``)."""
+        return max((self.releases(e) for e in self._examples), default=len(self._every))
+
+    def admit(self, fingerprint: str, examples: list[str], *, fresh: bool = False) -> int:
+        """Record one release of each of ``examples`` under ``fingerprint``, or raise
+        :class:`ReleaseBudgetExceeded` and record nothing. Returns :meth:`most` afterwards."""
+        config = self._configs.index(fingerprint) if fingerprint in self._configs else None
+        added: dict[str, int] = {}
+        for example in dict.fromkeys(examples):  # a duplicate within one instruction is one release
+            own = self._examples.get(example, {})
+            known = config is not None and (config in own or config in self._every)
+            if fresh or not known:
+                added[example] = self.releases(example) + 1
+        over = {e: n for e, n in added.items() if n > self.budget}
+        if over:
+            raise ReleaseBudgetExceeded(
+                f"this device refuses to release {len(over)} of the {len(set(examples))} examples asked for: each was "
+                f"already released {min(over.values()) - 1} time(s), and its budget is max-releases-per-example="
+                f"{self.budget} (node config 'max-releases-per-example'). A new configuration (another epsilon, "
+                "defence option or map) or fresh noise would be a new release of the same text, which the cloud "
+                "could average with the earlier ones")
+        if added:
+            if config is None:
+                self._configs.append(fingerprint)
+                config = len(self._configs) - 1
+            for example in added:
+                own = self._examples.setdefault(example, {})
+                if config in self._every and config not in own:
+                    own[config] = 1  # the old ledger's assumed release of it, now explicit
+                own[config] = own.get(config, 0) + 1
+            self._save()
+        return self.most()
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(self.to_bytes())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)

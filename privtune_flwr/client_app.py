@@ -19,7 +19,6 @@ import logging
 import os
 import random
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
@@ -27,13 +26,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.clientapp import ClientApp
 
 from . import data
+from .accounting import ReleaseBudgetExceeded, ReleaseLedger
 from .config import RunConfig
 from .defenses import Defense
 from .device import DeviceHead, DeviceSide, device_defense, generated_text, mean_rouge_l
-from .device_policy import DevicePolicy
-from .mechanism.noise_key import NoiseKey, ReleaseLedger
+from .device_policy import DevicePolicy, PolicyError
+from .mechanism.noise_key import NoiseKey
 from .models import SplitModel, load_split
-from .schema import (SchemaError, device_identity, gradient_content, head_metrics_content, read_instruction,
+from .schema import (CONFIG, OUTPUTS, SchemaError, device_identity, gradient_content, head_metrics_content, read_instruction,
                      read_step, release_content)
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ app = ClientApp()
 
 STATE = "device-state"  # context.state ConfigRecord: {"evaluations", "sent"}
 SECRET = "device-secret"  # context.state ConfigRecord {"key": bytes}: a simulated device's noise key
+LEDGER = "device-ledger"  # context.state ConfigRecord {"ledger": bytes}: its release ledger (the run's lifetime)
 
 _SPLITS: dict[tuple, SplitModel] = {}
 _NODES: dict[tuple, "Node"] = {}
@@ -62,10 +63,10 @@ def _split(cfg: RunConfig, num_labels: int) -> SplitModel:
     key = (cfg.model, cfg.split_layer, cfg.task, num_labels, cfg.protocol, cfg.lora_rank, cfg.lora_targets, cfg.seed)
     if key not in _SPLITS:
         if cfg.protocol == "vanilla":  # the device never trains: its copy carries no LoRA
-            split = load_split(cfg.model, cfg.split_layer, cfg.task, num_labels, lora_rank=0, seed=cfg.seed)
+            split = load_split(cfg.model, cfg.split_layer, cfg.task, num_labels, lora_rank=0, seed=cfg.seed, **cfg.device_placement())
         else:  # the device trains its head (a LoRA on a tied lm_head); it holds no middle
             split = load_split(cfg.model, cfg.split_layer, cfg.task, num_labels, lora_rank=cfg.lora_rank, seed=cfg.seed,
-                               protocol="u-shaped", lora_targets=cfg.lora_targets).without_middle()
+                               protocol="u-shaped", lora_targets=cfg.lora_targets, **cfg.device_placement()).without_middle()
         _SPLITS[key] = split
     return _SPLITS[key]
 
@@ -130,23 +131,33 @@ def simulated() -> bool:
 _FILE_KEYS: dict[str, tuple[NoiseKey, ReleaseLedger]] = {}
 
 
-def device_key(context: Context, policy: DevicePolicy, cfg: RunConfig, pid: int) -> tuple[NoiseKey, ReleaseLedger | None]:
-    """This device's noise key (and, for a key kept in a file, its ledger of configurations).
+def device_key(context: Context, policy: DevicePolicy, cfg: RunConfig, pid: int) -> tuple[NoiseKey, ReleaseLedger]:
+    """This device's noise key and its release ledger (the per-example release budget).
 
-    Never derived from anything the cloud supplies, except with ``reproducible-noise``, which the
-    device's own policy must allow (checked before this is called)."""
-    if cfg.reproducible_noise:
-        return NoiseKey.from_seed(f"{cfg.seed}/{pid}"), None
-    in_memory = policy.key_store == "memory" or (policy.key_store == "auto" and simulated() and not policy.key_file)
+    The key is never derived from anything the cloud supplies, except with ``reproducible-noise``,
+    which the device's own policy must allow (checked before this is called). A key kept in a file
+    has its ledger beside it, for the device's lifetime; a key kept in memory has its ledger in
+    ``context.state``, for the run's lifetime."""
+    budget = policy.max_releases_per_example
+    in_memory = cfg.reproducible_noise or policy.key_store == "memory" or (
+        policy.key_store == "auto" and simulated() and not policy.key_file)
     if in_memory:
-        record = context.state.config_records.get(SECRET)
-        if record is None:
-            record = context.state.config_records[SECRET] = ConfigRecord({"key": NoiseKey.fresh().to_state()})
-        return NoiseKey.from_state(bytes(record["key"])), None
+        if cfg.reproducible_noise:
+            key = NoiseKey.from_seed(f"{cfg.seed}/{pid}")
+        else:
+            record = context.state.config_records.get(SECRET)
+            if record is None:
+                record = context.state.config_records[SECRET] = ConfigRecord({"key": NoiseKey.fresh().to_state()})
+            key = NoiseKey.from_state(bytes(record["key"]))
+        kept = context.state.config_records.get(LEDGER)
+        return key, ReleaseLedger(budget, data=None if kept is None else bytes(kept["ledger"]))
     path = policy.key_path(pid)
     if str(path) not in _FILE_KEYS:
-        _FILE_KEYS[str(path)] = (NoiseKey.load_or_create(path), ReleaseLedger(path.with_name(path.name + ".ledger.json")))
-    return _FILE_KEYS[str(path)]
+        _FILE_KEYS[str(path)] = (NoiseKey.load_or_create(path),
+                                 ReleaseLedger(budget, path.with_name(path.name + ".ledger.json")))
+    key, ledger = _FILE_KEYS[str(path)]
+    ledger.budget = budget  # the device's policy of this moment (its node config may have changed)
+    return key, ledger
 
 
 def _state(context: Context) -> ConfigRecord:
@@ -178,8 +189,8 @@ def round_indices(size: int, server_round: int, count: int, seed: int) -> list[i
     return out
 
 
-def _count_releases(context: Context, size: int, idx: list[int]) -> int:
-    """Fresh noise: how often any of ``idx`` has now been sent (the device's own tally)."""
+def _count_sends(context: Context, size: int, idx: list[int]) -> int:
+    """``defense='none'``: how often any of ``idx`` has now been sent (the device's own tally)."""
     state = _state(context)
     counts = list(state.get("sent", [0] * size))
     for i in idx:
@@ -188,67 +199,54 @@ def _count_releases(context: Context, size: int, idx: list[int]) -> int:
     return max(counts[i] for i in idx)
 
 
-def _prepare(msg: Message, context: Context) -> tuple[RunConfig, int, int, Node, ReleaseLedger | None]:
+def _prepare(msg: Message, context: Context, *, records: tuple[str, ...] = (CONFIG,)) -> tuple[RunConfig, int, int, Node, ReleaseLedger]:
     """Everything a handler needs, after the device's own checks: the run config against its
-    floor, the instruction's shape, and its key (never derived from the message)."""
+    floor, the instruction's shape and size, and its key (never derived from the message)."""
     cfg = RunConfig.from_flower(context.run_config)
     pid, total = partition_ids(context.node_config)
     policy = DevicePolicy.from_sources(context.node_config)
     policy.check(cfg)  # before anything is loaded or released
-    server_round, num_batches = read_instruction(msg.content)
+    server_round, num_batches = read_instruction(msg.content, records=records)
     policy.check_batches(max(1, num_batches))
+    if msg.metadata.message_type == "train":  # vanilla: this round's batches
+        policy.check_examples(max(1, num_batches) * cfg.batch_size, f"{max(1, num_batches)} batches of {cfg.batch_size}")
+    elif msg.metadata.message_type == "train.forward":  # u-shaped: one batch per step
+        policy.check_examples(cfg.batch_size, f"a batch of {cfg.batch_size}")
     node = load_node(cfg, pid, total)
+    if msg.metadata.message_type in ("evaluate", "evaluate.forward"):  # the test examples it reads
+        count = min(len(node.test), cfg.eval_examples or len(node.test))
+        policy.check_examples(count, f"{count} test examples")
     key, ledger = device_key(context, policy, cfg, pid)
     node.defense.key = key
+    node.device.time_limit = policy.max_instruction_seconds
     return cfg, server_round, num_batches, node, ledger
 
 
-def _releases(cfg: RunConfig, context: Context, node: Node, ledger, phase: str, idx: list[int]) -> int:
-    """Distinct releases of any example just sent (for the privacy summary)."""
-    if cfg.release == "fresh" or cfg.defense == "none":  # every send is a distinct release
+def _admit(cfg: RunConfig, context: Context, node: Node, ledger: ReleaseLedger, encoded: list[list[int]],
+           phase: str, idx: list[int]) -> int:
+    """Check the release budget for the examples ``encoded`` before any of them is computed, and
+    record them; returns this device's ``releases-per-example-max`` (a per-device bound)."""
+    if cfg.defense == "none":  # no noise, no budget: every send is the same clean representation
         if phase == "train":
-            return _count_releases(context, len(node.train), idx)
+            return _count_sends(context, len(node.train), idx)
         state = _state(context)
         state["evaluations"] = int(state["evaluations"]) + 1  # the same test split each time
         return int(state["evaluations"])
-    return 1 if ledger is None else ledger.record(node.defense.fingerprint().hex())  # release once
+    key = node.defense.key
+    try:
+        most = ledger.admit(node.defense.fingerprint().hex(), [key.example_id(e) for e in encoded],
+                            fresh=cfg.release == "fresh")
+    except ReleaseBudgetExceeded as exc:
+        raise PolicyError(str(exc)) from None
+    if ledger.path is None:  # kept with the device's state, for the run's lifetime
+        context.state.config_records[LEDGER] = ConfigRecord({"ledger": ledger.to_bytes()})
+    return most
 
 
 def _test_indices(cfg: RunConfig, node: Node, pid: int) -> list[int]:
     if len(node.test) == 0:
         raise ValueError(f"partition {pid} has no test examples")
     return list(range(min(len(node.test), cfg.eval_examples or len(node.test))))
-
-
-def fault_of(cfg: RunConfig, pid: int, total: int) -> str | None:
-    """The fault this device injects (``fault-fraction`` of the devices, by partition; the kinds
-    are cycled over them), or None. For tests and demonstrations of the cloud's robustness."""
-    faulty = round(cfg.fault_fraction * total)
-    if pid >= faulty:
-        return None
-    kinds = [k.strip() for k in cfg.fault_kinds.split(",") if k.strip()]
-    return kinds[pid % len(kinds)]
-
-
-def _inject(cfg: RunConfig, context: Context, content: RecordDict) -> RecordDict:
-    pid, total = partition_ids(context.node_config)
-    fault = fault_of(cfg, pid, total)
-    if fault is None:
-        return content
-    if fault == "raise":
-        raise RuntimeError(f"injected fault: device {pid} crashes (fault-fraction={cfg.fault_fraction:g})")
-    if fault == "slow":
-        time.sleep(cfg.fault_delay)
-        return content
-    record = next(iter(content.array_records.values()))
-    key = next(iter(record.keys()))
-    array = record[key].numpy().copy()
-    if fault == "nan":
-        array.flat[0] = float("nan")
-        record[key] = Array(array)
-    else:  # garbage: bytes that are no array at all
-        record[key] = Array(dtype=array.dtype.str, shape=array.shape, stype="numpy.ndarray", data=b"\x00garbage" * 8)
-    return content
 
 
 def _release(msg: Message, context: Context, phase: str) -> Message:
@@ -262,10 +260,11 @@ def _release(msg: Message, context: Context, phase: str) -> Message:
     else:
         idx = _test_indices(cfg, node, int(context.node_config["partition-id"]))
         rows = node.test.select(idx)
-    rel = node.device.release(rows["text"], rows["label"])
-    rel.metrics["releases-per-example-max"] = _releases(cfg, context, node, ledger, phase, idx)
-    content = release_content(rel.hidden, rel.attention_mask, rel.labels, rel.metrics)
-    return Message(content=_inject(cfg, context, content) if phase == "train" else content, reply_to=msg)
+    encoded = node.device.encode(rows["text"])
+    releases = _admit(cfg, context, node, ledger, encoded, phase, idx)
+    rel = node.device.release_ids(encoded, rows["label"])
+    rel.metrics["releases-per-example-max"] = releases
+    return Message(content=release_content(rel.hidden, rel.attention_mask, rel.labels, rel.metrics), reply_to=msg)
 
 
 @app.train()
@@ -310,7 +309,7 @@ def _save_head(context: Context, head: DeviceHead) -> None:
 
 
 def _u_prepare(msg: Message, context: Context):
-    cfg, server_round, _, node, ledger = _prepare(msg, context)
+    cfg, server_round, _, node, ledger = _prepare(msg, context, records=(CONFIG, OUTPUTS))  # read_step checks exactly
     if cfg.protocol != "u-shaped":
         raise SchemaError(f"{msg.metadata.message_type!r} belongs to the u-shaped protocol; this run is {cfg.protocol!r}")
     return cfg, node, ledger
@@ -331,13 +330,14 @@ def _u_forward(msg: Message, context: Context, phase: str) -> Message:
     else:
         idx = _test_indices(cfg, node, pid)
         rows = node.test.select(idx)
-    rel = node.device.release(_u_texts(cfg, rows))  # labels stay here
-    rel.metrics["releases-per-example-max"] = _releases(cfg, context, node, ledger, phase, idx)
+    encoded = node.device.encode(_u_texts(cfg, rows))
+    releases = _admit(cfg, context, node, ledger, encoded, phase, idx)
+    rel = node.device.release_ids(encoded)  # labels stay here
+    rel.metrics["releases-per-example-max"] = releases
     n, t = rel.attention_mask.shape
     context.state.config_records[PENDING] = ConfigRecord(
         {"phase": phase, "round": server_round, "step": step, "indices": idx, "n": n, "t": t})
-    content = release_content(rel.hidden, rel.attention_mask, None, rel.metrics)
-    return Message(content=_inject(cfg, context, content) if phase == "train" else content, reply_to=msg)
+    return Message(content=release_content(rel.hidden, rel.attention_mask, None, rel.metrics), reply_to=msg)
 
 
 def _u_head(msg: Message, context: Context, phase: str) -> Message:
@@ -346,7 +346,7 @@ def _u_head(msg: Message, context: Context, phase: str) -> Message:
     if pending is None or pending["phase"] != phase:
         raise SchemaError(f"no {phase} release is awaiting outputs on this device")
     shape = (int(pending["n"]), int(pending["t"]), node.device.split.hidden_size)
-    server_round, step, outputs = read_step(msg.content, shape=shape)
+    server_round, step, outputs = read_step(msg.content, shape=shape, max_abs=node.head.max_abs)  # the head's public range
     if (server_round, step) != (int(pending["round"]), int(pending["step"])):
         raise SchemaError(f"outputs for round {server_round} step {step}; this device awaits round "
                           f"{pending['round']} step {pending['step']} (stale)")
@@ -421,10 +421,10 @@ def evaluate_prompt(msg: Message, context: Context) -> Message:
     rows = node.test.select(range(count))
     budget = cfg.max_length - cfg.max_new_tokens
     ids = [seq[-budget:] for seq in node.device.encode(list(rows["prompt"]))]
+    # a prompt is an example of its own (shorter than the test sequence it starts)
+    releases = _admit(cfg, context, node, ledger, ids, "evaluate", [])
     rel = node.device.release_ids(ids)
-    # a prompt is a new example (shorter than the test sequence it starts): one more release
-    rel.metrics["releases-per-example-max"] = _releases(cfg, context, node, ledger, "evaluate", []) + (
-        0 if cfg.release == "fresh" else 1)
+    rel.metrics["releases-per-example-max"] = releases
     context.state.config_records[GENERATED] = ConfigRecord(
         {"round": server_round, "step": step, "n": count, "prompt": [len(x) for x in ids],
          "ids": [i for seq in ids for i in seq]})
@@ -450,7 +450,7 @@ def evaluate_next(msg: Message, context: Context) -> Message:
     if record is None:
         raise SchemaError("no generation is in progress on this device")
     count, d = int(record["n"]), node.device.split.hidden_size
-    server_round, step, outputs = read_step(msg.content, shape=(count, 1, d))
+    server_round, step, outputs = read_step(msg.content, shape=(count, 1, d), max_abs=node.head.max_abs)
     if (server_round, step) != (int(record["round"]), int(record["step"]) + 1):
         raise SchemaError(f"generation step {step} of round {server_round}; this device is at step {record['step']} (stale)")
     seqs = _generated(record)
@@ -494,4 +494,6 @@ def evaluate_finish(msg: Message, context: Context) -> Message:
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Say which data partition this device holds; the cloud orders devices by it."""
+    if len(msg.content.keys()):
+        raise SchemaError(f"the identity query carries records {sorted(msg.content.keys())}; it carries none")
     return Message(content=device_identity(*partition_ids(context.node_config)), reply_to=msg)

@@ -27,6 +27,11 @@ from .models import SplitModel
 log = logging.getLogger(__name__)
 
 
+# Sequences per forward when the cloud scores (or, u-shaped, forwards without training) a reply:
+# a reply of any accepted size then costs one chunk's activations at a time.
+EVAL_CHUNK = 64
+
+
 class NonFiniteUpdate(RuntimeError):
     """Training on a release gave non-finite values; its updates were undone."""
 
@@ -87,12 +92,22 @@ class CloudSide:
         self.steps = snapshot["steps"]
 
     @torch.no_grad()
-    def evaluate(self, hidden: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    def logits(self, hidden: torch.Tensor, mask: torch.Tensor, chunk: int = EVAL_CHUNK) -> torch.Tensor:
+        """The top's logits ``[N, C]`` for ``hidden [N, T, d]``, ``chunk`` sequences at a time, so
+        the activations of one forward are bounded by the chunk, not by the reply's size."""
         self.split.top.eval()
-        logits = torch.cat(
-            [self.split.top(hidden[i : i + 64], mask[i : i + 64]) for i in range(0, len(labels), 64)]
-        )
-        return classification_metrics(logits, labels, self.split.num_labels)
+        out = []
+        for i in range(0, hidden.shape[0], chunk):
+            h, m = hidden[i : i + chunk], mask[i : i + chunk]
+            if self.split.family == "encoder":  # right padding: all-pad columns change nothing, cost time
+                width = int(m.sum(1).max())
+                h, m = h[:, :width], m[:, :width]
+            out.append(self.split.top(h, m))
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def evaluate(self, hidden: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        return classification_metrics(self.logits(hidden, mask), labels, self.split.num_labels)
 
     def state(self) -> dict:
         return {"trainable": self.split.trainable_state(), "optimizer": self.optimizer.state_dict(), "steps": self.steps}
@@ -132,9 +147,10 @@ class MiddleSide:
     def forward(self, key: str, hidden: torch.Tensor, mask: torch.Tensor, *, train: bool = True) -> torch.Tensor:
         """The middle's outputs ``[N, T, d]`` for one release (detached, to be sent)."""
         self.split.middle.train(train)
-        if not train:
+        if not train:  # no graph to keep: chunked, so one forward's activations stay bounded
             with torch.no_grad():
-                return self.split.middle(hidden, mask)
+                return torch.cat([self.split.middle(hidden[i : i + EVAL_CHUNK], mask[i : i + EVAL_CHUNK])
+                                  for i in range(0, hidden.shape[0], EVAL_CHUNK)])
         outputs = self.split.middle(hidden, mask)
         self.pending[key] = outputs
         return outputs.detach()

@@ -15,8 +15,9 @@ PROTOCOLS = ("vanilla", "u-shaped")
 TASKS = ("classification", "generation")
 LORA_TARGET_CHOICES = ("attention", "all")  # as privtune_flwr.models accepts them
 RELEASES = ("once", "fresh")
-FAULT_KINDS = ("raise", "garbage", "nan", "slow")
 PARTITIONERS = ("iid", "dirichlet")
+PLACEMENT_DEVICES = ("cpu", "cuda")  # as privtune_flwr.models.placement accepts them
+PLACEMENT_DTYPES = ("float32", "bfloat16", "float16")
 MIDDLE_STEPS = ("per-batch", "joint")
 SUBSPACE_FITS = ("reader", "closed-form")  # as privtune_flwr.mechanism.subspace accepts them
 # The names of ``defenses.DEFENSES`` (a test keeps the two equal). Spelled out here so that a
@@ -25,6 +26,10 @@ DEFENSE_NAMES = (
     "none", "dchi", "gaussian", "privtune", "privtune-noimp", "privtune-nomean",
     "privtune-random-target", "privtune-sampled-target", "label-subspace", "label-obfuscator",
 )
+# Keys that left the run config, and where their job went (a run config naming one is refused).
+_FAULTS_MOVED = ("fault injection is a device-side Flower Mod now (simulations.faults), which tests and the faults "
+                 "benchmark attach; the cloud's run config cannot make devices misbehave")
+REMOVED_KEYS = {"fault-fraction": _FAULTS_MOVED, "fault-kinds": _FAULTS_MOVED, "fault-delay": _FAULTS_MOVED}
 # The defences a device fits on its own class labels (classification only).
 LABEL_DEFENSES = ("label-subspace", "label-obfuscator")
 
@@ -37,6 +42,14 @@ class RunConfig:
     task: str = "classification"
     num_labels: int = 2  # classes of a classification task (the cloud builds no head from data)
     max_length: int = 64
+    # where each half runs (privtune_flwr.models.load_split): the bottom (and a u-shaped device's
+    # head) on the devices, the cloud's top (vanilla) or middle (u-shaped) in the cloud. Devices:
+    # cpu | cuda | cuda:<i>; dtypes of the frozen weights: float32 | bfloat16 | float16 (cuda only).
+    # Trained weights stay float32 and the bottom's output is float32: noise is added in float32.
+    bottom_device: str = "cpu"
+    bottom_dtype: str = "float32"
+    cloud_device: str = "cpu"
+    cloud_dtype: str = "float32"
     # data and federation
     dataset: str = "rotten_tomatoes"
     test_fraction: float = 0.1
@@ -93,10 +106,6 @@ class RunConfig:
     # (its node config / device policy) to be weakened
     release: str = "once"  # "once" | "fresh" (fresh noise per re-send; composes)
     reproducible_noise: bool = False  # research only: noise derived from `seed`, removable by the operator
-    # fault injection, for tests and demonstrations: this share of devices misbehaves
-    fault_fraction: float = 0.0
-    fault_kinds: str = "raise,garbage,nan,slow"  # cycled over the faulty devices
-    fault_delay: float = 5.0  # seconds a "slow" device waits before replying
     # run
     seed: int = 0
     output_dir: str = "outputs/run"
@@ -109,6 +118,14 @@ class RunConfig:
     def __post_init__(self) -> None:
         _require(self.split_layer >= 0, "split-layer", self.split_layer, "an integer >= 0 (and <= the model's layer count)")
         _require(8 <= self.max_length <= 4096, "max-length", self.max_length, "8..4096")
+        for part in ("bottom", "cloud"):
+            device, dtype = getattr(self, part + "_device"), getattr(self, part + "_dtype")
+            kind, _, index = device.partition(":")
+            _require(kind in PLACEMENT_DEVICES and (not index or (kind == "cuda" and index.isdigit())),
+                     part + "-device", device, "cpu, cuda or cuda:<index>")
+            _require(dtype in PLACEMENT_DTYPES, part + "-dtype", dtype, ", ".join(PLACEMENT_DTYPES))
+            _require(not (kind == "cpu" and dtype == "float16"), part + "-dtype", dtype,
+                     f"float32 or bfloat16 with {part}-device='cpu' (float16 needs cuda)")
         _require(0 < self.test_fraction < 1, "test-fraction", self.test_fraction, "(0, 1)")
         _require(self.max_examples >= 0, "max-examples", self.max_examples, ">= 0 (0 = all)")
         _require(self.partitioner in PARTITIONERS, "partitioner", self.partitioner, " or ".join(PARTITIONERS))
@@ -145,11 +162,6 @@ class RunConfig:
         _require(math.isfinite(self.timeout) and self.timeout > 0, "timeout", self.timeout, "(0, inf) seconds")
         _require(math.isfinite(self.setup_timeout) and self.setup_timeout > 0, "setup-timeout", self.setup_timeout,
                  "(0, inf) seconds")
-        _require(0.0 <= self.fault_fraction <= 1.0, "fault-fraction", self.fault_fraction, "[0, 1]")
-        kinds = [k.strip() for k in self.fault_kinds.split(",") if k.strip()]
-        _require(bool(kinds) and all(k in FAULT_KINDS for k in kinds), "fault-kinds", self.fault_kinds,
-                 "a comma-separated list of " + ", ".join(FAULT_KINDS))
-        _require(0.0 <= self.fault_delay <= 3600.0, "fault-delay", self.fault_delay, "[0, 3600] seconds")
         _require(self.release in RELEASES, "release", self.release, " or ".join(RELEASES))
         _require(0 <= self.importance_levels <= 64, "importance-levels", self.importance_levels, "0..64 (0 = continuous)")
         _require(self.subspace_fit in SUBSPACE_FITS, "subspace-fit", self.subspace_fit,
@@ -166,10 +178,26 @@ class RunConfig:
         values: dict[str, Any] = {}
         for key, value in run_config.items():
             name = key.replace("-", "_")
+            if key in REMOVED_KEYS:
+                raise ValueError(f"{key} is no longer a run-config key: {REMOVED_KEYS[key]}")
             if name not in known:
                 raise ValueError(unknown_key_message(key, [k.replace("_", "-") for k in known]))
             values[name] = _coerce(key, value, type(getattr(cls, name)))
         return cls(**values)
+
+    def device_placement(self) -> dict[str, str]:
+        """``load_split`` keywords for a device's copy: its bottom (and a u-shaped head) where
+        configured. Its top never runs there (vanilla) or is dropped (u-shaped), so it stays on the
+        CPU in the bottom's dtype, which spares a float32 copy when loading (float16, refused on a
+        CPU, is bfloat16 there)."""
+        return {"bottom_device": self.bottom_device, "bottom_dtype": self.bottom_dtype, "top_device": "cpu",
+                "top_dtype": "bfloat16" if self.bottom_dtype == "float16" else self.bottom_dtype}
+
+    def cloud_placement(self) -> dict[str, str]:
+        """``load_split`` keywords for the cloud's copy: its top (or middle) where configured; the
+        bottom, which the cloud never runs, on its CPU in the cloud's dtype (as above)."""
+        return {"bottom_device": "cpu", "bottom_dtype": "bfloat16" if self.cloud_dtype == "float16" else self.cloud_dtype,
+                "top_device": self.cloud_device, "top_dtype": self.cloud_dtype}
 
     def defense_options(self) -> dict[str, Any]:
         """Keyword options of ``build_defense`` for the configured defence."""

@@ -16,6 +16,7 @@ round or evaluation.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -131,6 +132,8 @@ class DeviceSide:
         self.anchors = anchors
         self.bucket = bucket
         self.chunk = chunk
+        # seconds one release may run (the device policy's max-instruction-seconds); None = no limit
+        self.time_limit: float | None = None
 
     def width(self, length: int) -> int:
         """The padded width of an example of ``length`` tokens: a function of its length only."""
@@ -172,9 +175,13 @@ class DeviceSide:
         for i, length in enumerate(lengths):
             groups.setdefault(self.width(length), []).append(i)
         bottom_s = defense_s = 0.0
+        started = time.monotonic()
         for w in sorted(groups):
             members = groups[w]
             for start in range(0, len(members), self.chunk):
+                if self.time_limit is not None and time.monotonic() - started > self.time_limit:
+                    raise TimeoutError(f"this release of {n} examples ran past {self.time_limit!r} s and was stopped before "
+                                       "anything was sent (node config 'max-instruction-seconds')")
                 rows = members[start:start + self.chunk]
                 g_ids = torch.full((len(rows), w), pad, dtype=torch.long)
                 g_mask = torch.zeros(len(rows), w, dtype=torch.long)
@@ -228,18 +235,38 @@ class DeviceSide:
         return self_audit(released[rows, cols][None], ids[rows, cols][None], ones, self.anchors, self.split.special_ids)
 
 
+# The largest coordinate a device accepts in the cloud's outputs: the same public cap the cloud puts
+# on a device's release (schema.Plan.max_abs). Honest middles stay far below it (largest coordinate
+# over a batch of sentences: 6.0 for MiniLM, 5,972 for SmolLM2-135M's residual stream, which reaches
+# the head before any norm), and inside it the head's float32 arithmetic cannot overflow: the
+# final norm of a decoder sums d squares (<= d * 1e12) and an encoder's pooler d products.
+HEAD_INPUT_MAX_ABS = 1e6
+
+
+def head_input_bound(split: SplitModel) -> float:
+    """The public range of the cloud's outputs for ``split``'s head: ``|value| <= bound`` per
+    coordinate. Depends only on public facts (the model's hidden size and the float32 range)."""
+    d = int(split.hidden_size)
+    # d * bound**2 must stay far inside float32 for the head's first reduction to be exact-range
+    headroom = math.sqrt(torch.finfo(torch.float32).max / max(d, 1)) / 1e6
+    return min(HEAD_INPUT_MAX_ABS, headroom)
+
+
 class DeviceHead:
     """The device's half of the u-shaped protocol: its head, its optimiser, its labels and loss.
 
     :meth:`step` takes the middle's outputs for a batch the device released, computes the loss on
     its own labels (classification) or its own next tokens (generation), updates the head, and
     returns the gradient of the loss with respect to the outputs: the one thing that goes back.
+    Outputs outside the head's public range (:attr:`max_abs`, non-finite values) are refused
+    before the head or its optimiser is touched.
     """
 
     def __init__(self, split: SplitModel, *, learning_rate: float):
         if split.head is None:
             raise ValueError("DeviceHead needs a u-shaped split (load_split(..., protocol='u-shaped'))")
         self.split = split
+        self.max_abs = head_input_bound(split)
         self.learning_rate = learning_rate
         self.named = {k: p for k, p in split.head.named_parameters() if p.requires_grad}
         self.params = list(self.named.values())
@@ -271,9 +298,22 @@ class DeviceHead:
             template["state"] = saved
             self.optimizer.load_state_dict(template)
 
+    def check_outputs(self, outputs: torch.Tensor) -> None:
+        """Refuse cloud outputs ``[N, T, d]`` (float) outside the head's public range: any
+        non-finite value, or a coordinate beyond ``max_abs``. Raises ValueError naming both."""
+        accepted = f"finite values with |value| <= {self.max_abs:g} (the head's public input range, d={self.split.hidden_size})"
+        bad = ~torch.isfinite(outputs)
+        if bad.any():
+            raise ValueError(f"the cloud's outputs hold {int(bad.sum())} non-finite values (first: "
+                             f"{float(outputs[bad][0])}); accepted: {accepted}")
+        largest = float(outputs.abs().max()) if outputs.numel() else 0.0
+        if largest > self.max_abs:
+            raise ValueError(f"the cloud's outputs hold values up to {largest:.4g}; accepted: {accepted}")
+
     def step(self, outputs: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, float]:
         from .cloud import task_loss
 
+        self.check_outputs(outputs)  # before the head, its optimiser or its step count is touched
         outputs = outputs.detach().clone().requires_grad_(True)
         self.split.head.train()
         loss = task_loss(self.split.head(outputs, mask), mask, targets, self.split.task)
@@ -291,6 +331,7 @@ class DeviceHead:
     def evaluate(self, outputs: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
         from .cloud import classification_metrics, task_loss
 
+        self.check_outputs(outputs)
         self.split.head.eval()
         logits = self.split.head(outputs, mask)
         if self.split.task == "classification":

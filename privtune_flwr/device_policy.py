@@ -39,6 +39,27 @@ key                        default                 meaning
 ``allow-fresh-noise``      false                   accept ``release = 'fresh'`` (noise that composes
                                                    over re-sends)
 ``max-batches-per-instruction`` 64                 the most batches one instruction may ask for
+``max-examples-per-instruction`` 1024              the most examples one instruction may release
+                                                   (train: batches x batch-size; evaluate: the
+                                                   test examples it reads)
+``max-tokens-per-example`` 256                     the largest ``max-length`` accepted (memory and
+                                                   time grow with examples x tokens)
+``max-instruction-seconds`` 600                    the longest one instruction's release may run;
+                                                   past it the device stops and sends nothing
+``max-releases-per-example`` 1                     distinct releases of one example, across
+                                                   configurations and runs (a new epsilon, option,
+                                                   map or fresh noise is a new release); the
+                                                   ledger is kept with the key
+``allowed-models``         minilm,smollm2          comma-separated: offline names, local folders
+                                                   (absolute paths), ``sha256:<hex>`` digests of a
+                                                   folder's weight files, or ``*`` (any offline
+                                                   name or local folder)
+``allow-hub-models``       false                   accept Hugging Face model ids (downloads)
+``min-split-layers``       smollm2:2               a higher floor on split-layer for these models,
+                                                   beside ``min-split-layer`` (so MiniLM >= 1 and
+                                                   SmolLM2 >= 2 by default; even at split 2 the
+                                                   learned inverter reads 0.64 of SmolLM2's
+                                                   tokens under every defence: README)
 ``data-dir``               (none)                  the only folder local dataset files may be read
                                                    from; bundled datasets are always allowed
 ``allow-hub-datasets``     false                   accept Hugging Face dataset ids (downloads)
@@ -46,8 +67,9 @@ key                        default                 meaning
 ``key-file``               see below               where a ``file`` key is kept
 ========================== ======================= =================================================
 
-The noise key: with ``auto`` a simulated device keeps it in memory (its ``context.state``: a new
-key per run) and any other device keeps it in ``key-file`` (default ``$PRIVTUNE_DEVICE_HOME`` or
+The noise key and the release ledger: with ``auto`` a simulated device keeps both in memory (its
+``context.state``: a new key and a new ledger per run, so the budget holds for the run's
+lifetime) and any other device keeps them in ``key-file`` (the ledger beside it, ``<key-file>.ledger.json``) (default ``$PRIVTUNE_DEVICE_HOME`` or
 ``~/.local/share/privtune_flwr``, ``device-<partition-id>.key``), created from OS entropy on first
 use, readable by its owner only, so release once survives a restart.
 """
@@ -77,12 +99,62 @@ _NUMBERS = {
     "min_noise_scale": ("(0, 1]", lambda v: 0 < v <= 1),
     "max_delta": ("(0, 1)", lambda v: 0 < v < 1),
     "max_radius_scale": ("[0, inf)", lambda v: 0 <= v < math.inf),
+    "max_instruction_seconds": ("(0, inf]", lambda v: v > 0),
 }
-_COUNTS = {"max_subspace_rank": 1, "max_batches_per_instruction": 1, "min_split_layer": 0}  # integers >= these
+_COUNTS = {"max_subspace_rank": 1, "max_batches_per_instruction": 1, "min_split_layer": 0,  # integers >= these
+           "max_examples_per_instruction": 1, "max_tokens_per_example": 2, "max_releases_per_example": 1}
+OFFLINE_MODEL_NAMES = ("minilm", "smollm2")  # as privtune_flwr.models.OFFLINE_MODELS names them
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 
 
 def _key(name: str) -> str:
     return name.replace("_", "-")
+
+
+def _split_floors(key: str, value) -> tuple[tuple[str, int], ...]:
+    """``"smollm2:2,/models/llama:4"`` -> ``(("smollm2", 2), ("/models/llama", 4))``."""
+    out = []
+    for item in str(value).split(","):
+        if not item.strip():
+            continue
+        model, sep, floor = item.strip().rpartition(":")
+        try:
+            if not sep or not model:
+                raise ValueError
+            out.append((model, int(floor)))
+        except ValueError:
+            raise ValueError(f"{key}={value!r} is not a list of model:floor pairs (e.g. 'smollm2:2,/models/llama:4')") from None
+    return tuple(out)
+
+
+def _floors_text(floors) -> str:
+    return ",".join(f"{m}:{n}" for m, n in floors)
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def weights_digest(folder: str | os.PathLike) -> str:
+    """SHA-256 over a model folder's weight files (names and bytes, in name order), hex: what
+    ``allowed-models`` entries ``sha256:<hex>`` name. Cached per process by the files' sizes and
+    modification times."""
+    import hashlib
+
+    folder = Path(folder)
+    files = sorted(f for f in folder.rglob("*") if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+    if not files:
+        raise PolicyError(f"model folder {folder} holds no weight files ({', '.join(WEIGHT_SUFFIXES)}) to check "
+                          "against the device's allowed-models digests")
+    token = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if token not in _DIGESTS:
+        digest = hashlib.sha256()
+        for f in files:
+            digest.update(str(f.relative_to(folder)).encode() + b"\0")
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+        _DIGESTS[token] = digest.hexdigest()
+    return _DIGESTS[token]
 
 
 class PolicyError(ValueError):
@@ -110,6 +182,13 @@ class DevicePolicy:
     data_dir: str = ""
     allow_hub_datasets: bool = False
     max_batches_per_instruction: int = 64  # the most work one instruction may ask for
+    max_examples_per_instruction: int = 1024
+    max_tokens_per_example: int = 256
+    max_instruction_seconds: float = 600.0
+    max_releases_per_example: int = 1  # across configurations and runs: see accounting.ReleaseLedger
+    allowed_models: tuple[str, ...] = OFFLINE_MODEL_NAMES
+    allow_hub_models: bool = False
+    min_split_layers: tuple[tuple[str, int], ...] = (("smollm2", 2),)  # beside min-split-layer, for these models
     key_store: str = "auto"  # "auto" (memory when simulated, else file) | "memory" | "file"
     key_file: str = ""
 
@@ -120,6 +199,9 @@ class DevicePolicy:
         bad = [n for n in self.allowed_defenses if n not in names]
         if bad:
             raise ValueError(f"allowed-defenses names unknown defences {bad}; accepted: {', '.join(names)} or '*'")
+        bad = [(m, n) for m, n in self.min_split_layers if isinstance(n, bool) or not isinstance(n, int) or n < 0]
+        if bad:
+            raise ValueError(f"min-split-layers={bad!r}: each floor must be an integer >= 0 (e.g. 'smollm2:2,/models/llama:4')")
         if self.key_store not in KEY_STORES:
             raise ValueError(f"key-store={self.key_store!r} is not accepted; accepted: {', '.join(KEY_STORES)}")
         for name, (accepted, ok) in _NUMBERS.items():
@@ -159,6 +241,10 @@ class DevicePolicy:
             if name == "allowed_defenses":
                 text = str(value).strip()
                 kwargs[name] = _defense_names() if text == "*" else tuple(v.strip() for v in text.split(",") if v.strip())
+            elif name == "allowed_models":
+                kwargs[name] = tuple(v.strip() for v in str(value).split(",") if v.strip())
+            elif name == "min_split_layers":
+                kwargs[name] = _split_floors(key, value)
             elif name in _NUMBERS:  # node config may give 64 or "64"; the range is checked on construction
                 try:
                     if isinstance(value, bool):
@@ -182,7 +268,7 @@ class DevicePolicy:
             raise PolicyError(f"this device refuses defense={cfg.defense!r}: its floor allows "
                               f"{', '.join(self.allowed_defenses)} (node config 'allowed-defenses')")
         if cfg.defense != "none" and cfg.epsilon > self.max_epsilon:
-            raise PolicyError(f"this device refuses epsilon={cfg.epsilon:g}: its floor is max-epsilon={self.max_epsilon:g} "
+            raise PolicyError(f"this device refuses epsilon={cfg.epsilon!r}: its floor is max-epsilon={self.max_epsilon!r} "
                               "(node config 'max-epsilon')")
         if cfg.defense != "none":
             from .accounting import statement_for_config
@@ -206,6 +292,15 @@ class DevicePolicy:
             raise PolicyError(f"this device refuses split-layer={cfg.split_layer} for defense={cfg.defense!r}: its floor is "
                               f"min-split-layer={self.min_split_layer} (node config 'min-split-layer'; the defences' "
                               "protection was measured on blocks' outputs, not on the embedding layer's)")
+        floors = dict(self.min_split_layers)
+        if cfg.defense != "none" and cfg.split_layer < floors.get(cfg.model, 0):
+            raise PolicyError(f"this device refuses split-layer={cfg.split_layer} for model={cfg.model!r}: its floor for "
+                              f"that model is {floors[cfg.model]} (node config 'min-split-layers', now "
+                              f"{_floors_text(self.min_split_layers)!r})")
+        self.check_model(cfg.model)
+        if cfg.max_length > self.max_tokens_per_example:
+            raise PolicyError(f"this device refuses max-length={cfg.max_length} tokens per example: its floor allows at most "
+                              f"{self.max_tokens_per_example} (node config 'max-tokens-per-example')")
         if cfg.defense == "gaussian" and cfg.delta > self.max_delta:
             raise PolicyError(f"this device refuses delta={cfg.delta:g}: its floor is max-delta={self.max_delta:g} "
                               "(node config 'max-delta')")
@@ -225,6 +320,39 @@ class DevicePolicy:
         if num_batches > self.max_batches_per_instruction:
             raise PolicyError(f"this device refuses num-batches={num_batches} in one instruction: its floor allows at most "
                               f"{self.max_batches_per_instruction} (node config 'max-batches-per-instruction')")
+
+    def check_examples(self, examples: int, what: str) -> None:
+        """Refuse an instruction that would release more than ``max-examples-per-instruction``."""
+        if examples > self.max_examples_per_instruction:
+            raise PolicyError(f"this device refuses to release {examples} examples in one instruction ({what}): its floor "
+                              f"allows at most {self.max_examples_per_instruction} (node config "
+                              "'max-examples-per-instruction')")
+
+    def check_model(self, model: str) -> None:
+        """Refuse a model the device did not agree to run: offline names and local folders must be
+        listed (by name, path or a digest of the weights), hub ids need ``allow-hub-models``."""
+        allowed = self.allowed_models
+        if model in allowed:
+            return
+        folder = Path(model).expanduser()
+        local = model not in OFFLINE_MODEL_NAMES and folder.is_dir()
+        if model in OFFLINE_MODEL_NAMES or local:
+            if "*" in allowed:
+                return
+            if local:
+                resolved = folder.resolve()
+                if any(not a.startswith("sha256:") and a not in OFFLINE_MODEL_NAMES and Path(a).expanduser().resolve() == resolved
+                       for a in allowed):
+                    return
+                digests = {a.split(":", 1)[1].lower() for a in allowed if a.startswith("sha256:")}
+                if digests and weights_digest(resolved) in digests:
+                    return
+            raise PolicyError(f"this device refuses model={model!r}: it runs only {', '.join(allowed) or 'no model'} "
+                              "(node config 'allowed-models': offline names, local folders, sha256:<digest of the "
+                              "weights> or '*')")
+        if not self.allow_hub_models:
+            raise PolicyError(f"this device refuses model={model!r}: it is neither an offline model ({', '.join(OFFLINE_MODEL_NAMES)}) "
+                              "nor a local folder, and Hugging Face ids need node config 'allow-hub-models=true'")
 
     def check_dataset(self, name: str) -> None:
         from .data import DATASETS as OFFLINE_DATASETS

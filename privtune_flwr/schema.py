@@ -92,11 +92,23 @@ def instruction(server_round: int, num_batches: int) -> RecordDict:
 MAX_BATCHES_PER_INSTRUCTION = 4096
 
 
-def read_instruction(content: RecordDict) -> tuple[int, int]:
-    """``(server-round, num-batches)`` of an instruction; :class:`SchemaError` for anything else."""
+INSTRUCTION_KEYS = ("server-round", "num-batches", "step")  # "step": u-shaped instructions only
+
+
+def read_instruction(content: RecordDict, *, records: tuple[str, ...] | None = None) -> tuple[int, int]:
+    """``(server-round, num-batches)`` of an instruction; :class:`SchemaError` for anything else.
+
+    ``records``: the only records the instruction may carry (a device passes what its handler
+    reads, and refuses anything more rather than ignore it); None checks the config alone."""
     if not isinstance(content, RecordDict) or CONFIG not in content.config_records:
         raise SchemaError(f"instruction lacks the {CONFIG!r} ConfigRecord")
+    if records is not None and not set(content.keys()) <= set(records):
+        raise SchemaError(f"instruction carries records {sorted(set(content.keys()) - set(records))} that this "
+                          f"instruction does not have (accepted: {sorted(records)})")
     config = content.config_records[CONFIG]
+    extra = set(config.keys()) - set(INSTRUCTION_KEYS)
+    if extra:
+        raise SchemaError(f"instruction config carries unexpected keys {sorted(extra)}; accepted: {', '.join(INSTRUCTION_KEYS)}")
     values = []
     for key in ("server-round", "num-batches"):
         value = config.get(key) if hasattr(config, "get") else None
@@ -165,6 +177,22 @@ class Plan:
 _NPY_HEADER_MAX = 4096
 
 
+def declared_bytes(shape: tuple[int, ...], dtype: np.dtype, *, name: str, max_bytes: int) -> int:
+    """Bytes an array of ``shape`` and ``dtype`` needs, in exact Python integers.
+
+    ``np.prod(..., dtype=int64)`` wraps: a declared ``(2**32, 2**32)`` multiplies to 0 and would
+    pass an exact-byte check on an empty payload. Python integers do not overflow, so a shape
+    whose size exceeds what the plan allows (or anything addressable) is refused here, by name,
+    before a byte of the payload is looked at."""
+    count = math.prod(int(s) for s in shape)
+    needed = count * dtype.itemsize
+    if needed > max_bytes:
+        limit = "more than any array can hold" if needed > np.iinfo(np.int64).max else f"more than the {max_bytes} allowed"
+        raise SchemaError(f"{name} declares shape {shape} = {count} elements of {dtype} ({needed} bytes), {limit}; "
+                          f"accepted: at most {max_bytes} bytes")
+    return needed
+
+
 def read_array(array: Array, name: str, dtype: np.dtype, ndim: int, max_bytes: int) -> np.ndarray:
     """An npy payload, parsed without trusting it: metadata and header must agree with the schema
     (dtype, byte order, rank, shape, C order) and the byte count must be exact. Never unpickles;
@@ -184,8 +212,9 @@ def read_array(array: Array, name: str, dtype: np.dtype, ndim: int, max_bytes: i
     if meta_dtype != dtype:
         raise SchemaError(f"{name} has dtype {array.dtype}; the schema says {dtype}")
     shape = tuple(array.shape)
-    if len(shape) != ndim or not all(isinstance(s, int) and s >= 0 for s in shape):
+    if len(shape) != ndim or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
         raise SchemaError(f"{name} declares shape {shape}; the schema says rank {ndim}")
+    expected = declared_bytes(shape, dtype, name=name, max_bytes=max_bytes)
     buf = io.BytesIO(data)
     try:
         version = np.lib.format.read_magic(buf)
@@ -203,7 +232,6 @@ def read_array(array: Array, name: str, dtype: np.dtype, ndim: int, max_bytes: i
         raise SchemaError(f"{name}'s payload is {head_dtype.str} {tuple(head_shape)}{' (Fortran order)' if fortran else ''}; "
                           f"its metadata says {dtype.str} {shape}")
     payload = memoryview(data)[buf.tell():]
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if len(payload) != expected:
         raise SchemaError(f"{name} carries {len(payload)} payload bytes; {shape} of {dtype} needs {expected}")
     return np.frombuffer(payload, dtype=dtype).reshape(shape)
@@ -315,24 +343,35 @@ def step_instruction(server_round: int, step: int, outputs: torch.Tensor | None 
 
 
 def _matching_array(content: RecordDict, name: str, shape: tuple[int, ...], kind: str, mismatch: str,
-                    non_finite: str) -> torch.Tensor:
+                    non_finite: str, max_abs: float | None = None) -> torch.Tensor:
     """The float32 array ``name`` of ``content``, which must have exactly ``shape`` (what the other
-    side was sent) and be finite; read within the bytes that shape needs."""
+    side was sent), be finite and (``max_abs``) within ``|value| <= max_abs``; read within the
+    bytes that shape needs."""
     record = content.array_records.get(name)
     if record is None or set(record.keys()) != {name}:
         raise SchemaError(f"{kind} needs ArrayRecord {name!r} holding {name!r}")
-    budget = int(np.prod(shape)) * 4 + _NPY_HEADER_MAX
+    budget = math.prod(int(s) for s in shape) * 4 + _NPY_HEADER_MAX
     values = read_array(record[name], name, np.dtype("float32"), len(shape), budget)
     if values.shape != tuple(shape):
         raise SchemaError(mismatch.format(values.shape, tuple(shape)))
-    if not np.isfinite(values).all():
-        raise SchemaError(non_finite)
+    accepted = "finite values" + ("" if max_abs is None else f" with |value| <= {max_abs:g}")
+    bad = ~np.isfinite(values)
+    if bad.any():
+        raise SchemaError(f"{non_finite}: {int(bad.sum())} of {values.size} (first: {float(values[bad][0])}); "
+                          f"accepted: {accepted}")
+    if max_abs is not None:
+        largest = float(np.abs(values).max(initial=0.0))
+        if largest > max_abs:
+            raise SchemaError(f"{name} hold values up to {largest:.4g}; accepted: {accepted}")
     return torch.from_numpy(values.copy())
 
 
-def read_step(content: RecordDict, *, shape: tuple[int, ...] | None = None) -> tuple[int, int, torch.Tensor | None]:
+def read_step(content: RecordDict, *, shape: tuple[int, ...] | None = None,
+              max_abs: float | None = None) -> tuple[int, int, torch.Tensor | None]:
     """``(server-round, step, outputs)`` of a u-shaped instruction. ``shape``: the outputs the device
-    expects (its own pending release's ``[N, T, d]``); None when the instruction carries none."""
+    expects (its own pending release's ``[N, T, d]``); None when the instruction carries none.
+    ``max_abs``: the largest coordinate the device accepts in them (its head's public input range,
+    :attr:`~privtune_flwr.device.DeviceHead.max_abs`); None checks finiteness only."""
     server_round, _ = read_instruction(content)
     step = content.config_records[CONFIG].get("step")
     if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= 1_000_000:
@@ -343,7 +382,7 @@ def read_step(content: RecordDict, *, shape: tuple[int, ...] | None = None) -> t
     if shape is None:
         return server_round, step, None
     outputs = _matching_array(content, OUTPUTS, shape, "instruction", "outputs have shape {}; this device released {}",
-                              "outputs hold non-finite values")
+                              "outputs hold non-finite values", max_abs=max_abs)
     return server_round, step, outputs
 
 

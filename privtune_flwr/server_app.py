@@ -98,7 +98,7 @@ def main(grid: Grid, context: Context) -> None:
     # Everything the cloud needs comes from the run config (num-labels): it never loads the data.
     num_labels = cfg.num_labels if cfg.task == "classification" else 0
     split = load_split(cfg.model, cfg.split_layer, cfg.task, max(num_labels, 2), lora_rank=cfg.lora_rank, seed=cfg.seed,
-                       protocol=cfg.protocol, lora_targets=cfg.lora_targets)
+                       protocol=cfg.protocol, lora_targets=cfg.lora_targets, **cfg.cloud_placement())
     if cfg.protocol == "u-shaped":
         cloud = MiddleSide(split, learning_rate=cfg.learning_rate)
         strategy = UShapedStrategy(cloud, cfg, output_dir=out)

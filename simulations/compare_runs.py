@@ -11,8 +11,10 @@ one after the other in the same command on the same machine. Writes ``DIR/<name>
 * ``protocols``: samples/s (training examples / training seconds, over all rounds), messages per
   training step and bytes per step in each direction, and final accuracy, for ``protocol =
   vanilla`` and ``u-shaped`` on the same job and seed.
-* ``faults``: the default job clean and with ``fault-fraction = 0.2`` (two of ten devices raise or
-  send NaN every round): rejected replies by kind and the final accuracy, with one standard error.
+* ``faults``: the default job clean and with 20% faulty devices (two of ten raise or send NaN every
+  round; the device-side Mod of ``simulations.faults``, attached through a copy of the app whose
+  ClientApp is ``simulations.faults:app``): rejected replies by kind and the final accuracy, with
+  one standard error.
 * ``generation``: BBC News headline generation with SmolLM2 (u-shaped): perplexity and ROUGE-L of
   generated headlines before and after fine-tuning, for ``none``, ``dchi`` and ``privtune``.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -37,7 +40,8 @@ SETS = {
         "devices": 10,
     },
     "faults": {
-        "runs": {"clean": "", "20% faulty": "fault-fraction=0.2 fault-kinds='raise,nan'"},
+        "runs": {"clean": "", "20% faulty": ""},
+        "faults": {"20% faulty": "fraction=0.2 kinds='raise,nan'"},  # PRIVTUNE_FAULTS of the devices
         "common": "audit-tokens=0",
         "policy": "",
         "devices": 10,
@@ -53,14 +57,31 @@ SETS = {
 }
 
 
-def run_one(name: str, config: str, policy: str, devices: int, out: Path, extra: str) -> dict:
+def faulty_app_folder(out: Path) -> Path:
+    """A copy of the app whose ClientApp is ``simulations.faults:app`` (the same handlers behind
+    the fault Mod); the code itself is imported from this checkout."""
+    folder = out / "faulty-app"
+    folder.mkdir(parents=True, exist_ok=True)
+    text = (ROOT / "pyproject.toml").read_text()
+    product = 'clientapp = "privtune_flwr.client_app:app"'
+    if product not in text:
+        raise RuntimeError(f"pyproject.toml no longer names {product!r}; update faulty_app_folder")
+    (folder / "pyproject.toml").write_text(text.replace(product, 'clientapp = "simulations.faults:app"'))
+    return folder
+
+
+def run_one(name: str, config: str, policy: str, devices: int, out: Path, extra: str, faults: str = "") -> dict:
     folder = out / name.replace(" ", "-").replace("%", "pct")
     cmd = [sys.executable, "-m", "simulations.launch", "--devices", str(devices), "--out", str(folder),
            "--run-config", f"{config} {extra}".strip()]
     if policy:
         cmd += ["--device-policy", policy]
+    env = dict(os.environ)
+    if faults:
+        cmd += ["--app", str(faulty_app_folder(out))]
+        env["PRIVTUNE_FAULTS"] = faults
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True)
+    proc = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True, env=env)
     wall = time.perf_counter() - t0
     results_file = folder / "latest" / "results.json"
     if proc.returncode != 0 or not results_file.exists():
@@ -103,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name, config in spec["runs"].items():
         print(f"[compare] {args.set}: {name} ...", flush=True)
-        rows.append(run_one(name, f"{spec['common']} {config}".strip(), spec["policy"], spec["devices"], args.out, args.run_config))
+        rows.append(run_one(name, f"{spec['common']} {config}".strip(), spec["policy"], spec["devices"], args.out, args.run_config,
+                            spec.get("faults", {}).get(name, "")))
         print(f"[compare] {json.dumps(rows[-1])}", flush=True)
     (args.out / f"{args.set}.json").write_text(json.dumps(rows, indent=2))
     base = rows[0]

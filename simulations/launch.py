@@ -570,6 +570,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"simulated devices read ${POLICY}, SuperNodes their --node-config")
     parser.add_argument("--deployment", action="store_true", help="a real deployment on 127.0.0.1 (TLS, SuperNode authentication) instead of a simulation")
     parser.add_argument("--certs", type=Path, help="deployment: folder with ca.crt, server.crt, server.key (default: made for this launch)")
+    parser.add_argument("--app", type=Path, default=ROOT, help="the Flower app folder to run (default: this checkout); "
+                        "e.g. a copy whose ClientApp attaches the fault Mod (simulations.compare_runs faults)")
     parser.add_argument("--keep-home", action="store_true", help="simulation: keep the temporary FLWR_HOME after the run")
     parser.add_argument("--resume", type=Path, metavar="RUN_FOLDER",
                         help="continue a stopped run from its last complete checkpoint (the new run gets its own folder)")
@@ -582,7 +584,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = parse_pairs(args.run_config, "--run-config")
         parse_pairs(args.device_policy, "--device-policy")
-        defaults = RunConfig.from_flower(app_defaults())
+        app = args.app.expanduser().resolve()
+        if not (app / "pyproject.toml").is_file():
+            raise ValueError(f"--app {app}: it holds no pyproject.toml (a Flower app folder has one)")
+        defaults = RunConfig.from_flower(app_defaults(app))
         overrides.setdefault("devices-per-round", min(args.devices, defaults.devices_per_round))
         # A run goes on while min-devices stay connected: below the device count, so that one
         # device dropping out does not stall it.
@@ -593,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
             if not sorted((folder / "checkpoints").glob("round-[0-9][0-9][0-9].pt")):
                 raise ValueError(f"--resume {folder}: it holds no checkpoints/round-NNN.pt to resume from")
             overrides["resume-from"] = str(folder)
-        cfg = check_run_config(overrides)
+        cfg = check_run_config(overrides, app)
         for key, value in (("min-devices", cfg.min_devices), ("devices-per-round", cfg.devices_per_round)):
             if value > args.devices:
                 raise ValueError(f"{key}={value} is outside the accepted range for --devices {args.devices}: 1..{args.devices}")
@@ -602,8 +607,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run_config = " ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items())
     if args.deployment:
-        return launch_deployment(args.devices, run_config, device_policy=args.device_policy, certs=args.certs, out_base=out)
-    return launch(args.devices, args.actors, run_config, keep_home=args.keep_home, device_policy=args.device_policy, out_base=out)
+        return launch_deployment(args.devices, run_config, app=app, device_policy=args.device_policy, certs=args.certs, out_base=out)
+    return launch(args.devices, args.actors, run_config, app=app, keep_home=args.keep_home, device_policy=args.device_policy,
+                  out_base=out)
 
 
 if __name__ == "__main__":

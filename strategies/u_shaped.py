@@ -50,7 +50,7 @@ class UShapedStrategy(SplitLearningStrategy):
 
     def plan(self, phase: str) -> Plan:
         c = self.cfg
-        examples = c.batch_size if phase == "train" else (c.eval_examples or c.reply_max_examples)
+        examples = c.batch_size if phase == "train" else self.evaluation_examples()
         return Plan(hidden_size=self.cloud.split.hidden_size, num_labels=0, max_examples=examples, max_tokens=c.max_length)
 
     def cloud_state(self) -> dict:

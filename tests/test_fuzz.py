@@ -137,6 +137,54 @@ def test_fuzz_the_reply_parser():
     assert _rss_mb() - before < 100
 
 
+# Dimensions at the integer limits where a fixed-width product wraps (2**32 x 2**32 = 2**64 -> 0
+# in int64) or overflows: the parser must size them exactly and refuse them by name.
+LIMITS = [2**31 - 1, 2**31, 2**31 + 1, 2**32 - 1, 2**32, 2**32 + 1, 2**63 - 1, 2**63, 2**63 + 1, 2**64]
+
+
+@st.composite
+def huge_shapes(draw) -> tuple[int, ...]:
+    """A rank-1..4 shape with at least one dimension near 2**31, 2**32 or 2**63, the others small
+    or near a limit too (at least one element: an empty shape is a different, honest size)."""
+    dims = draw(st.lists(st.one_of(st.sampled_from(LIMITS), st.integers(1, 9)), min_size=1, max_size=4))
+    dims[draw(st.integers(0, len(dims) - 1))] = draw(st.sampled_from(LIMITS))
+    return tuple(dims)
+
+
+def test_fuzz_declared_shapes_near_the_integer_limits():
+    """Metadata and npy header both declare a huge shape; the payload is empty or a few bytes. Every
+    such array is refused with the size error (never the catch-all), whichever array it poses as."""
+    seen = {"refused": 0}
+
+    @FUZZ
+    @given(huge_shapes(), st.sampled_from([schema.HIDDEN, schema.MASK, schema.LABELS]), st.binary(max_size=16))
+    def run(shape, name, tail):
+        dtype = schema.RELEASE_ARRAYS[name]
+        buf = io.BytesIO()
+        np.lib.format.write_array_header_1_0(buf, {"descr": dtype.str, "fortran_order": False, "shape": shape})
+        content = _valid_content()
+        content.array_records[schema.RELEASED][name] = Array(dtype=str(dtype), shape=shape, stype="numpy.ndarray",
+                                                             data=buf.getvalue() + tail)
+        ndim = {schema.HIDDEN: 3, schema.MASK: 2, schema.LABELS: 1}[name]
+        with pytest.raises(schema.SchemaError) as err:
+            schema.parse_release(content, PLAN)
+        text = str(err.value)
+        assert "unparseable" not in text
+        if len(shape) == ndim:  # the right rank: refused for its size, which the message states exactly
+            assert f"{name} declares shape {shape} = {math.prod(shape)} elements" in text, text
+        else:
+            assert f"the schema says rank {ndim}" in text, text
+        seen["refused"] += 1
+
+    run()
+    assert seen["refused"] >= 1000
+
+
+def _valid_content() -> RecordDict:
+    mask = torch.ones(2, 3, dtype=torch.long)
+    return schema.release_content(torch.ones(2, 3, 8), mask, torch.tensor([0, 1]), {"num-examples": 2, "num-tokens": 6})
+
+
 # ------------------------------------------------------------------------------- the ClientApp
 
 
@@ -147,8 +195,9 @@ def instructions(draw) -> RecordDict:
     if draw(st.booleans()):
         config = {"server-round": draw(st.one_of(st.integers(-3, 5), value)),
                   "num-batches": draw(st.one_of(st.integers(-2, 3), value))}
-        for key in draw(st.lists(st.text(max_size=6), max_size=2)):
-            config[key] = draw(value)
+        if draw(st.integers(0, 2)) == 0:  # keys beyond the schema: refused (never ignored)
+            for key in draw(st.lists(st.text(max_size=6), max_size=2)):
+                config[key] = draw(value)
         content = RecordDict({schema.CONFIG: ConfigRecord(config)})
     else:
         content = RecordDict({draw(st.text(max_size=6)): ConfigRecord({"server-round": 1})})
@@ -183,6 +232,9 @@ def test_fuzz_the_device_instruction_handler():
             reply = device_app.app(msg, context)
             assert not reply.has_error()
             schema.parse_release(reply.content, schema.Plan(384, 2, 4, 16))
+            # only an instruction that carries exactly the schema is answered
+            assert set(content.keys()) == {schema.CONFIG}
+            assert set(content.config_records[schema.CONFIG].keys()) <= set(schema.INSTRUCTION_KEYS)
             seen["reply"] += 1
         except (schema.SchemaError, PolicyError):
             seen["rejected"] += 1

@@ -192,7 +192,9 @@ def test_lora_on_all_linear_layers_trains_the_pooler_and_keeps_the_bottom_frozen
 
 
 def test_lora_on_all_linear_layers_of_a_decoder(minilm_tokenizer):
-    split = load_split("tiny", 1, hf_model=tiny_hf_model("decoder"), tokenizer=minilm_tokenizer, lora_targets="all")
+    # a copy: a decoder's split pads its tokenizer on the left, which must not leak into the shared fixture
+    split = load_split("tiny", 1, hf_model=tiny_hf_model("decoder"), tokenizer=copy.deepcopy(minilm_tokenizer),
+                       lora_targets="all")
     adapted = [n for n, p in split.top.named_parameters() if p.requires_grad and "lora_A" in n]
     assert len(adapted) == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 blocks above the split
 

@@ -252,11 +252,13 @@ def test_fresh_release_needs_consent_and_counts_every_release(minilm_split):
     cfg = _cfg(release="fresh")
     with pytest.raises(PolicyError, match="allow-fresh-noise"):
         _send(_device(cfg), MessageType.EVALUATE, 1)
-    context = _device(cfg, **{"allow-fresh-noise": True})
+    context = _device(cfg, **{"allow-fresh-noise": True, "max-releases-per-example": 2})
     one, two = _send(context, MessageType.EVALUATE, 1), _send(context, MessageType.EVALUATE, 2)
     real = one.attention_mask.bool()
     assert (one.hidden[real] != two.hidden[real]).any(-1).all()
     assert two.metrics["releases-per-example-max"] == 2
+    with pytest.raises(PolicyError, match="already released 2 time.*max-releases-per-example=2"):
+        _send(context, MessageType.EVALUATE, 3)  # a third fresh release is past the device's budget
 
 
 def test_a_key_file_survives_a_restart_and_a_new_configuration_counts(minilm_split, tmp_path):
@@ -267,8 +269,103 @@ def test_a_key_file_survives_a_restart_and_a_new_configuration_counts(minilm_spl
     device_app._NODES.clear()
     second = _send(_device(cfg, **node), MessageType.EVALUATE, 1)
     assert torch.equal(first.hidden, second.hidden) and second.metrics["releases-per-example-max"] == 1
-    other = _send(_device(_cfg(epsilon=40.0), **node), MessageType.EVALUATE, 1)
+    with pytest.raises(PolicyError, match="max-releases-per-example=1"):  # the default budget: one configuration, ever
+        _send(_device(_cfg(epsilon=40.0), **node), MessageType.EVALUATE, 1)
+    device_app._FILE_KEYS.clear()  # the refusal was recorded nowhere: the ledger still holds one release
+    other = _send(_device(_cfg(epsilon=40.0), **node, **{"max-releases-per-example": 2}), MessageType.EVALUATE, 1)
     assert other.metrics["releases-per-example-max"] == 2  # a second configuration is a second release
+
+
+def _knn_recovery(cfg, pid, released) -> float:
+    """Nearest-anchor token recovery of a release of device ``pid``'s test split (EIA-1)."""
+    from privtune_flwr.attacks.inversion import context_free_anchors
+    from privtune_flwr.mechanism.anchors import self_audit
+
+    node = device_app.load_node(cfg, pid, 2)
+    split = node.device.split
+    rows = node.test.select(range(cfg.eval_examples))
+    clean = DeviceSide(split, build_defense("none", split=split), max_length=cfg.max_length).release(rows["text"])
+    assert torch.equal(clean.attention_mask, released.attention_mask)
+    return self_audit(released.hidden, clean.input_ids, clean.attention_mask, context_free_anchors(split), split.special_ids)
+
+
+def _jittered_probe(cfg, node: dict, *, new_run_each_time: bool, instructions: int = 16):
+    """The cloud asks for the same test examples under epsilon 16, 15.999, 15.998, ... (dchi):
+    each is a new configuration, so each accepted release carries new noise. Returns the releases
+    the device sent and the refusals it gave."""
+    context = _device(cfg, pid=1, **node)
+    sent, refused = [], []
+    for i in range(instructions):
+        run = _cfg(**{**cfg.__dict__, "epsilon": 16.0 - 0.001 * i}).to_flower()
+        if new_run_each_time:  # a deployed device: every run is a new context, the key file stays
+            context = _device(cfg, pid=1, **node)
+        context.run_config = run
+        try:
+            sent.append(_send(context, MessageType.EVALUATE, 1))
+        except PolicyError as exc:
+            refused.append(str(exc))
+    return sent, refused
+
+
+@pytest.mark.parametrize("store", ["memory", "file"])
+def test_a_cloud_that_jitters_epsilon_gains_nothing_by_averaging(minilm_split, tmp_path, store):
+    """Averaging fresh-noise releases of one example under near-identical configurations is the
+    attack (with a budget of 16 the device allows it, and recovery rises); with the default budget
+    the device releases each example under one configuration only and refuses the other 15, so
+    the cloud's best estimate is the single release."""
+    cfg = _cfg(split_layer=3, epsilon=16.0, eval_examples=12)  # the app's split: one release reads about 0.6
+    node = {"key-store": store}
+    if store == "file":
+        node["key-file"] = str(tmp_path / "budget" / "device.key")
+    sent, refused = _jittered_probe(cfg, node, new_run_each_time=store == "file")
+    assert len(sent) == 1 and len(refused) == 15
+    assert all("max-releases-per-example=1" in r and "already released 1 time" in r for r in refused)
+    single = _knn_recovery(cfg, 1, sent[0])
+    averaged = schema.Release(torch.stack([r.hidden for r in sent]).mean(0), sent[0].attention_mask, None, {})
+    assert abs(_knn_recovery(cfg, 1, averaged) - single) <= 0.02
+
+    # the same probe against a device whose budget allows it: averaging 16 releases recovers more
+    loose = {**node, "max-releases-per-example": 16}
+    if store == "file":
+        loose["key-file"] = str(tmp_path / "loose" / "device.key")
+    sent16, refused16 = _jittered_probe(cfg, loose, new_run_each_time=store == "file")
+    assert len(sent16) == 16 and not refused16
+    assert sent16[-1].metrics["releases-per-example-max"] == 16
+    averaged16 = schema.Release(torch.stack([r.hidden for r in sent16]).mean(0), sent16[0].attention_mask, None, {})
+    gain = _knn_recovery(cfg, 1, averaged16) - _knn_recovery(cfg, 1, sent16[0])
+    assert gain > 0.2, gain  # measured 0.603 -> 0.927 (split 3, 12 test sentences)
+
+
+def test_the_release_ledger_counts_examples_not_instructions(tmp_path):
+    """Overlapping instructions: each example is charged once per configuration; a refused
+    instruction records nothing; a first-format ledger (configurations only) counts for every
+    example; an unreadable ledger is an error, never a fresh start."""
+    from privtune_flwr.accounting import ReleaseBudgetExceeded, ReleaseLedger
+
+    path = tmp_path / "k.ledger.json"
+    ledger = ReleaseLedger(2, path)
+    assert ledger.admit("A", ["x", "y"]) == 1
+    assert ledger.admit("A", ["y", "z", "z"]) == 1  # y re-sent under A: not a new release
+    assert ledger.admit("B", ["x"]) == 2
+    with pytest.raises(ReleaseBudgetExceeded, match="1 of the 2 examples.*max-releases-per-example=2"):
+        ledger.admit("C", ["x", "y"])
+    assert ledger.releases("y") == 1 and ledger.releases("x") == 2  # nothing of the refused one was kept
+    assert ReleaseLedger(2, path).releases("x") == 2  # persisted
+    assert ledger.admit("C", ["y"], fresh=True) == 2
+    with pytest.raises(ReleaseBudgetExceeded):
+        ledger.admit("C", ["y"], fresh=True)  # fresh noise: every send is a release
+    old = tmp_path / "old.ledger.json"
+    old.write_text('["A"]')
+    first = ReleaseLedger(2, old)
+    assert first.releases("anything") == 1 and first.admit("A", ["new"]) == 1 and first.admit("B", ["new"]) == 2
+    with pytest.raises(ReleaseBudgetExceeded):
+        ReleaseLedger(1, old).admit("C", ["other"])
+    broken = tmp_path / "broken.ledger.json"
+    broken.write_text("{not json")
+    with pytest.raises(ValueError, match="refuses to release until it is restored"):
+        ReleaseLedger(1, broken)
+    with pytest.raises(ValueError, match="max-releases-per-example=0 must be an integer >= 1"):
+        ReleaseLedger(0)
 
 
 # ------------------------------------------------------------------------------------- public replies

@@ -1,5 +1,7 @@
 """The message schema: releases carry exactly hidden/mask/labels; anything else is rejected."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -162,3 +164,57 @@ def test_u_shaped_replies_carry_no_labels():
     assert schema.parse_release(content, plan).labels is None
     with pytest.raises(schema.SchemaError, match="differ from the schema"):
         schema.parse_release(_content(), plan)  # labels in a u-shaped reply: rejected
+
+
+def _header_only(shape, descr="<f4") -> bytes:
+    """An npy header declaring ``shape``, followed by no payload at all."""
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": tuple(shape)})
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("shape", [(2**32, 2**32, 8), (2**31, 2**31, 8), (2**63, 1, 8), (1, 2**64, 8), (2**21, 2**21, 2**21)])
+def test_declared_shapes_that_overflow_int64_are_refused_by_size(shape):
+    """np.prod(..., dtype=int64) wraps 2**32 x 2**32 to 0, so an empty payload passed the exact-byte
+    check and the reply fell to the catch-all; the size is now Python-integer arithmetic."""
+    if shape == (2**32, 2**32, 8):
+        assert int(np.prod(shape, dtype=np.int64)) == 0  # what the old check computed: 0 bytes expected
+    content = _content()
+    content.array_records[schema.RELEASED]["hidden"] = _raw("float32", shape, "numpy.ndarray", _header_only(shape))
+    with pytest.raises(schema.SchemaError) as err:
+        schema.parse_release(content, PLAN)
+    text = str(err.value)
+    assert text.startswith(f"hidden declares shape {shape} = {math.prod(shape)} elements") and "unparseable" not in text
+    assert f"({math.prod(shape) * 4} bytes)" in text and "accepted: at most" in text
+    if math.prod(shape) * 4 > 2**63 - 1:
+        assert "more than any array can hold" in text
+
+
+def test_declared_bytes_is_exact_and_names_the_limit():
+    f4 = np.dtype("float32")
+    assert schema.declared_bytes((3, 5, 8), f4, name="hidden", max_bytes=480) == 480
+    with pytest.raises(schema.SchemaError, match=r"hidden declares shape \(3, 5, 8\) = 120 elements of float32 \(480 bytes\), "
+                                                 r"more than the 479 allowed; accepted: at most 479 bytes"):
+        schema.declared_bytes((3, 5, 8), f4, name="hidden", max_bytes=479)
+    assert schema.declared_bytes((0, 2**40, 8), f4, name="hidden", max_bytes=10) == 0  # an empty declared array is 0 bytes
+
+
+def _outputs_instruction(values: torch.Tensor):
+    return schema.step_instruction(2, 1, values)
+
+
+@pytest.mark.parametrize("value,needle", [(1e38, r"outputs hold values up to 1e\+38; accepted: finite values with \|value\| <= 1e\+06"),
+                                          (3.4e38, r"up to 3.4e\+38"),
+                                          (float("nan"), r"outputs hold non-finite values: 1 of 24 \(first: nan\); accepted: finite"),
+                                          (float("-inf"), r"non-finite values: 1 of 24 \(first: -inf\)")])
+def test_a_device_refuses_outputs_outside_its_range(value, needle):
+    outputs = torch.zeros(1, 3, 8)
+    outputs[0, 1, 2] = value
+    with pytest.raises(schema.SchemaError, match=needle):
+        schema.read_step(_outputs_instruction(outputs), shape=(1, 3, 8), max_abs=1e6)
+    fine = torch.full((1, 3, 8), -1e6)
+    assert torch.equal(schema.read_step(_outputs_instruction(fine), shape=(1, 3, 8), max_abs=1e6)[2], fine)
+    if math.isfinite(value):  # without a range only finiteness is checked (the cloud's own reads)
+        assert schema.read_step(_outputs_instruction(outputs), shape=(1, 3, 8))[2][0, 1, 2] == np.float32(value)

@@ -13,6 +13,7 @@ from privtune_flwr import client_app as device_app
 from privtune_flwr.cloud import CloudSide, MiddleSide
 from privtune_flwr.config import RunConfig
 from privtune_flwr.models import load_split
+from simulations.faults import FaultPlan, faulty_app
 from strategies import RoundFailed, SplitLearningStrategy, UShapedStrategy
 
 NODE = {"allowed-defenses": "*", "max-epsilon": float("inf"), "key-store": "memory", "allow-reproducible-noise": True}
@@ -22,7 +23,8 @@ class Grid:
     """Delivers messages straight to each device's ClientApp, as the simulation engine would;
     ``drop`` takes a device off the federation (it stops answering and leaves the node list)."""
 
-    def __init__(self, cfg: RunConfig, devices: int):
+    def __init__(self, cfg: RunConfig, devices: int, app=None):
+        self.app = device_app.app if app is None else app  # a faulty app: simulations.faults
         self.contexts = {n: Context(run_id=1, node_id=n, node_config={"partition-id": n - 1, "num-partitions": devices, **NODE},
                                     state=RecordDict(), run_config=cfg.to_flower()) for n in range(1, devices + 1)}
         self.gone: set[int] = set()
@@ -43,7 +45,7 @@ class Grid:
                 reply = Message(Error(code=0, reason="no reply within the round's timeout"), reply_to=m)
             else:
                 try:
-                    reply = device_app.app(m, self.contexts[node])
+                    reply = self.app(m, self.contexts[node])
                 except Exception as exc:  # noqa: BLE001 - Flower turns a ClientApp's exception into an error reply
                     reply = Message(Error(code=1, reason=f"{type(exc).__name__}: {exc}"), reply_to=m)
             reply.metadata.__dict__["_src_node_id"] = node
@@ -116,8 +118,8 @@ def test_lost_devices_are_counted_and_the_run_goes_on(minilm_split):
 
 
 def test_a_round_short_of_replies_is_retried_then_the_run_fails(minilm_split):
-    cfg = _cfg(min_replies=3, devices_per_round=3, min_devices=3, fault_fraction=1.0, fault_kinds="raise", round_retries=2)
-    grid = Grid(cfg, 3)
+    cfg = _cfg(min_replies=3, devices_per_round=3, min_devices=3, round_retries=2)
+    grid = Grid(cfg, 3, faulty_app(FaultPlan(fraction=1.0, kinds=("raise",))))
     strategy = _vanilla(cfg)
     with pytest.raises(RoundFailed, match="round 1 had fewer than min-replies=3 usable replies in 3 attempts"):
         strategy.start(grid)
@@ -132,9 +134,9 @@ def test_faulty_devices_are_survived_counted_by_kind_and_change_nothing_else(min
     devices' replies ends (nothing of theirs reached the weights). The accuracy of a clean run
     against one with 20% faulty devices is measured by ``simulations.faults`` (README)."""
     common = dict(devices_per_round=5, min_devices=5, num_rounds=2)
-    cfg = _cfg(**common, fault_fraction=0.4, fault_kinds="raise,nan")
+    cfg = _cfg(**common)
     faulty = _vanilla(cfg)
-    faulty.start(Grid(cfg, 5))
+    faulty.start(Grid(cfg, 5, faulty_app(FaultPlan(fraction=0.4, kinds=("raise", "nan")))))
     causes = [e["cause"] for e in faulty.rejected.entries]
     assert sum("injected fault" in c for c in causes) == 2 and sum("non-finite" in c for c in causes) == 2
     assert all(e["device"] in ("device 0", "device 1") for e in faulty.rejected.entries)
@@ -203,3 +205,41 @@ def test_a_device_asked_for_the_first_time_gets_the_setup_timeout(minilm_split):
     for bad in (0.0, -1.0, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="setup-timeout"):
             RunConfig(setup_timeout=bad)
+
+
+def test_a_u_shaped_device_refuses_outputs_outside_its_range_and_keeps_its_head(minilm_split):
+    """Through the ClientApp's own handlers: a "train.head" carrying 1e38 or NaN gets an error reply
+    naming the value and the accepted range; the device's stored head (weights, optimiser state)
+    and its pending release are as they were, and an in-range step afterwards trains."""
+    from flwr.app import Message
+
+    from privtune_flwr import schema
+
+    cfg = _cfg(protocol="u-shaped")
+    grid = Grid(cfg, 1)
+    state = grid.contexts[1].state
+
+    def ask(kind, step, outputs=None):
+        reply = grid.send_and_receive([Message(content=schema.step_instruction(1, step, outputs), message_type=kind,
+                                               dst_node_id=1)])[0]
+        return reply
+
+    def head_record():
+        record = state.array_records.get(device_app.HEAD)
+        return None if record is None else {k: v.numpy().copy() for k, v in record.items()}
+
+    for step in range(2):
+        released = schema.parse_release(ask("train.forward", step).content, schema.Plan(384, 0, cfg.batch_size, cfg.max_length))
+        shape = tuple(released.hidden.shape)
+        stored = head_record()
+        for value, needle in ((1e38, "outputs hold values up to 1e+38; accepted: finite values with |value| <= 1e+06"),
+                              (float("nan"), f"outputs hold non-finite values: {shape[0] * shape[1] * shape[2]} of")):
+            reply = ask("train.head", step, torch.full(shape, value))
+            assert reply.has_error() and needle in reply.error.reason, reply.error.reason
+            now = head_record()
+            assert (stored is None and now is None) or all((now[k] == v).all() for k, v in stored.items())
+            assert state.config_records[device_app.PENDING]["step"] == step  # still awaiting its outputs
+        reply = ask("train.head", step, torch.randn(shape, generator=torch.Generator().manual_seed(step)))
+        assert not reply.has_error()
+        grad, metrics = schema.parse_gradient(reply.content, shape)
+        assert torch.isfinite(grad).all() and metrics["loss"] > 0 and head_record() is not None

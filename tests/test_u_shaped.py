@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import gc
+import math
+import re
 
 import pytest
 import torch
@@ -226,3 +228,42 @@ def test_u_shaped_fine_tuning_to_convergence_lowers_validation_perplexity_and_ke
     # both halves end at the best weights: the reported best is what they score now
     assert after["perplexity"] == pytest.approx(run["best_validation"], rel=1e-5)
     assert min(v for _, v, _ in run["history"]) == pytest.approx(run["best_validation"])
+
+
+# -- the device bounds what the cloud sends -----------------------------------------------------------
+
+
+def _head_state(head: DeviceHead) -> dict:
+    return {"weights": {k: v.detach().clone() for k, v in head.named.items()},
+            "optimizer": {k: v.clone() for k, v in head.dump()["optimizer"].items()}, "steps": head.steps}
+
+
+@pytest.mark.parametrize("family,task", CASES)
+@pytest.mark.parametrize("value", [1e38, 3.4e38, -2e6, float("nan"), float("inf")])
+def test_the_head_refuses_outputs_outside_its_public_range_and_stays_untouched(family, task, value, minilm_tokenizer):
+    """1e38 once reached the head and left it finite only because the gradient happened to be 0:
+    now outputs beyond the head's public range (|value| <= 1e6, finite) are refused, by value and
+    range, before the head, its optimiser or its step count changes; honest outputs still train."""
+    split = _split(family, task, minilm_tokenizer)
+    cloud, head = MiddleSide(split, learning_rate=1e-2), DeviceHead(split, learning_rate=1e-2)
+    assert head.max_abs == 1e6
+    ids, mask, targets = _batch(split)
+    honest = cloud.forward("s", split.bottom(ids, mask), mask)
+    head.step(honest, mask, targets)  # the optimiser has state to protect
+    before = _head_state(head)
+    hostile = honest.clone()
+    hostile[0, 0, 0] = value
+    shown = "nan" if math.isnan(value) else ("inf" if math.isinf(value) else f"{abs(value):.4g}")
+    for call in (head.step, head.evaluate):
+        with pytest.raises(ValueError, match=r"the cloud's outputs hold .*" + re.escape(shown) + r".*accepted: finite values "
+                                             r"with \|value\| <= 1e\+06 \(the head's public input range, d=32\)"):
+            call(hostile, mask, targets)
+    after = _head_state(head)
+    assert after["steps"] == before["steps"]
+    assert all(torch.equal(before["weights"][k], v) for k, v in after["weights"].items())
+    assert before["optimizer"].keys() == after["optimizer"].keys()
+    assert all(torch.equal(before["optimizer"][k], v) for k, v in after["optimizer"].items())
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in head.params)
+    grad, loss = head.step(honest, mask, targets)  # and it still trains on what is in range
+    assert torch.isfinite(grad).all() and math.isfinite(loss) and head.steps == before["steps"] + 1
+    assert float(honest.abs().max()) < head.max_abs / 100  # honest middles are far inside the range

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
 import math
 import os
@@ -43,6 +42,7 @@ log = logging.getLogger(__name__)
 KEY_BYTES = 32
 _DOMAIN = b"privtune-flwr/noise/v1"
 _SEED_DOMAIN = b"privtune-flwr/reproducible-seed/v1"
+_EXAMPLE_DOMAIN = b"privtune-flwr/example-id/v1"
 _MT_WORDS = 624
 
 
@@ -236,6 +236,12 @@ class NoiseKey:
         message = b"".join((_DOMAIN, len(context).to_bytes(4, "little"), context, ids.tobytes(), nonce))
         return NoiseStream(hmac.new(self._secret, message, hashlib.sha256).digest())
 
+    def example_id(self, token_ids) -> str:
+        """The name of one example in the device's release ledger: a keyed digest of its real token
+        ids (128 bits, hex). Without the key it says nothing about the text."""
+        ids = np.ascontiguousarray(np.asarray(token_ids, dtype="<i8"))
+        return hmac.new(self._secret, _EXAMPLE_DOMAIN + ids.tobytes(), hashlib.sha256).hexdigest()[:32]
+
     def __repr__(self) -> str:
         return f"NoiseKey(<secret>, source={self.source!r}, reproducible={self.reproducible})"
 
@@ -247,32 +253,3 @@ class NoiseKey:
 
     def __copy__(self):
         return self
-
-
-class ReleaseLedger:
-    """Which mechanism configurations a device with a persistent key has released under.
-
-    Re-sending an example under a configuration already in the ledger is post-processing; each new
-    configuration is a new release of every example and composes. Kept beside the key file, on
-    the device only; replies carry only the count.
-    """
-
-    def __init__(self, path: str | os.PathLike | None):
-        self.path = None if path is None else Path(path).expanduser()
-        self._seen: set[str] = set()
-        if self.path is not None and self.path.exists():
-            try:
-                self._seen = set(json.loads(self.path.read_text()))
-            except (OSError, ValueError):
-                log.warning("release ledger %s is unreadable; starting a new one", self.path)
-
-    def record(self, fingerprint: str) -> int:
-        """Add ``fingerprint``; returns how many distinct configurations have been released under."""
-        if fingerprint not in self._seen:
-            self._seen.add(fingerprint)
-            if self.path is not None:
-                fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-                with os.fdopen(fd, "w") as fh:
-                    json.dump(sorted(self._seen), fh)
-                os.replace(tmp, self.path)
-        return len(self._seen)
