@@ -392,3 +392,57 @@ class ReleaseLedger:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self.path)
+
+
+# -- u-shaped label protection (privtune_flwr.label_protection) -----------------------------------
+
+def label_protection_statement(method: str, *, epsilon: float = 1.0, noise: float = 4.0, num_labels: int = 2) -> str:
+    """What the device's label protection of the u-shaped protocol guarantees, in one sentence.
+
+    * ``randomised-response``: each example's label is ``epsilon``-label-DP (Ghazi et al. 2021):
+      the device draws the label it trains on once per example by randomised response over the
+      prior's top-k classes (k <= ``num_labels``; P(true label kept) = e^eps / (e^eps + k - 1)),
+      and everything the cloud receives (the gradients of every step, any epoch) is
+      post-processing of that draw. Nothing is claimed about the representations, whose
+      guarantee is the defence's own.
+    * ``max-norm`` / ``marvell``: empirical only. The attacks of ``simulations.label_leakage``
+      (direction, norm, learned) are what is measured; noise is fresh per step, so an example's
+      gradients over several epochs average and leak more than one step's.
+    * ``none``: nothing; the returned gradient reveals the labels (97.5-100% recovered).
+    """
+    import math
+
+    if method == "randomised-response":
+        k = max(2, num_labels)
+        keep = math.exp(epsilon) / (math.exp(epsilon) + k - 1)
+        return (f"label-DP: each example's label is {epsilon:g}-label-DP (randomised response with prior, drawn once "
+                f"per example; P(keep) = {keep:.3f} at k={k}); gradients and head are post-processing of it")
+    if method == "marvell":
+        return (f"empirical only: max-norm plus Gaussian noise of {noise:g} x ||class-mean difference|| along it, fresh "
+                "per step; no DP guarantee (measured by simulations.label_leakage)")
+    if method == "max-norm":
+        return ("empirical only: every returned gradient padded with Gaussian noise to the batch's largest norm; hides "
+                "norms, not directions; no DP guarantee")
+    return "none: the returned gradients reveal the labels"
+
+
+def federated_map_statement(cfg, *, fit_epsilon: float | None = None, fit_delta: float | None = None) -> str:
+    """What the cloud learns from the fit phase of the federation's label map
+    (``subspace-fit-scope = "federation"``, :mod:`privtune_flwr.federated_map`), in words.
+
+    Each device sends once, before round 1, its per-class token counts and sums, the sum of its
+    tokens' outer products and per special id a count and a sum, every token clipped to norm
+    ``subspace-fit-clip``, with Gaussian noise calibrated on the device to its own floor
+    (``fit-epsilon``, ``fit-delta``; the cloud does not choose them) for adding or removing one of
+    its sentences (at most ``max-length`` tokens). So each contribution, and the sum the cloud
+    relays, is (fit-epsilon, fit-delta)-DP per sentence of that device: this composes with the
+    releases' own guarantee (a sentence's total is the sum of both). The sum reveals the
+    federation's aggregate label map, as the releases do in any case. With ``fit-epsilon = inf`` a
+    device sends its statistics without noise and the cloud learns them exactly."""
+    eps = "the device's fit-epsilon (default 64)" if fit_epsilon is None else f"{fit_epsilon:g}"
+    delta = "its fit-delta (default 1e-05)" if fit_delta is None else f"{fit_delta:g}"
+    return (f"fit phase (subspace-fit-scope='federation'): each device sent once its clipped (token norm <= "
+            f"{cfg.subspace_fit_clip:g}) per-class token counts, sums and second moments with Gaussian noise making them "
+            f"({eps}, {delta})-DP per sentence of at most {cfg.max_length} tokens; the cloud learns their noisy sum "
+            "(the federation's label map) and nothing exact about any one device; this adds to each sentence's release "
+            "guarantee")

@@ -15,6 +15,7 @@ a run config asking for less gets an error reply that names the floor.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import random
@@ -44,8 +45,12 @@ STATE = "device-state"  # context.state ConfigRecord: {"evaluations", "sent"}
 SECRET = "device-secret"  # context.state ConfigRecord {"key": bytes}: a simulated device's noise key
 LEDGER = "device-ledger"  # context.state ConfigRecord {"ledger": bytes}: its release ledger (the run's lifetime)
 
-_SPLITS: dict[tuple, SplitModel] = {}
-_NODES: dict[tuple, "Node"] = {}
+_SPLITS: dict[tuple, SplitModel] = {}  # the frozen bottom, one per model configuration and process
+# Devices a process has set up, least recently used first. A Ray actor may serve thousands of
+# simulated devices; each keeps its partition views and its defence's small tables here, and one
+# evicted is set up again from the process-wide caches (data, partitioner, bottom, anchor tables).
+NODE_CACHE = 256
+_NODES: collections.OrderedDict[tuple, "Node"] = collections.OrderedDict()
 
 
 @dataclass
@@ -57,6 +62,7 @@ class Node:
     device: DeviceSide
     defense: Defense
     head: DeviceHead | None = None  # u-shaped: the head's module, shared by the devices a process serves
+    map_digest: str = ""  # federation scope: the digest of the aggregate its defence was derived from
 
 
 def _split(cfg: RunConfig, num_labels: int) -> SplitModel:
@@ -88,6 +94,7 @@ def partition_ids(node_config) -> tuple[int, int]:
 def load_node(cfg: RunConfig, pid: int, total: int) -> Node:
     key = (cfg, pid, total)
     if key in _NODES:
+        _NODES.move_to_end(key)
         return _NODES[key]
     ds = data.load_dataset(cfg.dataset, test_fraction=cfg.test_fraction, seed=cfg.seed, max_examples=cfg.max_examples or None)
     if ds.task != cfg.task:
@@ -108,8 +115,13 @@ def load_node(cfg: RunConfig, pid: int, total: int) -> Node:
     # The key is set per message (device_key); the placeholder here is never used to release.
     texts = train["sequence"] if cfg.task == "generation" else train["text"]
     labels = None if cfg.task == "generation" else train["label"]
-    defense = device_defense(cfg.defense, split, epsilon=cfg.epsilon, texts=texts, labels=labels,
-                             task=cfg.task, max_length=cfg.max_length, release=cfg.release, **cfg.defense_options())
+    if cfg.federated_map():  # the map comes from the federation's statistics (query.map), not from this share
+        from .federated_map import NoMap
+
+        defense = NoMap()
+    else:
+        defense = device_defense(cfg.defense, split, epsilon=cfg.epsilon, texts=texts, labels=labels,
+                                 task=cfg.task, max_length=cfg.max_length, release=cfg.release, **cfg.defense_options())
     anchors = getattr(defense, "anchors", None)
     if anchors is None and cfg.audit_tokens:
         from .mechanism.anchors import get_tables
@@ -119,6 +131,8 @@ def load_node(cfg: RunConfig, pid: int, total: int) -> Node:
     node = Node(train, test, DeviceSide(split, defense, max_length=cfg.max_length, audit_tokens=cfg.audit_tokens, anchors=anchors),
                 defense, head)
     _NODES[key] = node
+    while len(_NODES) > NODE_CACHE:
+        _NODES.popitem(last=False)
     return node
 
 
@@ -217,6 +231,8 @@ def _prepare(msg: Message, context: Context, *, records: tuple[str, ...] = (CONF
         count = min(len(node.test), cfg.eval_examples or len(node.test))
         policy.check_examples(count, f"{count} test examples")
     key, ledger = device_key(context, policy, cfg, pid)
+    if cfg.federated_map():
+        _use_federated_map(cfg, context, node, key)
     node.defense.key = key
     node.device.time_limit = policy.max_instruction_seconds
     return cfg, server_round, num_batches, node, ledger
@@ -364,7 +380,12 @@ def _u_head(msg: Message, context: Context, phase: str) -> Message:
     head = node.head
     _load_head(context, head)
     if phase == "train":
-        grad, loss = head.step(outputs, mask, targets)
+        from .label_protection import from_config
+
+        # the run config's protection, already checked against this device's floor (policy.check);
+        # its randomness from this device's own key, never from the cloud
+        head.protection = from_config(cfg, key=node.defense.key)
+        grad, loss = head.step(outputs, mask, targets, token_ids=ids)
         _save_head(context, head)
         return Message(content=gradient_content(grad, {"num-examples": shape[0], "loss": loss}), reply_to=msg)
     metrics = head.evaluate(outputs, mask, targets)
@@ -497,3 +518,104 @@ def query(msg: Message, context: Context) -> Message:
     if len(msg.content.keys()):
         raise SchemaError(f"the identity query carries records {sorted(msg.content.keys())}; it carries none")
     return Message(content=device_identity(*partition_ids(context.node_config)), reply_to=msg)
+
+
+# -- the federation's label map (privtune_flwr.federated_map) ----------------------------------------
+
+_ROWS: dict[tuple, tuple] = {}  # (cfg, pid, total) -> the clean training rows the fit and the audit read
+
+
+def _map_prepare(msg: Message, context: Context):
+    cfg = RunConfig.from_flower(context.run_config)
+    pid, total = partition_ids(context.node_config)
+    policy = DevicePolicy.from_sources(context.node_config)
+    policy.check(cfg)
+    if not cfg.federated_map():
+        raise SchemaError(f"{msg.metadata.message_type!r} belongs to defense='label-subspace' with "
+                          f"subspace-fit-scope='federation'; this run has defense={cfg.defense!r}, "
+                          f"subspace-fit-scope={cfg.subspace_fit_scope!r}")
+    node = load_node(cfg, pid, total)
+    key = (cfg, pid, total)
+    if key not in _ROWS:
+        from .device import _clean_rows
+
+        _ROWS[key] = _clean_rows(node.device.split, node.train["text"], node.train["label"], max_length=cfg.max_length,
+                                 chunk=256)
+    return cfg, policy, node, _ROWS[key], pid
+
+
+def _derive(cfg: RunConfig, node: Node, stats, key: NoiseKey):
+    from .federated_map import derive_subspace
+
+    split = node.device.split
+    subspace = derive_subspace(stats, cfg.subspace_rank, special_ids=split.special_ids)
+    return device_defense("label-subspace", split, epsilon=cfg.epsilon, texts=[], labels=[], max_length=cfg.max_length,
+                          release=cfg.release, key=key, subspace=subspace, subspace_rank=cfg.subspace_rank)
+
+
+def _use_federated_map(cfg: RunConfig, context: Context, node: Node, key: NoiseKey) -> None:
+    """Put the map this device accepted (kept in its own state) into its defence, deriving it again
+    from the kept aggregate where this process has not yet (the audit is not rerun: it passed)."""
+    from .federated_map import AGGREGATE, AUDIT, MapStatistics
+
+    record, audit = context.state.array_records.get(AGGREGATE), context.state.config_records.get(AUDIT)
+    if record is None or audit is None:
+        raise PolicyError("this device holds no accepted federation label map (subspace-fit-scope='federation'): "
+                          "it releases nothing until the map's statistics arrive (query.map) and its own audit passes")
+    if node.map_digest == str(audit["digest"]):
+        return
+    split = node.device.split
+    stats = MapStatistics.from_arrays({k: v for k, v in record.items()}, classes=cfg.num_labels, hidden=split.hidden_size,
+                                      specials=len(split.special_ids))
+    if stats.digest() != str(audit["digest"]):
+        raise PolicyError("this device's kept federation map does not match the one it audited")
+    defense = _derive(cfg, node, stats, key)
+    node.defense = node.device.defense = defense
+    node.map_digest = stats.digest()
+
+
+@app.query("fit")
+def query_fit(msg: Message, context: Context) -> Message:
+    """The federation's label map, step 1: this device's clipped token statistics, with Gaussian
+    noise from its own floor (fit-epsilon, fit-delta); only they and public numbers go back."""
+    from flwr.app import MetricRecord
+
+    from .federated_map import device_contribution
+
+    if len(msg.content.keys()):
+        raise SchemaError(f"the fit query carries records {sorted(msg.content.keys())}; it carries none")
+    cfg, policy, node, (rows, ids, labels), _ = _map_prepare(msg, context)
+    stats, metrics = device_contribution(rows, ids, labels, cfg=cfg, policy=policy, special_ids=node.device.split.special_ids)
+    arrays = ArrayRecord({k: Array(v) for k, v in stats.to_numpy().items()})
+    return Message(content=RecordDict({"statistics": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.query("map")
+def query_map(msg: Message, context: Context) -> Message:
+    """The federation's label map, step 2: the sum of the devices' statistics arrives; this device
+    checks it, derives the map itself, audits it on its own data (an inverter trained through it,
+    the label read back) and keeps it, or refuses it with an error that names its floor."""
+    from flwr.app import MetricRecord
+
+    from .federated_map import AGGREGATE, AUDIT, MapStatistics, audit_map, check_audit, released_coordinates
+
+    if sorted(msg.content.keys()) != ["statistics"] or "statistics" not in msg.content.array_records:
+        raise SchemaError(f"the map message carries records {sorted(msg.content.keys())}; accepted: exactly one "
+                          "ArrayRecord 'statistics'")
+    cfg, policy, node, (rows, ids, labels), pid = _map_prepare(msg, context)
+    split = node.device.split
+    record = msg.content.array_records["statistics"]
+    stats = MapStatistics.from_arrays({k: v for k, v in record.items()}, classes=cfg.num_labels, hidden=split.hidden_size,
+                                      specials=len(split.special_ids))
+    key, _ = device_key(context, policy, cfg, pid)
+    defense = _derive(cfg, node, stats, key)
+    audit = audit_map(released_coordinates(defense, rows, ids), ids, labels, special_ids=split.special_ids)
+    log.info("device %d: federation map audit: inversion %.3f (floor %.3f), label %s", pid, audit.inversion,
+             policy.max_map_inversion, "n/a" if audit.label is None else f"{audit.label:.3f}")
+    check_audit(audit, max_inversion=policy.max_map_inversion, min_label=policy.min_map_label_accuracy)
+    context.state.array_records[AGGREGATE] = ArrayRecord({k: Array(v) for k, v in stats.to_numpy().items()})
+    context.state.config_records[AUDIT] = ConfigRecord({"digest": stats.digest(), **audit.metrics()})
+    node.defense = node.device.defense = defense
+    node.map_digest = stats.digest()
+    _ROWS.pop((cfg, pid, int(context.node_config["num-partitions"])), None)  # the fit and the audit are done
+    return Message(content=RecordDict({"metrics": MetricRecord({**audit.metrics(), "map-accepted": 1.0})}), reply_to=msg)

@@ -49,8 +49,14 @@ class CloudSide:
         self.generator = torch.Generator().manual_seed(seed)
         self.steps = 0
 
-    def train_on(self, hidden: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> list[float]:
+    def train_on(self, hidden: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, *,
+                 max_grad_norm: float | None = None) -> list[float]:
         """One optimiser step per batch of ``batch_size`` sequences, in order; returns batch losses.
+
+        ``max_grad_norm``: each batch's gradient (of all trainable weights together) is clipped to
+        this norm before its step, which bounds what one device's release can do to one step (the
+        strategy passes the run config's ``max-grad-norm``; a device's round is ``batches-per-round``
+        such steps).
 
         All or nothing: if any step gives a non-finite loss or non-finite weights, every update from
         this call is undone (weights, optimiser state and step count) and :class:`NonFiniteUpdate`
@@ -71,6 +77,8 @@ class CloudSide:
                                       f"the {len(losses)} updates before it were undone")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(self.params, max_grad_norm)
             self.optimizer.step()
             self.steps += 1
             losses.append(float(loss.detach()))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import threading
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
@@ -32,6 +33,8 @@ _FAULTS_MOVED = ("fault injection is a device-side Flower Mod now (simulations.f
 REMOVED_KEYS = {"fault-fraction": _FAULTS_MOVED, "fault-kinds": _FAULTS_MOVED, "fault-delay": _FAULTS_MOVED}
 # The defences a device fits on its own class labels (classification only).
 LABEL_DEFENSES = ("label-subspace", "label-obfuscator")
+# u-shaped label protection on the device (privtune_flwr.label_protection.METHODS; a test keeps them equal).
+LABEL_PROTECTIONS = ("none", "max-norm", "marvell", "randomised-response")
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,8 @@ class RunConfig:
     batches_per_round: int = 8
     batch_size: int = 16
     eval_examples: int = 0  # per device and evaluation; 0 = its whole test split
+    eval_devices: int = 0  # devices asked to evaluate each round; 0 = every connected device
+    final_eval_all: bool = True  # with eval-devices > 0: the last round still evaluates every device once
     reply_max_examples: int = 2048  # the most sequences the cloud reads from one evaluation reply
     protocol: str = "vanilla"  # "vanilla" (labels go to the cloud) | "u-shaped" (labels and loss stay on the device)
     # u-shaped: "per-batch" = one optimiser step of the middle per device batch, as the vanilla top
@@ -101,11 +106,26 @@ class RunConfig:
     # label-subspace only: "reader" (a small reader trained with the projection) or "closed-form"
     # (Fisher directions, then principal ones: nothing trained; devices that fit apart agree)
     subspace_fit: str = "reader"
+    # label-subspace only: "device" (each device fits its own map on its share, with subspace-fit) or
+    # "federation" (one closed-form map from all devices' noisy statistics, before round 1:
+    # privtune_flwr.federated_map); subspace-fit-clip bounds each token's norm in those statistics
+    subspace_fit_scope: str = "device"
+    subspace_fit_clip: float = 14.0
     subspace_rank: int = 2  # label-subspace / label-obfuscator only: directions (features) kept per token (2 at split 3; >= classes - 1: see README)
     # noise: a secret key on each device, each example released once; both need the device's consent
     # (its node config / device policy) to be weakened
     release: str = "once"  # "once" | "fresh" (fresh noise per re-send; composes)
     reproducible_noise: bool = False  # research only: noise derived from `seed`, removable by the operator
+    # u-shaped only: what the device does to the gradient it returns (privtune_flwr.label_protection):
+    # none | max-norm | marvell (max-norm + noise of label-noise x the class-mean difference along it)
+    # | randomised-response (label DP with label-epsilon, classification). The device's floor
+    # (min-label-protection, max-label-epsilon, min-label-noise) may refuse a weaker choice.
+    label_protection: str = "none"
+    label_epsilon: float = 1.0
+    label_noise: float = 4.0
+    # the cloud: each training batch's gradient is clipped to this norm (bounds one device's
+    # influence on a round; 0 = no clipping). Replies outside the defence's envelope are rejected.
+    max_grad_norm: float = 1.0
     # run
     seed: int = 0
     output_dir: str = "outputs/run"
@@ -138,6 +158,7 @@ class RunConfig:
         _require(self.batches_per_round >= 1, "batches-per-round", self.batches_per_round, ">= 1")
         _require(self.batch_size >= 1, "batch-size", self.batch_size, ">= 1")
         _require(self.eval_examples >= 0, "eval-examples", self.eval_examples, ">= 0 (0 = all)")
+        _require(self.eval_devices >= 0, "eval-devices", self.eval_devices, ">= 0 (0 = every connected device)")
         _require(self.reply_max_examples >= 1, "reply-max-examples", self.reply_max_examples, ">= 1")
         _require(self.protocol in PROTOCOLS, "protocol", self.protocol, " or ".join(repr(p) for p in PROTOCOLS))
         _require(self.middle_steps in MIDDLE_STEPS, "middle-steps", self.middle_steps, " or ".join(repr(m) for m in MIDDLE_STEPS))
@@ -166,10 +187,27 @@ class RunConfig:
         _require(0 <= self.importance_levels <= 64, "importance-levels", self.importance_levels, "0..64 (0 = continuous)")
         _require(self.subspace_fit in SUBSPACE_FITS, "subspace-fit", self.subspace_fit,
                  " or ".join(repr(f) for f in SUBSPACE_FITS))
+        _require(self.subspace_fit_scope in ("federation", "device"), "subspace-fit-scope", self.subspace_fit_scope,
+                 "'federation' or 'device'")
+        _require(math.isfinite(self.subspace_fit_clip) and self.subspace_fit_clip > 0, "subspace-fit-clip",
+                 self.subspace_fit_clip, "(0, inf)")
         _require(self.subspace_rank >= 1, "subspace-rank", self.subspace_rank, "an integer >= 1 (and <= the hidden size)")
         _require(0 < self.s_min <= 1, "s-min", self.s_min, "(0, 1]")
         _require(0 < self.delta < 1, "delta", self.delta, "(0, 1)")
         _require(self.radius_scale >= 0 and math.isfinite(self.radius_scale), "radius-scale", self.radius_scale, "[0, inf)")
+        _require(math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0, "max-grad-norm", self.max_grad_norm,
+                 "[0, inf) (0 = no clipping)")
+        _require(self.label_protection in LABEL_PROTECTIONS, "label-protection", self.label_protection,
+                 ", ".join(LABEL_PROTECTIONS))
+        _require(math.isfinite(self.label_epsilon) and 0 < self.label_epsilon <= 64, "label-epsilon", self.label_epsilon,
+                 "(0, 64] (randomised response's epsilon)")
+        _require(math.isfinite(self.label_noise) and 0 < self.label_noise <= 1000, "label-noise", self.label_noise,
+                 "(0, 1000] (marvell's noise along the class-mean difference, in units of its norm)")
+        _require(self.label_protection == "none" or self.protocol == "u-shaped", "label-protection", self.label_protection,
+                 "'none' with protocol='vanilla' (the vanilla protocol sends the labels themselves)")
+        _require(not (self.label_protection == "randomised-response" and self.task != "classification"), "label-protection",
+                 self.label_protection, "max-norm, marvell or none for task='generation' (randomised response is over "
+                 "class labels)")
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any]) -> "RunConfig":
@@ -215,6 +253,10 @@ class RunConfig:
             "mu": self.mu, "s_min": self.s_min, "alpha": self.alpha, "importance_levels": self.importance_levels,
         }
 
+    def federated_map(self) -> bool:
+        """True when the devices fit one label map together before round 1."""
+        return self.defense == "label-subspace" and self.subspace_fit_scope == "federation"
+
     def defense_summary(self) -> str:
         """The defence and only the settings it uses, e.g. ``defense=dchi eps=64``."""
         if self.defense == "none":
@@ -224,7 +266,9 @@ class RunConfig:
             shown.update(delta=f"{self.delta:g}", clip=f"{self.clip:g}" if self.clip else "auto")
         elif self.defense in LABEL_DEFENSES:
             shown["rank"] = self.subspace_rank
-            if self.defense == "label-subspace" and self.subspace_fit != "reader":
+            if self.defense == "label-subspace" and self.federated_map():
+                shown["fit"] = "federation"
+            elif self.defense == "label-subspace" and self.subspace_fit != "reader":
                 shown["fit"] = self.subspace_fit
         elif self.defense.startswith("privtune"):
             shown.update({"n-hops": self.n_hops, "k": self.k, "s-min": f"{self.s_min:g}", "radius-scale": f"{self.radius_scale:g}"})
@@ -264,6 +308,40 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
         raise ValueError(f"{key}={value!r} is not a valid {kind.__name__}") from None
 
 
+def collect_errors(run_config: Mapping[str, Any]) -> tuple[RunConfig, list[str]]:
+    """Every problem of ``run_config`` at once (``RunConfig.from_flower`` stops at the first):
+    the configuration built from the values that passed (a bad key is left out, a bad value
+    replaced by its default, a range failure kept) and one message per problem, in key order."""
+    known = {f.name for f in fields(RunConfig)}
+    values: dict[str, Any] = {}
+    errors: list[str] = []
+    for key, value in run_config.items():
+        name = key.replace("-", "_")
+        if key in REMOVED_KEYS:
+            errors.append(f"{key} is no longer a run-config key: {REMOVED_KEYS[key]}")
+        elif name not in known:
+            errors.append(unknown_key_message(key, [k.replace("_", "-") for k in known]))
+        else:
+            try:
+                values[name] = _coerce(key, value, type(getattr(RunConfig, name)))
+            except ValueError as exc:
+                errors.append(str(exc))
+    _COLLECTED.errors = []
+    try:
+        cfg = RunConfig(**values)
+        errors += _COLLECTED.errors
+    finally:
+        del _COLLECTED.errors
+    return cfg, errors
+
+
+_COLLECTED = threading.local()  # while collect_errors builds a RunConfig: its range failures
+
+
 def _require(ok: bool, key: str, value: Any, accepted: str) -> None:
     if not ok:
-        raise ValueError(f"{key}={value!r} is outside the accepted range: {accepted}")
+        message = f"{key}={value!r} is outside the accepted range: {accepted}"
+        collected = getattr(_COLLECTED, "errors", None)
+        if collected is None:
+            raise ValueError(message)
+        collected.append(message)

@@ -59,6 +59,7 @@ DATASETS: tuple[str, ...] = (
     "political_speeches",
     "rotten_tomatoes_continuation",
     "imdb_continuation",
+    "movie_reviews",  # Rotten Tomatoes and IMDB together (33,530 texts): a pool for thousands of devices
 )
 PARTITIONERS: tuple[str, ...] = ("iid", "dirichlet")
 # Extra seeds (derived from the caller's) tried when flwr's Dirichlet draws leave a device empty.
@@ -447,6 +448,11 @@ def _imdb() -> _Raw:
     return _movie_reviews("imdb")
 
 
+def _all_movie_reviews() -> _Raw:
+    parts = [_movie_reviews(source) for source in ("rotten_tomatoes", "imdb")]
+    return _Raw(pd.concat([p.frame for p in parts], ignore_index=True), CLASSIFICATION, parts[0].label_names, ())
+
+
 def _lead(text: str, max_chars: int) -> str:
     """The start of ``text`` up to ``max_chars``, cut at a paragraph or sentence end."""
     if len(text) <= max_chars:
@@ -602,6 +608,7 @@ _OFFLINE_LOADERS = {
     "political_speeches": _political_speeches,
     "rotten_tomatoes_continuation": lambda: _continuation("rotten_tomatoes"),
     "imdb_continuation": lambda: _continuation("imdb"),
+    "movie_reviews": _all_movie_reviews,
 }
 assert tuple(_OFFLINE_LOADERS) == DATASETS
 

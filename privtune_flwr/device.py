@@ -70,7 +70,9 @@ def device_defense(name: str, split: SplitModel, *, epsilon: float | None, texts
                              + (" without labels" if labels is None else ""))
         rank = options.get("subspace_rank", OPTIONS["subspace_rank"])
         method = options.pop("subspace_fit", "reader")
-        if name == "label-subspace":
+        if name == "label-subspace" and options.get("subspace") is not None:
+            pass  # the federation's map, derived by this device from the aggregate (federated_map)
+        elif name == "label-subspace":
             options["subspace"] = device_subspace(split, texts, labels, rank=rank, max_length=max_length, seed=fit_seed,
                                                   method=method)
         elif method != "reader":
@@ -310,10 +312,18 @@ class DeviceHead:
         if largest > self.max_abs:
             raise ValueError(f"the cloud's outputs hold values up to {largest:.4g}; accepted: {accepted}")
 
-    def step(self, outputs: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, float]:
+    def step(self, outputs: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor, *,
+             token_ids: list[list[int]] | None = None) -> tuple[torch.Tensor, float]:
+        """One head step; returns the gradient w.r.t. ``outputs`` as it is sent (after the device's
+        label protection, :attr:`protection`, if any: randomised labels for the loss, noise on the
+        gradient) and the loss. ``token_ids`` identify the examples (randomised response draws
+        each example's label once)."""
         from .cloud import task_loss
 
         self.check_outputs(outputs)  # before the head, its optimiser or its step count is touched
+        protection = getattr(self, "protection", None)
+        if protection is not None and self.split.task == "classification":
+            targets = protection.randomise_labels(targets, token_ids)
         outputs = outputs.detach().clone().requires_grad_(True)
         self.split.head.train()
         loss = task_loss(self.split.head(outputs, mask), mask, targets, self.split.task)
@@ -325,7 +335,10 @@ class DeviceHead:
         if self.optimizer is not None:
             self.optimizer.step()
         self.steps += 1
-        return outputs.grad.detach(), float(loss.detach())
+        grad = outputs.grad.detach()
+        if protection is not None:
+            grad = protection.protect_gradient(grad, targets if self.split.task == "classification" else None, mask)
+        return grad, float(loss.detach())
 
     @torch.no_grad()
     def evaluate(self, outputs: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:

@@ -63,6 +63,23 @@ key                        default                 meaning
 ``data-dir``               (none)                  the only folder local dataset files may be read
                                                    from; bundled datasets are always allowed
 ``allow-hub-datasets``     false                   accept Hugging Face dataset ids (downloads)
+``min-label-protection``   none                    u-shaped: the weakest label protection accepted
+                                                   (none < max-norm < marvell; randomised-response
+                                                   meets any floor within max-label-epsilon); a
+                                                   floor above none refuses the vanilla protocol
+``max-label-epsilon``      1.0                     the largest randomised-response label-epsilon
+                                                   that meets a label-protection floor
+``min-label-noise``        2.0                     the least marvell label-noise that meets a
+                                                   'marvell' floor
+``fit-epsilon``            64.0                    the (epsilon, delta) of the Gaussian noise the
+``fit-delta``              1e-5                    device adds to its statistics for the federation's
+                                                   label map (one sentence of max-length tokens;
+                                                   ``inf``: no noise, the cloud sees them exactly)
+``max-map-inversion``      0.13                    refuse a label map through which an inverter the
+                                                   device trains on its own data recovers more of
+                                                   its held-out tokens than this
+``min-map-label-accuracy`` 0.0                     refuse a map through which the label reads back
+                                                   below this on its held-out sentences
 ``key-store``              auto                    ``memory``, ``file``, or ``auto`` (see below)
 ``key-file``               see below               where a ``file`` key is kept
 ========================== ======================= =================================================
@@ -70,7 +87,8 @@ key                        default                 meaning
 The noise key and the release ledger: with ``auto`` a simulated device keeps both in memory (its
 ``context.state``: a new key and a new ledger per run, so the budget holds for the run's
 lifetime) and any other device keeps them in ``key-file`` (the ledger beside it, ``<key-file>.ledger.json``) (default ``$PRIVTUNE_DEVICE_HOME`` or
-``~/.local/share/privtune_flwr``, ``device-<partition-id>.key``), created from OS entropy on first
+``~/.local/share/privtune_flwr``, then a folder named for the SuperNode, ``device-<partition-id>.key``:
+see :func:`deployment_name`), created from OS entropy on first
 use, readable by its owner only, so release once survives a restart.
 """
 
@@ -100,6 +118,12 @@ _NUMBERS = {
     "max_delta": ("(0, 1)", lambda v: 0 < v < 1),
     "max_radius_scale": ("[0, inf)", lambda v: 0 <= v < math.inf),
     "max_instruction_seconds": ("(0, inf]", lambda v: v > 0),
+    "max_label_epsilon": ("(0, inf]", lambda v: v > 0),
+    "min_label_noise": ("[0, inf)", lambda v: 0 <= v < math.inf),
+    "fit_epsilon": ("(0, inf]", lambda v: v > 0),
+    "fit_delta": ("(0, 1)", lambda v: 0 < v < 1),
+    "max_map_inversion": ("[0, 1]", lambda v: 0 <= v <= 1),
+    "min_map_label_accuracy": ("[0, 1]", lambda v: 0 <= v <= 1),
 }
 _COUNTS = {"max_subspace_rank": 1, "max_batches_per_instruction": 1, "min_split_layer": 0,  # integers >= these
            "max_examples_per_instruction": 1, "max_tokens_per_example": 2, "max_releases_per_example": 1}
@@ -189,6 +213,19 @@ class DevicePolicy:
     allowed_models: tuple[str, ...] = OFFLINE_MODEL_NAMES
     allow_hub_models: bool = False
     min_split_layers: tuple[tuple[str, int], ...] = (("smollm2", 2),)  # beside min-split-layer, for these models
+    # u-shaped label protection (privtune_flwr.label_protection): the weakest accepted, in the order
+    # none < max-norm < marvell; randomised-response meets any floor when label-epsilon <= max-label-epsilon
+    min_label_protection: str = "none"
+    max_label_epsilon: float = 1.0
+    min_label_noise: float = 2.0  # the least marvell label-noise that meets a 'marvell' floor
+    # the federation's label map (privtune_flwr.federated_map): the noise on this device's statistics,
+    # and its own audit of the map it derives
+    fit_epsilon: float = 64.0
+    fit_delta: float = 1e-5
+    # 10 honest Rotten Tomatoes devices (split 3, rank 2) measured 0.092-0.117 through the federation's
+    # map (most frequent token alone: 0.046-0.057); the tokens' top-2 principal directions 0.150
+    max_map_inversion: float = 0.13
+    min_map_label_accuracy: float = 0.0
     key_store: str = "auto"  # "auto" (memory when simulated, else file) | "memory" | "file"
     key_file: str = ""
 
@@ -202,6 +239,11 @@ class DevicePolicy:
         bad = [(m, n) for m, n in self.min_split_layers if isinstance(n, bool) or not isinstance(n, int) or n < 0]
         if bad:
             raise ValueError(f"min-split-layers={bad!r}: each floor must be an integer >= 0 (e.g. 'smollm2:2,/models/llama:4')")
+        from .config import LABEL_PROTECTIONS
+
+        if self.min_label_protection not in LABEL_PROTECTIONS:
+            raise ValueError(f"min-label-protection={self.min_label_protection!r} is not accepted; accepted: "
+                             f"{', '.join(LABEL_PROTECTIONS)}")
         if self.key_store not in KEY_STORES:
             raise ValueError(f"key-store={self.key_store!r} is not accepted; accepted: {', '.join(KEY_STORES)}")
         for name, (accepted, ok) in _NUMBERS.items():
@@ -266,7 +308,8 @@ class DevicePolicy:
         """Raise :class:`PolicyError` naming the floor if ``cfg`` asks for less privacy."""
         if cfg.defense not in self.allowed_defenses:
             raise PolicyError(f"this device refuses defense={cfg.defense!r}: its floor allows "
-                              f"{', '.join(self.allowed_defenses)} (node config 'allowed-defenses')")
+                              f"{', '.join(self.allowed_defenses)} (node config 'allowed-defenses'; consent to every defence, none "
+                              "included: allowed-defenses='*', e.g. the launcher's --device-policy \"allowed-defenses='*'\")")
         if cfg.defense != "none" and cfg.epsilon > self.max_epsilon:
             raise PolicyError(f"this device refuses epsilon={cfg.epsilon!r}: its floor is max-epsilon={self.max_epsilon!r} "
                               "(node config 'max-epsilon')")
@@ -315,6 +358,29 @@ class DevicePolicy:
             raise PolicyError("this device refuses release='fresh' (fresh noise per re-send composes); its floor needs "
                               "node config 'allow-fresh-noise=true'")
         self.check_dataset(cfg.dataset)
+        self.check_label_protection(cfg)
+
+    def check_label_protection(self, cfg: RunConfig) -> None:
+        """Refuse a run whose u-shaped label protection is weaker than ``min-label-protection``."""
+        from .label_protection import STRENGTH
+
+        floor, asked = self.min_label_protection, cfg.label_protection
+        if floor == "none":
+            return
+        where = (f"its floor is min-label-protection={floor!r} (node config 'min-label-protection'; "
+                 f"randomised-response meets any floor with label-epsilon <= max-label-epsilon={self.max_label_epsilon:g})")
+        if cfg.protocol != "u-shaped":
+            raise PolicyError(f"this device refuses protocol={cfg.protocol!r}: it sends the labels themselves, and {where}")
+        if asked == "randomised-response":
+            if cfg.label_epsilon > self.max_label_epsilon:
+                raise PolicyError(f"this device refuses label-epsilon={cfg.label_epsilon:g} for randomised-response: its "
+                                  f"floor is max-label-epsilon={self.max_label_epsilon:g} (node config 'max-label-epsilon')")
+            return
+        if floor == "randomised-response" or STRENGTH[asked] < STRENGTH[floor]:
+            raise PolicyError(f"this device refuses label-protection={asked!r}: {where}")
+        if floor == "marvell" and cfg.label_noise < self.min_label_noise:
+            raise PolicyError(f"this device refuses label-noise={cfg.label_noise:g} for marvell: its floor is "
+                              f"min-label-noise={self.min_label_noise:g} (node config 'min-label-noise')")
 
     def check_batches(self, num_batches: int) -> None:
         if num_batches > self.max_batches_per_instruction:
@@ -374,7 +440,60 @@ class DevicePolicy:
                               "node config 'allow-hub-datasets=true'")
 
     def key_path(self, partition_id: int) -> Path:
+        """``key-file``, else ``<home>/<deployment>/device-<partition-id>.key``, where home is
+        ``$PRIVTUNE_DEVICE_HOME`` or ``~/.local/share/privtune_flwr`` and the folder is named for
+        the SuperNode this device runs under (:func:`deployment_name`), so two deployments on one
+        machine never share a key or a ledger."""
         if self.key_file:
             return Path(self.key_file).expanduser()
         home = os.environ.get(HOME_ENV) or os.path.join(os.path.expanduser("~"), ".local", "share", "privtune_flwr")
-        return Path(home) / f"device-{partition_id}.key"
+        return Path(home) / deployment_name() / f"device-{partition_id}.key"
+
+
+def _ancestor_args(name: str) -> list[str] | None:
+    """The arguments of the nearest ancestor process running ``name`` (Linux ``/proc``)."""
+    pid = os.getpid()
+    for _ in range(16):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+            with open(f"/proc/{pid}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return None
+        if any(os.path.basename(a) == name for a in args[:2]):
+            return args
+        if parent <= 1:
+            return None
+        pid = parent
+    return None
+
+
+def deployment_name() -> str:
+    """The folder a device's key and ledger live in: ``$PRIVTUNE_DEPLOYMENT`` when set, else named
+    for the SuperNode it runs under: ``supernode-<SuperLink host_port>-<12 hex of its
+    authentication key's path, or of its --node-config>``; ``local`` when there is no SuperNode."""
+    import hashlib
+    import re
+
+    if os.environ.get("PRIVTUNE_DEPLOYMENT"):
+        return re.sub(r"[^A-Za-z0-9._-]", "_", os.environ["PRIVTUNE_DEPLOYMENT"])
+    args = _ancestor_args("flower-supernode")
+    if args is None:
+        return "local"
+
+    def option(flag: str) -> str:
+        for i, a in enumerate(args):
+            if a == flag and i + 1 < len(args):
+                return args[i + 1]
+            if a.startswith(flag + "="):
+                return a.split("=", 1)[1]
+        return ""
+
+    link = option("--superlink") or "127.0.0.1:9092"
+    identity = option("--node-config").encode()
+    key = option("--auth-supernode-private-key")
+    if key:  # the key file's path (not its secret bytes): each SuperNode of each deployment has its own
+        identity = str(Path(key).expanduser().resolve()).encode()
+    digest = hashlib.sha256(link.encode() + b"\0" + identity).hexdigest()[:12]
+    return f"supernode-{re.sub(r'[^A-Za-z0-9.-]', '_', link)}-{digest}"

@@ -167,6 +167,9 @@ class Plan:
     max_examples: int
     max_tokens: int
     max_abs: float = 1e6  # no representation coordinate is this large unless something is wrong
+    # the defence's public envelope (privtune_flwr.envelope): no real token's norm exceeds it in an
+    # honest release (except with probability < 1e-12 per token); inf = no envelope
+    max_token_norm: float = math.inf
 
     def max_bytes(self) -> int:
         """Bytes the release's arrays may hold (npy headers included)."""
@@ -310,6 +313,12 @@ def _parse_release(content: RecordDict, plan: Plan) -> Release:
         raise SchemaError(f"hidden holds values up to {float(np.abs(hidden).max()):.3g}; accepted: |value| <= {plan.max_abs:g}")
     if not np.isin(mask, (0, 1)).all() or (mask.sum(1) == 0).any():
         raise SchemaError("attention-mask must be 0/1 with at least one real token per sequence")
+    if math.isfinite(plan.max_token_norm):
+        norms = np.sqrt((hidden.astype(np.float64) ** 2).sum(-1))[mask == 1]
+        if norms.max(initial=0.0) > plan.max_token_norm:
+            raise SchemaError(f"hidden holds {int((norms > plan.max_token_norm).sum())} token(s) of norm up to "
+                              f"{float(norms.max()):.4g}, outside the defence's envelope: accepted token norm <= "
+                              f"{plan.max_token_norm:.4g}")
     if np.abs(hidden[mask == 0]).max(initial=0.0) != 0.0:
         raise SchemaError("hidden is not zero at padding positions")
     if labels is not None and (labels.min() < 0 or labels.max() >= plan.num_labels):

@@ -7,6 +7,7 @@ import logging
 import os
 import random
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -86,11 +87,35 @@ def seed_cloud(seed: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+def check_before_start(run_config: dict, *, simulated: bool | None = None) -> RunConfig:
+    """Everything that can be known before start, every problem at once (as the launcher checks
+    it): the keys and ranges, the model (offline? its family; split-layer against its depth,
+    from its config) and, in a simulation, whose devices share this host, the dataset and the
+    devices' policy (``$PRIVTUNE_DEVICE_POLICY`` over the defaults). A deployment's devices have
+    their own data and node config: they refuse those themselves."""
+    try:
+        from simulations.launch import preflight
+    except ImportError:  # an app installed without the launcher: the first problem only
+        return RunConfig.from_flower(run_config)
+    if simulated is None:
+        simulated = os.path.basename(sys.argv[0]).startswith("flwr-simulation")
+    offline = any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    policy = os.environ.get("PRIVTUNE_DEVICE_POLICY", "") if simulated else None
+    cfg, errors = preflight(run_config, device_policy=policy, offline=offline)
+    if not simulated:
+        errors = [e for e in errors if not e.startswith("dataset=")]
+    if errors:
+        for error in errors:
+            log.error("refused before start: %s", error)
+        raise ValueError(f"{len(errors)} problem{'s' if len(errors) > 1 else ''} in the run config: " + " | ".join(errors))
+    return cfg
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     t0 = time.perf_counter()
-    cfg = RunConfig.from_flower(context.run_config)
     _console_log()
+    cfg = check_before_start(dict(context.run_config))
     seed_cloud(cfg.seed)
     out = new_run_folder(cfg.output_dir)
     log.info("run folder: %s", out)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import os
 import time
+
+import numpy as np
 from dataclasses import dataclass
 
 from flwr.app import Array, Context, Message
@@ -28,6 +30,12 @@ from privtune_flwr import client_app as device_app
 
 ENV = "PRIVTUNE_FAULTS"
 KINDS = ("raise", "garbage", "nan", "slow")
+# Poisoning (a hostile device that sends well-formed replies; not in the default cycle):
+# ``poison``: every real token's value at POISON_VALUE (under the schema's max-abs, far outside any
+# defence's envelope) and, vanilla, the labels flipped; ``flip``: an honest release with flipped
+# labels (plausible: no envelope can tell; label noise, bounded by the cloud's clipping).
+POISON_KINDS = ("poison", "flip")
+POISON_VALUE = 9.9e5
 FAULTY_TYPES = ("train", "train.forward")  # the releases of training data
 
 
@@ -40,8 +48,9 @@ class FaultPlan:
     def __post_init__(self):
         if not 0.0 <= self.fraction <= 1.0:
             raise ValueError(f"fraction={self.fraction!r} is outside the accepted range [0, 1]")
-        if not self.kinds or any(k not in KINDS for k in self.kinds):
-            raise ValueError(f"kinds={','.join(self.kinds)!r} must be a comma-separated list of {', '.join(KINDS)}")
+        if not self.kinds or any(k not in KINDS + POISON_KINDS for k in self.kinds):
+            raise ValueError(f"kinds={','.join(self.kinds)!r} must be a comma-separated list of "
+                             f"{', '.join(KINDS + POISON_KINDS)}")
         if not 0.0 <= self.delay <= 3600.0:
             raise ValueError(f"delay={self.delay!r} is outside the accepted range [0, 3600] seconds")
 
@@ -82,6 +91,8 @@ def fault_mod(plan: FaultPlan):
         if fault == "slow":
             time.sleep(plan.delay)
             return reply
+        if fault in POISON_KINDS:
+            return _poison(reply, fault)
         record = next(iter(reply.content.array_records.values()))
         key = next(iter(record.keys()))
         array = record[key].numpy().copy()
@@ -93,6 +104,24 @@ def fault_mod(plan: FaultPlan):
         return reply
 
     return mod
+
+
+def _poison(reply: Message, fault: str) -> Message:
+    """A well-formed hostile reply: flipped labels (binary: 1 - y; else y + 1 mod the largest seen
+    + 1) and, for ``poison``, every real token's coordinates at +-POISON_VALUE."""
+    from privtune_flwr.schema import HIDDEN, LABELS, MASK
+
+    for record in reply.content.array_records.values():
+        if LABELS in record.keys():
+            labels = record[LABELS].numpy().copy()
+            top = max(1, int(labels.max(initial=0)))
+            record[LABELS] = Array(((labels + 1) % (top + 1)).astype(labels.dtype) if top > 1 else (1 - labels).astype(labels.dtype))
+        if fault == "poison" and HIDDEN in record.keys() and MASK in record.keys():
+            hidden, mask = record[HIDDEN].numpy().copy(), record[MASK].numpy()
+            sign = np.where(np.arange(hidden.shape[-1]) % 2 == 0, 1.0, -1.0).astype(hidden.dtype)
+            hidden[mask == 1] = POISON_VALUE * sign
+            record[HIDDEN] = Array(hidden)
+    return reply
 
 
 def faulty_app(plan: FaultPlan | None = None) -> ClientApp:

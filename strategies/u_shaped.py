@@ -148,7 +148,7 @@ class UShapedStrategy(SplitLearningStrategy):
     # -- evaluate -----------------------------------------------------------------------------------
     def evaluate_round(self, grid: Grid, server_round: int) -> None:
         self._traffic = {"up": 0, "down": 0, "messages": 0}
-        nodes = self._wait_for_devices(grid)
+        nodes = self.evaluation_sample(self._wait_for_devices(grid), server_round)
         releases = self._valid_releases(server_round, "evaluate", self._ask(grid, nodes, "evaluate.forward", server_round, 0),
                                         report=False)
         outputs = self._middle(server_round, 0, releases, train=False)

