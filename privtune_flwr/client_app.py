@@ -109,7 +109,10 @@ def load_node(cfg: RunConfig, pid: int, total: int) -> Node:
 
         ds = data.TextDataset(ds.name, ds.task, joined(ds.train), joined(ds.test), ds.label_names, ds.attributes)
     train = data.partition(ds.train, total, pid, partitioner=cfg.partitioner, alpha=cfg.dirichlet_alpha, seed=cfg.seed)
-    test = data.partition(ds.test, total, pid, partitioner="iid", seed=cfg.seed)
+    # A federation with more devices than test rows shares them out round the devices: every
+    # device still evaluates one row or more, and any sample of devices scores an iid sample.
+    shares = min(total, len(ds.test))
+    test = data.partition(ds.test, shares, pid % shares, partitioner="iid", seed=cfg.seed)
     if len(train) == 0:
         raise ValueError(f"partition {pid} of {total} of {cfg.dataset!r} is empty; use fewer devices")
     # The key is set per message (device_key); the placeholder here is never used to release.
@@ -280,7 +283,7 @@ def _release(msg: Message, context: Context, phase: str) -> Message:
     releases = _admit(cfg, context, node, ledger, encoded, phase, idx)
     rel = node.device.release_ids(encoded, rows["label"])
     rel.metrics["releases-per-example-max"] = releases
-    return Message(content=release_content(rel.hidden, rel.attention_mask, rel.labels, rel.metrics), reply_to=msg)
+    return Message(content=release_content(rel.hidden, rel.attention_mask, rel.labels, rel.metrics, transport=cfg.transport_dtype), reply_to=msg)
 
 
 @app.train()
@@ -353,7 +356,7 @@ def _u_forward(msg: Message, context: Context, phase: str) -> Message:
     n, t = rel.attention_mask.shape
     context.state.config_records[PENDING] = ConfigRecord(
         {"phase": phase, "round": server_round, "step": step, "indices": idx, "n": n, "t": t})
-    return Message(content=release_content(rel.hidden, rel.attention_mask, None, rel.metrics), reply_to=msg)
+    return Message(content=release_content(rel.hidden, rel.attention_mask, None, rel.metrics, transport=cfg.transport_dtype), reply_to=msg)
 
 
 def _u_head(msg: Message, context: Context, phase: str) -> Message:
@@ -449,7 +452,7 @@ def evaluate_prompt(msg: Message, context: Context) -> Message:
     context.state.config_records[GENERATED] = ConfigRecord(
         {"round": server_round, "step": step, "n": count, "prompt": [len(x) for x in ids],
          "ids": [i for seq in ids for i in seq]})
-    return Message(content=release_content(rel.hidden, rel.attention_mask, None, rel.metrics), reply_to=msg)
+    return Message(content=release_content(rel.hidden, rel.attention_mask, None, rel.metrics, transport=cfg.transport_dtype), reply_to=msg)
 
 
 def _generated(record) -> list[list[int]]:
@@ -486,7 +489,8 @@ def evaluate_next(msg: Message, context: Context) -> Message:
     record["step"], record["ids"] = step, [i for seq in seqs for i in seq]
     record["lengths"] = [len(seq) for seq in seqs]
     metrics = {"num-examples": float(count), "num-tokens": float(count)}
-    return Message(content=release_content(last, torch.ones(count, 1, dtype=torch.long), None, metrics), reply_to=msg)
+    return Message(content=release_content(last, torch.ones(count, 1, dtype=torch.long), None, metrics, transport=cfg.transport_dtype),
+                   reply_to=msg)
 
 
 @app.evaluate("finish")

@@ -17,6 +17,7 @@ TASKS = ("classification", "generation")
 LORA_TARGET_CHOICES = ("attention", "all")  # as privtune_flwr.models accepts them
 RELEASES = ("once", "fresh")
 PARTITIONERS = ("iid", "dirichlet")
+TRANSPORT_DTYPES = ("float32", "float16")  # as privtune_flwr.schema accepts them
 PLACEMENT_DEVICES = ("cpu", "cuda")  # as privtune_flwr.models.placement accepts them
 PLACEMENT_DTYPES = ("float32", "bfloat16", "float16")
 MIDDLE_STEPS = ("per-batch", "joint")
@@ -41,7 +42,7 @@ LABEL_PROTECTIONS = ("none", "max-norm", "marvell", "randomised-response")
 class RunConfig:
     # model and split
     model: str = "minilm"
-    split_layer: int = 3  # blocks on the device (3: see README, "make run defaults to label-subspace")
+    split_layer: int = 3  # blocks on the device (3: see docs/privacy.md, "Why the default is label-subspace")
     task: str = "classification"
     num_labels: int = 2  # classes of a classification task (the cloud builds no head from data)
     max_length: int = 64
@@ -73,6 +74,9 @@ class RunConfig:
     eval_devices: int = 0  # devices asked to evaluate each round; 0 = every connected device
     final_eval_all: bool = True  # with eval-devices > 0: the last round still evaluates every device once
     reply_max_examples: int = 2048  # the most sequences the cloud reads from one evaluation reply
+    # the dtype released representations travel in: "float32" or "float16" (half the bytes; the
+    # noise is added in float32 before the rounding, so the privacy statement is unchanged)
+    transport_dtype: str = "float32"
     protocol: str = "vanilla"  # "vanilla" (labels go to the cloud) | "u-shaped" (labels and loss stay on the device)
     # u-shaped: "per-batch" = one optimiser step of the middle per device batch, as the vanilla top
     # takes (the devices of one exchange are applied in turn, each gradient computed at the weights
@@ -84,7 +88,7 @@ class RunConfig:
     lora_rank: int = 8
     # "attention": LoRA on the top's query/value projections; "all": on every linear layer of its
     # blocks, with an encoder's pooler trained whole (`none` converged 1.5 points higher at split 3,
-    # `label-subspace` no higher: see the README)
+    # `label-subspace` no higher: docs/results.md, "The top's recipe")
     lora_targets: str = "attention"
     learning_rate: float = 1e-3
     # defence (the mechanism's own options are validated by build_defense)
@@ -111,7 +115,7 @@ class RunConfig:
     # privtune_flwr.federated_map); subspace-fit-clip bounds each token's norm in those statistics
     subspace_fit_scope: str = "device"
     subspace_fit_clip: float = 14.0
-    subspace_rank: int = 2  # label-subspace / label-obfuscator only: directions (features) kept per token (2 at split 3; >= classes - 1: see README)
+    subspace_rank: int = 2  # label-subspace / label-obfuscator only: directions (features) kept per token (2 at split 3; >= classes - 1: docs/results.md)
     # noise: a secret key on each device, each example released once; both need the device's consent
     # (its node config / device policy) to be weakened
     release: str = "once"  # "once" | "fresh" (fresh noise per re-send; composes)
@@ -132,7 +136,7 @@ class RunConfig:
     timeout: float = 600.0  # seconds a round waits for its replies
     # the wait instead when a device is asked to train or evaluate for the first time: it fits its
     # defence then (a label map on all its sentences took 145 s alone, and timed out at 600 s with
-    # three other jobs on 2 cores; README, "Many devices")
+    # three other jobs on 2 cores; docs/results.md, "Label maps in a federation")
     setup_timeout: float = 1800.0
 
     def __post_init__(self) -> None:
@@ -159,6 +163,8 @@ class RunConfig:
         _require(self.batch_size >= 1, "batch-size", self.batch_size, ">= 1")
         _require(self.eval_examples >= 0, "eval-examples", self.eval_examples, ">= 0 (0 = all)")
         _require(self.eval_devices >= 0, "eval-devices", self.eval_devices, ">= 0 (0 = every connected device)")
+        _require(self.transport_dtype in TRANSPORT_DTYPES, "transport-dtype", self.transport_dtype,
+                 " or ".join(repr(t) for t in TRANSPORT_DTYPES))
         _require(self.reply_max_examples >= 1, "reply-max-examples", self.reply_max_examples, ">= 1")
         _require(self.protocol in PROTOCOLS, "protocol", self.protocol, " or ".join(repr(p) for p in PROTOCOLS))
         _require(self.middle_steps in MIDDLE_STEPS, "middle-steps", self.middle_steps, " or ".join(repr(m) for m in MIDDLE_STEPS))

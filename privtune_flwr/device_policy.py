@@ -29,7 +29,7 @@ key                        default                 meaning
 ``max-subspace-rank``      2                       the most directions (features) per token a label
                                                    defence may keep: its protection against
                                                    inversion comes from this rank, not from epsilon
-                                                   (README, "Who chooses the basis")
+                                                   (docs/privacy.md, "Who chooses the basis")
 ``min-split-layer``        1                       the fewest blocks the device runs before it
                                                    releases (0 releases the embedding layer's
                                                    output, on which no defence was measured; the
@@ -59,7 +59,7 @@ key                        default                 meaning
                                                    beside ``min-split-layer`` (so MiniLM >= 1 and
                                                    SmolLM2 >= 2 by default; even at split 2 the
                                                    learned inverter reads 0.64 of SmolLM2's
-                                                   tokens under every defence: README)
+                                                   tokens under every defence: docs/results.md)
 ``data-dir``               (none)                  the only folder local dataset files may be read
                                                    from; bundled datasets are always allowed
 ``allow-hub-datasets``     false                   accept Hugging Face dataset ids (downloads)

@@ -8,7 +8,7 @@ most ``TAIL`` (1e-12, well under the 1e-9 per token asked for), from the noise's
 * the clean representation ``h`` (defence ``none``). An encoder's block ends in a LayerNorm, so
   ``||h|| <= max|gamma| sqrt(d) + ||beta||`` exactly (the normalised vector has norm <= sqrt(d));
   the bottom's last LayerNorm is public. A decoder's residual stream has no such bound: no
-  envelope (``inf``) and only the schema's ``max-abs`` (README, "What the cloud checks").
+  envelope (``inf``) and only the schema's ``max-abs`` (docs/privacy.md, "Replies the cloud checks").
 * ``dchi``: ``||h|| + ||z||`` with ``||z|| ~ Gamma(d, rate eps)``.
 * ``privtune*``: ``||h|| + r + ||z||``, with the shift radius ``r <= 2 radius-scale B`` (a multiple
   of the anchors' median distance, itself at most twice the clean bound ``B``) and ``||z|| ~

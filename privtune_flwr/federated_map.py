@@ -1,7 +1,7 @@
 """One label map for the whole federation: a federated closed-form fit of ``label-subspace``.
 
 Why: a device that fits its map on its own share (a few hundred sentences, perhaps one class)
-fits a poor map or none at all (README, "Many devices, each fitting its own map"). The closed-form
+fits a poor map or none at all (docs/results.md, "Label maps in a federation"). The closed-form
 fit (:func:`~privtune_flwr.mechanism.subspace.closed_form_basis`) needs only sums over tokens, so
 the devices can fit one map together before round 1:
 

@@ -7,7 +7,7 @@ head, so its direction (and, when classes are fitted unequally, its norm) gives 
 ``privtune_flwr.attacks.gradient``). The device can transform what it returns:
 
 ``none``
-    the exact gradient (the labels leak: README, "Labels in the u-shaped protocol").
+    the exact gradient (the labels leak: docs/privacy.md, "Labels in the u-shaped protocol").
 ``max-norm``
     Li et al.'s heuristic: each example's gradient gets isotropic Gaussian noise on the gradient's
     support so that its expected squared norm equals the largest in the batch (hides the norm,
@@ -46,7 +46,7 @@ import torch
 
 METHODS = ("none", "max-norm", "marvell", "randomised-response")
 # The device floor's order (privtune_flwr.device_policy 'min-label-protection'): by what the
-# attacks of simulations.label_leakage recover (README, "Labels in the u-shaped protocol").
+# attacks of simulations.label_leakage recover (docs/privacy.md, "Labels in the u-shaped protocol").
 # randomised-response stands beside the ladder: accepted for any floor when its epsilon is at
 # most the device's max-label-epsilon.
 STRENGTH = {"none": 0, "max-norm": 1, "marvell": 2}

@@ -46,10 +46,13 @@ RELEASED = "released"
 METRICS = "metrics"
 DEVICE = "device"
 
-HIDDEN = "hidden"  # float32 [N, T, d], zero at padding
+HIDDEN = "hidden"  # float32 (or float16: transport-dtype) [N, T, d], zero at padding
 MASK = "attention-mask"  # int8 [N, T], 1 = real token
 LABELS = "labels"  # int64 [N]
 RELEASE_ARRAYS = {HIDDEN: np.dtype("float32"), MASK: np.dtype("int8"), LABELS: np.dtype("int64")}
+# How the released representations travel: float16 halves the bytes; the noise is drawn and added
+# in float32 first, so the rounding is post-processing of the release (the statement is unchanged).
+TRANSPORT_DTYPES = {"float32": np.dtype("float32"), "float16": np.dtype("float16")}
 
 # Device metrics: public numbers only. Counts, timings, the configuration's public bounds (functions
 # of the run config and of the real-token counts, which the mask shows anyway), and one aggregate
@@ -124,11 +127,21 @@ def read_instruction(content: RecordDict, *, records: tuple[str, ...] | None = N
 
 
 def release_content(hidden: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None,
-                    metrics: dict[str, float]) -> RecordDict:
+                    metrics: dict[str, float], *, transport: str = "float32") -> RecordDict:
     """Pack a device release. ``hidden`` must already be zero at padding; ``labels`` None for the
-    u-shaped protocol (labels never leave the device)."""
+    u-shaped protocol (labels never leave the device); ``transport``: a key of
+    :data:`TRANSPORT_DTYPES`, the dtype ``hidden`` travels in."""
+    if transport not in TRANSPORT_DTYPES:
+        raise ValueError(f"transport-dtype={transport!r} is not accepted; accepted: {', '.join(TRANSPORT_DTYPES)}")
+    values = hidden.detach().to(torch.float32).contiguous().numpy()
+    if transport != "float32":
+        limit = float(np.finfo(TRANSPORT_DTYPES[transport]).max)
+        if np.abs(values).max(initial=0.0) > limit:
+            raise ValueError(f"a released value of magnitude {float(np.abs(values).max()):.4g} exceeds {transport}'s range "
+                             f"(+-{limit:g}); use transport-dtype='float32'")
+        values = values.astype(TRANSPORT_DTYPES[transport])
     arrays = {
-        HIDDEN: Array(hidden.detach().to(torch.float32).contiguous().numpy()),
+        HIDDEN: Array(values),
         MASK: Array(attention_mask.detach().to(torch.int8).contiguous().numpy()),
     }
     if labels is not None:
@@ -170,11 +183,13 @@ class Plan:
     # the defence's public envelope (privtune_flwr.envelope): no real token's norm exceeds it in an
     # honest release (except with probability < 1e-12 per token); inf = no envelope
     max_token_norm: float = math.inf
+    transport: str = "float32"  # the dtype the representations travel in (TRANSPORT_DTYPES)
 
     def max_bytes(self) -> int:
         """Bytes the release's arrays may hold (npy headers included)."""
         n, t = self.max_examples, self.max_tokens
-        return n * t * self.hidden_size * 4 + n * t + n * 8 + 3 * _NPY_HEADER_MAX
+        width = TRANSPORT_DTYPES[self.transport].itemsize
+        return n * t * self.hidden_size * width + n * t + n * 8 + 3 * _NPY_HEADER_MAX
 
 
 _NPY_HEADER_MAX = 4096
@@ -285,6 +300,7 @@ def _parse_release(content: RecordDict, plan: Plan) -> Release:
         raise SchemaError(f"reply needs ArrayRecord {RELEASED!r} and MetricRecord {METRICS!r}")
     record = content.array_records[RELEASED]
     wanted = {k: v for k, v in RELEASE_ARRAYS.items() if plan.num_labels or k != LABELS}
+    wanted[HIDDEN] = TRANSPORT_DTYPES[plan.transport]
     if set(record.keys()) != set(wanted):
         raise SchemaError(f"release arrays {sorted(record.keys())} differ from the schema's {sorted(wanted)}")
     budget = plan.max_bytes()
@@ -293,7 +309,7 @@ def _parse_release(content: RecordDict, plan: Plan) -> Release:
         raise SchemaError(f"release holds {total} bytes; this round's plan allows at most {budget}")
     ranks = {HIDDEN: 3, MASK: 2, LABELS: 1}
     arrays = {k: read_array(record[k], k, dtype, ranks[k], budget) for k, dtype in wanted.items()}
-    hidden, mask = arrays[HIDDEN], arrays[MASK]
+    hidden, mask = arrays[HIDDEN].astype(np.float32, copy=False), arrays[MASK]
     if hidden.shape[2] != plan.hidden_size:
         raise SchemaError(f"hidden has shape {hidden.shape}; expected [N, T, {plan.hidden_size}]")
     n, t = hidden.shape[:2]

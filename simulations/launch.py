@@ -713,6 +713,10 @@ def launch(devices: int, actors: int, run_config: str, *, app: Path = ROOT, keep
     home = Path(tempfile.mkdtemp(prefix="privtune-flwr-home-"))
     http_port, control_port = free_port(), free_port()
     env = flower_env(home, http_port, control_port)
+    # A Ray of this run's own unless RAY_ADDRESS names a cluster: without it, ray.init() would join
+    # whatever cluster /tmp/ray/ray_current_cluster last named (a later `ray start`, or one long
+    # gone, where it then waits without end).
+    env.setdefault("RAY_ADDRESS", "local")
     if device_policy:
         env[POLICY] = device_policy
     (home / "local-superlink").mkdir(parents=True)

@@ -2,7 +2,7 @@
 
 ``python -m simulations.privacy_utility [--quick | --headline | --all-datasets | --generation | --floors] --out DIR
 [--datasets a,b] [--defenses ...] [--epsilons ...] [--attacks ...] [--seeds 0,1,2] [--max-examples N]
-[--max-steps N] [--patience N] [--eval-every N] [--threads N]``
+[--max-steps N] [--patience N] [--eval-every N] [--model NAME|FOLDER] [--threads N]``
 
 For every (dataset, defence, ε, seed) point it
 
@@ -155,8 +155,11 @@ class SweepSettings:
     max_aux: int = 300  # auxiliary sequences the attacker trains on
     max_length: int = 64
     learning_rate: float = 3e-3
-    # classification: MiniLM is split after this block; label-subspace keeps this many directions.
+    # classification: the model (an offline name such as "minilm", or a local folder holding a
+    # supported encoder, e.g. a RoBERTa saved with save_pretrained) is split after this block;
+    # label-subspace keeps this many directions.
     # Left out of the fingerprint at these defaults, so points computed before they existed stay valid.
+    model: str = "minilm"
     split_layer: int = 1
     subspace_rank: int = 1
     subspace_fit: str = "reader"  # label-subspace: "reader" or "closed-form" (left out of the fingerprint at its default)
@@ -175,6 +178,8 @@ class SweepSettings:
         _check_names("defense", self.defenses, SWEEP_DEFENSES)
         _check_names("attack", self.attacks, ATTACKS)
         _check_names("protocol", self.protocols, PROTOCOLS)
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ValueError(f"model={self.model!r} is invalid; accepted: an offline model name or a local model folder")
         bad = sorted(set(self.attack_options) - set(ATTACKS))
         if bad:
             raise ValueError(f"attack options for unknown attacks {bad}; accepted: {', '.join(ATTACKS)}")
@@ -219,14 +224,14 @@ class SweepSettings:
         if dataset not in GENERATION_DATASETS:
             skip |= GENERATION_SETTINGS
         else:
-            skip |= {"split_layer", "subspace_rank", "subspace_fit"}  # classification only
+            skip |= {"model", "split_layer", "subspace_rank", "subspace_fit"}  # classification only
         skip |= {k for k, default in SPLIT_DEFAULTS.items() if getattr(self, k) == default}
         keep = {k: v for k, v in asdict(self).items() if k not in skip}
         keep.update(dataset=dataset, aux=AUX_PAIRS[dataset], seed=seed, version=2)
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-SPLIT_DEFAULTS = {"split_layer": 1, "subspace_rank": 1, "lora_targets": "attention", "subspace_fit": "reader"}
+SPLIT_DEFAULTS = {"model": "minilm", "split_layer": 1, "subspace_rank": 1, "lora_targets": "attention", "subspace_fit": "reader"}
 
 
 def quick_settings(**overrides) -> SweepSettings:
@@ -455,7 +460,7 @@ def dataset_context(name: str, seed: int, settings: SweepSettings) -> DatasetCon
         split = load_split(settings.generation_model, settings.generation_split_layer, "generation", protocol="u-shaped",
                            seed=seed, lora_targets=settings.lora_targets)
     else:
-        split = load_split("minilm", settings.split_layer, "classification", ds.num_labels, seed=seed,
+        split = load_split(settings.model, settings.split_layer, "classification", ds.num_labels, seed=seed,
                            lora_targets=settings.lora_targets)
     return DatasetContext(name, seed, ds, train, validation, test, victim, inputs, split, split.trainable_state(),
                           split.head_state())
@@ -535,6 +540,7 @@ def run_point(defense_name: str, eps: float | None, ctx: DatasetContext, setting
         "dataset": name, "defense": defense_name, "epsilon": None if defense_name == "none" else float(eps),
         "seed": seed, **utility, "victim_examples": len(ctx.victim), "train_seconds": t_train,
         "point_seconds": seconds, "attribute": inputs["attribute"],
+        "model": settings.generation_model if ctx.ds.task == data.GENERATION else settings.model,
         "split_layer": settings.generation_split_layer if ctx.ds.task == data.GENERATION else settings.split_layer,
         "lora_targets": settings.lora_targets,
     }
@@ -588,7 +594,7 @@ def _load_point(path: Path, fingerprint: str) -> list[dict] | None:
 
 # Keys of a stored row that are not the utility of its point: the point's identity and timing, and
 # everything that belongs to one attack row.
-_POINT_KEYS = {"dataset", "defense", "epsilon", "seed", "victim_examples", "point_seconds", "attribute", "split_layer",
+_POINT_KEYS = {"dataset", "defense", "epsilon", "seed", "victim_examples", "point_seconds", "attribute", "model", "split_layer",
                "lora_targets", "attack", "protocol", "asr", "asr_clean"}
 
 
@@ -838,7 +844,7 @@ def blind_floors(settings: SweepSettings) -> list[dict]:
             if key not in splits:
                 splits[key] = load_split(*key, "generation", protocol="u-shaped", seed=seed)
         else:
-            key = ("minilm", 1)  # tokenisation only: any split of MiniLM
+            key = (settings.model, 1)  # tokenisation only: any split of the classification model
             if key not in splits:
                 splits[key] = load_split(*key, "classification", 2, seed=seed)
         split = splits[key]
@@ -933,7 +939,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patience", type=int, help="validation scores without a new best before stopping")
     parser.add_argument("--eval-every", type=int, help="optimiser steps between validation scores")
     parser.add_argument("--decays", type=int, help="learning-rate decays (x0.3) at a plateau before stopping")
-    parser.add_argument("--split-layer", type=int, help="classification: split MiniLM after this block (default 1)")
+    parser.add_argument("--model", help="classification: the model to split, an offline name or a local folder "
+                                        "(e.g. a RoBERTa saved with save_pretrained; default minilm)")
+    parser.add_argument("--split-layer", type=int, help="classification: split the model after this block (default 1)")
     parser.add_argument("--subspace-rank", type=int, help="label-subspace / label-obfuscator: directions (features) kept per token (default 1)")
     parser.add_argument("--subspace-fit", choices=SUBSPACE_FITS,
                         help="label-subspace: fit its directions with a small reader (default) or in closed form")
@@ -955,7 +963,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"epsilons={args.epsilons!r} is invalid; accepted: comma-separated numbers > 0") from None
     if args.seeds is not None:
         over["seeds"] = _ints(args.seeds)
-    for key in ("max_examples", "max_steps", "patience", "eval_every", "decays", "split_layer", "subspace_rank",
+    for key in ("model", "max_examples", "max_steps", "patience", "eval_every", "decays", "split_layer", "subspace_rank",
                 "subspace_fit", "lora_targets"):
         if getattr(args, key) is not None:
             over[key] = getattr(args, key)
@@ -964,7 +972,7 @@ def main(argv: list[str] | None = None) -> int:
         # --generation: the generation datasets at the generation sizes, tokenised as SmolLM2 releases them
         sizes, default = (GENERATION_COMMON, GENERATION_DATASETS) if args.generation else (HEADLINE_COMMON, FULL_DATASETS)
         floors = blind_floors(full_settings(**{**sizes, "datasets": over.get("datasets", default),
-                                               "seeds": over.get("seeds", (0,))}))
+                                               "seeds": over.get("seeds", (0,)), "model": over.get("model", "minilm")}))
         Path(args.out).mkdir(parents=True, exist_ok=True)
         _atomic_write(Path(args.out) / "floors.json", json.dumps(floors, indent=1))
         for f in floors:

@@ -275,7 +275,7 @@ class SplitLearningStrategy(Strategy):
         c = self.cfg
         examples = c.batches_per_round * c.batch_size if phase == "train" else self.evaluation_examples()
         return Plan(hidden_size=self.cloud.split.hidden_size, num_labels=self.cloud.split.num_labels,
-                    max_examples=examples, max_tokens=c.max_length)
+                    max_examples=examples, max_tokens=c.max_length, transport=c.transport_dtype)
 
     def evaluation_examples(self) -> int:
         """The per-reply budget of an evaluation, in sequences (each at most ``max-length`` tokens).

@@ -51,7 +51,8 @@ class UShapedStrategy(SplitLearningStrategy):
     def plan(self, phase: str) -> Plan:
         c = self.cfg
         examples = c.batch_size if phase == "train" else self.evaluation_examples()
-        return Plan(hidden_size=self.cloud.split.hidden_size, num_labels=0, max_examples=examples, max_tokens=c.max_length)
+        return Plan(hidden_size=self.cloud.split.hidden_size, num_labels=0, max_examples=examples, max_tokens=c.max_length,
+                    transport=c.transport_dtype)
 
     def cloud_state(self) -> dict:
         return self.cloud.state()
@@ -204,11 +205,11 @@ class UShapedStrategy(SplitLearningStrategy):
         node = self._wait_for_devices(grid)[0]
         count, d = self.cfg.generate_samples, self.cloud.split.hidden_size
         prompt = self._valid_releases(server_round, "generate", self._ask(grid, [node], "evaluate.prompt", server_round, 0),
-                                      plan=Plan(d, 0, count, self.cfg.max_length))
+                                      plan=Plan(d, 0, count, self.cfg.max_length, transport=self.cfg.transport_dtype))
         if not prompt:
             return {"error": "the device released no prompt"}
         hidden, mask = prompt[0][1].hidden, prompt[0][1].attention_mask
-        step_plan = Plan(d, 0, hidden.shape[0], 1)
+        step_plan = Plan(d, 0, hidden.shape[0], 1, transport=self.cfg.transport_dtype)
         for step in range(1, self.cfg.max_new_tokens + 1):
             last = self.cloud.forward("generate", hidden, mask, train=False)[:, -1:].contiguous()
             got = self._valid_releases(server_round, "generate",

@@ -50,7 +50,8 @@ def test_unknown_key_and_bad_type():
     with pytest.raises(ValueError, match="^unknown key 'num-round'; did you mean 'num-rounds'\\?$"):
         RunConfig.from_flower({"num-round": 3})
     # nothing close: the accepted keys are listed
-    with pytest.raises(ValueError, match="unknown key 'zzz'; accepted: alpha, audit-tokens, .*timeout$"):
+    last = sorted(RunConfig().to_flower())[-1]  # the accepted keys, sorted, to the last one
+    with pytest.raises(ValueError, match=f"unknown key 'zzz'; accepted: alpha, audit-tokens, .*{last}$"):
         RunConfig.from_flower({"zzz": 1})
     with pytest.raises(ValueError, match="num-rounds=2.5"):
         RunConfig.from_flower({"num-rounds": 2.5})

@@ -274,16 +274,7 @@ if __name__ == "__main__":
 
 
 # --- the pipeline on a non-BERT encoder given as a folder ----------------------------------------
-
-@pytest.fixture(scope="module")
-def roberta_folder(tmp_path_factory):
-    """A tiny random RoBERTa saved with ``save_pretrained`` beside a word-level tokenizer built
-    from the same vocabulary (``<s>``=0, ``<pad>``=1, ``</s>``=2, ``<unk>``=3, then w0, w1, ...)."""
-    model, tok = tiny_model("roberta", layers=2)
-    folder = tmp_path_factory.mktemp("tiny-roberta")
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
+# (the tiny RoBERTa folder is tests/conftest.py's `roberta_folder` fixture)
 
 
 def _sentences(n: int, seed: int = 0):

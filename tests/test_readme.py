@@ -61,9 +61,18 @@ def test_the_deployment_recipe_states_its_small_job_and_its_wall_time():
     assert "pids=$(tree $(jobs -p" in script and "kill -9 $pids" in script and "pkill" not in script and "killall" not in script
 
 
-def test_the_simulation_recipe_stops_the_local_superlink_it_leaves_running():
+def test_the_simulation_recipe_stops_the_local_superlink_it_leaves_running(tmp_path, monkeypatch):
     script = recipe("simulation")
-    assert 'db="$FLWR_HOME/local-superlink/state.db"' in script and "kill $(tree " in script
+    assert 'dir="$FLWR_HOME/local-superlink/"' in script and "kill $(tree " in script
+    # ps cuts the command line to $COLUMNS without -ww, and the folder sits near its end
+    assert "ps -ww -eo pid=,args=" in script
+    # the folder the recipe looks for is on the local SuperLink's command line whether or not it
+    # keeps a database (an in-memory one has no --database): Flower always passes its --log-file
+    from flwr.cli.local_superlink import _get_local_superlink_paths
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    _, log_file = _get_local_superlink_paths()
+    assert str(log_file).startswith(f"{tmp_path}/local-superlink/")
 
 
 def test_readme_states_the_defaults_of_the_label_defences():
@@ -110,3 +119,44 @@ def test_the_recipes_stop_step_ends_detached_descendants(tmp_path):
     while time.monotonic() < deadline and any(map(running, started)):
         time.sleep(0.1)
     assert [p for p in started if running(p)] == []
+
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def anchors(page: Path) -> set[str]:
+    """GitHub's heading anchors of a Markdown page (fenced code skipped; repeats get -1, -2, ...)."""
+    seen: dict[str, int] = {}
+    out = set()
+    fenced = False
+    for line in page.read_text().splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        if fenced or not re.match(r"#{1,6} ", line):
+            continue
+        slug = re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+        n = seen.get(slug, 0)
+        seen[slug] = n + 1
+        out.add(slug if n == 0 else f"{slug}-{n}")
+    return out
+
+
+@pytest.mark.parametrize("page", DOCS, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_every_link_and_figure_a_page_names_exists(page):
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    targets = re.findall(r"\]\(([^)\s]+)\)", text)
+    assert targets, f"{page.name} links nowhere"
+    for target in targets:
+        if re.match(r"[a-z]+://", target):
+            continue
+        path, _, anchor = target.partition("#")
+        resolved = (page.parent / path).resolve() if path else page
+        assert resolved.exists(), f"{page.name} names {target!r}, which does not exist"
+        if anchor:
+            assert anchor in anchors(resolved), f"{page.name} links to #{anchor}, which {resolved.name} has no heading for"
+
+
+def test_readme_is_short_and_shows_the_frontier_figure():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 300
+    assert re.search(r"!\[[^\]]*\]\(docs/figures/[^)]+\.png\)", text)

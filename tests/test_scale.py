@@ -62,3 +62,52 @@ def test_evaluation_samples_devices_and_the_last_round_asks_every_one(minilm_spl
     assert trains[0] == trains[1]
     with pytest.raises(ValueError, match="eval-devices=-1"):
         _cfg(eval_devices=-1)
+
+
+def test_more_devices_than_test_rows_share_the_test_split_round_the_devices(minilm_split):
+    from privtune_flwr import data
+
+    cfg = _cfg(max_examples=1000)
+    rows = len(data.load_dataset(cfg.dataset, test_fraction=cfg.test_fraction, seed=cfg.seed, max_examples=1000).test)
+    total = rows + 7  # more devices than test rows (and fewer than training rows)
+    first, wrapped = device_app.load_node(cfg, 1, total), device_app.load_node(cfg, rows + 1, total)
+    assert len(first.test) == 1 and wrapped.test["text"] == first.test["text"]  # share (rows + 1) % rows = 1
+    assert set(first.train["text"]).isdisjoint(wrapped.train["text"])  # training data is never shared
+    tests = [t for pid in range(rows) for t in device_app.load_node(cfg, pid, total).test["text"]]
+    assert len(tests) == rows  # every test row is exactly one of the first `rows` devices'
+
+
+def test_float16_transport_halves_the_bytes_and_rounds_only(minilm_split):
+    import numpy as np
+    import torch
+
+    from privtune_flwr import config, schema
+
+    assert tuple(schema.TRANSPORT_DTYPES) == config.TRANSPORT_DTYPES
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 5, 384) * 4
+    hidden[0, 4:] = 0  # padding
+    mask = torch.ones(3, 5, dtype=torch.long)
+    mask[0, 4:] = 0
+    labels = torch.tensor([0, 1, 1])
+    metrics = {"num-examples": 3.0, "num-tokens": float(mask.sum())}
+    wide = schema.release_content(hidden, mask, labels, metrics)
+    half = schema.release_content(hidden, mask, labels, metrics, transport="float16")
+    size = lambda c: len(c.array_records[schema.RELEASED][schema.HIDDEN].data)  # noqa: E731
+    assert size(half) - 128 < (size(wide) - 128) / 2 + 64  # payload halves (npy headers aside)
+    plan16 = schema.Plan(384, 2, 4, 8, transport="float16")
+    got = schema.parse_release(half, plan16)
+    assert got.hidden.dtype == torch.float32
+    assert torch.equal(got.hidden, hidden.half().float())  # exactly the rounding, nothing else
+    assert float((got.hidden - hidden).abs().max()) <= float(hidden.abs().max()) * 2**-11
+    with pytest.raises(schema.SchemaError, match="dtype"):
+        schema.parse_release(half, schema.Plan(384, 2, 4, 8))  # a float32 plan refuses float16
+    with pytest.raises(schema.SchemaError, match="dtype"):
+        schema.parse_release(wide, plan16)
+    with pytest.raises(ValueError, match="exceeds float16's range"):
+        schema.release_content(hidden * 1e5, mask, labels, metrics, transport="float16")
+    with pytest.raises(ValueError, match="transport-dtype='bf16'"):
+        schema.release_content(hidden, mask, labels, metrics, transport="bf16")
+    with pytest.raises(ValueError, match="transport-dtype='bf16'"):
+        _cfg(transport_dtype="bf16")
+    assert np.dtype("float16").itemsize * 2 == np.dtype("float32").itemsize

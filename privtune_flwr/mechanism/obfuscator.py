@@ -21,7 +21,7 @@ of the token's identity: this module fits, once, on the device's own labelled da
   arbitrary (the reader absorbs any scale), and against the entropy adversary it shrinks (the
   inverter, trained a step behind, is less sure of features that keep moving): at split 3 they
   came out about 5 times smaller than the projection's coordinates, the top took 500 steps or
-  more to leave chance (README), and d_chi noise at a given epsilon meant more than it does for
+  more to leave chance (docs/results.md), and d_chi noise at a given epsilon meant more than it does for
   the other defences. The factor keeps the learned geometry (the ratio between directions) and
   makes epsilon comparable across fits;
 * ``lift`` ``[d, k]``: a public orthonormal map (a function of ``d`` and ``k`` only) that puts the

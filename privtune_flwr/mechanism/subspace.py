@@ -115,7 +115,7 @@ def device_tokens(fit: str, rows: list[torch.Tensor], ids: list[torch.Tensor], l
     if classes.numel() < 2:
         raise ValueError(f"{fit} needs at least 2 classes in the device's labels; got {classes.tolist()}")
     if counts.min() < SKEW_WARNING * len(labels) / classes.numel():
-        # screened with 10 Dirichlet(0.5) devices on Rotten Tomatoes (README, "Many devices"): maps
+        # screened with 10 Dirichlet(0.5) devices on Rotten Tomatoes (docs/results.md, "Label maps in a federation"): maps
         # fitted on 4% or 10% of one class released test sentences a reader scored at 0.51 and 0.57,
         # against 0.68-0.74 for devices with 20-48%
         shares = ", ".join(f"{int(c)}: {int(n)}" for c, n in zip(classes, counts))
@@ -204,7 +204,7 @@ def fit_subspace(rows: list[torch.Tensor], ids: list[torch.Tensor], labels, *, r
     classes = stats.labels.unique().numel()
     if rank < classes - 1:
         # a linear reader separates K classes in K - 1 directions; with fewer the top loses accuracy
-        # (bbc_news, 5 topics, split 3: rank 2 cost 5.7%, rank 4 nothing; README)
+        # (bbc_news, 5 topics, split 3: rank 2 cost 5.7%, rank 4 nothing; docs/results.md)
         log.warning("label-subspace rank %d is below the %d classes - 1 of the device's labels: the release keeps "
                     "fewer directions than the classes need, expect an accuracy cost (subspace-rank >= %d advised)",
                     rank, classes, classes - 1)
