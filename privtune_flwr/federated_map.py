@@ -42,12 +42,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import secrets
 import time
 from dataclasses import dataclass
 
 import torch
 
+from .mechanism.noise_key import NoiseKey
 from .mechanism.subspace import Subspace, aligning_rotation, basis_from_moments
 
 log = logging.getLogger(__name__)
@@ -208,15 +208,22 @@ class FitNoise:
         return s * L, s * L * c, s * L * c * c
 
 
+_FIT_NOISE = b"privtune-flwr/fit-noise/v1"
+
+
 def add_noise(stats: MapStatistics, noise: FitNoise, generator: torch.Generator | None = None) -> MapStatistics:
-    """``stats`` plus the Gaussian noise of ``noise``. The generator is seeded from OS entropy
-    unless given (tests): nothing the cloud sends enters it. The second moments' noise is
-    symmetric (one draw per entry of the upper triangle, diagonal included)."""
-    if generator is None:
-        generator = torch.Generator().manual_seed(int.from_bytes(secrets.token_bytes(8), "little"))
+    """``stats`` plus the Gaussian noise of ``noise``. The draws come from a fresh key of OS
+    entropy (numpy's Philox keyed with 128 bits of it: torch's ``manual_seed`` would keep only 32
+    bits, few enough to search, and the integer counts would tell the searcher when it had found
+    the seed); nothing the cloud sends enters them. ``generator``: a seeded stand-in for tests.
+    The second moments' noise is symmetric (one draw per entry of the upper triangle, diagonal
+    included)."""
+    stream = NoiseKey.fresh().stream(_FIT_NOISE, []) if generator is None else None
     s_count, s_sum, s_second = noise.sigmas()
 
     def normal(shape, sd):
+        if stream is not None:
+            return torch.from_numpy(stream.numpy.standard_normal(tuple(shape))) * sd
         return torch.randn(shape, generator=generator, dtype=torch.float64) * sd
 
     d = stats.second.shape[0]
