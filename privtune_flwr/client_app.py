@@ -469,7 +469,7 @@ def evaluate_next(msg: Message, context: Context) -> Message:
     """The middle's output at each sequence's last position -> the next token (greedy, on the
     device); reply with the representation of that new token only (each token is released once:
     its noise is keyed by the text up to it)."""
-    cfg, node, _ = _u_prepare(msg, context)
+    cfg, node, ledger = _u_prepare(msg, context)
     record = context.state.config_records.get(GENERATED)
     if record is None:
         raise SchemaError("no generation is in progress on this device")
@@ -484,6 +484,10 @@ def evaluate_next(msg: Message, context: Context) -> Message:
         logits = node.head.split.head(outputs, torch.ones(count, 1, dtype=torch.long))[:, -1]
     for seq, token in zip(seqs, logits.argmax(-1).tolist()):
         seq.append(int(token))
+    # each longer sequence is an example of its own (its new token's representation depends on
+    # all of it): under the same budget as any other release (`none` has no noise to budget)
+    if cfg.defense != "none":
+        _admit(cfg, context, node, ledger, seqs, "evaluate", [])
     rel = node.device.release_ids(seqs)
     last = rel.hidden[:, -1:].contiguous()  # decoders pad on the left: the last column is each new token
     record["step"], record["ids"] = step, [i for seq in seqs for i in seq]
