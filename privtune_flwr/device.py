@@ -237,21 +237,30 @@ class DeviceSide:
         return self_audit(released[rows, cols][None], ids[rows, cols][None], ones, self.anchors, self.split.special_ids)
 
 
-# The largest coordinate a device accepts in the cloud's outputs: the same public cap the cloud puts
-# on a device's release (schema.Plan.max_abs). Honest middles stay far below it (largest coordinate
-# over a batch of sentences: 6.0 for MiniLM, 5,972 for SmolLM2-135M's residual stream, which reaches
-# the head before any norm), and inside it the head's float32 arithmetic cannot overflow: the
-# final norm of a decoder sums d squares (<= d * 1e12) and an encoder's pooler d products.
+# The largest coordinate a device accepts in the cloud's outputs, where the model gives no tighter
+# one: the same public cap the cloud puts on a device's release (schema.Plan.max_abs). Honest
+# middles stay far below it (largest coordinate over a batch of sentences: 5,972 for SmolLM2-135M's
+# residual stream, which reaches the head before any norm), and inside it the head's float32
+# arithmetic cannot overflow: a decoder head's final norm sums d squares (<= d * 1e12).
 HEAD_INPUT_MAX_ABS = 1e6
 
 
 def head_input_bound(split: SplitModel) -> float:
     """The public range of the cloud's outputs for ``split``'s head: ``|value| <= bound`` per
-    coordinate. Depends only on public facts (the model's hidden size and the float32 range)."""
+    coordinate, from public facts only.
+
+    * Encoders: the middle's last block ends in LayerNorm, so no input of any kind makes an
+      honest middle output more than :attr:`~privtune_flwr.models.SplitModel.middle_output_bound`
+      (its weights' ``max |gamma| * sqrt(d - 1) + |beta|``; MiniLM split after block 3: about 20,
+      honest outputs reach 6).
+    * Decoders: the residual stream has no such bound and the head's final norm is
+      scale-invariant; the bound is the float32 range of its first reduction (``d * bound**2``
+      far inside float32), capped at :data:`HEAD_INPUT_MAX_ABS`."""
     d = int(split.hidden_size)
-    # d * bound**2 must stay far inside float32 for the head's first reduction to be exact-range
     headroom = math.sqrt(torch.finfo(torch.float32).max / max(d, 1)) / 1e6
-    return min(HEAD_INPUT_MAX_ABS, headroom)
+    bound = min(HEAD_INPUT_MAX_ABS, headroom)
+    derived = getattr(split, "middle_output_bound", None)
+    return min(bound, derived) if derived else bound
 
 
 class DeviceHead:

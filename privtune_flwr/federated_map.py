@@ -147,7 +147,8 @@ def token_statistics(rows, ids, labels, *, num_labels: int, special_ids, clip: f
     position = torch.searchsorted(special_ids, t[~regular]) if len(special_ids) else t[~regular]
     special_counts = torch.bincount(position, minlength=len(special_ids)).double()
     special_sums = torch.zeros(len(special_ids), d, dtype=torch.float64).index_add_(0, position, h[~regular])
-    return MapStatistics(counts, sums, x.T @ x, special_counts, special_sums)
+    second = x.T @ x  # a BLAS product need not be exactly symmetric: made so (a + b == b + a in IEEE)
+    return MapStatistics(counts, sums, (second + second.T) / 2, special_counts, special_sums)
 
 
 def gaussian_sigma(epsilon: float, delta: float) -> float:
@@ -479,14 +480,28 @@ class FederationMap:
 
         return RecordDict({"statistics": ArrayRecord({k: Array(v) for k, v in self.total.to_numpy().items()})})
 
+    def fit_reply_bytes(self) -> int:
+        """The most a device's fit reply may carry: the statistics' five float64 arrays
+        (:class:`MapStatistics`) with their npy headers, and its metrics. A larger reply is dropped
+        as it arrives, unread."""
+        from .schema import NPY_HEADER_MAX, REPLY_RECORDS_SLACK
+
+        c, h, s = self.cfg.num_labels, self.hidden, self.specials
+        return 8 * (c + c * h + h * h + s + s * h) + len(ARRAYS) * NPY_HEADER_MAX + REPLY_RECORDS_SLACK
+
     def ensure(self, grid, nodes, *, timeout: float, name=str) -> None:
+        """Fit the map once (ask ``nodes`` for their statistics and sum them), then send the sum to
+        every node not yet sent it. ``grid``: a grid whose ``send_and_receive`` takes
+        ``max_reply_bytes`` (:class:`strategies.reporting.ProgressGrid`)."""
         from flwr.app import Message, RecordDict
+
+        from .schema import REPLY_RECORDS_SLACK
 
         if self.total is None:
             start = time.perf_counter()
             asked = [Message(content=RecordDict(), message_type="query." + FIT_ACTION, dst_node_id=n) for n in nodes]
             contributions, errors, up = [], [], []
-            for reply in grid.send_and_receive(asked, timeout=timeout):
+            for reply in grid.send_and_receive(asked, timeout=timeout, max_reply_bytes=self.fit_reply_bytes()):
                 src = reply.metadata.src_node_id
                 if reply.has_error():
                     errors.append((name(src), reply.error.reason))
@@ -521,7 +536,7 @@ class FederationMap:
         self.sent.update(new)
         messages = [Message(content=self._record(), message_type="query." + MAP_ACTION, dst_node_id=n) for n in new]
         inversions = []
-        for reply in grid.send_and_receive(messages, timeout=timeout):
+        for reply in grid.send_and_receive(messages, timeout=timeout, max_reply_bytes=REPLY_RECORDS_SLACK):
             src = reply.metadata.src_node_id
             if reply.has_error():
                 log.warning("federation map: %s did not accept the map: %s", name(src), reply.error.reason)

@@ -31,6 +31,7 @@ import contextlib
 import copy
 import importlib.util
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -429,6 +430,9 @@ class SplitModel:
     bottom_place: Placement = Placement(torch.device("cpu"), torch.float32)
     top_place: Placement = Placement(torch.device("cpu"), torch.float32)
     architecture: str = ""  # the FAMILIES key (config.model_type)
+    # u-shaped encoders: the largest coordinate the middle can output at all (its last block ends
+    # in a LayerNorm; see :func:`layer_norm_output_bound`); None where no such bound exists
+    middle_output_bound: float | None = None
 
     @property
     def pooling(self) -> str:
@@ -784,6 +788,22 @@ def _lora(module: nn.Module, targets: list[str], rank: int, alpha: float | None,
                                     lora_dropout=dropout, target_modules=targets))
 
 
+def layer_norm_output_bound(norm: nn.Module) -> float | None:
+    """The largest ``|coordinate|`` a LayerNorm over ``d`` features can output, for any input:
+    ``max_i |gamma_i| * sqrt(d - 1) + |beta_i|``, or None for anything but ``nn.LayerNorm``.
+
+    Centred inputs ``u = x - mean(x)`` sum to 0 with ``sum(u**2) = d * var``; one coordinate's
+    square is then at most ``(d - 1) * var`` (the others must cancel it), so every normalised
+    coordinate lies within ``sqrt(d - 1)`` (the ``eps`` in the denominator only shrinks it). A
+    1% margin covers the rounding of the part's dtype (bfloat16: 2**-8 relative)."""
+    if not isinstance(norm, nn.LayerNorm) or norm.weight is None:
+        return None
+    d = int(norm.normalized_shape[-1])
+    gamma = norm.weight.detach().float().abs()
+    beta = norm.bias.detach().float().abs() if norm.bias is not None else torch.zeros_like(gamma)
+    return float((gamma * math.sqrt(max(d - 1, 1)) + beta).max()) * 1.01 + 1e-6
+
+
 def _u_split(name, hf_model, base, fam, task, split_layer, num_layers, num_labels, tokenizer, low, high, *,
              lora_rank, lora_alpha, lora_dropout, targets, pooler, bottom, top, architecture) -> SplitModel:
     """The u-shaped cut (see :func:`load_split`). The head is the device's: it runs at the
@@ -820,6 +840,11 @@ def _u_split(name, hf_model, base, fam, task, split_layer, num_layers, num_label
         middle_base = _lora(middle_base, list(targets), lora_rank, lora_alpha, lora_dropout)
     decoder = family == "decoder"
     middle = Middle(middle_base, decoder=decoder, place=top)
+    # An encoder block ends in LayerNorm (BERT, RoBERTa, XLM-R: output.LayerNorm), so the
+    # middle's outputs have a range fixed by public weights. A decoder's residual stream has none:
+    # its device head starts with the final norm, which is scale-invariant.
+    last = getattr(high[-1], "output", None) if (family == "encoder" and len(high)) else None
+    bound = layer_norm_output_bound(getattr(last, "LayerNorm", None)) if last is not None else None
     config = hf_model.config
     return SplitModel(
         name=name, family=family, task=task, split_layer=split_layer, num_layers=num_layers,
@@ -827,4 +852,5 @@ def _u_split(name, hf_model, base, fam, task, split_layer, num_layers, num_label
         num_labels=num_labels if task == "classification" else 0, tokenizer=tokenizer,
         bottom=Bottom(bottom_base, decoder=decoder, family=fam, place=bottom), top=UTop(middle, head), full=hf_model,
         protocol="u-shaped", middle=middle, head=head, bottom_place=bottom, top_place=top, architecture=architecture,
+        middle_output_bound=bound,
     )

@@ -189,10 +189,36 @@ class Plan:
         """Bytes the release's arrays may hold (npy headers included)."""
         n, t = self.max_examples, self.max_tokens
         width = TRANSPORT_DTYPES[self.transport].itemsize
-        return n * t * self.hidden_size * width + n * t + n * 8 + 3 * _NPY_HEADER_MAX
+        return n * t * self.hidden_size * width + n * t + n * 8 + 3 * NPY_HEADER_MAX
 
 
-_NPY_HEADER_MAX = 4096
+NPY_HEADER_MAX = 4096
+# What a reply may hold beside its arrays: its metrics and config records (a few dozen numbers).
+REPLY_RECORDS_SLACK = 1 << 20
+
+
+def content_bytes(content) -> int:
+    """The payload bytes of a reply's content, counted without trusting it: every array's data,
+    every config value's bytes or characters (lists summed), 8 per metric value. A value that
+    cannot be sized counts as 0 here; the schema then rejects the reply when it is parsed."""
+    def value_bytes(value) -> int:
+        if isinstance(value, (bytes, bytearray, str)):
+            return len(value)
+        if isinstance(value, (list, tuple)):
+            return sum(value_bytes(v) for v in value)
+        return 8
+
+    total = 0
+    try:
+        for record in content.array_records.values():
+            total += sum(len(a.data) for a in record.values() if isinstance(getattr(a, "data", None), (bytes, bytearray)))
+        for record in content.config_records.values():
+            total += sum(len(k) + value_bytes(v) for k, v in record.items())
+        for record in content.metric_records.values():
+            total += sum(len(k) + value_bytes(v) for k, v in record.items())
+    except Exception:  # noqa: BLE001 - a content that cannot be walked is the schema's to reject
+        return total
+    return total
 
 
 def declared_bytes(shape: tuple[int, ...], dtype: np.dtype, *, name: str, max_bytes: int) -> int:
@@ -237,9 +263,9 @@ def read_array(array: Array, name: str, dtype: np.dtype, ndim: int, max_bytes: i
     try:
         version = np.lib.format.read_magic(buf)
         if version == (1, 0):
-            head_shape, fortran, head_dtype = np.lib.format.read_array_header_1_0(buf, max_header_size=_NPY_HEADER_MAX)
+            head_shape, fortran, head_dtype = np.lib.format.read_array_header_1_0(buf, max_header_size=NPY_HEADER_MAX)
         elif version == (2, 0):
-            head_shape, fortran, head_dtype = np.lib.format.read_array_header_2_0(buf, max_header_size=_NPY_HEADER_MAX)
+            head_shape, fortran, head_dtype = np.lib.format.read_array_header_2_0(buf, max_header_size=NPY_HEADER_MAX)
         else:
             raise SchemaError(f"{name} is npy version {version}; accepted: 1.0, 2.0")
     except SchemaError:
@@ -375,7 +401,7 @@ def _matching_array(content: RecordDict, name: str, shape: tuple[int, ...], kind
     record = content.array_records.get(name)
     if record is None or set(record.keys()) != {name}:
         raise SchemaError(f"{kind} needs ArrayRecord {name!r} holding {name!r}")
-    budget = math.prod(int(s) for s in shape) * 4 + _NPY_HEADER_MAX
+    budget = math.prod(int(s) for s in shape) * 4 + NPY_HEADER_MAX
     values = read_array(record[name], name, np.dtype("float32"), len(shape), budget)
     if values.shape != tuple(shape):
         raise SchemaError(mismatch.format(values.shape, tuple(shape)))

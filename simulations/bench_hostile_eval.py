@@ -3,12 +3,12 @@
     python -m simulations.bench_hostile_eval                 # bounded (this code) and unbounded (as before)
     python -m simulations.bench_hostile_eval --devices 10 --out outputs/bench_hostile_eval.json
 
-Every case runs in a fresh process (MiniLM split after block 3, rotten_tomatoes, ``eval-examples
-= 0``, ``max-length = 64``, one torch thread), which builds the evaluation replies of a federation
-of ``--devices`` devices and then hands them to the strategy's ``aggregate_evaluate``, as a round
-would. Measured around that call: the process's resident memory just before it, its peak during
-it (``VmHWM``, reset just before the call; the replies' own bytes are already counted in both:
-the cloud holds what Flower delivered) and the wall time.
+Every case runs in a fresh process (MiniLM split 3, rotten_tomatoes, ``eval-examples = 0``,
+``max-length = 64``, one torch thread). The bounded mode runs the strategy's own
+``evaluate_round`` through :class:`~strategies.reporting.ProgressGrid` over a stand-in SuperLink
+that builds each device's reply when the cloud pulls it (the link holds replies, not the
+cloud). Measured around the round: the process's resident memory just before it, its peak during
+it (``VmHWM``, reset just before; replies the cloud holds are counted in it) and the wall time.
 
 Cases:
 
@@ -18,10 +18,11 @@ Cases:
   largest reply the cloud accepts: the evaluation budget's sequences, every one ``max-length``
   real tokens;
 * ``one-schema-max`` / ``ten-schema-max``: a reply of ``reply-max-examples`` (2,048) sequences of
-  64 tokens, what the schema could hold before (201 MB): now rejected before it is read.
+  64 tokens, what the schema could hold before (201 MB): now dropped as it arrives, unread.
 
-``--unbounded`` mode is the code before issue 31, replayed here: the plan's evaluation bound is
-``reply-max-examples``, every reply is parsed first and then run through the top in one piece.
+The ``unbounded`` mode is the code before issue 31, replayed here: every reply is delivered and
+held, the evaluation bound is ``reply-max-examples``, every reply is parsed first and then run
+through the top in one piece.
 Its ``ten-schema-max`` case is left out by default (about ten times one reply's 35 s and several
 GB); ``--all`` runs it.
 """
@@ -37,6 +38,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 CASES = ("honest", "one-at-budget", "ten-at-budget", "one-schema-max", "ten-schema-max")
 
@@ -90,46 +93,99 @@ def child(case: str, mode: str, devices: int, split_layer: int) -> dict:
     budget = -(-len(test) // devices)  # what the bounded cloud computes (checked below)
     gen = torch.Generator().manual_seed(1)
 
-    def reply(node: int, hidden, mask, labels) -> Message:
-        content = schema.release_content(hidden, mask, labels, {"num-examples": len(labels), "num-tokens": float(mask.sum())})
+    def release(hidden, mask, labels):
+        return schema.release_content(hidden, mask, labels, {"num-examples": len(labels), "num-tokens": float(mask.sum())})
+
+    def reply(node: int, content) -> Message:
         instruction = Message(content=schema.instruction(1, 0), message_type=MessageType.EVALUATE, dst_node_id=node)
         instruction.metadata.__dict__["_message_id"] = instruction.object_id
         out = Message(content, reply_to=instruction)
         out.metadata.__dict__["_src_node_id"] = node
         return out
 
-    def honest(p: int) -> Message:
+    def honest(p: int):
         share = data.partition(test, devices, p, partitioner="iid", seed=cfg.seed)
         lengths = [len(ids) for ids in split.tokenizer(list(share["text"]), truncation=True, max_length=cfg.max_length)["input_ids"]]
         mask = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
         for i, n in enumerate(lengths):
             mask[i, :n] = 1
         hidden = torch.randn(*mask.shape, d, generator=gen) * mask.unsqueeze(-1)
-        return reply(100 + p, hidden, mask, torch.tensor(list(share["label"])))
+        return release(hidden, mask, torch.tensor(list(share["label"])))
 
-    def hostile(p: int, n: int) -> Message:
+    def hostile(p: int, n: int):
         hidden = torch.randn(n, cfg.max_length, d, generator=gen)
-        return reply(100 + p, hidden, torch.ones(n, cfg.max_length, dtype=torch.long), torch.zeros(n, dtype=torch.long))
+        return release(hidden, torch.ones(n, cfg.max_length, dtype=torch.long), torch.zeros(n, dtype=torch.long))
 
     n_hostile = {"honest": 0, "one-at-budget": 1, "ten-at-budget": devices, "one-schema-max": 1,
                  "ten-schema-max": devices}[case]
     size = budget if "budget" in case else cfg.reply_max_examples
-    replies = []
-    for p in range(devices):
-        replies.append(hostile(p, size) if p < n_hostile else honest(p))
-        gc.collect()
-    received_mb = sum(len(a.data) for r in replies for a in r.content.array_records[schema.RELEASED].values()) / 2**20
 
-    gc.collect()
-    before = _status_mb("VmRSS")
-    reset = _reset_peak()
-    t0 = time.perf_counter()
-    if mode == "bounded":
-        assert strategy.evaluation_examples() == budget
+    def content_of(p: int):
+        """Device ``p``'s reply content, built when the cloud pulls it (the SuperLink held it)."""
+        if p >= n_hostile:
+            return honest(p)
+        if "budget" in case:
+            return hostile(p, size)
+        # schema-max: 201 MB of representation bytes, built as gRPC would deliver them (one bytes
+        # object; values do not matter to what the cloud's memory does)
+        hidden = np.zeros((size, cfg.max_length, d), dtype=np.float32)
+        content = schema.release_content(torch.from_numpy(hidden), torch.ones(size, cfg.max_length, dtype=torch.long),
+                                         torch.zeros(size, dtype=torch.long),
+                                         {"num-examples": size, "num-tokens": float(size * cfg.max_length)})
+        del hidden
+        return content
+
+    received = []
+    if mode == "bounded":  # through the strategy's own round: the grid pulls one reply at a time
+        from strategies.reporting import ProgressGrid
+
+        class Link:  # the SuperLink: it holds each reply until the cloud pulls it
+            def __init__(self):
+                self.sent = {}
+
+            def get_node_ids(self):
+                return sorted(strategy.partition)
+
+            def push_messages(self, messages):
+                for m in messages:
+                    m.metadata.__dict__["_message_id"] = m.object_id
+                    self.sent[m.object_id] = m
+                return [m.object_id for m in messages]
+
+            def pull_messages(self, ids):
+                out = []
+                for i in ids:
+                    asked = self.sent.pop(i)
+                    content = content_of(asked.metadata.dst_node_id - 100)
+                    received.append(sum(len(a.data) for a in content.array_records[schema.RELEASED].values()))
+                    r = Message(content, reply_to=asked)
+                    r.metadata.__dict__["_src_node_id"] = asked.metadata.dst_node_id
+                    out.append(r)
+                return out
+
+        grid = ProgressGrid(Link())
+        strategy._contacted = set(strategy.partition)  # no device is new: the round's plain timeout
+        strategy._t_round = time.perf_counter()
         strategy._round = {"round": 1}
-        metrics = strategy.aggregate_evaluate(1, replies) or {}
+        assert strategy.evaluation_examples() == budget
+        gc.collect()
+        before = _status_mb("VmRSS")
+        reset = _reset_peak()
+        t0 = time.perf_counter()
+        strategy.evaluate_round(grid, 1)
+        metrics = strategy.history[-1] if strategy.history else {}
         scored, rejected = metrics.get("test-num-examples", 0.0), len(strategy.rejected)
-    else:  # the code before issue 31: the schema's bound, all replies parsed, each scored in one piece
+    else:  # the code before issue 31: every reply delivered and held, the schema's bound, each scored in one piece
+        replies = []
+        for p in range(devices):
+            content = content_of(p)
+            received.append(sum(len(a.data) for a in content.array_records[schema.RELEASED].values()))
+            replies.append(reply(100 + p, content))
+            gc.collect()
+        gc.collect()
+        before = _status_mb("VmRSS")
+        reset = _reset_peak()
+        t0 = time.perf_counter()
         plan = schema.Plan(hidden_size=d, num_labels=2, max_examples=cfg.reply_max_examples, max_tokens=cfg.max_length)
         valid, rejected = [], 0
         for r in replies:
@@ -144,6 +200,7 @@ def child(case: str, mode: str, devices: int, split_layer: int) -> dict:
         scored = float(sum(v.num_examples for v in valid))
     wall = time.perf_counter() - t0
     peak = _status_mb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    received_mb = sum(received) / 2**20
     return {"case": case, "mode": mode, "devices": devices, "hostile": n_hostile, "hostile-sequences": size if n_hostile else 0,
             "budget": budget, "received-mb": received_mb, "rss-before-mb": before, "peak-mb": peak,
             "added-mb": peak - before, "seconds": wall, "scored-examples": scored, "rejected": rejected,

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import re
 import time
@@ -19,11 +20,12 @@ from pathlib import Path
 
 from flwr.app import Error, Message
 
-from privtune_flwr.schema import SchemaError, read_instruction
+from privtune_flwr.schema import SchemaError, content_bytes, read_instruction
 
 log = logging.getLogger("privtune_flwr.cloud")
 
 NO_REPLY = "no reply within the round's timeout"
+OVERSIZED = "reply larger than its budget"
 NOT_REACHED = "the run stopped before this round"
 # Ray's text when it kills a worker for lack of memory; the rest of its report is pages long.
 _OUT_OF_MEMORY = re.compile(r"OutOfMemoryError|running low on memory|killed due to .*memory", re.IGNORECASE)
@@ -151,10 +153,24 @@ class ProgressGrid:
     def __getattr__(self, name):
         return getattr(self._grid, name)
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None,
+                         max_reply_bytes: int | None = None) -> list[Message]:
+        """Flower's ``send_and_receive``, plus progress, silence turned into errors and
+        (``max_reply_bytes``) a byte budget per reply.
+
+        With a budget, replies are pulled one message id at a time and a reply whose payload
+        (:func:`~privtune_flwr.schema.content_bytes`) exceeds it is replaced by an error reply
+        before the next one is pulled: the cloud holds at most one oversized reply at any moment,
+        whatever the devices send, and never keeps one."""
         messages = list(messages)
         if not messages:
             return []
+        if not hasattr(self._grid, "push_messages"):  # a grid with send_and_receive only (test doubles)
+            replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+            if max_reply_bytes is None:
+                return replies
+            asked = {m.metadata.message_id: m for m in messages}
+            return [_within_budget(r, asked.get(r.metadata.reply_to_message_id, r), max_reply_bytes) for r in replies]
         label = _label(messages[0])
         sent = dict(zip(self._grid.push_messages(messages), messages))
         waiting = set(sent)
@@ -163,7 +179,18 @@ class ProgressGrid:
         next_report = start + self.first_report
         interval = getattr(self._grid, "pull_interval", 0.5)
         while waiting and (timeout is None or time.monotonic() - start < timeout):
-            got = list(self._grid.pull_messages(waiting))
+            if max_reply_bytes is None:
+                got = list(self._grid.pull_messages(waiting))
+            else:
+                got = []
+                for message_id in sorted(waiting):
+                    pulled = list(self._grid.pull_messages([message_id]))
+                    kept = [_within_budget(reply, sent[message_id], max_reply_bytes) for reply in pulled]
+                    dropped = any(k is not r for k, r in zip(kept, pulled))
+                    got += kept
+                    del pulled
+                    if dropped:  # Flower's records hold reference cycles: only the collector frees them
+                        gc.collect()
             replies += got
             waiting -= {m.metadata.reply_to_message_id for m in got}
             if waiting and time.monotonic() >= next_report:
@@ -174,6 +201,25 @@ class ProgressGrid:
         for message_id in waiting:
             replies.append(Message(Error(code=0, reason=f"{NO_REPLY} ({timeout:.0f} s)"), reply_to=sent[message_id]))
         return [_from_addressee(r, sent) for r in replies]
+
+
+def send_bounded(grid, messages: Iterable[Message], *, timeout: float | None, max_reply_bytes: int) -> list[Message]:
+    """``send_and_receive`` on ``grid`` (a :class:`ProgressGrid`, or any Flower grid, wrapped) with a
+    per-reply byte budget."""
+    grid = grid if isinstance(grid, ProgressGrid) else ProgressGrid(grid)
+    return grid.send_and_receive(messages, timeout=timeout, max_reply_bytes=max_reply_bytes)
+
+
+def _within_budget(reply: Message, asked: Message, max_bytes: int) -> Message:
+    """``reply``, or an error reply to ``asked`` in its place (so from the device it was sent to)
+    when its payload holds more than ``max_bytes``."""
+    if reply.has_error():
+        return reply
+    size = content_bytes(reply.content)
+    if size <= max_bytes:
+        return reply
+    return Message(Error(code=0, reason=f"{OVERSIZED}: {size} bytes; this round's plan allows at most {max_bytes} "
+                                        "bytes per reply (dropped unread)"), reply_to=asked)
 
 
 def _from_addressee(reply: Message, sent: dict[str, Message]) -> Message:

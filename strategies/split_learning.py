@@ -36,9 +36,10 @@ from flwr.serverapp.strategy import Strategy
 from privtune_flwr import data
 from privtune_flwr.config import RunConfig
 from privtune_flwr.cloud import CloudSide, NonFiniteUpdate, classification_metrics
-from privtune_flwr.schema import Plan, Release, SchemaError, instruction, parse_release, read_device_identity
+from privtune_flwr.schema import (NPY_HEADER_MAX, REPLY_RECORDS_SLACK, Plan, Release, SchemaError, instruction, parse_release,
+                                  read_device_identity)
 
-from .reporting import DEVICE_ERROR, RejectedReplies
+from .reporting import DEVICE_ERROR, ProgressGrid, RejectedReplies, send_bounded
 
 log = logging.getLogger("privtune_flwr.cloud")
 
@@ -90,6 +91,8 @@ class SplitLearningStrategy(Strategy):
               timeout: float | None = None, **_) -> None:
         num_rounds = self.cfg.num_rounds if num_rounds is None else num_rounds
         self.timeout = self.cfg.timeout if timeout is None else timeout
+        if not isinstance(grid, ProgressGrid):  # progress reports and the per-reply byte budget
+            grid = ProgressGrid(grid)
         self.summary()
         self.before_rounds(grid)
         for server_round in range(self.restored_round + 1, num_rounds + 1):
@@ -134,14 +137,14 @@ class SplitLearningStrategy(Strategy):
     def train_round(self, grid: Grid, server_round: int, sample: list[int]) -> bool:
         """Vanilla: one message per device carries its round's batches and labels."""
         messages = self._messages(sample, server_round, self.cfg.batches_per_round, MessageType.TRAIN)
-        replies = grid.send_and_receive(messages, timeout=self._timeout_for(sample))
+        replies = send_bounded(grid, messages, timeout=self._timeout_for(sample), max_reply_bytes=reply_bytes(self.plan("train")))
         arrays, _ = self.aggregate_train(server_round, replies)
         return arrays is not None
 
     def evaluate_round(self, grid: Grid, server_round: int) -> None:
         nodes = self.evaluation_sample(self._wait_for_devices(grid), server_round)
-        replies = grid.send_and_receive(self._messages(nodes, server_round, 0, MessageType.EVALUATE),
-                                        timeout=self._timeout_for(nodes))
+        replies = send_bounded(grid, self._messages(nodes, server_round, 0, MessageType.EVALUATE),
+                               timeout=self._timeout_for(nodes), max_reply_bytes=reply_bytes(self.plan("evaluate")))
         self.aggregate_evaluate(server_round, replies)
 
     # -- checkpoints and resume ------------------------------------------------------------------
@@ -221,6 +224,7 @@ class SplitLearningStrategy(Strategy):
             self.fed_map = FederationMap(self.cfg, hidden=self.cloud.split.hidden_size,
                                          specials=len(self.cloud.split.special_ids))
         first = self.fed_map.total is None
+        grid = grid if isinstance(grid, ProgressGrid) else ProgressGrid(grid)  # ensure's per-reply byte budgets
         self.fed_map.ensure(grid, sorted(nodes, key=self._order), timeout=max(self.timeout, self.cfg.setup_timeout),
                             name=self.device_name)
         if first:
@@ -236,7 +240,7 @@ class SplitLearningStrategy(Strategy):
             return
         self._asked.update(new)  # one question per device: one that cannot answer is not asked again
         queries = [Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in new]
-        for reply in grid.send_and_receive(queries, timeout=self.timeout):
+        for reply in send_bounded(grid, queries, timeout=self.timeout, max_reply_bytes=REPLY_RECORDS_SLACK):
             if not reply.has_error():
                 try:
                     self.partition[reply.metadata.src_node_id] = read_device_identity(reply.content)
@@ -485,6 +489,14 @@ class SplitLearningStrategy(Strategy):
             "SplitLearningStrategy: model=%s split=%d %s | %d rounds x %d devices x %d batches of %d",
             c.model, c.split_layer, c.defense_summary(), c.num_rounds, c.devices_per_round, c.batches_per_round, c.batch_size,
         )
+
+
+def reply_bytes(plan: Plan) -> int:
+    """The most a reply under ``plan`` may carry, in payload bytes: its release's arrays, or a
+    u-shaped head's gradient (float32, the release's shape), plus its metrics and config records.
+    A larger reply is dropped as it arrives (:class:`~strategies.reporting.ProgressGrid`)."""
+    gradient = plan.max_examples * plan.max_tokens * plan.hidden_size * 4 + NPY_HEADER_MAX
+    return max(plan.max_bytes(), gradient) + REPLY_RECORDS_SLACK
 
 
 def _fmt(value) -> str:

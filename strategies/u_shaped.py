@@ -31,8 +31,8 @@ from privtune_flwr.cloud import MiddleSide
 from privtune_flwr.config import RunConfig
 from privtune_flwr.schema import Plan, SchemaError, parse_gradient, parse_head_metrics, parse_release, step_instruction
 
-from .reporting import DEVICE_ERROR
-from .split_learning import TRAIN_AVERAGED, SplitLearningStrategy, _fmt
+from .reporting import DEVICE_ERROR, send_bounded
+from .split_learning import TRAIN_AVERAGED, SplitLearningStrategy, _fmt, reply_bytes
 
 log = logging.getLogger("privtune_flwr.cloud")
 
@@ -63,13 +63,15 @@ class UShapedStrategy(SplitLearningStrategy):
             self.cloud.optimizer.load_state_dict(state["optimizer"])
         self.cloud.steps = int(state["steps"])
 
-    def _ask(self, grid: Grid, nodes, kind: str, server_round: int, step: int, outputs=None) -> list[Message]:
+    def _ask(self, grid: Grid, nodes, kind: str, server_round: int, step: int, outputs=None, *,
+             plan: Plan | None = None) -> list[Message]:
         outputs = outputs or {}
         messages = [Message(content=step_instruction(server_round, step, outputs.get(n)), message_type=kind, dst_node_id=n)
                     for n in nodes]
         self._traffic["down"] += sum(_nbytes(o) for o in outputs.values())
         self._traffic["messages"] += len(messages)
-        replies = list(grid.send_and_receive(messages, timeout=self._timeout_for(nodes)))
+        plan = plan or self.plan("train" if kind.startswith("train") else "evaluate")
+        replies = send_bounded(grid, messages, timeout=self._timeout_for(nodes), max_reply_bytes=reply_bytes(plan))
         self._traffic["messages"] += len(replies)
         return replies
 
@@ -204,8 +206,9 @@ class UShapedStrategy(SplitLearningStrategy):
         self._traffic = {"up": 0, "down": 0, "messages": 0}
         node = self._wait_for_devices(grid)[0]
         count, d = self.cfg.generate_samples, self.cloud.split.hidden_size
-        prompt = self._valid_releases(server_round, "generate", self._ask(grid, [node], "evaluate.prompt", server_round, 0),
-                                      plan=Plan(d, 0, count, self.cfg.max_length, transport=self.cfg.transport_dtype))
+        prompt_plan = Plan(d, 0, count, self.cfg.max_length, transport=self.cfg.transport_dtype)
+        prompt = self._valid_releases(server_round, "generate",
+                                      self._ask(grid, [node], "evaluate.prompt", server_round, 0, plan=prompt_plan), plan=prompt_plan)
         if not prompt:
             return {"error": "the device released no prompt"}
         hidden, mask = prompt[0][1].hidden, prompt[0][1].attention_mask
@@ -213,12 +216,13 @@ class UShapedStrategy(SplitLearningStrategy):
         for step in range(1, self.cfg.max_new_tokens + 1):
             last = self.cloud.forward("generate", hidden, mask, train=False)[:, -1:].contiguous()
             got = self._valid_releases(server_round, "generate",
-                                       self._ask(grid, [node], "evaluate.next", server_round, step, {node: last}), plan=step_plan)
+                                       self._ask(grid, [node], "evaluate.next", server_round, step, {node: last}, plan=step_plan),
+                                       plan=step_plan)
             if not got:
                 return {"error": f"the device stopped answering at token {step}"}
             hidden = torch.cat([hidden, got[0][1].hidden], 1)
             mask = torch.cat([mask, got[0][1].attention_mask], 1)
-        replies = self._ask(grid, [node], "evaluate.finish", server_round, 0)
+        replies = self._ask(grid, [node], "evaluate.finish", server_round, 0, plan=step_plan)
         try:
             if replies[0].has_error():
                 raise SchemaError(DEVICE_ERROR + str(replies[0].error.reason))

@@ -107,3 +107,91 @@ def test_evaluation_scores_every_reply_in_chunks_and_equals_one_piece_scoring(ti
         assert metrics[f"test-{key}"] == want[key]
     assert metrics["test-loss"] == pytest.approx(want["loss"], abs=1e-5)
     assert not strategy.rejected.entries
+
+
+class _LinkGrid:
+    """A SuperLink stand-in: replies are built when pulled (the link holds them, not the cloud);
+    ``make(node)`` gives a device's reply. Records the ids asked for in each pull."""
+
+    def __init__(self, make):
+        self.make, self.sent, self.pulls = make, {}, []
+
+    def get_node_ids(self):
+        return sorted({m.metadata.dst_node_id for m in self.sent.values()})
+
+    def push_messages(self, messages):
+        ids = []
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = m.object_id
+            self.sent[m.object_id] = m
+            ids.append(m.object_id)
+        return ids
+
+    def pull_messages(self, ids):
+        ids = list(ids)
+        self.pulls.append(len(ids))
+        out = []
+        for i in ids:
+            asked = self.sent.pop(i)
+            content = self.make(asked.metadata.dst_node_id, asked.metadata.message_type)
+            reply = Message(content, reply_to=asked)
+            reply.metadata.__dict__["_src_node_id"] = asked.metadata.dst_node_id
+            out.append(reply)
+        return out
+
+
+def _content(n, t, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(n, t, dtype=torch.long)
+    return schema.release_content(torch.randn(n, t, d, generator=g), mask, torch.randint(0, 2, (n,), generator=g),
+                                  {"num-examples": n, "num-tokens": float(n * t)})
+
+
+def test_an_oversized_reply_is_dropped_as_it_arrives_one_at_a_time_and_never_held(tiny_split):
+    """The cloud pulls one reply at a time and drops one beyond the phase's byte budget before the
+    next pull: two 24 MB hostile replies (one in its arrays, one in a config record the schema
+    would reject anyway) never sit in the cloud's memory together, and are booked as rejections
+    of the devices they came from; a reply at exactly the plan's budget is scored."""
+    import tracemalloc
+
+    from flwr.app import ConfigRecord
+
+    from strategies.reporting import OVERSIZED, ProgressGrid
+    from strategies.split_learning import reply_bytes
+
+    strategy = _strategy(tiny_split, eval_examples=6)
+    d, plan = tiny_split.hidden_size, strategy.plan("evaluate")
+    budget = reply_bytes(plan)
+    big = 24 << 20
+
+    def make(node, kind):
+        if kind == MessageType.QUERY:  # which partition the device holds
+            return schema.device_identity(node - 1, 3)
+        if node == 1:  # honest, at the plan's limit
+            return _content(plan.max_examples, plan.max_tokens, d)
+        if node == 2:  # the arrays of a reply far beyond the plan
+            return _content(big // (16 * d * 4), 16, d, seed=2)
+        content = _content(2, 4, d, seed=3)  # a small release with a 24 MB config value beside it
+        content["padding"] = ConfigRecord({"x": b"\0" * big})
+        return content
+
+    assert schema.content_bytes(make(1, MessageType.EVALUATE)) <= budget < big
+    link = _LinkGrid(make)
+    grid = ProgressGrid(link)
+    link.get_node_ids = lambda: [1, 2, 3]
+    strategy._round = {"round": 1}
+    strategy._t_round = 0.0
+    tracemalloc.start()
+    try:
+        strategy.evaluate_round(grid, 1)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert link.pulls and max(link.pulls) == 1  # one reply per pull
+    # one oversized reply at a time (with its own construction copy), never both
+    assert peak < 2 * big + budget + (16 << 20), peak
+    causes = {e["device"]: e["cause"] for e in strategy.rejected.entries}
+    assert set(causes) == {"device 1", "device 2"}, causes  # partitions 1 and 2: the hostile nodes 2 and 3
+    for cause in causes.values():
+        assert OVERSIZED in cause and f"at most {budget} bytes per reply" in cause
+    assert strategy.history[-1]["test-num-examples"] == plan.max_examples

@@ -242,11 +242,16 @@ def _head_state(head: DeviceHead) -> dict:
 @pytest.mark.parametrize("value", [1e38, 3.4e38, -2e6, float("nan"), float("inf")])
 def test_the_head_refuses_outputs_outside_its_public_range_and_stays_untouched(family, task, value, minilm_tokenizer):
     """1e38 once reached the head and left it finite only because the gradient happened to be 0:
-    now outputs beyond the head's public range (|value| <= 1e6, finite) are refused, by value and
-    range, before the head, its optimiser or its step count changes; honest outputs still train."""
+    now outputs beyond the head's public range (finite, and |value| within the encoder middle's
+    LayerNorm bound, or 1e6 for a decoder's residual stream) are refused, by value and range,
+    before the head, its optimiser or its step count changes; honest outputs still train."""
     split = _split(family, task, minilm_tokenizer)
     cloud, head = MiddleSide(split, learning_rate=1e-2), DeviceHead(split, learning_rate=1e-2)
-    assert head.max_abs == 1e6
+    if family == "encoder":
+        assert split.middle_output_bound is not None and head.max_abs == split.middle_output_bound < 1e3
+    else:
+        assert split.middle_output_bound is None and head.max_abs == 1e6
+    limit = re.escape(f"{head.max_abs:g}")
     ids, mask, targets = _batch(split)
     honest = cloud.forward("s", split.bottom(ids, mask), mask)
     head.step(honest, mask, targets)  # the optimiser has state to protect
@@ -256,7 +261,7 @@ def test_the_head_refuses_outputs_outside_its_public_range_and_stays_untouched(f
     shown = "nan" if math.isnan(value) else ("inf" if math.isinf(value) else f"{abs(value):.4g}")
     for call in (head.step, head.evaluate):
         with pytest.raises(ValueError, match=r"the cloud's outputs hold .*" + re.escape(shown) + r".*accepted: finite values "
-                                             r"with \|value\| <= 1e\+06 \(the head's public input range, d=32\)"):
+                                             r"with \|value\| <= " + limit + r" \(the head's public input range, d=32\)"):
             call(hostile, mask, targets)
     after = _head_state(head)
     assert after["steps"] == before["steps"]
@@ -266,4 +271,41 @@ def test_the_head_refuses_outputs_outside_its_public_range_and_stays_untouched(f
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in head.params)
     grad, loss = head.step(honest, mask, targets)  # and it still trains on what is in range
     assert torch.isfinite(grad).all() and math.isfinite(loss) and head.steps == before["steps"] + 1
-    assert float(honest.abs().max()) < head.max_abs / 100  # honest middles are far inside the range
+    # honest middles lie inside the range: an encoder's is exact (tight), a decoder's cap far above
+    assert float(honest.abs().max()) < head.max_abs / (1 if family == "encoder" else 100)
+
+
+def test_an_encoder_middles_output_bound_holds_for_any_input_and_is_nearly_attained(minilm_tokenizer):
+    """The encoder head's range is the middle's last LayerNorm's ``max |gamma| sqrt(d-1) + |beta|``:
+    (1) gradient ascent on the middle's input (the cloud's most favourable honest-looking input,
+    any scale) never pushes an output coordinate past it; (2) the LayerNorm alone reaches within
+    2% of it with one spiked coordinate, so the bound is tight, not a loose guess; (3) an honest
+    middle's outputs on real sentences sit inside it, and 1.5 x the bound is refused."""
+    split = _split("encoder", "classification", minilm_tokenizer)
+    bound = split.middle_output_bound
+    ln = [m for m in split.middle.modules() if isinstance(m, torch.nn.LayerNorm)][-1]  # the last block's output norm
+    d = split.hidden_size
+    gamma, beta = ln.weight.detach(), ln.bias.detach()
+    i = int((gamma.abs() * math.sqrt(d - 1) + beta.abs()).argmax())
+    spike = torch.zeros(1, 1, d)
+    spike[0, 0, i] = 1e4 if float(gamma[i] * beta[i]) >= 0 else -1e4  # the sign where beta adds to gamma's term
+    reached = float(ln(spike).abs().max())
+    assert bound / 1.02 <= reached <= bound
+    mask = torch.ones(2, 6, dtype=torch.long)
+    worst = 0.0
+    for scale in (1e-2, 1.0, 1e4):
+        x = (torch.randn(2, 6, d, generator=torch.Generator().manual_seed(int(scale * 100))) * scale).requires_grad_(True)
+        opt = torch.optim.Adam([x], lr=0.1 * scale)
+        for _ in range(40):
+            out = split.middle(x, mask)
+            worst = max(worst, float(out.detach().abs().max()))
+            opt.zero_grad()
+            (-out.abs().max()).backward()
+            opt.step()
+    assert worst <= bound
+    ids, m, targets = _batch(split)
+    honest = split.middle(split.bottom(ids, m), m)
+    head = DeviceHead(split, learning_rate=1e-2)
+    head.check_outputs(honest.detach())
+    with pytest.raises(ValueError, match="accepted: finite values"):
+        head.check_outputs(torch.full_like(honest, 1.5 * bound))
