@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .models import SplitModel
+from .tasks import classification_metrics, next_token_nll, task_loss  # noqa: F401 - also this module's API
 
 log = logging.getLogger(__name__)
 
@@ -220,33 +221,6 @@ class MiddleSide:
     def state(self) -> dict:
         return {"trainable": self.split.trainable_state(),
                 "optimizer": self.optimizer.state_dict() if self.optimizer else {}, "steps": self.steps}
-
-
-def task_loss(logits: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor, task: str) -> torch.Tensor:
-    """Classification: cross-entropy of ``logits [N, C]`` against labels ``[N]``. Generation: the
-    next-token loss of ``logits [N, T, V]`` against token ids ``[N, T]`` over real positions."""
-    if task == "classification":
-        return F.cross_entropy(logits, targets)
-    pairs = (mask[:, 1:] * mask[:, :-1]).bool()
-    return F.cross_entropy(logits[:, :-1][pairs], targets[:, 1:][pairs])
-
-
-def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_labels: int) -> dict[str, float]:
-    """Loss, accuracy and macro-F1 of ``logits [N, C]`` against ``labels [N]``."""
-    pred = logits.argmax(-1)
-    f1s = []
-    for c in range(num_labels):
-        tp = int(((pred == c) & (labels == c)).sum())
-        fp = int(((pred == c) & (labels != c)).sum())
-        fn = int(((pred != c) & (labels == c)).sum())
-        if tp + fp + fn:
-            f1s.append(2 * tp / (2 * tp + fp + fn))
-    return {
-        "loss": float(F.cross_entropy(logits, labels)),
-        "accuracy": float((pred == labels).float().mean()),
-        "macro-f1": float(sum(f1s) / len(f1s)) if f1s else 0.0,
-        "num-examples": float(len(labels)),
-    }
 
 
 def fine_tune(device, cloud: "CloudSide", train, steps: int, *, seed: int = 0, progress: bool = False) -> list[float]:
@@ -483,13 +457,13 @@ def u_shaped_step(middle: MiddleSide, head, hidden: torch.Tensor, mask: torch.Te
 def u_shaped_perplexity(middle: MiddleSide, head, released: ReleasedSet, batch_size: int = 32) -> dict[str, float]:
     """Next-token loss and perplexity of ``head(middle(.))`` over every real token pair of a
     generation :class:`ReleasedSet` (token-weighted, as a corpus perplexity)."""
-    from .device import next_token_loss_sum
-
     order = torch.argsort(released.lengths, stable=True)
     total, count = 0.0, 0
+    head.split.head.eval()
     for start in range(0, len(order), batch_size):
         hidden, mask, ids = released.batch(order[start:start + batch_size])
-        loss_sum, pairs = next_token_loss_sum(head, middle.forward("eval", hidden, mask, train=False), mask, ids)
+        logits = head.split.head(middle.forward("eval", hidden, mask, train=False), mask)
+        loss_sum, pairs = next_token_nll(logits, mask, ids)
         total, count = total + loss_sum, count + pairs
     loss = total / max(count, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": float(count)}

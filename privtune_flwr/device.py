@@ -27,6 +27,7 @@ from .defenses import OPTIONS, Defense, build_defense
 from .mechanism.obfuscator import Obfuscator, fit_obfuscator
 from .mechanism.subspace import Subspace, fit_subspace
 from .models import SplitModel
+from .tasks import classification_metrics, next_token_nll, task_loss
 
 BUCKET = 8
 # Examples per call of the bottom and the defence. A float32 matrix product may round a row
@@ -327,8 +328,6 @@ class DeviceHead:
         label protection, :attr:`protection`, if any: randomised labels for the loss, noise on the
         gradient) and the loss. ``token_ids`` identify the examples (randomised response draws
         each example's label once)."""
-        from .cloud import task_loss
-
         self.check_outputs(outputs)  # before the head, its optimiser or its step count is touched
         protection = getattr(self, "protection", None)
         if protection is not None and self.split.task == "classification":
@@ -351,8 +350,6 @@ class DeviceHead:
 
     @torch.no_grad()
     def evaluate(self, outputs: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-        from .cloud import classification_metrics, task_loss
-
         self.check_outputs(outputs)
         self.split.head.eval()
         logits = self.split.head(outputs, mask)
@@ -366,13 +363,8 @@ class DeviceHead:
 def next_token_loss_sum(head: DeviceHead, outputs: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
     """Summed next-token cross-entropy of the head's logits on the middle's ``outputs`` over every
     real pair of positions, and the number of pairs (for a corpus perplexity)."""
-    import torch.nn.functional as F
-
     head.split.head.eval()
-    logits = head.split.head(outputs, mask)
-    pairs = (mask[:, 1:] * mask[:, :-1]).bool()
-    loss = F.cross_entropy(logits[:, :-1][pairs].float(), ids[:, 1:][pairs], reduction="sum")
-    return float(loss), int(pairs.sum())
+    return next_token_nll(head.split.head(outputs, mask), mask, ids)
 
 
 def generated_text(tokenizer, seq: list[int], prompt_length: int) -> str:

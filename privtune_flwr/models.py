@@ -43,9 +43,10 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .tasks import TASKS
+
 log = logging.getLogger(__name__)
 
-TASKS = ("classification", "generation")
 PROTOCOLS = ("vanilla", "u-shaped")
 
 # Offline models shipped as PyPI packages (see the README's set-up section).

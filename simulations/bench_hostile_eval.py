@@ -75,7 +75,8 @@ def child(case: str, mode: str, devices: int, split_layer: int) -> dict:
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # Flower stamps messages with a run
 
     from privtune_flwr import data, schema
-    from privtune_flwr.cloud import CloudSide, classification_metrics
+    from privtune_flwr.cloud import CloudSide
+    from privtune_flwr.tasks import classification_metrics
     from privtune_flwr.config import RunConfig
     from privtune_flwr.models import load_split
     from strategies import SplitLearningStrategy

@@ -35,7 +35,8 @@ from flwr.serverapp.strategy import Strategy
 
 from privtune_flwr import data
 from privtune_flwr.config import RunConfig
-from privtune_flwr.cloud import CloudSide, NonFiniteUpdate, classification_metrics
+from privtune_flwr.cloud import CloudSide, NonFiniteUpdate
+from privtune_flwr.tasks import classification_metrics
 from privtune_flwr.schema import (NPY_HEADER_MAX, REPLY_RECORDS_SLACK, Plan, Release, SchemaError, instruction, parse_release,
                                   read_device_identity)
 

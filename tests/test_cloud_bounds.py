@@ -99,7 +99,7 @@ def test_evaluation_scores_every_reply_in_chunks_and_equals_one_piece_scoring(ti
     top.eval()
     with torch.no_grad():
         logits = torch.cat([top(p.hidden, p.attention_mask) for p in parsed])
-    from privtune_flwr.cloud import classification_metrics
+    from privtune_flwr.tasks import classification_metrics
 
     want = classification_metrics(logits, torch.cat([p.labels for p in parsed]), 2)
     assert metrics["test-num-examples"] == 221

@@ -10,7 +10,8 @@ import re
 import pytest
 import torch
 
-from privtune_flwr.cloud import MiddleSide, task_loss
+from privtune_flwr.cloud import MiddleSide
+from privtune_flwr.tasks import task_loss
 from privtune_flwr.device import DeviceHead
 from privtune_flwr.models import load_split, position_ids
 from tests.conftest import tiny_hf_model
