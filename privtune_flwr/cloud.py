@@ -134,6 +134,19 @@ class CloudSide:
         self.steps = int(state["steps"])
 
 
+def clip_norm(grads: list[torch.Tensor | None], max_norm: float) -> list[torch.Tensor | None]:
+    """``grads`` scaled down so that their joint norm is at most ``max_norm`` (non-finite ones are
+    left as they are: :meth:`MiddleSide.apply` and :meth:`MiddleSide.step` refuse them)."""
+    present = [g for g in grads if g is not None]
+    if not present:
+        return grads
+    norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in present)))
+    if not math.isfinite(norm) or norm <= max_norm:
+        return grads
+    factor = max_norm / norm
+    return [None if g is None else g * factor for g in grads]
+
+
 class MiddleSide:
     """The cloud's half of the u-shaped protocol: the middle and its LoRA optimiser.
 
@@ -176,15 +189,26 @@ class MiddleSide:
             raise ValueError("gradient holds non-finite values")
         return outputs
 
-    def backward(self, key: str, grad: torch.Tensor, weight: float = 1.0) -> None:
-        """Back-propagate one device's gradient (scaled by ``weight``) into the LoRA weights."""
-        outputs = self._take(key, grad)
-        outputs.backward(grad.to(outputs.dtype) * weight)
+    def backward(self, key: str, grad: torch.Tensor, weight: float = 1.0, *, max_norm: float | None = None) -> None:
+        """Back-propagate one device's gradient (scaled by ``weight``) into the LoRA weights.
 
-    def gradients(self, key: str, grad: torch.Tensor) -> list[torch.Tensor | None]:
-        """One device's gradient of the LoRA weights, kept apart (for :meth:`apply`)."""
+        ``max_norm``: the device's gradient of the LoRA weights (all of them together) is first
+        clipped to this norm, so one device adds at most ``weight * max_norm`` to the step, whatever
+        it sends back (the strategy passes ``max-grad-norm``; the vanilla top clips each batch)."""
+        if not max_norm:
+            outputs = self._take(key, grad)
+            outputs.backward(grad.to(outputs.dtype) * weight)
+            return
+        for p, g in zip(self.params, self.gradients(key, grad, max_norm=max_norm)):
+            if g is not None:
+                p.grad = g * weight if p.grad is None else p.grad + g * weight
+
+    def gradients(self, key: str, grad: torch.Tensor, *, max_norm: float | None = None) -> list[torch.Tensor | None]:
+        """One device's gradient of the LoRA weights, kept apart (for :meth:`apply`), clipped to
+        ``max_norm`` (all weights together) if given."""
         outputs = self._take(key, grad)
-        return list(torch.autograd.grad(outputs, self.params, grad.to(outputs.dtype), allow_unused=True))
+        grads = list(torch.autograd.grad(outputs, self.params, grad.to(outputs.dtype), allow_unused=True))
+        return clip_norm(grads, max_norm) if max_norm else grads
 
     def apply(self, grads: list[torch.Tensor | None]) -> bool:
         """One optimiser step with ``grads`` (from :meth:`gradients`); False, nothing changed, if

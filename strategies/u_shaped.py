@@ -110,11 +110,12 @@ class UShapedStrategy(SplitLearningStrategy):
                     continue
                 try:
                     grad, metrics = parse_gradient(reply.content, tuple(out.shape))
+                    clip = self.cfg.max_grad_norm or None  # one device's share of a step is bounded
                     if self.cfg.middle_steps == "per-batch":
                         order = (self.partition.get(node, 1 << 62), node)
-                        separate.append((order, out.shape[0], self.cloud.gradients(key, grad)))
+                        separate.append((order, out.shape[0], self.cloud.gradients(key, grad, max_norm=clip)))
                     else:
-                        self.cloud.backward(key, grad, weight=float(out.shape[0]))
+                        self.cloud.backward(key, grad, weight=float(out.shape[0]), max_norm=clip)
                 except (SchemaError, KeyError, ValueError) as exc:
                     self._reject(server_round, "train", node, str(exc))
                     continue

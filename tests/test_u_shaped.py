@@ -310,3 +310,41 @@ def test_an_encoder_middles_output_bound_holds_for_any_input_and_is_nearly_attai
     head.check_outputs(honest.detach())
     with pytest.raises(ValueError, match="accepted: finite values"):
         head.check_outputs(torch.full_like(honest, 1.5 * bound))
+
+
+def test_one_device_adds_at_most_its_weight_times_max_grad_norm_to_a_middle_step(minilm_tokenizer):
+    """u-shaped clipping: the gradient a device returns is turned into its LoRA gradient and
+    clipped to ``max_norm`` before it joins the step. A device that returns its gradient times 1e6
+    moves the accumulated step by at most ``weight * max_norm`` from the honest-only step (without
+    clipping: by hundreds of times more); clipping with a bound no gradient reaches changes nothing."""
+    split = _split("encoder", "classification", minilm_tokenizer)
+    cloud, head = MiddleSide(split, learning_rate=1e-2), DeviceHead(split, learning_rate=1e-2)
+    ids, mask, targets = _batch(split)
+    hidden = split.bottom(ids, mask)
+
+    def accumulated(scale_hostile: float, max_norm):
+        for p in cloud.params:
+            p.grad = None
+        for key, scale in (("honest", 1.0), ("hostile", scale_hostile)):
+            out = cloud.forward(key, hidden, mask)
+            grad, _ = DeviceHead(split, learning_rate=0.0).step(out, mask, targets)
+            cloud.backward(key, grad * scale, weight=3.0, max_norm=max_norm)
+        return torch.cat([p.grad.flatten() for p in cloud.params if p.grad is not None])
+
+    def honest_only(max_norm):
+        for p in cloud.params:
+            p.grad = None
+        out = cloud.forward("honest", hidden, mask)
+        grad, _ = DeviceHead(split, learning_rate=0.0).step(out, mask, targets)
+        cloud.backward("honest", grad, weight=3.0, max_norm=max_norm)
+        return torch.cat([p.grad.flatten() for p in cloud.params if p.grad is not None])
+
+    del head
+    base = honest_only(1.0)
+    clipped = accumulated(1e6, 1.0)
+    assert float((clipped - base).norm()) <= 3.0 * 1.0 * (1 + 1e-5)
+    unclipped = accumulated(1e6, None)
+    assert float((unclipped - honest_only(None)).norm()) > 100 * float((clipped - base).norm())
+    assert torch.allclose(accumulated(1.0, 1e9), accumulated(1.0, None), rtol=1e-5, atol=1e-8)
+    for p in cloud.params:
+        p.grad = None
