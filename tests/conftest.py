@@ -83,6 +83,22 @@ def task_identity():
 ROBERTA_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")  # ids 0..3, as RoBERTa's own tokenizer numbers them
 
 
+class LinkGrid:
+    """A SuperLink stand-in for grid tests: ``push_messages`` stamps and keeps each message;
+    subclasses answer in ``pull_messages``."""
+
+    def __init__(self):
+        self.sent = {}
+
+    def push_messages(self, messages):
+        ids = []
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = m.object_id
+            self.sent[m.object_id] = m
+            ids.append(m.object_id)
+        return ids
+
+
 def corpus_words(names=("rotten_tomatoes", "imdb"), size: int = 600, max_examples: int = 300) -> list[str]:
     """The ``size`` most frequent lowercased words and punctuation marks of the offline corpora
     ``names`` (their train splits, seed 0): a vocabulary that covers most of their text."""

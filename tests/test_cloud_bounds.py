@@ -14,7 +14,7 @@ from privtune_flwr.cloud import EVAL_CHUNK, CloudSide
 from privtune_flwr.config import RunConfig
 from privtune_flwr.models import load_split
 from strategies import SplitLearningStrategy
-from tests.conftest import tiny_hf_model
+from tests.conftest import LinkGrid, tiny_hf_model
 
 
 @pytest.fixture(scope="module")
@@ -109,23 +109,13 @@ def test_evaluation_scores_every_reply_in_chunks_and_equals_one_piece_scoring(ti
     assert not strategy.rejected.entries
 
 
-class _LinkGrid:
-    """A SuperLink stand-in: replies are built when pulled (the link holds them, not the cloud);
-    ``make(node)`` gives a device's reply. Records the ids asked for in each pull."""
+class _LinkGrid(LinkGrid):
+    """Replies are built when pulled (the link holds them, not the cloud); ``make(node, kind)``
+    gives a device's reply. Records the ids asked for in each pull."""
 
     def __init__(self, make):
-        self.make, self.sent, self.pulls = make, {}, []
-
-    def get_node_ids(self):
-        return sorted({m.metadata.dst_node_id for m in self.sent.values()})
-
-    def push_messages(self, messages):
-        ids = []
-        for m in messages:
-            m.metadata.__dict__["_message_id"] = m.object_id
-            self.sent[m.object_id] = m
-            ids.append(m.object_id)
-        return ids
+        super().__init__()
+        self.make, self.pulls = make, []
 
     def pull_messages(self, ids):
         ids = list(ids)

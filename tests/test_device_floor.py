@@ -147,18 +147,9 @@ def test_an_error_the_superlink_writes_for_a_lost_device_names_that_device():
     it against the device it was sent to."""
     from strategies.reporting import ProgressGrid
 
-    class LinkGrid:
-        def __init__(self):
-            self.sent = {}
+    from tests.conftest import LinkGrid
 
-        def push_messages(self, messages):
-            ids = []
-            for m in messages:
-                m.metadata.__dict__["_message_id"] = m.object_id
-                self.sent[m.object_id] = m
-                ids.append(m.object_id)
-            return ids
-
+    class LostLink(LinkGrid):
         def pull_messages(self, ids):
             out = []
             for i in ids:
@@ -168,6 +159,6 @@ def test_an_error_the_superlink_writes_for_a_lost_device_names_that_device():
             return out
 
     msgs = [Message(content=schema.instruction(1, 1), message_type=MessageType.TRAIN, dst_node_id=n) for n in (7, 9)]
-    replies = ProgressGrid(LinkGrid()).send_and_receive(msgs, timeout=5)
+    replies = ProgressGrid(LostLink()).send_and_receive(msgs, timeout=5)
     assert sorted(r.metadata.src_node_id for r in replies) == [7, 9]
     assert all(r.has_error() and r.error.reason == "node unavailable" for r in replies)
