@@ -12,7 +12,11 @@ import threading
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
-PROTOCOLS = ("vanilla", "u-shaped")
+PROTOCOLS = ("vanilla", "u-shaped", "offsite")
+OFFSITE_METHODS = ("fedbiot", "scaleot")  # as privtune_flwr.offsite.METHODS (a test keeps them equal)
+# Blocks of the offline models, so that an emulator that would drop every middle block (or none)
+# is refused when the config is read; other models are checked when the emulator is built.
+OFFSITE_DEPTHS = {"minilm": 6, "smollm2": 30}
 TASKS = ("classification", "generation")
 LORA_TARGET_CHOICES = ("attention", "all")  # as privtune_flwr.models accepts them
 RELEASES = ("once", "fresh")
@@ -82,6 +86,17 @@ class RunConfig:
     # takes (the devices of one exchange are applied in turn, each gradient computed at the weights
     # the exchange started from); "joint" = one step per exchange, averaged over the devices
     middle_steps: str = "per-batch"
+    # offsite (privtune_flwr.offsite; no representation leaves a device): "fedbiot" (uniform-stride
+    # layer drop) | "scaleot" (importance-scored drop + SVD of the kept middle's attention weights).
+    # The first and last offsite-adapter-layers blocks are the LoRA adapter; emulator-drop of the middle
+    # blocks are dropped; distill-steps align the emulator on public text; each sampled device takes
+    # local-steps steps of batch-size examples per round.
+    offsite_method: str = "fedbiot"
+    emulator_drop: float = 0.5
+    offsite_adapter_layers: int = 1
+    distill_steps: int = 20
+    svd_rank_fraction: float = 0.25
+    local_steps: int = 8
     generate_samples: int = 3  # generation: texts a device generates before and after fine-tuning (0 = none)
     max_new_tokens: int = 16  # generation: the longest generated continuation
     # cloud fine-tuning
@@ -169,6 +184,21 @@ class RunConfig:
         _require(self.protocol in PROTOCOLS, "protocol", self.protocol, " or ".join(repr(p) for p in PROTOCOLS))
         _require(self.middle_steps in MIDDLE_STEPS, "middle-steps", self.middle_steps, " or ".join(repr(m) for m in MIDDLE_STEPS))
         _require(self.task in TASKS, "task", self.task, " or ".join(repr(t) for t in TASKS))
+        _require(self.offsite_method in OFFSITE_METHODS, "offsite-method", self.offsite_method,
+                 " or ".join(repr(m) for m in OFFSITE_METHODS))
+        _require(math.isfinite(self.emulator_drop) and 0 < self.emulator_drop < 1, "emulator-drop", self.emulator_drop,
+                 "(0, 1) (the share of the middle blocks the emulator drops)")
+        _require(self.offsite_adapter_layers >= 1, "offsite-adapter-layers", self.offsite_adapter_layers, "an integer >= 1 (and < half the model's blocks)")
+        _require(0 <= self.distill_steps <= 100_000, "distill-steps", self.distill_steps, "0..100000")
+        _require(math.isfinite(self.svd_rank_fraction) and 0 < self.svd_rank_fraction <= 1, "svd-rank-fraction",
+                 self.svd_rank_fraction, "(0, 1] (rank / min(rows, columns) of each factorised weight)")
+        _require(1 <= self.local_steps <= 4096, "local-steps", self.local_steps, "1..4096")
+        if self.protocol == "offsite":
+            _require(self.lora_rank >= 1, "lora-rank", self.lora_rank, ">= 1 with protocol='offsite' (the adapters are LoRA)")
+            if self.model in OFFSITE_DEPTHS and self.offsite_adapter_layers >= 1 and 0 < self.emulator_drop < 1:
+                problem = offsite_emulator_problem(OFFSITE_DEPTHS[self.model], self.offsite_adapter_layers, self.emulator_drop)
+                if problem is not None:
+                    _require(False, *problem)
         _require(not (self.task == "generation" and self.protocol == "vanilla"), "protocol", self.protocol,
                  "'u-shaped' for task='generation' (with the vanilla split the cloud would receive the labels, "
                  "which for a language model are the text itself)")
@@ -285,6 +315,42 @@ class RunConfig:
 
     def to_flower(self) -> dict[str, Any]:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+
+def offsite_emulator_problem(num_layers: int, adapter_layers: int, drop: float) -> tuple[str, Any, str] | None:
+    """``(key, value, accepted)`` of what is wrong with an emulator of a ``num_layers``-block model
+    that keeps the first and last ``adapter_layers`` blocks and drops ``drop`` of the middle; None
+    if nothing is."""
+    if isinstance(adapter_layers, bool) or not isinstance(adapter_layers, int) or adapter_layers < 1 or 2 * adapter_layers >= num_layers:
+        return ("offsite-adapter-layers", adapter_layers, f"1..{(num_layers - 1) // 2} for a model of {num_layers} blocks (the first "
+                "and the last offsite-adapter-layers blocks are the adapter; at least one block must lie between them)")
+    middle = num_layers - 2 * adapter_layers
+    if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not (math.isfinite(drop) and 0 < drop < 1):
+        return ("emulator-drop", drop, "(0, 1)")
+    keep = _kept_middle(middle, drop)
+    where = f"{middle} middle blocks (offsite-adapter-layers={adapter_layers} of {num_layers})"
+    if keep < 1:
+        return ("emulator-drop", drop, f"a drop that keeps a middle block: this one drops all {where}; accepted: "
+                f"emulator-drop <= {1 - 0.5 / middle:.4g}")
+    if keep >= middle:
+        return ("emulator-drop", drop, f"a drop that removes a middle block: this one drops none of the {where}; "
+                f"accepted: emulator-drop > {0.5 / middle:.4g}")
+    return None
+
+
+def middle_keep_count(num_layers: int, adapter_layers: int, drop: float) -> int:
+    """How many middle blocks an offsite emulator keeps (``floor((1 - drop) M + 1/2)`` of the ``M``
+    between the adapters); a ValueError naming the value and the accepted range if that is no
+    middle block, all of them, or the adapters leave no middle."""
+    problem = offsite_emulator_problem(num_layers, adapter_layers, drop)
+    if problem is not None:
+        key, value, accepted = problem
+        raise ValueError(f"{key}={value!r} is outside the accepted range: {accepted}")
+    return _kept_middle(num_layers - 2 * adapter_layers, drop)
+
+
+def _kept_middle(middle: int, drop: float) -> int:
+    return int(math.floor((1.0 - drop) * middle + 0.5))  # half up (Python's round() goes to even)
 
 
 def unknown_key_message(key: str, accepted: list[str]) -> str:

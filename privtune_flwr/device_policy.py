@@ -38,6 +38,9 @@ key                        default                 meaning
                                                    the operator can remove: research only)
 ``allow-fresh-noise``      false                   accept ``release = 'fresh'`` (noise that composes
                                                    over re-sends)
+``allow-offsite``          false                   accept ``protocol = 'offsite'``: the device trains
+                                                   adapters on its data and sends them, model
+                                                   updates that no defence or bound covers
 ``max-batches-per-instruction`` 64                 the most batches one instruction may ask for
 ``max-examples-per-instruction`` 1024              the most examples one instruction may release
                                                    (train: batches x batch-size; evaluate: the
@@ -203,6 +206,7 @@ class DevicePolicy:
     allow_continuous_scales: bool = False
     allow_reproducible_noise: bool = False
     allow_fresh_noise: bool = False
+    allow_offsite: bool = False
     data_dir: str = ""
     allow_hub_datasets: bool = False
     max_batches_per_instruction: int = 64  # the most work one instruction may ask for
@@ -359,6 +363,13 @@ class DevicePolicy:
                               "node config 'allow-fresh-noise=true'")
         self.check_dataset(cfg.dataset)
         self.check_label_protection(cfg)
+
+    def check_offsite(self) -> None:
+        """Refuse the offsite protocol unless the device admits it (``allow-offsite``)."""
+        if not self.allow_offsite:
+            raise PolicyError("this device refuses protocol='offsite': it would send adapter weights trained on its "
+                              "data, which no defence or privacy bound covers; its floor needs node config "
+                              "'allow-offsite=true'")
 
     def check_label_protection(self, cfg: RunConfig) -> None:
         """Refuse a run whose u-shaped label protection is weaker than ``min-label-protection``."""

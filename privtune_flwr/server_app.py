@@ -41,8 +41,14 @@ def privacy_summary(cfg: RunConfig, history: list[dict]) -> dict:
         return max(values) if values else None
 
     statement = statement_for_config(cfg, radius=worst("shift-radius") or 0.0)
-    return run_summary(statement, max_tokens=cfg.max_length, train_releases=worst("releases-per-example-max"),
-                       test_releases=worst("test-releases-per-example-max"))
+    summary = run_summary(statement, max_tokens=cfg.max_length, train_releases=worst("releases-per-example-max"),
+                          test_releases=worst("test-releases-per-example-max"))
+    if cfg.federated_map():  # what the cloud learned before round 1, from the map's fit
+        from .accounting import federated_map_statement
+
+        summary["fit-phase"] = federated_map_statement(cfg)
+        summary["fit-phase-contributions"] = next((r.get("map-contributions") for r in history if "map-contributions" in r), None)
+    return summary
 
 
 def _console_log() -> None:
@@ -122,12 +128,18 @@ def main(grid: Grid, context: Context) -> None:
     log.info("loading %s, split after block %d (%s protocol)...", cfg.model, cfg.split_layer, cfg.protocol)
     # Everything the cloud needs comes from the run config (num-labels): it never loads the data.
     num_labels = cfg.num_labels if cfg.task == "classification" else 0
-    split = load_split(cfg.model, cfg.split_layer, cfg.task, max(num_labels, 2), lora_rank=cfg.lora_rank, seed=cfg.seed,
-                       protocol=cfg.protocol, lora_targets=cfg.lora_targets, **cfg.cloud_placement())
+    if cfg.protocol == "offsite":  # no split: the emulator's adapters, averaged and plugged into the full model
+        from strategies.offsite import OffsiteCloud, OffsiteStrategy
+
+        split = cloud = OffsiteCloud(cfg)
+        strategy = OffsiteStrategy(cloud, cfg, output_dir=out)
+    else:
+        split = load_split(cfg.model, cfg.split_layer, cfg.task, max(num_labels, 2), lora_rank=cfg.lora_rank, seed=cfg.seed,
+                           protocol=cfg.protocol, lora_targets=cfg.lora_targets, **cfg.cloud_placement())
     if cfg.protocol == "u-shaped":
         cloud = MiddleSide(split, learning_rate=cfg.learning_rate)
         strategy = UShapedStrategy(cloud, cfg, output_dir=out)
-    else:
+    elif cfg.protocol == "vanilla":
         cloud = CloudSide(split, learning_rate=cfg.learning_rate, batch_size=cfg.batch_size, seed=cfg.seed)
         strategy = SplitLearningStrategy(cloud, cfg, output_dir=out)
     if cfg.resume_from:
@@ -170,7 +182,10 @@ def main(grid: Grid, context: Context) -> None:
         "resumed-from": cfg.resume_from or None,
         "devices-lost": strategy.devices_lost,
         "generation": getattr(strategy, "generation", {}),
-        "privacy": privacy_summary(cfg, history),
+        # offsite: no representation is released, so no mechanism's statement applies (adapters are model updates)
+        "privacy": privacy_summary(cfg, history) if cfg.protocol != "offsite" else {
+            "statement": "offsite tuning releases no representations; devices send adapter weights, with no formal guarantee"},
+        "emulator": getattr(cloud, "emulator_report", None),
         "wall-seconds": time.perf_counter() - t0,
         "server-peak-rss-mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "trainable-parameters": sum(v.numel() for v in split.trainable_state().values()),

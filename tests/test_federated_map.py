@@ -279,3 +279,17 @@ def test_the_device_refuses_a_basis_chosen_to_invert_and_accepts_the_federations
         fm.check_audit(chosen_audit, max_inversion=DevicePolicy().max_map_inversion, min_label=0.0)
     assert chosen_audit.inversion > 1.5 * fed_audit.inversion
     assert fed_audit.label > 0.55
+
+
+def test_the_run_summary_states_what_the_fit_phase_told_the_cloud():
+    """results.json's privacy section carries the fit phase's statement (and how many devices
+    contributed) when the map is the federation's, and nothing of it otherwise."""
+    from privtune_flwr.config import RunConfig
+    from privtune_flwr.server_app import privacy_summary
+
+    fed = RunConfig(defense="label-subspace", subspace_fit_scope="federation")
+    history = [{"round": 1, "map-contributions": 7.0}, {"round": 2}]
+    summary = privacy_summary(fed, history)
+    assert summary["fit-phase"].startswith("fit phase (subspace-fit-scope='federation')")
+    assert "-DP per sentence" in summary["fit-phase"] and summary["fit-phase-contributions"] == 7.0
+    assert "fit-phase" not in privacy_summary(RunConfig(defense="label-subspace"), history)
