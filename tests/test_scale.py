@@ -111,3 +111,41 @@ def test_float16_transport_halves_the_bytes_and_rounds_only(minilm_split):
     with pytest.raises(ValueError, match="transport-dtype='bf16'"):
         _cfg(transport_dtype="bf16")
     assert np.dtype("float16").itemsize * 2 == np.dtype("float32").itemsize
+
+
+def test_a_device_served_by_another_actor_restores_its_label_map_instead_of_fitting_again(monkeypatch, minilm_split):
+    """The default defence fits the device's label map once per run, not once per Ray actor that
+    serves the device: the map lives in its context.state, a fresh process cache restores it, and
+    the release from the restored map is bit-identical to the one from the fit. A map stored for
+    other fit inputs (another rank) is refitted, not reused."""
+    import torch
+    from flwr.app import RecordDict
+
+    from privtune_flwr import device as device_module
+
+    fits = []
+    real = device_module.device_subspace
+
+    def counting(*args, **kwargs):
+        fits.append(kwargs.get("rank"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(device_module, "device_subspace", counting)
+    cfg = _cfg(defense="label-subspace", epsilon=64.0, max_examples=80, subspace_fit="closed-form")
+    state = RecordDict()
+    monkeypatch.setattr(device_app, "_NODES", type(device_app._NODES)())
+    first = device_app.load_node(cfg, 0, 2, state)
+    assert len(fits) == 1 and device_app.FITTED in state.array_records
+    monkeypatch.setattr(device_app, "_NODES", type(device_app._NODES)())  # another actor: an empty cache
+    again = device_app.load_node(cfg, 0, 2, state)
+    assert len(fits) == 1  # restored, not refitted
+    assert first.defense.mechanism_config() == again.defense.mechanism_config()
+    again.defense.key = first.defense.key  # the device's key (set per message from its key store)
+    texts = list(first.train["text"][:3])
+    enc = first.device.encode(texts)
+    a, b = first.device.release_ids(enc, [0, 1, 0]), again.device.release_ids(enc, [0, 1, 0])
+    assert torch.equal(a.hidden, b.hidden)
+    monkeypatch.setattr(device_app, "_NODES", type(device_app._NODES)())
+    device_app.load_node(_cfg(defense="label-subspace", epsilon=64.0, max_examples=80, subspace_fit="closed-form",
+                              subspace_rank=1), 0, 2, state)
+    assert fits == [2, 1]
