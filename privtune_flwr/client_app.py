@@ -18,7 +18,6 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import random
 import sys
 from dataclasses import dataclass
 
@@ -27,6 +26,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.clientapp import ClientApp
 
 from . import data
+from .data import partition_ids, round_indices  # noqa: F401 - also this module's names
 from .accounting import ReleaseBudgetExceeded, ReleaseLedger
 from .config import RunConfig
 from .defenses import Defense
@@ -75,20 +75,6 @@ def _split(cfg: RunConfig, num_labels: int) -> SplitModel:
                                protocol="u-shaped", lora_targets=cfg.lora_targets, **cfg.device_placement()).without_middle()
         _SPLITS[key] = split
     return _SPLITS[key]
-
-
-def partition_ids(node_config) -> tuple[int, int]:
-    """``(partition-id, num-partitions)`` from the node config, validated."""
-    try:
-        pid, total = int(node_config["partition-id"]), int(node_config["num-partitions"])
-    except (KeyError, TypeError, ValueError):
-        raise ValueError(
-            f"node config {dict(node_config)!r} needs integer 'partition-id' and 'num-partitions' "
-            '(e.g. --node-config "partition-id=0 num-partitions=2")'
-        ) from None
-    if total < 1 or not 0 <= pid < total:
-        raise ValueError(f"partition-id={pid} / num-partitions={total}: need num-partitions >= 1 and 0 <= partition-id < num-partitions")
-    return pid, total
 
 
 FITTED = "device-fit"  # context.state ArrayRecord: this device's own label map (device scope), kept across actors
@@ -226,29 +212,6 @@ def _state(context: Context) -> ConfigRecord:
     if STATE not in context.state.config_records:
         context.state.config_records[STATE] = ConfigRecord({"evaluations": 0})
     return context.state.config_records[STATE]
-
-
-def round_indices(size: int, server_round: int, count: int, seed: int) -> list[int]:
-    """The ``count`` examples a device releases in round ``server_round``: positions
-    ``(round - 1) * count ...`` of an endless sequence of seeded epoch shuffles.
-
-    A pure function of the round, so a resumed run reads what an uninterrupted one would. The
-    round comes from the cloud, which may thus make a device re-read examples; with release once
-    a re-read is the same tensor (nothing new), and with fresh noise the device counts it.
-    """
-    out: list[int] = []
-    position = (server_round - 1) * count
-    orders: dict[int, list[int]] = {}
-    while len(out) < count:
-        epoch, offset = divmod(position, size)
-        if epoch not in orders:
-            order = list(range(size))
-            random.Random(seed * 7919 + epoch).shuffle(order)
-            orders[epoch] = order
-        take = orders[epoch][offset : offset + count - len(out)]
-        out.extend(take)
-        position += len(take)
-    return out
 
 
 def _count_sends(context: Context, size: int, idx: list[int]) -> int:

@@ -785,3 +785,43 @@ def holdout(dataset: datasets.Dataset, fraction: float, *, seed: int = 0,
     if not held or not kept:
         raise ValueError(f"a validation fraction of {fraction} of {len(labels)} rows leaves an empty split")
     return dataset.select(kept), dataset.select(sorted(held))
+
+
+# -- a device's share and its reading order (pure functions of the node config and the round) --
+
+
+def partition_ids(node_config) -> tuple[int, int]:
+    """``(partition-id, num-partitions)`` from the node config, validated."""
+    try:
+        pid, total = int(node_config["partition-id"]), int(node_config["num-partitions"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(
+            f"node config {dict(node_config)!r} needs integer 'partition-id' and 'num-partitions' "
+            '(e.g. --node-config "partition-id=0 num-partitions=2")'
+        ) from None
+    if total < 1 or not 0 <= pid < total:
+        raise ValueError(f"partition-id={pid} / num-partitions={total}: need num-partitions >= 1 and 0 <= partition-id < num-partitions")
+    return pid, total
+
+
+def round_indices(size: int, server_round: int, count: int, seed: int) -> list[int]:
+    """The ``count`` examples a device releases in round ``server_round``: positions
+    ``(round - 1) * count ...`` of an endless sequence of seeded epoch shuffles.
+
+    A pure function of the round, so a resumed run reads what an uninterrupted one would. The
+    round comes from the cloud, which may thus make a device re-read examples; with release once
+    a re-read is the same tensor (nothing new), and with fresh noise the device counts it.
+    """
+    out: list[int] = []
+    position = (server_round - 1) * count
+    orders: dict[int, list[int]] = {}
+    while len(out) < count:
+        epoch, offset = divmod(position, size)
+        if epoch not in orders:
+            order = list(range(size))
+            random.Random(seed * 7919 + epoch).shuffle(order)
+            orders[epoch] = order
+        take = orders[epoch][offset : offset + count - len(out)]
+        out.extend(take)
+        position += len(take)
+    return out

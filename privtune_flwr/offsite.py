@@ -632,7 +632,7 @@ def read_adapters(record, spec: dict[str, tuple[int, ...]]) -> dict[str, torch.T
 
 def _device_instruction(msg, context):
     """The run config, this device's data, the models, and the adapters it was sent (checked)."""
-    from .client_app import partition_ids
+    from .data import partition_ids
     from .config import RunConfig
     from .device_policy import DevicePolicy
     from .schema import SchemaError, read_instruction
@@ -662,7 +662,7 @@ def device_train(msg, context):
     data; reply with the adapters and the number of training examples it holds."""
     from flwr.app import Message, MetricRecord, RecordDict
 
-    from .client_app import round_indices
+    from .data import round_indices
 
     cfg, pid, server_round, steps, off, state, train, _ = _device_instruction(msg, context)
     t0 = time.perf_counter()
