@@ -388,6 +388,23 @@ def test_u_shaped_simulation_keeps_labels_on_the_devices(tmp_path):
     assert results["final"]["cloud-steps"] == 2 * 2 * 3
 
 
+def test_offsite_tuning_through_flower_trains_adapters_and_releases_no_representation(tmp_path):
+    """protocol='offsite' through flwr run on Ray: devices that admit it (allow-offsite) tune the
+    emulator's adapters, the cloud averages them, the devices score the plugged-in full model; the
+    run's summary reports the emulator and says no representation was released."""
+    out = tmp_path / "run"
+    config = ("protocol='offsite' num-rounds=2 devices-per-round=2 min-devices=2 local-steps=2 batch-size=4 "
+              "max-examples=200 max-length=24 eval-examples=4 distill-steps=2")
+    code = launch.main(["--devices", "3", "--out", str(out), "--device-policy", "allow-offsite=true", "--run-config", config])
+    assert code == 0
+    results = _results(out / "latest")
+    assert results["status"] == "completed" and results["protocol"] == "offsite"
+    assert [r["round"] for r in results["rounds"]] == [1, 2]
+    assert all(0 <= r["test-accuracy"] <= 1 and r["train-loss"] > 0 for r in results["rounds"])
+    assert results["emulator"]["kept-blocks"] and 0 < results["emulator"]["parameter-ratio"] < 1
+    assert "releases no representations" in results["privacy"]["statement"]
+
+
 def test_generation_with_smollm2_end_to_end(tmp_path):
     out, home = tmp_path / "run", tmp_path / "device-home"
     env = dict(os.environ, PRIVTUNE_DEVICE_HOME=str(home))
