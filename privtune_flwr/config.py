@@ -142,8 +142,9 @@ class RunConfig:
     label_protection: str = "none"
     label_epsilon: float = 1.0
     label_noise: float = 4.0
-    # the cloud: each training batch's gradient is clipped to this norm (bounds one device's
-    # influence on a round; 0 = no clipping). Replies outside the defence's envelope are rejected.
+    # the cloud: each training batch's gradient (vanilla), or each device's gradient of the middle's
+    # LoRA weights (u-shaped), is clipped to this norm (bounds one device's influence on a round;
+    # 0 = no clipping). Replies outside the defence's envelope are rejected.
     max_grad_norm: float = 1.0
     # run
     seed: int = 0
