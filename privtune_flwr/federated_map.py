@@ -412,8 +412,8 @@ def aggregate(contributions, *, classes: int, hidden: int, specials: int):
 
 # -- the device's side, as the ClientApp calls it ---------------------------------------------------
 
-AGGREGATE = "federated-map"  # context.state ArrayRecord: the sum the device accepted
-AUDIT = "federated-map-audit"  # context.state ConfigRecord: {"digest", public audit numbers}
+AGGREGATE = "federated-map"  # context.state ArrayRecord: the map the device derived from the sum and accepted
+AUDIT = "federated-map-audit"  # context.state ConfigRecord: {"digest" of the sum, "map-digest", public audit numbers}
 
 
 class NoMap(torch.nn.Module):

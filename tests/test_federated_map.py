@@ -181,6 +181,26 @@ def test_the_fit_phase_gives_every_device_one_map_and_survives_a_hostile_one(mon
     nodes = {key: node for key, node in device_app._NODES.items() if key[0] == cfg}
     bases = [node.defense.basis for node in nodes.values()]
     assert all(torch.equal(b, bases[0]) for b in bases)
+    # each device keeps the map it derived (centre, basis, special constants), not the 1.2 MB sum,
+    # and another process (an empty node cache) restores it bit for bit
+    context = grid.contexts[next(iter(grid.contexts))]
+    kept = context.state.array_records[fm.AGGREGATE]
+    assert sum(a.numpy().nbytes for a in kept.values()) < 8 * (3 + 5) * d
+    (node_key, node), = [(k, n) for k, n in nodes.items() if k[1] == context.node_config["partition-id"]]
+    cache = device_app._NODES
+    monkeypatch.setattr(device_app, "_NODES", type(cache)())  # another actor: an empty cache
+    fresh = device_app.load_node(cfg, *node_key[1:], context.state)
+    assert fresh is not node and not fresh.map_digest
+    device_app._use_federated_map(cfg, context, fresh, node.defense.key)
+    assert torch.equal(fresh.defense.basis, node.defense.basis) and torch.equal(fresh.defense.center, node.defense.center)
+    assert fresh.defense.mechanism_config() == node.defense.mechanism_config()
+    audited = str(context.state.config_records[fm.AUDIT]["map-digest"])
+    context.state.config_records[fm.AUDIT]["map-digest"] = "0" * 64  # a kept map that is not the audited one
+    fresh.map_digest = ""
+    with pytest.raises(Exception, match="does not match the one it audited"):
+        device_app._use_federated_map(cfg, context, fresh, node.defense.key)
+    context.state.config_records[fm.AUDIT]["map-digest"] = audited
+    monkeypatch.setattr(device_app, "_NODES", cache)
     # a device that joins later gets the same sum (no refit) before it is asked to release
     from flwr.app import Context
 
