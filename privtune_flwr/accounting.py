@@ -428,21 +428,30 @@ def label_protection_statement(method: str, *, epsilon: float = 1.0, noise: floa
 
 def federated_map_statement(cfg, *, fit_epsilon: float | None = None, fit_delta: float | None = None) -> str:
     """What the cloud learns from the fit phase of the federation's label map
-    (``subspace-fit-scope = "federation"``, :mod:`privtune_flwr.federated_map`), in words.
+    (``subspace-fit-scope = "federation"``, :mod:`privtune_flwr.federated_map` and
+    :mod:`privtune_flwr.federated_reader`), in words.
 
     Each device sends once, before round 1, its per-class token counts and sums, the sum of its
     tokens' outer products and per special id a count and a sum, every token clipped to norm
     ``subspace-fit-clip``, with Gaussian noise calibrated on the device to its own floor
     (``fit-epsilon``, ``fit-delta``; the cloud does not choose them) for adding or removing one of
-    its sentences (at most ``max-length`` tokens). So each contribution, and the sum the cloud
-    relays, is (fit-epsilon, fit-delta)-DP per sentence of that device: this composes with the
-    releases' own guarantee (a sentence's total is the sum of both). The sum reveals the
-    federation's aggregate label map, as the releases do in any case. With ``fit-epsilon = inf`` a
-    device sends its statistics without noise and the cloud learns them exactly."""
+    its sentences (at most ``max-length`` tokens). With ``subspace-fit-rounds`` > 0 it then takes
+    ``rounds x steps`` full-batch reader steps, each sentence's gradient clipped to
+    ``subspace-fit-grad-clip`` and Gaussian noise added to their sum, and sends the change of the
+    weights after each round. The statistics and the steps share the floor (half of ``mu^2`` each,
+    in Gaussian DP, which composes exactly): the whole fit phase of a device is (fit-epsilon,
+    fit-delta)-DP per sentence. This composes with the releases' own guarantee (a sentence's total
+    is the sum of both). The sum and the final weights reveal the federation's aggregate label map,
+    as the releases do in any case. With ``fit-epsilon = inf`` a device sends its statistics and
+    changes without noise and the cloud learns them exactly."""
     eps = "the device's fit-epsilon (default 64)" if fit_epsilon is None else f"{fit_epsilon:g}"
     delta = "its fit-delta (default 1e-05)" if fit_delta is None else f"{fit_delta:g}"
+    rounds = int(getattr(cfg, "subspace_fit_rounds", 0))
+    reader = ("" if rounds == 0 else
+              f", then {rounds} rounds of {int(cfg.subspace_fit_steps)} full-batch reader steps (each sentence's gradient "
+              f"clipped to {cfg.subspace_fit_grad_clip:g}, Gaussian noise on their sum) whose weight changes it sent")
     return (f"fit phase (subspace-fit-scope='federation'): each device sent once its clipped (token norm <= "
-            f"{cfg.subspace_fit_clip:g}) per-class token counts, sums and second moments with Gaussian noise making them "
-            f"({eps}, {delta})-DP per sentence of at most {cfg.max_length} tokens; the cloud learns their noisy sum "
-            "(the federation's label map) and nothing exact about any one device; this adds to each sentence's release "
-            "guarantee")
+            f"{cfg.subspace_fit_clip:g}) per-class token counts, sums and second moments with Gaussian noise{reader}; "
+            f"together ({eps}, {delta})-DP per sentence of at most {cfg.max_length} tokens; the cloud learns their noisy "
+            "sums (the federation's label map) and nothing exact about any one device; this adds to each sentence's "
+            "release guarantee")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -568,11 +569,11 @@ def _map_prepare(msg: Message, context: Context):
     return cfg, policy, node, _ROWS[key], pid
 
 
-def _derive(cfg: RunConfig, node: Node, stats, key: NoiseKey):
+def _derive(cfg: RunConfig, node: Node, stats, key: NoiseKey, weights=None):
     from .federated_map import derive_subspace
 
     split = node.device.split
-    subspace = derive_subspace(stats, cfg.subspace_rank, special_ids=split.special_ids)
+    subspace = derive_subspace(stats, cfg.subspace_rank, special_ids=split.special_ids, weights=weights)
     return device_defense("label-subspace", split, epsilon=cfg.epsilon, texts=[], labels=[], max_length=cfg.max_length,
                           release=cfg.release, key=key, subspace=subspace, subspace_rank=cfg.subspace_rank)
 
@@ -627,9 +628,64 @@ def query_fit(msg: Message, context: Context) -> Message:
     if len(msg.content.keys()):
         raise SchemaError(f"the fit query carries records {sorted(msg.content.keys())}; it carries none")
     cfg, policy, node, (rows, ids, labels), _ = _map_prepare(msg, context)
+    phase = _fit_phase(context)
+    if phase.get("statistics-sent", False):  # fresh noise on a second answer would average away
+        raise PolicyError("this device has already sent its map statistics in this run; it sends them once")
     stats, metrics = device_contribution(rows, ids, labels, cfg=cfg, policy=policy, special_ids=node.device.split.special_ids)
+    phase["statistics-sent"] = True
     arrays = ArrayRecord({k: Array(v) for k, v in stats.to_numpy().items()})
     return Message(content=RecordDict({"statistics": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+FIT_PHASE = "federated-map-phase"  # context.state ConfigRecord: what this device has spent of its fit budget
+
+
+def _fit_phase(context: Context) -> ConfigRecord:
+    if FIT_PHASE not in context.state.config_records:
+        context.state.config_records[FIT_PHASE] = ConfigRecord({"statistics-sent": False, "reader-steps": 0})
+    return context.state.config_records[FIT_PHASE]
+
+
+@app.query("reader")
+def query_reader(msg: Message, context: Context) -> Message:
+    """The federation's label map, the reader rounds: the weights arrive; this device takes its
+    private full-batch steps on its own sentences (privtune_flwr.federated_reader) and returns the
+    change. It takes at most the run's rounds x steps, noise calibrated to its own floor for them."""
+    from flwr.app import MetricRecord
+
+    from .federated_reader import ReaderPlan, check_weights, private_steps, reader_shapes, split_budget
+
+    expected = {"config": "configs", "frame": "arrays", "weights": "arrays"}
+    kinds = {k: ("arrays" if k in msg.content.array_records else "configs" if k in msg.content.config_records else "other")
+             for k in msg.content.keys()}
+    if kinds != expected:
+        raise SchemaError(f"the reader message carries records {kinds}; accepted: exactly {expected}")
+    cfg, policy, node, (rows, ids, labels), _ = _map_prepare(msg, context)
+    split = node.device.split
+    plan = ReaderPlan.from_config(cfg)
+    phase = _fit_phase(context)
+    committed = int(phase.get("reader-plan", plan.total_steps))  # the plan of its first step binds the device
+    spent = int(phase["reader-steps"])
+    if spent + plan.steps > committed or plan.total_steps != committed:
+        raise PolicyError(f"this device has taken {spent} of the {committed} reader steps its fit budget covers; "
+                          f"{plan.steps} more would exceed them")
+    if math.isinf(policy.fit_epsilon):
+        multiplier = 0.0
+    else:
+        _, multiplier = split_budget(policy.fit_epsilon, policy.fit_delta, plan)
+    weights = check_weights({k: v for k, v in msg.content.array_records["weights"].items()},
+                            reader_shapes(plan, split.hidden_size))
+    frame = check_weights({k: v for k, v in msg.content.array_records["frame"].items()},
+                          {"center": (split.hidden_size,)}, "reader frame")
+    scale = msg.content.config_records["config"].get("scale")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
+        raise SchemaError(f"the reader message's scale={scale!r} is outside the accepted range (0, inf)")
+    phase["reader-plan"] = committed
+    phase["reader-steps"] = spent + plan.steps  # booked before the noise is drawn: a step is spent once
+    change, metrics = private_steps(weights, rows, ids, labels, center=frame["center"], scale=float(scale),
+                                    special_ids=split.special_ids, plan=plan, multiplier=multiplier)
+    return Message(content=RecordDict({"change": ArrayRecord({k: Array(v.numpy()) for k, v in change.items()}),
+                                       "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 @app.query("map")
@@ -641,16 +697,23 @@ def query_map(msg: Message, context: Context) -> Message:
 
     from .federated_map import AGGREGATE, AUDIT, MapStatistics, audit_map, check_audit, released_coordinates
 
-    if sorted(msg.content.keys()) != ["statistics"] or "statistics" not in msg.content.array_records:
-        raise SchemaError(f"the map message carries records {sorted(msg.content.keys())}; accepted: exactly one "
-                          "ArrayRecord 'statistics'")
+    from .federated_reader import WEIGHTS, check_weights
+
+    names = sorted(msg.content.keys())
+    if names not in (["statistics"], ["statistics", "weights"]) or any(n not in msg.content.array_records for n in names):
+        raise SchemaError(f"the map message carries records {names}; accepted: the ArrayRecord 'statistics' and, "
+                          "after reader rounds, the ArrayRecord 'weights'")
     cfg, policy, node, (rows, ids, labels), pid = _map_prepare(msg, context)
     split = node.device.split
     record = msg.content.array_records["statistics"]
     stats = MapStatistics.from_arrays({k: v for k, v in record.items()}, classes=cfg.num_labels, hidden=split.hidden_size,
                                       specials=len(split.special_ids))
+    weights = None
+    if "weights" in names:
+        weights = check_weights({k: v for k, v in msg.content.array_records["weights"].items()},
+                                {WEIGHTS: (split.hidden_size, cfg.subspace_rank)}, "map weights")[WEIGHTS]
     key, _ = device_key(context, policy, cfg, pid)
-    defense = _derive(cfg, node, stats, key)
+    defense = _derive(cfg, node, stats, key, weights)
     audit = audit_map(released_coordinates(defense, rows, ids), ids, labels, special_ids=split.special_ids)
     log.info("device %d: federation map audit: inversion %.3f (floor %.3f), label %s", pid, audit.inversion,
              policy.max_map_inversion, "n/a" if audit.label is None else f"{audit.label:.3f}")

@@ -126,10 +126,19 @@ class RunConfig:
     # (Fisher directions, then principal ones: nothing trained; devices that fit apart agree)
     subspace_fit: str = "reader"
     # label-subspace only: "device" (each device fits its own map on its share, with subspace-fit) or
-    # "federation" (one closed-form map from all devices' noisy statistics, before round 1:
-    # privtune_flwr.federated_map); subspace-fit-clip bounds each token's norm in those statistics
+    # "federation" (one map for all devices, before round 1: privtune_flwr.federated_map);
+    # subspace-fit-clip bounds each token's norm in the devices' noisy statistics, then
+    # subspace-fit-rounds rounds of subspace-fit-steps private full-batch reader steps (each
+    # sentence's gradient clipped to subspace-fit-grad-clip; Adam at subspace-fit-lr) train the
+    # map's projection (privtune_flwr.federated_reader; 0 rounds: the closed-form map), on at most
+    # subspace-fit-devices devices per round (0 = all), drawn afresh each round
     subspace_fit_scope: str = "device"
     subspace_fit_clip: float = 14.0
+    subspace_fit_rounds: int = 8
+    subspace_fit_steps: int = 8
+    subspace_fit_lr: float = 0.01
+    subspace_fit_grad_clip: float = 1.0
+    subspace_fit_devices: int = 100
     subspace_rank: int = 2  # label-subspace / label-obfuscator only: directions (features) kept per token (2 at split 3; >= classes - 1: docs/results.md)
     # noise: a secret key on each device, each example released once; both need the device's consent
     # (its node config / device policy) to be weakened
@@ -228,6 +237,14 @@ class RunConfig:
                  "'federation' or 'device'")
         _require(math.isfinite(self.subspace_fit_clip) and self.subspace_fit_clip > 0, "subspace-fit-clip",
                  self.subspace_fit_clip, "(0, inf)")
+        _require(0 <= self.subspace_fit_rounds <= 1000, "subspace-fit-rounds", self.subspace_fit_rounds, "0..1000")
+        _require(1 <= self.subspace_fit_steps <= 1000, "subspace-fit-steps", self.subspace_fit_steps, "1..1000")
+        _require(math.isfinite(self.subspace_fit_lr) and 0 < self.subspace_fit_lr <= 1, "subspace-fit-lr",
+                 self.subspace_fit_lr, "(0, 1]")
+        _require(math.isfinite(self.subspace_fit_grad_clip) and self.subspace_fit_grad_clip > 0,
+                 "subspace-fit-grad-clip", self.subspace_fit_grad_clip, "(0, inf)")
+        _require(self.subspace_fit_devices >= 0, "subspace-fit-devices", self.subspace_fit_devices,
+                 "an integer >= 0 (0 = every device)")
         _require(self.subspace_rank >= 1, "subspace-rank", self.subspace_rank, "an integer >= 1 (and <= the hidden size)")
         _require(0 < self.s_min <= 1, "s-min", self.s_min, "(0, 1]")
         _require(0 < self.delta < 1, "delta", self.delta, "(0, 1)")

@@ -74,9 +74,10 @@ key                        default                 meaning
                                                    that meets a label-protection floor
 ``min-label-noise``        2.0                     the least marvell label-noise that meets a
                                                    'marvell' floor
-``fit-epsilon``            64.0                    the (epsilon, delta) of the Gaussian noise the
-``fit-delta``              1e-5                    device adds to its statistics for the federation's
-                                                   label map (one sentence of max-length tokens;
+``fit-epsilon``            64.0                    the (epsilon, delta) per sentence of the whole
+``fit-delta``              1e-5                    fit phase of the federation's label map: the
+                                                   noisy statistics and the noisy reader steps
+                                                   together (one sentence of max-length tokens;
                                                    ``inf``: no noise, the cloud sees them exactly)
 ``max-map-inversion``      0.13                    refuse a label map through which an inverter the
                                                    device trains on its own data recovers more of

@@ -45,18 +45,21 @@ import math
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .mechanism.noise_key import NoiseKey
 from .mechanism.subspace import Subspace, aligning_rotation, basis_from_moments
 
 log = logging.getLogger(__name__)
+cloud_log = logging.getLogger("privtune_flwr.cloud")  # the cloud's console lines
 
 FIT_ACTION = "fit"  # message type "query.fit": a device's noisy statistics
 MAP_ACTION = "map"  # message type "query.map": the federation's sum, for the device to derive and audit
 FIT_SCOPES = ("federation", "device")
 ARRAYS = ("counts", "sums", "second", "special-counts", "special-sums")
 BLOCKS = 3  # noise blocks calibrated jointly: counts, sums, second moments
+GROUP = 64  # the cloud sends large fit-phase messages to this many devices at a time
 
 
 @dataclass
@@ -191,6 +194,7 @@ class FitNoise:
     fit_delta: float
     clip: float
     max_tokens: int
+    share: float = 1.0  # the statistics' share of the fit phase's budget in mu^2 (the rest: the reader steps)
 
     def __post_init__(self):
         if not (math.isfinite(self.clip) and self.clip > 0):
@@ -201,7 +205,7 @@ class FitNoise:
 
     @property
     def unit_sigma(self) -> float:
-        return gaussian_sigma(self.fit_epsilon, self.fit_delta)
+        return gaussian_sigma(self.fit_epsilon, self.fit_delta) / math.sqrt(self.share)
 
     def sigmas(self) -> tuple[float, float, float]:
         """sd of the noise on (counts and special counts, sums and special sums, second moments)."""
@@ -250,13 +254,17 @@ def _psd(matrix: torch.Tensor) -> tuple[torch.Tensor, float]:
     return (vectors * values.clamp_min(0)) @ vectors.T, negative
 
 
-def derive_subspace(stats: MapStatistics, rank: int, *, special_ids, shrink: float = 0.5) -> Subspace:
-    """The label map of the federation's statistics, computed by the device itself: the closed-form
-    fit's basis (:func:`~privtune_flwr.mechanism.subspace.basis_from_moments`, the same arithmetic as
+def derive_subspace(stats: MapStatistics, rank: int, *, special_ids, shrink: float = 0.5,
+                    weights: torch.Tensor | None = None) -> Subspace:
+    """The label map of the federation's statistics, computed by the device itself: the span of
+    ``weights`` ``[d, rank]`` (the reader rounds' projection, :mod:`privtune_flwr.federated_reader`)
+    or, without them, the closed-form fit's basis
+    (:func:`~privtune_flwr.mechanism.subspace.basis_from_moments`, the same arithmetic as
     ``fit_subspace(..., method="closed-form")`` on the union of the tokens), put into a frame fixed
     by the statistics (between-class scatter of the coordinates, signs by the class trend; where a
     column has no trend, its largest entry is made positive: a third-moment tie-break needs data a
-    sum of second moments does not hold). Raises ValueError for fewer than 2 classes."""
+    sum of second moments does not hold). Raises ValueError for fewer than 2 classes, or for
+    ``weights`` of another shape, non-finite or of lower rank."""
     present = classes_present(stats)
     if len(present) < 2:
         raise ValueError(f"the federation's statistics hold {len(present)} class(es) with tokens "
@@ -268,7 +276,17 @@ def derive_subspace(stats: MapStatistics, rank: int, *, special_ids, shrink: flo
     means = sums / counts.unsqueeze(1)
     within, _ = _psd(stats.second - (means.T * counts) @ means)
     total, _ = _psd(stats.second - total_n * torch.outer(center, center))
-    basis = basis_from_moments(means, counts, within, total, rank, shrink=shrink).double()
+    if weights is None:
+        basis = basis_from_moments(means, counts, within, total, rank, shrink=shrink).double()
+    else:
+        weights = torch.as_tensor(weights).double()
+        if tuple(weights.shape) != (stats.second.shape[0], rank) or not torch.isfinite(weights).all():
+            raise ValueError(f"the map's weights have shape {tuple(weights.shape)}; accepted: finite values of shape "
+                             f"{(stats.second.shape[0], rank)}")
+        basis, r = torch.linalg.qr(weights)
+        diag = torch.diagonal(r).abs()
+        if float(diag.min()) <= 1e-6 * float(diag.max().clamp_min(1e-300)):
+            raise ValueError(f"the map's weights have rank below {rank} (QR diagonal {diag.tolist()}); accepted: full rank")
     # the data-fixed frame, from class means and scatter in the coordinates
     k = basis.shape[1]
     m = (means - center) @ basis  # [C', k]
@@ -441,7 +459,10 @@ def fit_noise(cfg, policy) -> FitNoise | None:
     clip and max-length. None when its floor says fit-epsilon = inf."""
     if math.isinf(policy.fit_epsilon):
         return None
-    return FitNoise(policy.fit_epsilon, policy.fit_delta, float(cfg.subspace_fit_clip), int(cfg.max_length))
+    from .federated_reader import STATS_SHARE
+
+    share = STATS_SHARE if int(cfg.subspace_fit_rounds) > 0 else 1.0  # the reader steps get the rest
+    return FitNoise(policy.fit_epsilon, policy.fit_delta, float(cfg.subspace_fit_clip), int(cfg.max_length), share)
 
 
 def device_contribution(rows, ids, labels, *, cfg, policy, special_ids) -> tuple[MapStatistics, dict[str, float]]:
@@ -462,6 +483,19 @@ def device_contribution(rows, ids, labels, *, cfg, policy, special_ids) -> tuple
 # -- the cloud's side, as the strategy calls it -----------------------------------------------------
 
 
+def reader_message(node: int, weights: dict, center: torch.Tensor, scale: float, round_: int):
+    """The ``query.reader`` message of one reader round: the weights, the statistics' centre and
+    spread (:func:`~privtune_flwr.federated_reader.frame_of`) and the round number."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+
+    from .federated_reader import READER_ACTION
+
+    return Message(content=RecordDict({"weights": ArrayRecord({k: Array(np.asarray(v)) for k, v in weights.items()}),
+                                       "frame": ArrayRecord({"center": Array(np.asarray(center))}),
+                                       "config": ConfigRecord({"round": int(round_), "scale": float(scale)})}),
+                   message_type="query." + READER_ACTION, dst_node_id=node)
+
+
 class FederationMap:
     """The cloud's part of the fit phase: ask every connected device for its statistics once
     (``query.fit``), sum the valid ones, and send the sum (``query.map``) to each device that has
@@ -473,12 +507,80 @@ class FederationMap:
         self.total: MapStatistics | None = None
         self.sent: set[int] = set()  # devices the sum was sent to (accepted or refused: not asked again)
         self.accepted: set[int] = set()
+        self.weights = None  # the reader rounds' final W [d, k] (None: no reader rounds, the closed-form map)
         self.info: dict[str, float] = {}
 
     def _record(self):
         from flwr.app import Array, ArrayRecord, RecordDict
 
-        return RecordDict({"statistics": ArrayRecord({k: Array(v) for k, v in self.total.to_numpy().items()})})
+        from .federated_reader import WEIGHTS
+
+        content = {"statistics": ArrayRecord({k: Array(v) for k, v in self.total.to_numpy().items()})}
+        if self.weights is not None:
+            content["weights"] = ArrayRecord({WEIGHTS: Array(self.weights)})
+        return RecordDict(content)
+
+    def _in_groups(self, grid, build, nodes, *, timeout: float, max_reply_bytes: int):
+        """``send_and_receive`` over ``nodes`` in groups of ``GROUP``, so that the cloud holds at
+        most ``GROUP`` outgoing copies of a large message at once."""
+        replies = []
+        for s in range(0, len(nodes), GROUP):
+            messages = [build(n) for n in nodes[s:s + GROUP]]
+            replies += grid.send_and_receive(messages, timeout=timeout, max_reply_bytes=max_reply_bytes)
+            del messages
+        return replies
+
+    def _reader_rounds(self, grid, nodes, *, timeout: float, name=str) -> None:
+        """The reader rounds (:mod:`privtune_flwr.federated_reader`): send the weights, apply the
+        mean of the valid changes, ``subspace-fit-rounds`` times; keeps the final ``W``."""
+        from .federated_reader import WEIGHTS, ReaderPlan, frame_of, initial_weights, mean_change, reader_shapes, step_bound
+        from .schema import NPY_HEADER_MAX, REPLY_RECORDS_SLACK
+
+        plan = ReaderPlan.from_config(self.cfg)
+        start = time.perf_counter()
+        weights = {k: torch.from_numpy(v) for k, v in initial_weights(plan, self.hidden, int(self.cfg.seed)).items()}
+        center, scale = frame_of(self.total)
+        shapes = reader_shapes(plan, self.hidden)
+        bound = step_bound(plan)
+        reply_bytes = sum(4 * math.prod(v) for v in shapes.values()) + len(shapes) * NPY_HEADER_MAX + REPLY_RECORDS_SLACK
+        down = sum(4 * math.prod(v) for v in shapes.values()) + 4 * self.hidden
+        accepted_per_round, up = [], []
+        sampler = torch.Generator().manual_seed(int(self.cfg.seed))
+        per_round = int(self.cfg.subspace_fit_devices) or len(nodes)
+        everyone = list(nodes)
+        for r in range(plan.rounds):
+            if per_round < len(everyone):  # a device not asked spends nothing of its budget this round
+                pick = torch.randperm(len(everyone), generator=sampler)[:per_round].sort().values.tolist()
+                nodes = [everyone[i] for i in pick]
+            def build(n, r=r):
+                return reader_message(n, weights, center, scale, r + 1)
+
+            changes, errors = [], []
+            for reply in self._in_groups(grid, build, nodes, timeout=timeout, max_reply_bytes=reply_bytes):
+                src = reply.metadata.src_node_id
+                if reply.has_error():
+                    errors.append((name(src), reply.error.reason))
+                    continue
+                try:
+                    change = {k: v.numpy() for k, v in reply.content.array_records["change"].items()}
+                    up.append(sum(a.nbytes for a in change.values()))
+                    changes.append((name(src), change))
+                except (KeyError, AttributeError, TypeError) as exc:
+                    errors.append((name(src), f"no change in the reply ({exc})"))
+            mean, accepted, rejected = mean_change(changes, shapes, bound)
+            for who, why in errors + rejected:
+                cloud_log.warning("federation map, reader round %d: %s's change left out: %s", r + 1, who, why)
+            accepted_per_round.append(len(accepted))
+            if mean is not None:
+                weights = {k: weights[k] + mean[k] for k in weights}
+            cloud_log.info("federation map, reader round %d of %d: %d of %d asked devices' changes applied", r + 1,
+                     plan.rounds, len(accepted), len(nodes))
+        self.weights = weights[WEIGHTS].numpy().astype(np.float32)
+        self.info.update({"map-reader-rounds": float(plan.rounds),
+                          "map-reader-accepted-min": float(min(accepted_per_round)) if accepted_per_round else 0.0,
+                          "map-reader-seconds": time.perf_counter() - start,
+                          "map-reader-bytes-down-per-device": float(down * plan.rounds),
+                          "map-reader-bytes-up-per-device": float(sum(up) / max(1, len(up)) * plan.rounds)})
 
     def fit_reply_bytes(self) -> int:
         """The most a device's fit reply may carry: the statistics' five float64 arrays
@@ -515,7 +617,7 @@ class FederationMap:
             total, accepted, rejected = aggregate(contributions, classes=self.cfg.num_labels, hidden=self.hidden,
                                                   specials=self.specials)
             for who, why in errors + rejected:
-                log.warning("federation map: %s's statistics left out: %s", who, why)
+                cloud_log.warning("federation map: %s's statistics left out: %s", who, why)
             present = [] if total is None else classes_present(total)
             if len(present) < 2:
                 raise ValueError(f"the federation's label map needs at least 2 classes with tokens; the {len(accepted)} "
@@ -523,10 +625,14 @@ class FederationMap:
                                  + ("" if total is None else f" (tokens per class {[round(float(n)) for n in total.counts]})")
                                  + ": stopping before round 1")
             self.total = total
+            if int(self.cfg.subspace_fit_rounds) > 0:
+                self._reader_rounds(grid, nodes, timeout=timeout, name=name)
             self.info.update({"map-contributions": float(len(accepted)), "map-rejected": float(len(errors) + len(rejected)),
                               "map-bytes-up-per-device": float(sum(up) / max(1, len(up))),
-                              "map-bytes-down-per-device": float(total.nbytes), "map-fit-seconds": time.perf_counter() - start})
-            log.info("federation map: summed %d of %d devices' statistics (%d left out), %d classes, %.0f tokens; "
+                              "map-bytes-down-per-device": float(total.nbytes + (0 if self.weights is None else
+                                                                                  self.weights.nbytes)),
+                              "map-fit-seconds": time.perf_counter() - start})
+            cloud_log.info("federation map: summed %d of %d devices' statistics (%d left out), %d classes, %.0f tokens; "
                      "%.0f bytes up per device", len(accepted), len(nodes), len(errors) + len(rejected), len(present),
                      float(total.counts.sum()), self.info["map-bytes-up-per-device"])
         new = [n for n in nodes if n not in self.sent]
@@ -534,12 +640,13 @@ class FederationMap:
             return
         start = time.perf_counter()
         self.sent.update(new)
-        messages = [Message(content=self._record(), message_type="query." + MAP_ACTION, dst_node_id=n) for n in new]
         inversions = []
-        for reply in grid.send_and_receive(messages, timeout=timeout, max_reply_bytes=REPLY_RECORDS_SLACK):
+        for reply in self._in_groups(grid, lambda n: Message(content=self._record(), message_type="query." + MAP_ACTION,
+                                                             dst_node_id=n), new, timeout=timeout,
+                                     max_reply_bytes=REPLY_RECORDS_SLACK):
             src = reply.metadata.src_node_id
             if reply.has_error():
-                log.warning("federation map: %s did not accept the map: %s", name(src), reply.error.reason)
+                cloud_log.warning("federation map: %s did not accept the map: %s", name(src), reply.error.reason)
                 continue
             self.accepted.add(src)
             metrics = reply.content.metric_records.get("metrics")
@@ -549,6 +656,6 @@ class FederationMap:
         self.info["map-send-seconds"] = self.info.get("map-send-seconds", 0.0) + time.perf_counter() - start
         if inversions:
             self.info["map-inversion-max"] = max(inversions + [self.info.get("map-inversion-max", 0.0)])
-        log.info("federation map: sent to %d device(s); %d of %d accepted so far%s", len(new), len(self.accepted),
+        cloud_log.info("federation map: sent to %d device(s); %d of %d accepted so far%s", len(new), len(self.accepted),
                  len(self.sent), f"; device audits' inversion at most {self.info['map-inversion-max']:.3f}"
                  if inversions else "")

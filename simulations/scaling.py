@@ -84,6 +84,8 @@ def run_point(devices: int, args) -> dict:
         "split_seconds": {"device-bottom": bottom, "device-defence": defence, "cloud-training": cloud,
                           "flower-ray-transport-and-rest": max(0.0, median - bottom - defence - cloud)},
         "test_accuracy": rounds[-1].get("test-accuracy"),
+        # subspace-fit-scope='federation': the fit phase's public numbers (seconds, bytes per device each way)
+        "fit_phase": {k: v for k, v in rounds[0].items() if k.startswith("map-")},
     }
 
 
@@ -139,6 +141,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{n:>8} {row['train_texts_per_device']:>9} {row['first_round_seconds']:>8.1f} {row['round_seconds']:>8.1f} "
               f"{row['peak_rss_mb'] or 0:>8.0f} {row['bytes_up_per_round']:>10.0f} {row['bytes_down_per_round']:>10.0f} "
               f"{row['calls_per_second']:>8.2f}  {split}", flush=True)
+        if row["fit_phase"]:
+            fit = row["fit_phase"]
+            print(f"{'':>8} fit phase: {fit.get('map-fit-seconds', 0):.1f} s (reader rounds "
+                  f"{fit.get('map-reader-seconds', 0):.1f} s), map sent in {fit.get('map-send-seconds', 0):.1f} s; per device "
+                  f"{(fit.get('map-bytes-up-per-device', 0) + fit.get('map-reader-bytes-up-per-device', 0)) / 1e6:.2f} MB up, "
+                  f"{(fit.get('map-bytes-down-per-device', 0) + fit.get('map-reader-bytes-down-per-device', 0)) / 1e6:.2f} MB "
+                  f"down; {fit.get('map-accepted', 0):.0f} devices accepted the map", flush=True)
     plot(rows, args.out.with_suffix(".png"))
     return 0 if not any(r.get("failed") for r in rows) else 1
 

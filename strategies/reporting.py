@@ -236,5 +236,8 @@ def _label(message: Message) -> str:
     try:
         server_round, _ = read_instruction(message.content)
         return f"round {server_round} {message.metadata.message_type}"
-    except SchemaError:  # the one-off query for each new device's partition
-        return "asking new devices for their partition"
+    except SchemaError:  # the fit phase's queries, or the one-off query for each new device's partition
+        return {"query.fit": "federation map: asking for the devices' statistics",
+                "query.reader": "federation map: a reader round",
+                "query.map": "federation map: sending the map for the devices to derive and audit",
+                }.get(message.metadata.message_type, "asking new devices for their partition")

@@ -157,15 +157,19 @@ def test_the_fit_phase_gives_every_device_one_map_and_survives_a_hostile_one(mon
     grid = Grid(cfg, 4)
     honest = grid.app
 
-    def app(msg, context):  # device 4 sends garbage statistics
+    def app(msg, context):  # device 4 sends garbage statistics, and reader changes ten times what Adam can move
+        from flwr.app import Array
+
         reply = honest(msg, context)
         if msg.metadata.message_type == "query.fit" and context.node_config["partition-id"] == 3:
             arrays = reply.content.array_records["statistics"]
             bad = arrays["second"].numpy().copy()
             bad[0, 0] = float("inf")
-            from flwr.app import Array
-
             arrays["second"] = Array(bad)
+        if msg.metadata.message_type == "query.reader" and context.node_config["partition-id"] == 3:
+            arrays = reply.content.array_records["change"]
+            for k in list(arrays.keys()):
+                arrays[k] = Array(arrays[k].numpy() * 10 + 1.0)
         return reply
 
     grid.app = app
@@ -173,9 +177,25 @@ def test_the_fit_phase_gives_every_device_one_map_and_survives_a_hostile_one(mon
     strategy.start(grid)
     info = strategy.fed_map.info
     assert info["map-contributions"] == 3 and info["map-rejected"] == 1 and info["map-accepted"] == 4
+    assert info["map-reader-rounds"] == cfg.subspace_fit_rounds and info["map-reader-accepted-min"] == 3
+    # every device spent exactly the run's reader steps, and takes no more, nor sends its statistics twice
+    for context in grid.contexts.values():
+        assert context.state.config_records[device_app.FIT_PHASE]["reader-steps"] == cfg.subspace_fit_rounds * cfg.subspace_fit_steps
+    from privtune_flwr import federated_reader as fr
+
+    plan = fr.ReaderPlan.from_config(cfg)
+    weights = fr.initial_weights(plan, 384, 0)
+    again = [Message(RecordDict(), message_type="query.fit", dst_node_id=1),
+             fm.reader_message(1, weights, torch.zeros(384).numpy(), 1.0, plan.rounds + 1)]
+    for m in again:
+        m.metadata.__dict__["_message_id"] = m.object_id
+    refused = grid.send_and_receive(again)
+    assert "already sent its map statistics" in refused[0].error.reason
+    assert "reader steps its fit budget covers" in refused[1].error.reason
     assert strategy.history[0]["map-contributions"] == 3 and "test-accuracy" in strategy.history[0]
     d = 384
-    assert info["map-bytes-down-per-device"] == 8 * (2 + 2 * d + d * d + 5 * (1 + d))  # MiniLM: 5 special ids
+    # the summed statistics (MiniLM: 5 special ids) and the final weights W [d, 2]
+    assert info["map-bytes-down-per-device"] == 8 * (2 + 2 * d + d * d + 5 * (1 + d)) + 4 * d * 2
     digests = {str(c.state.config_records[fm.AUDIT]["digest"]) for c in grid.contexts.values()}
     assert len(digests) == 1  # one map, derived by each device from the same sum
     nodes = {key: node for key, node in device_app._NODES.items() if key[0] == cfg}
@@ -289,12 +309,18 @@ def test_the_device_refuses_a_basis_chosen_to_invert_and_accepts_the_federations
         defense = build_defense("label-subspace", epsilon=64.0, split=split, subspace=subspace, subspace_rank=2)
         return fm.audit_map(fm.released_coordinates(defense, rows, ids), ids, labels, special_ids=split.special_ids)
 
-    fed_audit, chosen_audit = audit(federation), audit(chosen)
-    print(f"federation map: {fed_audit}; inverter-chosen basis: {chosen_audit}")
-    # at split 1 (closer to the embeddings than the app's split 3) the federation's map measured 0.158 here, so
-    # the default floor (0.13, set from split 3) would refuse it too; the test asks for the ordering and the refusal
     from privtune_flwr.device_policy import DevicePolicy
 
+    fed_audit, chosen_audit = audit(federation), audit(chosen)
+    # the same basis handed over as the reader rounds' weights (query.map's 'weights'): derived in the
+    # statistics' frame by the device, and refused all the same
+    relayed = fm.derive_subspace(total, 2, special_ids=split.special_ids, weights=weight.detach())
+    relayed_audit = audit(relayed)
+    print(f"federation map: {fed_audit}; inverter-chosen basis: {chosen_audit}; relayed as weights: {relayed_audit}")
+    with pytest.raises(fm.MapRefused, match="max-map-inversion"):
+        fm.check_audit(relayed_audit, max_inversion=DevicePolicy().max_map_inversion, min_label=0.0)
+    # at split 1 (closer to the embeddings than the app's split 3) the federation's map measured 0.158 here, so
+    # the default floor (0.13, set from split 3) would refuse it too; the test asks for the ordering and the refusal
     with pytest.raises(fm.MapRefused, match="max-map-inversion"):
         fm.check_audit(chosen_audit, max_inversion=DevicePolicy().max_map_inversion, min_label=0.0)
     assert chosen_audit.inversion > 1.5 * fed_audit.inversion
