@@ -627,17 +627,40 @@ def query_fit(msg: Message, context: Context) -> Message:
 
     if len(msg.content.keys()):
         raise SchemaError(f"the fit query carries records {sorted(msg.content.keys())}; it carries none")
-    cfg, policy, node, (rows, ids, labels), _ = _map_prepare(msg, context)
+    cfg, policy, node, (rows, ids, labels), pid = _map_prepare(msg, context)
     phase = _fit_phase(context)
-    if phase.get("statistics-sent", False):  # fresh noise on a second answer would average away
-        raise PolicyError("this device has already sent its map statistics in this run; it sends them once")
+    key, ledger = _fit_ledger(context, policy, cfg, pid)
+    try:  # fresh noise on a second answer (in this run or a later one) would average away
+        ledger.admit("federated-map-fit", [key.example_id(t.tolist()) for t in ids], fresh=True)
+    except ReleaseBudgetExceeded:
+        raise PolicyError("this device refuses the fit query: its sentences have already entered a fit phase of a "
+                          "federation label map (in this run or an earlier one, by its fit ledger); each enters one, "
+                          "ever, since fresh noise on a second answer could be averaged with the first") from None
+    if ledger.path is None:
+        context.state.config_records[FIT_LEDGER] = ConfigRecord({"ledger": ledger.to_bytes()})
+    phase["statistics-sent"] = True  # this run's fit phase: its reader steps may follow
     stats, metrics = device_contribution(rows, ids, labels, cfg=cfg, policy=policy, special_ids=node.device.split.special_ids)
-    phase["statistics-sent"] = True
     arrays = ArrayRecord({k: Array(v) for k, v in stats.to_numpy().items()})
     return Message(content=RecordDict({"statistics": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 FIT_PHASE = "federated-map-phase"  # context.state ConfigRecord: what this device has spent of its fit budget
+FIT_LEDGER = "federated-map-fit-ledger"  # context.state ConfigRecord: the in-memory fit ledger (a simulated device)
+_FIT_LEDGERS: dict[str, ReleaseLedger] = {}  # a file key's fit ledger, beside it
+
+
+def _fit_ledger(context: Context, policy: DevicePolicy, cfg: RunConfig, pid: int) -> tuple[NoiseKey, ReleaseLedger]:
+    """This device's key and its fit ledger: which of its sentences have entered a fit phase (a
+    budget of one, ever). Kept where its release ledger is: beside a file key for the device's
+    lifetime, else in ``context.state`` for the run's."""
+    key, releases = device_key(context, policy, cfg, pid)
+    if releases.path is None:
+        kept = context.state.config_records.get(FIT_LEDGER)
+        return key, ReleaseLedger(1, data=None if kept is None else bytes(kept["ledger"]))
+    path = releases.path.with_name(releases.path.name.replace(".ledger.json", "") + ".fit-ledger.json")
+    if str(path) not in _FIT_LEDGERS:
+        _FIT_LEDGERS[str(path)] = ReleaseLedger(1, path)
+    return key, _FIT_LEDGERS[str(path)]
 
 
 def _fit_phase(context: Context) -> ConfigRecord:
@@ -664,6 +687,8 @@ def query_reader(msg: Message, context: Context) -> Message:
     split = node.device.split
     plan = ReaderPlan.from_config(cfg)
     phase = _fit_phase(context)
+    if not phase["statistics-sent"]:  # reader steps belong to this run's fit phase, which the fit ledger admitted
+        raise PolicyError("this device takes reader steps only in a run whose fit query it answered (query.fit)")
     committed = int(phase.get("reader-plan", plan.total_steps))  # the plan of its first step binds the device
     spent = int(phase["reader-steps"])
     if spent + plan.steps > committed or plan.total_steps != committed:

@@ -625,6 +625,9 @@ class FederationMap:
                                  + ("" if total is None else f" (tokens per class {[round(float(n)) for n in total.counts]})")
                                  + ": stopping before round 1")
             self.total = total
+            cloud_log.info("federation map: summed %d of %d devices' statistics (%d left out), %d classes, %.0f tokens; "
+                           "%.0f bytes up per device", len(accepted), len(nodes), len(errors) + len(rejected), len(present),
+                           float(total.counts.sum()), sum(up) / max(1, len(up)))
             if int(self.cfg.subspace_fit_rounds) > 0:
                 self._reader_rounds(grid, nodes, timeout=timeout, name=name)
             self.info.update({"map-contributions": float(len(accepted)), "map-rejected": float(len(errors) + len(rejected)),
@@ -632,9 +635,6 @@ class FederationMap:
                               "map-bytes-down-per-device": float(total.nbytes + (0 if self.weights is None else
                                                                                   self.weights.nbytes)),
                               "map-fit-seconds": time.perf_counter() - start})
-            cloud_log.info("federation map: summed %d of %d devices' statistics (%d left out), %d classes, %.0f tokens; "
-                     "%.0f bytes up per device", len(accepted), len(nodes), len(errors) + len(rejected), len(present),
-                     float(total.counts.sum()), self.info["map-bytes-up-per-device"])
         new = [n for n in nodes if n not in self.sent]
         if not new:
             return

@@ -190,7 +190,7 @@ def test_the_fit_phase_gives_every_device_one_map_and_survives_a_hostile_one(mon
     for m in again:
         m.metadata.__dict__["_message_id"] = m.object_id
     refused = grid.send_and_receive(again)
-    assert "already sent its map statistics" in refused[0].error.reason
+    assert "already entered a fit phase" in refused[0].error.reason
     assert "reader steps its fit budget covers" in refused[1].error.reason
     assert strategy.history[0]["map-contributions"] == 3 and "test-accuracy" in strategy.history[0]
     d = 384
@@ -339,3 +339,39 @@ def test_the_run_summary_states_what_the_fit_phase_told_the_cloud():
     assert summary["fit-phase"].startswith("fit phase (subspace-fit-scope='federation')")
     assert "-DP per sentence" in summary["fit-phase"] and summary["fit-phase-contributions"] == 7.0
     assert "fit-phase" not in privacy_summary(RunConfig(defense="label-subspace"), history)
+
+
+def test_a_deployed_device_enters_one_fit_phase_ever_and_takes_reader_steps_only_after_it(tmp_path, monkeypatch):
+    """A device whose key lives in a file keeps its fit ledger beside it: a second run (a fresh
+    context, as a new run gets) that asks for its statistics again is refused, so fresh noise on
+    the same sentences never reaches the cloud twice; and a run that skips the fit query gets no
+    reader steps (they would spend a new budget)."""
+    from flwr.app import Context
+
+    from privtune_flwr import client_app as device_app
+    from privtune_flwr import federated_reader as fr
+    from tests.test_strategy import NODE
+
+    cfg = _fed_cfg()
+    node = {**NODE, **NO_AUDIT, "partition-id": 0, "num-partitions": 4, "key-store": "file",
+            "key-file": str(tmp_path / "device.key")}
+    monkeypatch.setattr(device_app, "simulated", lambda: False)
+
+    def ask(message_type, content=None):
+        context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config=cfg.to_flower())
+        msg = Message(content or RecordDict(), message_type=message_type, dst_node_id=1)
+        msg.metadata.__dict__["_message_id"] = msg.object_id
+        try:
+            return device_app.app(msg, context)
+        except Exception as exc:  # noqa: BLE001 - the ClientApp's error, as Flower would report it
+            return exc
+
+    first = ask("query.fit")
+    assert "statistics" in first.content.array_records
+    assert (tmp_path / "device.key.fit-ledger.json").exists()
+    again = ask("query.fit")  # a new run, a fresh context: the ledger on disk remembers
+    assert "already entered a fit phase" in str(again)
+    plan = fr.ReaderPlan.from_config(cfg)
+    reader = ask("query.reader", fm.reader_message(1, fr.initial_weights(plan, 384, 0), torch.zeros(384).numpy(),
+                                                   1.0, 1).content)
+    assert "only in a run whose fit query it answered" in str(reader)
