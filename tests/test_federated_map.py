@@ -352,7 +352,7 @@ def test_a_deployed_device_enters_one_fit_phase_ever_and_takes_reader_steps_only
     from privtune_flwr import federated_reader as fr
     from tests.test_strategy import NODE
 
-    cfg = _fed_cfg()
+    cfg = _fed_cfg(reproducible_noise=False)  # a key from the device's own entropy, kept in its file
     node = {**NODE, **NO_AUDIT, "partition-id": 0, "num-partitions": 4, "key-store": "file",
             "key-file": str(tmp_path / "device.key")}
     monkeypatch.setattr(device_app, "simulated", lambda: False)
