@@ -601,21 +601,29 @@ class FederationMap:
 
         if self.total is None:
             start = time.perf_counter()
-            asked = [Message(content=RecordDict(), message_type="query." + FIT_ACTION, dst_node_id=n) for n in nodes]
-            contributions, errors, up = [], [], []
-            for reply in grid.send_and_receive(asked, timeout=timeout, max_reply_bytes=self.fit_reply_bytes()):
-                src = reply.metadata.src_node_id
-                if reply.has_error():
-                    errors.append((name(src), reply.error.reason))
-                    continue
-                try:
-                    arrays = reply.content.array_records["statistics"]
-                    up.append(sum(a.numpy().nbytes for a in arrays.values()))
-                    contributions.append((name(src), {k: v for k, v in arrays.items()}))
-                except (KeyError, AttributeError, TypeError) as exc:
-                    errors.append((name(src), f"no statistics in the reply ({exc})"))
-            total, accepted, rejected = aggregate(contributions, classes=self.cfg.num_labels, hidden=self.hidden,
-                                                  specials=self.specials)
+            total, accepted, rejected, errors, up = None, [], [], [], []
+            for s in range(0, len(nodes), GROUP):  # summed group by group: the cloud holds GROUP contributions at most
+                asked = [Message(content=RecordDict(), message_type="query." + FIT_ACTION, dst_node_id=n)
+                         for n in nodes[s:s + GROUP]]
+                contributions = []
+                for reply in grid.send_and_receive(asked, timeout=timeout, max_reply_bytes=self.fit_reply_bytes()):
+                    src = reply.metadata.src_node_id
+                    if reply.has_error():
+                        errors.append((name(src), reply.error.reason))
+                        continue
+                    try:
+                        arrays = reply.content.array_records["statistics"]
+                        up.append(sum(a.numpy().nbytes for a in arrays.values()))
+                        contributions.append((name(src), {k: v for k, v in arrays.items()}))
+                    except (KeyError, AttributeError, TypeError) as exc:
+                        errors.append((name(src), f"no statistics in the reply ({exc})"))
+                part, ok, bad = aggregate(contributions, classes=self.cfg.num_labels, hidden=self.hidden,
+                                          specials=self.specials)
+                del contributions, asked
+                if part is not None:
+                    total = part if total is None else total + part
+                accepted += ok
+                rejected += bad
             for who, why in errors + rejected:
                 cloud_log.warning("federation map: %s's statistics left out: %s", who, why)
             present = [] if total is None else classes_present(total)
