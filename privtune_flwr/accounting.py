@@ -444,14 +444,16 @@ def federated_map_statement(cfg, *, fit_epsilon: float | None = None, fit_delta:
     is the sum of both). The sum and the final weights reveal the federation's aggregate label map,
     as the releases do in any case. With ``fit-epsilon = inf`` a device sends its statistics and
     changes without noise and the cloud learns them exactly."""
-    eps = "the device's fit-epsilon (default 64)" if fit_epsilon is None else f"{fit_epsilon:g}"
-    delta = "its fit-delta (default 1e-05)" if fit_delta is None else f"{fit_delta:g}"
+    if fit_epsilon is None or fit_delta is None:
+        budget, floor = "(fit-epsilon, fit-delta)", ", by the device's own floor (defaults 64 and 1e-05)"
+    else:
+        budget, floor = f"({fit_epsilon:g}, {fit_delta:g})", ""
     rounds = int(getattr(cfg, "subspace_fit_rounds", 0))
     reader = ("" if rounds == 0 else
               f", then {rounds} rounds of {int(cfg.subspace_fit_steps)} full-batch reader steps (each sentence's gradient "
               f"clipped to {cfg.subspace_fit_grad_clip:g}, Gaussian noise on their sum) whose weight changes it sent")
     return (f"fit phase (subspace-fit-scope='federation'): each device sent once its clipped (token norm <= "
             f"{cfg.subspace_fit_clip:g}) per-class token counts, sums and second moments with Gaussian noise{reader}; "
-            f"together ({eps}, {delta})-DP per sentence of at most {cfg.max_length} tokens; the cloud learns their noisy "
+            f"together {budget}-DP per sentence of at most {cfg.max_length} tokens{floor}; the cloud learns their noisy "
             "sums (the federation's label map) and nothing exact about any one device; this adds to each sentence's "
             "release guarantee")

