@@ -1,6 +1,7 @@
 """What a release guarantees, stated once: the privacy statement and its composition.
 
-Every defence describes itself with a :class:`PrivacyStatement`; the device derives the public
+Every defence describes itself with a :class:`PrivacyStatement`, built by its entry in
+:mod:`privtune_flwr.registry` (for the device's defence object and the cloud's run config alike); the device derives the public
 bounds it may put in a reply from it (:meth:`PrivacyStatement.reply_metrics`); the cloud composes
 them over a run (:func:`run_summary`). Every number here is a function of the public configuration
 and of public lengths (the cloud sees the attention mask), never of the private tokens.
@@ -53,31 +54,6 @@ def public_scales(s_min: float, levels: int, *, scaled: bool = True) -> tuple[tu
         return (s_min, 1.0), True
     top = levels - 1
     return tuple(1.0 - (1.0 - s_min) * k / top for k in range(levels)), False
-
-
-def statement_for_config(cfg, *, radius: float = 0.0) -> "PrivacyStatement":
-    """The statement of a run's configured defence, as the cloud can state it: from the run config
-    (a :class:`~privtune_flwr.config.RunConfig`) and the public shift radius."""
-    common = {"release": cfg.release, "reproducible": cfg.reproducible_noise,
-              "key_source": f"seed {cfg.seed!r}" if cfg.reproducible_noise else "os-entropy"}
-    if cfg.defense == "none":
-        return PrivacyStatement(defense="none", epsilon=None, **common)
-    if cfg.defense == "dchi":
-        return PrivacyStatement(defense="dchi", epsilon=cfg.epsilon, **common)
-    if cfg.defense == "label-subspace":
-        return PrivacyStatement(defense=cfg.defense, epsilon=cfg.epsilon, projection_rank=cfg.subspace_rank, **common)
-    if cfg.defense == "label-obfuscator":
-        return PrivacyStatement(defense=cfg.defense, epsilon=cfg.epsilon, learned_rank=cfg.subspace_rank, **common)
-    if cfg.defense == "gaussian":
-        from .mechanism.gaussian import analytic_gaussian_sigma
-
-        clip = cfg.clip or None
-        sigma = None if clip is None else analytic_gaussian_sigma(cfg.epsilon, cfg.delta, 2.0 * clip)
-        return PrivacyStatement(defense="gaussian", epsilon=cfg.epsilon, delta=cfg.delta, clip=clip, sigma=sigma, **common)
-    scales, continuous = public_scales(cfg.s_min, cfg.importance_levels, scaled=cfg.defense != "privtune-noimp")
-    shift = 0.0 if cfg.defense == "privtune-nomean" else radius
-    return PrivacyStatement(defense=cfg.defense, epsilon=cfg.epsilon, scales=scales, continuous=continuous,
-                            radius=shift, **common)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,9 @@ import threading
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
+from . import registry
+from .registry import DEFENSE_NAMES, LABEL_DEFENSES, GaussianOptions, LabelSubspaceOptions, PrivTuneOptions
+
 PROTOCOLS = ("vanilla", "u-shaped", "offsite")
 OFFSITE_METHODS = ("fedbiot", "scaleot")  # as privtune_flwr.offsite.METHODS (a test keeps them equal)
 # Blocks of the offline models, so that an emulator that would drop every middle block (or none)
@@ -26,18 +29,10 @@ PLACEMENT_DEVICES = ("cpu", "cuda")  # as privtune_flwr.models.placement accepts
 PLACEMENT_DTYPES = ("float32", "bfloat16", "float16")
 MIDDLE_STEPS = ("per-batch", "joint")
 SUBSPACE_FITS = ("reader", "closed-form")  # as privtune_flwr.mechanism.subspace accepts them
-# The names of ``defenses.DEFENSES`` (a test keeps the two equal). Spelled out here so that a
-# launcher can check a run's configuration in a fraction of a second, without importing torch.
-DEFENSE_NAMES = (
-    "none", "dchi", "gaussian", "privtune", "privtune-noimp", "privtune-nomean",
-    "privtune-random-target", "privtune-sampled-target", "label-subspace", "label-obfuscator",
-)
 # Keys that left the run config, and where their job went (a run config naming one is refused).
 _FAULTS_MOVED = ("fault injection is a device-side Flower Mod now (simulations.faults), which tests and the faults "
                  "benchmark attach; the cloud's run config cannot make devices misbehave")
 REMOVED_KEYS = {"fault-fraction": _FAULTS_MOVED, "fault-kinds": _FAULTS_MOVED, "fault-delay": _FAULTS_MOVED}
-# The defences a device fits on its own class labels (classification only).
-LABEL_DEFENSES = ("label-subspace", "label-obfuscator")
 # u-shaped label protection on the device (privtune_flwr.label_protection.METHODS; a test keeps them equal).
 LABEL_PROTECTIONS = ("none", "max-norm", "marvell", "randomised-response")
 
@@ -110,21 +105,22 @@ class RunConfig:
     defense: str = "label-subspace"
     epsilon: float = 64.0
     audit_tokens: int = 512  # tokens per release checked by the device's KNN self-audit
-    n_hops: int = 2
-    k: int = 8
-    max_neighbours: int = 16
-    radius_scale: float = 1.0
-    pgd_steps: int = 10
-    lam: float = 0.5
-    mu: float = 1.0
-    s_min: float = 0.5
-    alpha: float = 0.5
-    importance_levels: int = 3  # public noise-scale levels (0 = continuous: no bound across importance)
-    delta: float = 1e-5  # gaussian only
-    clip: float = 0.0  # gaussian only; 0 = calibrate from the anchors
+    # the defences' options: their defaults and help live in privtune_flwr.registry
+    n_hops: int = PrivTuneOptions.n_hops
+    k: int = PrivTuneOptions.k
+    max_neighbours: int = PrivTuneOptions.max_neighbours
+    radius_scale: float = PrivTuneOptions.radius_scale
+    pgd_steps: int = PrivTuneOptions.pgd_steps
+    lam: float = PrivTuneOptions.lam
+    mu: float = PrivTuneOptions.mu
+    s_min: float = PrivTuneOptions.s_min
+    alpha: float = PrivTuneOptions.alpha
+    importance_levels: int = PrivTuneOptions.importance_levels
+    delta: float = GaussianOptions.delta
+    clip: float = GaussianOptions.clip
     # label-subspace only: "reader" (a small reader trained with the projection) or "closed-form"
     # (Fisher directions, then principal ones: nothing trained; devices that fit apart agree)
-    subspace_fit: str = "reader"
+    subspace_fit: str = LabelSubspaceOptions.subspace_fit
     # label-subspace only: "device" (each device fits its own map on its share, with subspace-fit) or
     # "federation" (one map for all devices, before round 1: privtune_flwr.federated_map);
     # subspace-fit-clip bounds each token's norm in the devices' noisy statistics, then
@@ -139,7 +135,7 @@ class RunConfig:
     subspace_fit_lr: float = 0.01
     subspace_fit_grad_clip: float = 1.0
     subspace_fit_devices: int = 100
-    subspace_rank: int = 2  # label-subspace / label-obfuscator only: directions (features) kept per token (2 at split 3; >= classes - 1: docs/results.md)
+    subspace_rank: int = LabelSubspaceOptions.subspace_rank  # label-subspace / label-obfuscator: docs/results.md
     # noise: a secret key on each device, each example released once; both need the device's consent
     # (its node config / device policy) to be weakened
     release: str = "once"  # "once" | "fresh" (fresh noise per re-send; composes)
@@ -292,20 +288,17 @@ class RunConfig:
                 "top_device": self.cloud_device, "top_dtype": self.cloud_dtype}
 
     def defense_options(self) -> dict[str, Any]:
-        """Keyword options of ``build_defense`` for the configured defence."""
-        if self.defense == "none" or self.defense == "dchi":
-            return {}
-        if self.defense == "gaussian":
-            return {"delta": self.delta, "clip": self.clip or None}
-        if self.defense == "label-subspace":
-            return {"subspace_rank": self.subspace_rank, "subspace_fit": self.subspace_fit}
-        if self.defense in LABEL_DEFENSES:
-            return {"subspace_rank": self.subspace_rank}
-        return {
-            "n_hops": self.n_hops, "k": self.k, "max_neighbours": self.max_neighbours,
-            "radius_scale": self.radius_scale, "pgd_steps": self.pgd_steps, "lam": self.lam,
-            "mu": self.mu, "s_min": self.s_min, "alpha": self.alpha, "importance_levels": self.importance_levels,
-        }
+        """Keyword options of ``build_defense`` for the configured defence (its registry options)."""
+        spec = registry.get(self.defense)
+        return {name: getattr(self, name) for name in spec.option_names()}
+
+    def statement(self, *, radius: float = 0.0) -> "PrivacyStatement":
+        """The configured defence's statement as the cloud can state it: from this run config and
+        the public shift radius the devices report (built as the device's defence builds its own)."""
+        spec = registry.get(self.defense)
+        return spec.statement(spec.options_from(self), epsilon=self.epsilon, release=self.release,
+                              reproducible=self.reproducible_noise,
+                              key_source=f"seed {self.seed!r}" if self.reproducible_noise else "os-entropy", radius=radius)
 
     def federated_map(self) -> bool:
         """True when the devices fit one label map together before round 1."""
@@ -315,17 +308,10 @@ class RunConfig:
         """The defence and only the settings it uses, e.g. ``defense=dchi eps=64``."""
         if self.defense == "none":
             return "defense=none (representations released without noise)"
-        shown = {"eps": f"{self.epsilon:g}"}
-        if self.defense == "gaussian":
-            shown.update(delta=f"{self.delta:g}", clip=f"{self.clip:g}" if self.clip else "auto")
-        elif self.defense in LABEL_DEFENSES:
-            shown["rank"] = self.subspace_rank
-            if self.defense == "label-subspace" and self.federated_map():
-                shown["fit"] = "federation"
-            elif self.defense == "label-subspace" and self.subspace_fit != "reader":
-                shown["fit"] = self.subspace_fit
-        elif self.defense.startswith("privtune"):
-            shown.update({"n-hops": self.n_hops, "k": self.k, "s-min": f"{self.s_min:g}", "radius-scale": f"{self.radius_scale:g}"})
+        spec = registry.get(self.defense)
+        shown = {"eps": f"{self.epsilon:g}", **spec.summary(spec.options_from(self))}
+        if self.federated_map():
+            shown["fit"] = "federation"
         if self.release != "once":
             shown["release"] = self.release
         text = f"defense={self.defense} " + " ".join(f"{k}={v}" for k, v in shown.items())

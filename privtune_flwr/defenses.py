@@ -21,6 +21,7 @@ import secrets
 import torch
 from torch import nn
 
+from . import registry
 from .accounting import RELEASE_MODES, PrivacyStatement, public_scales
 from .mechanism.anchors import bottom_fingerprint, check_graph_options, get_tables
 from .mechanism.dchi import check_epsilon, real_spans, sample_dchi_keyed
@@ -31,6 +32,7 @@ from .mechanism.obfuscator import LAYERS, Obfuscator, feature_map
 from .mechanism.pgd import pool_weights, solve_shift
 from .mechanism.subspace import Subspace
 from .models import SplitModel
+from .registry import GaussianOptions, LabelObfuscatorOptions, LabelSubspaceOptions, PrivTuneOptions
 
 
 class Defense(nn.Module):
@@ -143,8 +145,11 @@ class Defense(nn.Module):
         return released.mul_(attention_mask.unsqueeze(-1).to(released.dtype)).to(hidden.dtype)
 
     def statement(self) -> PrivacyStatement:
-        """What this defence guarantees (public; see :mod:`privtune_flwr.accounting`)."""
-        return PrivacyStatement(defense=self.name, epsilon=None)
+        """What this defence guarantees (public; see :mod:`privtune_flwr.accounting`): its registry
+        entry's statement at this defence's options, as the cloud states it from a run config."""
+        spec = registry.get(self.name)
+        return spec.statement(spec.options_from(self), epsilon=self.epsilon, radius=getattr(self, "radius", 0.0),
+                              **self._key_words())
 
     def _key_words(self) -> dict:
         return {"release": self.release, "reproducible": self.key.reproducible, "key_source": self.key.source}
@@ -169,9 +174,6 @@ class DChiDefense(Defense):
         streams = self.streams(input_ids, attention_mask, spans)
         gaussian, scale = sample_dchi_keyed(streams, attention_mask, hidden.shape[-1], self.epsilon, spans)
         return torch.addcmul(hidden, gaussian.to(hidden.device), scale.to(hidden.device).unsqueeze(-1))
-
-    def statement(self) -> PrivacyStatement:
-        return PrivacyStatement(defense=self.name, epsilon=self.epsilon, scales=(1.0,), **self._key_words())
 
 
 def _number(name: str, value, low: float, high: float = math.inf, *, low_open: bool = True, high_open: bool = False, integer: bool = False):
@@ -202,10 +204,10 @@ class GaussianDefense(Defense):
     name = "gaussian"
 
     def __init__(self, split: SplitModel, epsilon: float, *, key=None, seed=None, release="once",
-                 delta: float = 1e-5, clip: float | None = None):
+                 delta: float = GaussianOptions.delta, clip: float | None = GaussianOptions.clip):
         super().__init__(split, epsilon, key=key, seed=seed, release=release)
         self.delta = check_delta(delta)
-        if clip is None:
+        if clip is None or (clip == 0 and not isinstance(clip, bool)):  # 0 (a run config's "auto") or None
             anchors = get_tables(split).anchors
             regular = torch.ones(anchors.shape[0], dtype=torch.bool)
             regular[split.special_ids[split.special_ids < anchors.shape[0]]] = False
@@ -223,10 +225,6 @@ class GaussianDefense(Defense):
         lengths = attention_mask.bool().sum(1).tolist()
         rows = [st.normal((n, d)) for st, n in zip(self.streams(input_ids, attention_mask), lengths)]
         return clipped + self.sigma * self.scatter(rows, attention_mask).to(hidden.device)
-
-    def statement(self) -> PrivacyStatement:
-        return PrivacyStatement(defense=self.name, epsilon=self.epsilon, delta=self.delta, sigma=self.sigma,
-                                clip=self.clip, **self._key_words())
 
 
 class PrivTuneDefense(Defense):
@@ -259,16 +257,16 @@ class PrivTuneDefense(Defense):
         key=None,
         seed=None,
         release="once",
-        n_hops: int = 2,
-        k: int = 8,
-        max_neighbours: int = 16,
-        radius_scale: float = 1.0,
-        pgd_steps: int = 10,
-        lam: float = 0.5,
-        mu: float = 1.0,
-        s_min: float = 0.5,
-        alpha: float = 0.5,
-        importance_levels: int = 3,
+        n_hops: int = PrivTuneOptions.n_hops,
+        k: int = PrivTuneOptions.k,
+        max_neighbours: int = PrivTuneOptions.max_neighbours,
+        radius_scale: float = PrivTuneOptions.radius_scale,
+        pgd_steps: int = PrivTuneOptions.pgd_steps,
+        lam: float = PrivTuneOptions.lam,
+        mu: float = PrivTuneOptions.mu,
+        s_min: float = PrivTuneOptions.s_min,
+        alpha: float = PrivTuneOptions.alpha,
+        importance_levels: int = PrivTuneOptions.importance_levels,
         importance=None,
     ):
         super().__init__(split, epsilon, key=key, seed=seed, release=release)
@@ -380,11 +378,6 @@ class PrivTuneDefense(Defense):
         base = hidden + self.mean_shift(hidden, input_ids, attention_mask, uniforms) if self.use_shift else hidden
         return torch.addcmul(base, gaussian.to(hidden.device), scale.unsqueeze(-1))
 
-    def statement(self) -> PrivacyStatement:
-        return PrivacyStatement(defense=self.name, epsilon=self.epsilon, scales=self.scales,
-                                continuous=self.use_importance and self.importance_levels == 0,
-                                radius=self.radius if self.use_shift else 0.0, **self._key_words())
-
 
 class PrivTuneNoImportance(PrivTuneDefense):
     """Ablation: s_i = 1 for every token."""
@@ -472,7 +465,7 @@ class LabelSubspaceDefense(_LabelDefense):
     name = "label-subspace"
 
     def __init__(self, split: SplitModel, epsilon: float, *, key=None, seed=None, release="once",
-                 subspace: Subspace | None = None, subspace_rank: int = 1):
+                 subspace: Subspace | None = None, subspace_rank: int = LabelSubspaceOptions.subspace_rank):
         super().__init__(split, epsilon, key=key, seed=seed, release=release)
         self._check_fitted(split, "subspace", subspace, Subspace, subspace_rank)
         self.register_buffer("center", subspace.center.float().clone(), persistent=False)
@@ -498,10 +491,6 @@ class LabelSubspaceDefense(_LabelDefense):
         released = (center + coords @ basis.T).to(hidden.dtype)
         return self._with_specials(released, input_ids)
 
-    def statement(self) -> PrivacyStatement:
-        return PrivacyStatement(defense=self.name, epsilon=self.epsilon, scales=(1.0,),
-                                projection_rank=self.subspace_rank, **self._key_words())
-
 
 class LabelObfuscatorDefense(_LabelDefense):
     """Release ``k`` learned label features per token, plus d_chi noise on them.
@@ -520,7 +509,7 @@ class LabelObfuscatorDefense(_LabelDefense):
     name = "label-obfuscator"
 
     def __init__(self, split: SplitModel, epsilon: float, *, key=None, seed=None, release="once",
-                 obfuscator: Obfuscator | None = None, subspace_rank: int = 1):
+                 obfuscator: Obfuscator | None = None, subspace_rank: int = LabelObfuscatorOptions.subspace_rank):
         super().__init__(split, epsilon, key=key, seed=seed, release=release)
         self._check_fitted(split, "obfuscator", obfuscator, Obfuscator, subspace_rank)
         self.scale = float(obfuscator.scale)
@@ -555,10 +544,6 @@ class LabelObfuscatorDefense(_LabelDefense):
         released = (center + coords @ self.lift64.T).to(hidden.dtype)
         return self._with_specials(released, input_ids)
 
-    def statement(self) -> PrivacyStatement:
-        return PrivacyStatement(defense=self.name, epsilon=self.epsilon, scales=(1.0,),
-                                learned_rank=self.subspace_rank, **self._key_words())
-
 
 DEFENSES: dict[str, type[Defense]] = {
     cls.name: cls
@@ -568,13 +553,10 @@ DEFENSES: dict[str, type[Defense]] = {
     )
 }
 
-# Every option any defence takes, with its default. A defence ignores the options of the others,
-# so an app can pass its whole configuration to any defence.
-OPTIONS = {
-    "n_hops": 2, "k": 8, "max_neighbours": 16, "radius_scale": 1.0, "pgd_steps": 10, "lam": 0.5,
-    "mu": 1.0, "s_min": 0.5, "alpha": 0.5, "importance_levels": 3, "importance": None, "delta": 1e-5, "clip": None,
-    "subspace_rank": 1, "subspace": None, "obfuscator": None,
-}
+if set(DEFENSES) != set(registry.DEFENSES):  # every registered name has a class, and no class lacks an entry
+    raise ImportError(f"defences and registry disagree: {sorted(set(DEFENSES) ^ set(registry.DEFENSES))}")
+# What a device fitted and hands to its defence, beside the registry's options.
+FITTED_INPUTS = ("importance", "subspace", "obfuscator")
 
 
 def build_defense(name: str, *, epsilon: float | None = None, split: SplitModel, key: NoiseKey | None = None,
@@ -584,14 +566,16 @@ def build_defense(name: str, *, epsilon: float | None = None, split: SplitModel,
     Noise: with neither ``key`` nor ``seed`` the defence draws a fresh key from OS entropy, so its
     noise is unpredictable to anyone else; ``key`` is a device's :class:`NoiseKey`; ``seed`` makes
     the noise reproducible by whoever knows it (research only; the statement says so).
-    ``options`` are the knobs of ``OPTIONS``; those a defence does not use are ignored, unknown
-    names raise. ``none`` ignores ``epsilon``.
+    ``options`` are the registry's options of any defence (:mod:`privtune_flwr.registry`) and the
+    fitted inputs ``importance``/``subspace``/``obfuscator``; those a defence does not use are
+    ignored, unknown names raise. ``none`` ignores ``epsilon``.
     """
     if name not in DEFENSES:
         raise ValueError(f"defense={name!r} is unknown; accepted: {', '.join(DEFENSES)}")
-    unknown = sorted(set(options) - set(OPTIONS))
+    accepted_names = (*registry.all_option_names(), *FITTED_INPUTS)
+    unknown = sorted(set(options) - set(accepted_names))
     if unknown:
-        raise ValueError(f"unknown defence option(s) {unknown}; accepted: {', '.join(OPTIONS)}")
+        raise ValueError(f"unknown defence option(s) {unknown}; accepted: {', '.join(accepted_names)}")
     cls = DEFENSES[name]
     common = {"key": key, "seed": seed, "release": release}
     if cls is NoDefense:

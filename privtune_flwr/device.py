@@ -22,8 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import LABEL_DEFENSES
-from .defenses import OPTIONS, Defense, build_defense
+from .registry import LABEL_DEFENSES
+from . import registry
+from .defenses import Defense, build_defense
 from .mechanism.obfuscator import Obfuscator, fit_obfuscator
 from .mechanism.subspace import Subspace, fit_subspace
 from .models import SplitModel
@@ -69,8 +70,9 @@ def device_defense(name: str, split: SplitModel, *, epsilon: float | None, texts
         if labels is None or task != "classification":
             raise ValueError(f"defense={name!r} is fitted on labelled classification data; got task={task!r}"
                              + (" without labels" if labels is None else ""))
-        rank = options.get("subspace_rank", OPTIONS["subspace_rank"])
-        method = options.pop("subspace_fit", "reader")
+        defaults = registry.get(name).defaults()
+        rank = options.get("subspace_rank", defaults.subspace_rank)
+        method = options.pop("subspace_fit", getattr(defaults, "subspace_fit", "reader"))
         if name == "label-subspace" and options.get("subspace") is not None:
             pass  # the federation's map, derived by this device from the aggregate (federated_map)
         elif name == "label-subspace":

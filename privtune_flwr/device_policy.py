@@ -105,7 +105,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from .config import LABEL_DEFENSES, RunConfig
+from . import registry
+from .config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -318,10 +319,9 @@ class DevicePolicy:
         if cfg.defense != "none" and cfg.epsilon > self.max_epsilon:
             raise PolicyError(f"this device refuses epsilon={cfg.epsilon!r}: its floor is max-epsilon={self.max_epsilon!r} "
                               "(node config 'max-epsilon')")
-        if cfg.defense != "none":
-            from .accounting import statement_for_config
-
-            statement = statement_for_config(cfg)
+        spec = registry.get(cfg.defense)
+        if spec.noisy:
+            statement = cfg.statement()
             smallest = min(statement.scales)
             if smallest < self.min_noise_scale:
                 raise PolicyError(f"this device refuses s-min={cfg.s_min:g} for defense={cfg.defense!r} (noise scaled down "
@@ -331,8 +331,7 @@ class DevicePolicy:
                 raise PolicyError(f"this device refuses importance-levels=0 for defense={cfg.defense!r} (a continuous "
                                   "noise scale: no bound holds between tokens released at different scales); its floor "
                                   "needs node config 'allow-continuous-scales=true'")
-            shifted = cfg.defense.startswith("privtune") and cfg.defense != "privtune-nomean"
-            if shifted and cfg.radius_scale > self.max_radius_scale:
+            if spec.shifts and cfg.radius_scale > self.max_radius_scale:
                 raise PolicyError(f"this device refuses radius-scale={cfg.radius_scale:g} (the mean shift's radius, a "
                                   f"slack of 2 r eps / s in the bound): its floor is max-radius-scale="
                                   f"{self.max_radius_scale:g} (node config 'max-radius-scale')")
@@ -352,7 +351,7 @@ class DevicePolicy:
         if cfg.defense == "gaussian" and cfg.delta > self.max_delta:
             raise PolicyError(f"this device refuses delta={cfg.delta:g}: its floor is max-delta={self.max_delta:g} "
                               "(node config 'max-delta')")
-        if cfg.defense in LABEL_DEFENSES and cfg.subspace_rank > self.max_subspace_rank:
+        if spec.fits_labels and cfg.subspace_rank > self.max_subspace_rank:
             raise PolicyError(f"this device refuses subspace-rank={cfg.subspace_rank} for defense={cfg.defense!r}: the "
                               f"rank is what keeps tokens from being inverted, and its floor is max-subspace-rank="
                               f"{self.max_subspace_rank} (node config 'max-subspace-rank')")

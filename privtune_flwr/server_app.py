@@ -20,7 +20,7 @@ from strategies import SplitLearningStrategy, UShapedStrategy
 from strategies.reporting import NOT_REACHED, ProgressGrid, incomplete_rounds, last_evaluation
 
 from . import data
-from .accounting import is_finite_number, run_summary, statement_for_config
+from .accounting import is_finite_number, run_summary
 from .cloud import CloudSide, MiddleSide
 from .config import RunConfig
 from .models import load_split
@@ -40,7 +40,7 @@ def privacy_summary(cfg: RunConfig, history: list[dict]) -> dict:
         values = [r[key] for r in history if is_finite_number(r.get(key))]
         return max(values) if values else None
 
-    statement = statement_for_config(cfg, radius=worst("shift-radius") or 0.0)
+    statement = cfg.statement(radius=worst("shift-radius") or 0.0)
     summary = run_summary(statement, max_tokens=cfg.max_length, train_releases=worst("releases-per-example-max"),
                           test_releases=worst("test-releases-per-example-max"))
     if cfg.federated_map():  # what the cloud learned before round 1, from the map's fit

@@ -16,7 +16,7 @@ import pytest
 import torch
 from scipy import stats
 
-from privtune_flwr.accounting import PrivacyStatement, run_summary, statement_for_config
+from privtune_flwr.accounting import PrivacyStatement, run_summary
 from privtune_flwr.config import RunConfig
 from privtune_flwr.defenses import build_defense
 from privtune_flwr.models import load_split
@@ -139,15 +139,24 @@ def test_released_noise_is_scaled_by_the_token_level(tiny, seeded_entropy):
     assert means[0.7] / means[1.0] == pytest.approx(0.7, rel=0.05)
 
 
-def test_statement_for_config_matches_the_defence(tiny):
+def test_the_run_configs_statement_matches_the_defences(tiny):
+    """The cloud states a run's guarantee from its config; the device's defence object states its
+    own. Both go through the registry: the whole statements must be equal, for every defence that
+    needs no fitted input (the label defences: tests/test_defenses.py)."""
     split = tiny
-    for name in ("none", "dchi", "privtune", "privtune-noimp", "privtune-nomean"):
-        cfg = RunConfig(defense=name, epsilon=8.0, importance_levels=4, s_min=0.25)
-        defense = build_defense(name, epsilon=8.0, split=split, importance_levels=4, s_min=0.25)
+    names = ("none", "dchi", "gaussian", "privtune", "privtune-noimp", "privtune-nomean", "privtune-random-target",
+             "privtune-sampled-target")
+    for name in names:
+        cfg = RunConfig(defense=name, epsilon=8.0, importance_levels=4, s_min=0.25, clip=3.0, release="fresh")
+        defense = build_defense(name, epsilon=8.0, split=split, importance_levels=4, s_min=0.25, clip=3.0,
+                                release="fresh")
         mine = defense.statement()
-        theirs = statement_for_config(cfg, radius=getattr(defense, "radius", 0.0))
+        theirs = cfg.statement(radius=getattr(defense, "radius", 0.0))
         assert (mine.epsilon, mine.scales, mine.continuous, mine.radius) == \
             (theirs.epsilon, theirs.scales, theirs.continuous, theirs.radius), name
+        assert mine == theirs, name
+    assert RunConfig(defense="privtune-nomean").statement(radius=5.0).radius == 0.0  # no shift, no slack
+    assert RunConfig(defense="privtune").statement(radius=5.0).radius == 5.0
 
 
 def test_run_summary_composes_and_states_reproducible_noise():

@@ -402,7 +402,6 @@ def test_label_subspace_fit_is_seeded_and_reads_only_the_devices_data(tiny, monk
 
 
 def test_label_subspace_statement_and_bad_input(tiny):
-    from privtune_flwr.accounting import statement_for_config
     from privtune_flwr.config import RunConfig
     from privtune_flwr.device import device_defense
     from privtune_flwr.mechanism.subspace import fit_subspace
@@ -414,7 +413,7 @@ def test_label_subspace_statement_and_bad_input(tiny):
     assert st.projection_rank == 4 and st.token_epsilon_max == 8.0 and st.token_slack_max == 0.0
     assert "rank-4 label subspace" in text and "fitted once on the device's own labelled data" in text
     assert "empirical" in text and "epsilon-DP" not in text
-    theirs = statement_for_config(RunConfig(defense="label-subspace", epsilon=8.0, subspace_rank=4))
+    theirs = RunConfig(defense="label-subspace", epsilon=8.0, subspace_rank=4).statement()
     assert (theirs.epsilon, theirs.projection_rank, theirs.radius) == (st.epsilon, st.projection_rank, st.radius)
     with pytest.raises(ValueError, match=r"subspace_rank=0 is outside the accepted range: an integer in \[1"):
         build_defense("label-subspace", split=split, epsilon=8.0, subspace=d_subspace(split), subspace_rank=0)
@@ -597,7 +596,6 @@ def test_label_obfuscator_fit_is_seeded_aligned_and_reads_only_the_devices_data(
 
 
 def test_label_obfuscator_statement_and_bad_input(tiny):
-    from privtune_flwr.accounting import statement_for_config
     from privtune_flwr.config import RunConfig
     from privtune_flwr.device import device_defense
     from privtune_flwr.mechanism.obfuscator import fit_obfuscator
@@ -608,7 +606,7 @@ def test_label_obfuscator_statement_and_bad_input(tiny):
     text = st.guarantee()
     assert st.learned_rank == 3 and st.projection_rank is None and st.token_epsilon_max == 8.0
     assert "3 learned label features" in text and "no bound in ||h - h'||" in text and "empirical" in text
-    theirs = statement_for_config(RunConfig(defense="label-obfuscator", epsilon=8.0, subspace_rank=3))
+    theirs = RunConfig(defense="label-obfuscator", epsilon=8.0, subspace_rank=3).statement()
     assert (theirs.epsilon, theirs.learned_rank, theirs.guarantee()) == (st.epsilon, st.learned_rank, text)
     fitted = _FITTED["label-obfuscator", id(split), 3][1]
     with pytest.raises(ValueError, match="the obfuscator has rank 3 but subspace_rank=2"):
