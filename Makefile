@@ -34,7 +34,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 install: $(VENV)/.installed
 
 run: install
-	$(PY) -m simulations.launch $(ARGS)
+	$(PY) -m privtune_flwr.launch $(ARGS)
 
 test: install
 	$(PY) -m pytest -q -m "not e2e" $(PYTEST_ARGS)

@@ -99,10 +99,7 @@ def check_before_start(run_config: dict, *, simulated: bool | None = None) -> Ru
     from its config) and, in a simulation, whose devices share this host, the dataset and the
     devices' policy (``$PRIVTUNE_DEVICE_POLICY`` over the defaults). A deployment's devices have
     their own data and node config: they refuse those themselves."""
-    try:
-        from simulations.launch import preflight
-    except ImportError:  # an app installed without the launcher: the first problem only
-        return RunConfig.from_flower(run_config)
+    from .preflight import preflight
     if simulated is None:
         simulated = os.path.basename(sys.argv[0]).startswith("flwr-simulation")
     offline = any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))

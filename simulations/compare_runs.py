@@ -4,7 +4,7 @@
     python -m simulations.compare_runs faults --out DIR      # clean vs 20% faulty devices
     python -m simulations.compare_runs generation --out DIR  # SmolLM2 headlines: none, dchi, privtune
 
-Every run is ``python -m simulations.launch`` (a private SuperLink, ``flwr run``, the simulation
+Every run is ``python -m privtune_flwr.launch`` (a private SuperLink, ``flwr run``, the simulation
 engine); the table compares what each run's ``results.json`` recorded. Ratios come from runs made
 one after the other in the same command on the same machine. Writes ``DIR/<name>.json``.
 
@@ -72,7 +72,7 @@ def faulty_app_folder(out: Path) -> Path:
 
 def run_one(name: str, config: str, policy: str, devices: int, out: Path, extra: str, faults: str = "") -> dict:
     folder = out / name.replace(" ", "-").replace("%", "pct")
-    cmd = [sys.executable, "-m", "simulations.launch", "--devices", str(devices), "--out", str(folder),
+    cmd = [sys.executable, "-m", "privtune_flwr.launch", "--devices", str(devices), "--out", str(folder),
            "--run-config", f"{config} {extra}".strip()]
     if policy:
         cmd += ["--device-policy", policy]

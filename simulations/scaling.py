@@ -2,7 +2,7 @@
 
     python -m simulations.scaling --devices 10,100,1000 --out outputs/scaling.json
 
-Each point is one launcher run (``python -m simulations.launch``: a private SuperLink, the
+Each point is one launcher run (``python -m privtune_flwr.launch``: a private SuperLink, the
 simulation engine, every process stopped afterwards) with the same work per round whatever the
 federation: ``--sampled`` devices train (``devices-per-round``) and as many evaluate
 (``eval-devices``; ``final-eval-all=false``, so no round asks every device), each on
@@ -50,7 +50,7 @@ def run_point(devices: int, args) -> dict:
               f"devices-per-round={args.sampled} min-devices={args.sampled} eval-devices={args.sampled} "
               f"final-eval-all=false batches-per-round=1 batch-size={args.batch} eval-examples={args.batch} "
               f"audit-tokens=0 max-length={args.max_length} {args.run_config}").strip()
-    cmd = [sys.executable, "-m", "simulations.launch", "--devices", str(devices), "--actors", str(args.actors),
+    cmd = [sys.executable, "-m", "privtune_flwr.launch", "--devices", str(devices), "--actors", str(args.actors),
            "--out", str(folder), "--run-config", config]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)

@@ -34,7 +34,7 @@ def federated(defense: str, args) -> dict:
     config = (f"defense='{defense}' num-rounds={args.rounds} devices-per-round={args.devices} min-devices={args.devices} "
               f"batches-per-round={args.batches} batch-size={args.batch_size} eval-devices=1 final-eval-all=false "
               f"eval-examples=1 audit-tokens=0 {args.run_config}").strip()
-    cmd = [sys.executable, "-m", "simulations.launch", "--devices", str(args.devices), "--out", str(folder),
+    cmd = [sys.executable, "-m", "privtune_flwr.launch", "--devices", str(args.devices), "--out", str(folder),
            "--run-config", config] + (["--device-policy", "allowed-defenses='*'"] if defense == "none" else [])
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     results_file = folder / "latest" / "results.json"
@@ -57,7 +57,7 @@ def centralised(defense: str, args) -> dict:
     from privtune_flwr.config import RunConfig
     from privtune_flwr.device import DeviceSide, device_defense
     from privtune_flwr.models import load_split
-    from simulations.launch import app_defaults
+    from privtune_flwr.launch import app_defaults
 
     cfg = RunConfig.from_flower({**app_defaults(), "defense": defense, "batch-size": args.batch_size})
     torch.manual_seed(cfg.seed)

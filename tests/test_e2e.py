@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from privtune_flwr.config import RunConfig
-from simulations import launch
+from privtune_flwr import launch
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ("max-examples=300 batch-size=4 batches-per-round=2 max-length=24 "
@@ -186,7 +186,7 @@ def test_rounds_that_fail_end_nonzero_with_a_summary_and_keep_the_last_good_run(
 def _launch_and_kill(tmp_path, args, wait_for, target, settle=0.0):
     env, tag = tagged_env(tmp_path)
     env["PRIVTUNE_CACHE"] = os.environ["PRIVTUNE_CACHE"]
-    proc = subprocess.Popen([sys.executable, "-m", "simulations.launch", "--out", str(tmp_path / "run")] + args, cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "privtune_flwr.launch", "--out", str(tmp_path / "run")] + args, cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     seen = set()
     try:
@@ -219,7 +219,7 @@ def test_terminating_the_launcher_stops_everything_it_started(tmp_path):
     """`kill <launcher pid>` (SIGTERM, as a job scheduler or a shell script sends) cleans up like Ctrl-C."""
     env, tag = tagged_env(tmp_path)
     env["PRIVTUNE_CACHE"] = os.environ["PRIVTUNE_CACHE"]
-    proc = subprocess.Popen([sys.executable, "-m", "simulations.launch", "--out", str(tmp_path / "run"), "--devices", "2",
+    proc = subprocess.Popen([sys.executable, "-m", "privtune_flwr.launch", "--out", str(tmp_path / "run"), "--devices", "2",
                              "--run-config", QUICK], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
@@ -248,7 +248,7 @@ def test_deployment_with_tls_survives_a_lost_supernode_and_leaves_nothing_behind
 
 
 def test_unknown_supernode_is_refused(tmp_path):
-    from simulations.certs import make_supernode_keys, make_tls
+    from privtune_flwr.certs import make_supernode_keys, make_tls
 
     env, tag = tagged_env(tmp_path)
     home = tmp_path / "flwr"
@@ -411,7 +411,7 @@ def test_generation_with_smollm2_end_to_end(tmp_path):
     config = ("model='smollm2' split-layer=2 task='generation' protocol='u-shaped' dataset='bbc_headlines' "
               "max-examples=40 batch-size=2 batches-per-round=1 max-length=48 eval-examples=2 audit-tokens=0 "
               "defense='dchi' epsilon=256.0 num-rounds=1 generate-samples=2 max-new-tokens=3 lora-rank=2")
-    proc = subprocess.run([sys.executable, "-m", "simulations.launch", "--devices", "2", "--out", str(out),
+    proc = subprocess.run([sys.executable, "-m", "privtune_flwr.launch", "--devices", "2", "--out", str(out),
                            "--device-policy", "max-epsilon=256", "--run-config", config],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -435,7 +435,7 @@ def test_resume_after_the_server_is_killed_equals_an_uninterrupted_run(tmp_path)
     env, tag = tagged_env(tmp_path)
     env["PRIVTUNE_CACHE"] = os.environ["PRIVTUNE_CACHE"]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "simulations.launch", "--devices", "3", "--out", str(killed),
+    proc = subprocess.Popen([sys.executable, "-m", "privtune_flwr.launch", "--devices", "3", "--out", str(killed),
                              "--device-policy", policy, "--run-config", config], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:

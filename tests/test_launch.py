@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from simulations import launch
+from privtune_flwr import launch, preflight
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,7 +39,7 @@ def test_bad_input_is_refused_before_anything_starts(no_processes, capsys, args,
 
 def test_a_mistyped_key_is_refused_within_five_seconds():
     t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "simulations.launch", "--run-config", "num-round=3"], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "privtune_flwr.launch", "--run-config", "num-round=3"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     seconds = time.perf_counter() - t0
     assert done.returncode == 2
@@ -186,7 +186,7 @@ def test_device_policy_reaches_simulated_devices_and_supernodes(monkeypatch, tmp
 ])
 def test_values_known_before_start_are_refused_in_under_two_seconds(config, message):
     t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "simulations.launch", "--run-config", config], cwd=ROOT, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "privtune_flwr.launch", "--run-config", config], cwd=ROOT, capture_output=True,
                           text=True, timeout=60, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     seconds = time.perf_counter() - t0
     assert done.returncode == 2 and done.stdout == ""
@@ -234,21 +234,21 @@ def test_split_layer_is_checked_against_the_depth_in_a_local_models_config(tmp_p
     import json
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "roberta", "num_hidden_layers": 2}))
-    cfg = launch.RunConfig(model=str(tmp_path), split_layer=3)
-    assert launch.model_errors(cfg) == [f"split-layer=3 is outside the accepted range for model={str(tmp_path)!r}: 0..2 "
+    cfg = preflight.RunConfig(model=str(tmp_path), split_layer=3)
+    assert preflight.model_errors(cfg) == [f"split-layer=3 is outside the accepted range for model={str(tmp_path)!r}: 0..2 "
                                         "(its config has 2 blocks)"]
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
-    assert "accepted families (model_type): bert, roberta, xlm-roberta, llama, mistral, qwen2" in launch.model_errors(cfg)[0]
+    assert "accepted families (model_type): bert, roberta, xlm-roberta, llama, mistral, qwen2" in preflight.model_errors(cfg)[0]
     # the names the launcher reads from the modules' source are the modules' own
     from privtune_flwr import data, models
 
     assert launch.offline_datasets() == data.DATASETS
-    assert launch.model_families() == {k: f.kind for k, f in models.FAMILIES.items()}
-    assert launch.model_config("smollm2")[0]["num_hidden_layers"] == 30
+    assert preflight.model_families() == {k: f.kind for k, f in models.FAMILIES.items()}
+    assert preflight.model_config("smollm2")[0]["num_hidden_layers"] == 30
 
 
 def test_the_checks_before_start_import_neither_torch_nor_datasets():
-    code = ("import sys; from simulations import launch; "
+    code = ("import sys; from privtune_flwr import launch; "
             "launch.main(['--run-config', \"protocol='u-shaped' label-protection='marvell' dataset='nope'\"]); "
             "print(sorted(m for m in ('torch', 'datasets', 'pandas', 'transformers', 'flwr') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -273,10 +273,10 @@ def test_help_names_the_command_and_lists_every_key_with_its_default():
 
     from privtune_flwr.config import RunConfig
 
-    done = subprocess.run([sys.executable, "-m", "simulations.launch", "--help"], cwd=ROOT, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "privtune_flwr.launch", "--help"], cwd=ROOT, capture_output=True, text=True,
                           timeout=60, env=dict(os.environ, COLUMNS="120"))
     text = done.stdout
-    assert done.returncode == 0 and text.startswith("usage: python -m simulations.launch ")
+    assert done.returncode == 0 and text.startswith("usage: python -m privtune_flwr.launch ")
     assert "launch.py" not in text and "``" not in text and 'make run ARGS="' in text
     for f in fields(RunConfig):
         assert f"\n    {f.name.replace('_', '-')} = " in text, f.name

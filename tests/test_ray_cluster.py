@@ -86,7 +86,7 @@ def test_a_simulation_runs_on_an_existing_two_node_ray_cluster(tmp_path):
         subprocess.run([ray, "start", "--address", address, *common], check=True, capture_output=True, timeout=180)
         env = dict(os.environ, RAY_ADDRESS=address)
         out = tmp_path / "run"
-        proc = subprocess.run([sys.executable, "-m", "simulations.launch", "--devices", "4", "--actors", "2", "--out", str(out),
+        proc = subprocess.run([sys.executable, "-m", "privtune_flwr.launch", "--devices", "4", "--actors", "2", "--out", str(out),
                                "--run-config", CONFIG], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         results = json.loads((out / "latest" / "results.json").read_text())
@@ -108,7 +108,7 @@ def test_an_unreachable_ray_address_is_refused_before_anything_starts(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, RAY_ADDRESS=f"127.0.0.1:{port}")
-    proc = subprocess.run([sys.executable, "-m", "simulations.launch", "--devices", "2", "--out", str(tmp_path / "run"),
+    proc = subprocess.run([sys.executable, "-m", "privtune_flwr.launch", "--devices", "2", "--out", str(tmp_path / "run"),
                            "--run-config", "num-rounds=1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert f"RAY_ADDRESS=127.0.0.1:{port}" in proc.stderr and "no Ray cluster answers" in proc.stderr

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.e2e
 def _launch(out: Path, home: Path, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PRIVTUNE_DEVICE_HOME=str(home), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                FLWR_TELEMETRY_ENABLED="0", PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "simulations.launch", "--devices", "2", "--out", str(out), *args],
+    return subprocess.run([sys.executable, "-m", "privtune_flwr.launch", "--devices", "2", "--out", str(out), *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 

@@ -1,6 +1,6 @@
 """Certificates and keys for a Flower deployment on one host (TLS and SuperNode authentication).
 
-``python -m simulations.certs DIR [--nodes 2] [--host 127.0.0.1]`` writes into ``DIR``:
+``python -m privtune_flwr.certs DIR [--nodes 2] [--host 127.0.0.1]`` writes into ``DIR``:
 
 * ``ca.crt`` / ``ca.key``: a self-signed certificate authority, valid for 30 days;
 * ``server.crt`` / ``server.key``: the SuperLink's certificate, signed by the CA, for ``--host``,
