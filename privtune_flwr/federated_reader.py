@@ -119,9 +119,9 @@ def check_weights(arrays: dict, shapes: dict[str, tuple[int, ...]], what: str = 
         value = arrays[name]
         value = torch.as_tensor(np.asarray(value.numpy() if hasattr(value, "numpy") else value, dtype=np.float32))
         if tuple(value.shape) != shape:
-            raise ValueError(f"the {what}' {name!r} has shape {tuple(value.shape)}; accepted: {shape}")
+            raise ValueError(f"{what}: array {name!r} has shape {tuple(value.shape)}; accepted: {shape}")
         if not torch.isfinite(value).all():
-            raise ValueError(f"the {what}' {name!r} holds non-finite values; accepted: finite values only")
+            raise ValueError(f"{what}: array {name!r} holds non-finite values; accepted: finite values only")
         out[name] = value.clone()
     return out
 
