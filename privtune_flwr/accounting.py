@@ -1,8 +1,8 @@
 """What a release guarantees, stated once: the privacy statement and its composition.
 
-Every defence describes itself with a :class:`PrivacyStatement`, built by its entry in
-:mod:`privtune_flwr.registry` (for the device's defence object and the cloud's run config alike); the device derives the public
-bounds it may put in a reply from it (:meth:`PrivacyStatement.reply_metrics`); the cloud composes
+Every defence describes itself with a :class:`PrivacyStatement`, which its entry in
+:mod:`privtune_flwr.registry` builds (for the device's defence object and the cloud's run config
+alike); the device derives the public bounds it may put in a reply from it (:meth:`PrivacyStatement.reply_metrics`); the cloud composes
 them over a run (:func:`run_summary`). Every number here is a function of the public configuration
 and of public lengths (the cloud sees the attention mask), never of the private tokens.
 

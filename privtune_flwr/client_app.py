@@ -19,6 +19,7 @@ import collections
 import logging
 import math
 import os
+import secrets
 import sys
 from dataclasses import dataclass
 
@@ -739,7 +740,10 @@ def query_map(msg: Message, context: Context) -> Message:
                                 {WEIGHTS: (split.hidden_size, cfg.subspace_rank)}, "map weights")[WEIGHTS]
     key, _ = device_key(context, policy, cfg, pid)
     defense = _derive(cfg, node, stats, key, weights)
-    audit = audit_map(released_coordinates(defense, rows, ids), ids, labels, special_ids=split.special_ids)
+    # the audit's split and inverter start come from this device's entropy: a map the cloud crafted
+    # against a known audit (a public seed) would not meet the same inverter here
+    audit = audit_map(released_coordinates(defense, rows, ids), ids, labels, special_ids=split.special_ids,
+                      seed=secrets.randbits(63))
     log.info("device %d: federation map audit: inversion %.3f (floor %.3f), label %s", pid, audit.inversion,
              policy.max_map_inversion, "n/a" if audit.label is None else f"{audit.label:.3f}")
     check_audit(audit, max_inversion=policy.max_map_inversion, min_label=policy.min_map_label_accuracy)

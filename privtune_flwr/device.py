@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .registry import LABEL_DEFENSES
 from . import registry
 from .defenses import Defense, build_defense
+from .registry import LABEL_DEFENSES
 from .mechanism.obfuscator import Obfuscator, fit_obfuscator
 from .mechanism.subspace import Subspace, fit_subspace
 from .models import SplitModel

@@ -14,8 +14,8 @@ with a :class:`DefenseSpec`. The spec carries
   shifts each token's mean by an input-dependent amount.
 
 The module imports no torch, so a launcher can check a configuration in a fraction of a second.
-The torch modules (:mod:`privtune_flwr.defenses`) register the classes that implement each name,
-and a test keeps the two lists equal.
+The classes that implement each name are in :mod:`privtune_flwr.defenses` (its own ``DEFENSES``,
+of classes); a test keeps the two lists of names equal.
 """
 
 from __future__ import annotations
