@@ -10,20 +10,22 @@ import difflib
 import math
 import threading
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from . import registry
 from .registry import DEFENSE_NAMES, LABEL_DEFENSES, GaussianOptions, LabelSubspaceOptions, PrivTuneOptions
+from .vocab import PARTITIONERS, SPLIT_PROTOCOLS, TASKS
 
-PROTOCOLS = ("vanilla", "u-shaped", "offsite")
+if TYPE_CHECKING:
+    from .accounting import PrivacyStatement
+
+PROTOCOLS = (*SPLIT_PROTOCOLS, "offsite")
 OFFSITE_METHODS = ("fedbiot", "scaleot")  # as privtune_flwr.offsite.METHODS (a test keeps them equal)
 # Blocks of the offline models, so that an emulator that would drop every middle block (or none)
 # is refused when the config is read; other models are checked when the emulator is built.
 OFFSITE_DEPTHS = {"minilm": 6, "smollm2": 30}
-TASKS = ("classification", "generation")
 LORA_TARGET_CHOICES = ("attention", "all")  # as privtune_flwr.models accepts them
 RELEASES = ("once", "fresh")
-PARTITIONERS = ("iid", "dirichlet")
 TRANSPORT_DTYPES = ("float32", "float16")  # as privtune_flwr.schema accepts them
 PLACEMENT_DEVICES = ("cpu", "cuda")  # as privtune_flwr.models.placement accepts them
 PLACEMENT_DTYPES = ("float32", "bfloat16", "float16")

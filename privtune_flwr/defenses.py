@@ -17,6 +17,7 @@ import inspect
 import json
 import math
 import secrets
+from dataclasses import asdict
 
 import torch
 from torch import nn
@@ -208,7 +209,7 @@ class GaussianDefense(Defense):
         super().__init__(split, epsilon, key=key, seed=seed, release=release)
         self.delta = check_delta(delta)
         if clip is None or (clip == 0 and not isinstance(clip, bool)):  # 0 (a run config's "auto") or None
-            anchors = get_tables(split).anchors
+            anchors = get_tables(split, **asdict(registry.GraphOptions())).anchors
             regular = torch.ones(anchors.shape[0], dtype=torch.bool)
             regular[split.special_ids[split.special_ids < anchors.shape[0]]] = False
             clip = float(anchors[regular].norm(dim=-1).median())

@@ -49,7 +49,8 @@ import numpy as np
 import torch
 
 from .mechanism.noise_key import NoiseKey
-from .mechanism.subspace import Subspace, aligning_rotation, basis_from_moments
+from .mechanism.subspace import Subspace, basis_from_moments
+from .federated_reader import gaussian_sigma
 
 log = logging.getLogger(__name__)
 cloud_log = logging.getLogger("privtune_flwr.cloud")  # the cloud's console lines
@@ -152,34 +153,6 @@ def token_statistics(rows, ids, labels, *, num_labels: int, special_ids, clip: f
     special_sums = torch.zeros(len(special_ids), d, dtype=torch.float64).index_add_(0, position, h[~regular])
     second = x.T @ x  # a BLAS product need not be exactly symmetric: made so (a + b == b + a in IEEE)
     return MapStatistics(counts, sums, (second + second.T) / 2, special_counts, special_sums)
-
-
-def gaussian_sigma(epsilon: float, delta: float) -> float:
-    """The smallest sd of Gaussian noise that makes a query of L2 sensitivity 1 (epsilon,
-    delta)-DP, by the analytic Gaussian mechanism (Balle and Wang, ICML 2018): ``delta(sigma) =
-    Phi(1/(2 sigma) - epsilon sigma) - e^epsilon Phi(-1/(2 sigma) - epsilon sigma)``, solved by
-    bisection. Valid for every epsilon > 0 (the classic ``sqrt(2 ln(1.25/delta))/epsilon`` needs
-    epsilon < 1)."""
-    if not (math.isfinite(epsilon) and epsilon > 0):
-        raise ValueError(f"fit-epsilon={epsilon!r} is outside the accepted range (0, inf)")
-    if not 0 < delta < 1:
-        raise ValueError(f"fit-delta={delta!r} is outside the accepted range (0, 1)")
-
-    def phi(v: float) -> float:
-        return 0.5 * math.erfc(-v / math.sqrt(2))
-
-    def achieved(sigma: float) -> float:
-        a, b = 1 / (2 * sigma), epsilon * sigma
-        tail = phi(-a - b)
-        return phi(a - b) - (math.exp(epsilon) * tail if tail > 0 else 0.0)
-
-    lo, hi = 1e-6, 1.0
-    while achieved(hi) > delta:
-        hi *= 2
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if achieved(mid) <= delta else (mid, hi)
-    return hi
 
 
 @dataclass(frozen=True)
@@ -548,10 +521,13 @@ class FederationMap:
         sampler = torch.Generator().manual_seed(int(self.cfg.seed))
         per_round = int(self.cfg.subspace_fit_devices) or len(nodes)
         everyone = list(nodes)
+        asked = dict.fromkeys(everyone, 0)  # reader rounds each device was asked
         for r in range(plan.rounds):
             if per_round < len(everyone):  # a device not asked spends nothing of its budget this round
                 pick = torch.randperm(len(everyone), generator=sampler)[:per_round].sort().values.tolist()
                 nodes = [everyone[i] for i in pick]
+            for n in nodes:
+                asked[n] += 1
             def build(n, r=r):
                 return reader_message(n, weights, center, scale, r + 1)
 
@@ -579,8 +555,12 @@ class FederationMap:
         self.info.update({"map-reader-rounds": float(plan.rounds),
                           "map-reader-accepted-min": float(min(accepted_per_round)) if accepted_per_round else 0.0,
                           "map-reader-seconds": time.perf_counter() - start,
-                          "map-reader-bytes-down-per-device": float(down * plan.rounds),
-                          "map-reader-bytes-up-per-device": float(sum(up) / max(1, len(up)) * plan.rounds)})
+                          # per device: the mean over the federation (a device not asked in a round
+                          # receives and sends nothing then), and the most any one device received
+                          "map-reader-bytes-down-per-device": float(down * sum(asked.values()) / max(1, len(everyone))),
+                          "map-reader-bytes-up-per-device": float(sum(up) / max(1, len(everyone))),
+                          "map-reader-bytes-down-most-per-device": float(down * max(asked.values(), default=0)),
+                          "map-reader-bytes-per-asked-device-round": float(down)})
 
     def fit_reply_bytes(self) -> int:
         """The most a device's fit reply may carry: the statistics' five float64 arrays

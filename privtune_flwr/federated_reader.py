@@ -44,6 +44,7 @@ from torch import nn
 from torch.func import grad, vmap
 from torch.nn import functional as F
 
+from .mechanism.gaussian import analytic_gaussian_sigma
 from .mechanism.noise_key import NoiseKey
 from .mechanism.subspace import _Reader, _pad
 
@@ -126,12 +127,21 @@ def check_weights(arrays: dict, shapes: dict[str, tuple[int, ...]], what: str = 
     return out
 
 
+def gaussian_sigma(epsilon: float, delta: float) -> float:
+    """The smallest sd of Gaussian noise that makes a query of L2 sensitivity 1 (epsilon,
+    delta)-DP: the analytic Gaussian mechanism (``mechanism.gaussian``), valid for every
+    epsilon > 0. Errors name the fit phase's keys."""
+    if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon > 0):
+        raise ValueError(f"fit-epsilon={epsilon!r} is outside the accepted range (0, inf)")
+    if not (isinstance(delta, (int, float)) and 0 < delta < 1):
+        raise ValueError(f"fit-delta={delta!r} is outside the accepted range (0, 1)")
+    return analytic_gaussian_sigma(float(epsilon), float(delta), 1.0)
+
+
 def split_budget(fit_epsilon: float, fit_delta: float, plan: ReaderPlan) -> tuple[float, float]:
     """``(sd of the statistics' noise per unit sensitivity, noise multiplier of one reader step)``
     for a device whose floor is ``(fit_epsilon, fit_delta)``: ``mu^2`` is shared evenly between the
     statistics (``STATS_SHARE``) and the ``T`` reader steps (all of it to the statistics when ``T = 0``)."""
-    from .federated_map import gaussian_sigma
-
     sigma = gaussian_sigma(fit_epsilon, fit_delta)  # = 1 / mu for the whole fit phase
     if plan.total_steps == 0:
         return sigma, math.inf

@@ -43,11 +43,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .tasks import TASKS
+from .vocab import SPLIT_PROTOCOLS as PROTOCOLS, TASKS
 
 log = logging.getLogger(__name__)
 
-PROTOCOLS = ("vanilla", "u-shaped")
 
 # Offline models shipped as PyPI packages (see the README's set-up section).
 OFFLINE_MODELS = {

@@ -58,6 +58,7 @@ from torch import nn
 
 from .config import middle_keep_count
 from .models import FAMILIES, LORA_TARGETS, LORA_TARGETS_ALL, load_split, position_ids
+from .resources import RESOURCES
 from .tasks import classification_metrics, next_token_nll, task_loss
 
 log = logging.getLogger(__name__)
@@ -501,9 +502,6 @@ def build_offsite(model: str = "minilm", *, task: str = "classification", num_la
     return out
 
 
-_BUILT: dict[tuple, Offsite] = {}  # one per configuration and process (a Ray actor serves many devices)
-
-
 def offsite_key(cfg) -> tuple:
     return (cfg.model, cfg.task, cfg.num_labels, cfg.offsite_method, cfg.offsite_adapter_layers, cfg.emulator_drop,
             cfg.distill_steps, cfg.svd_rank_fraction, cfg.lora_rank, cfg.lora_targets, cfg.max_length, cfg.dataset, cfg.seed)
@@ -511,14 +509,12 @@ def offsite_key(cfg) -> tuple:
 
 def from_config(cfg) -> Offsite:
     """:func:`build_offsite` from a :class:`~privtune_flwr.config.RunConfig`, cached per process."""
-    key = offsite_key(cfg)
-    if key not in _BUILT:
-        _BUILT[key] = build_offsite(cfg.model, task=cfg.task, num_labels=cfg.num_labels, method=cfg.offsite_method,
+    # one per configuration, kept in the process's resource cache (a Ray actor serves many devices)
+    return RESOURCES.get("offsite", offsite_key(cfg), lambda: build_offsite(cfg.model, task=cfg.task, num_labels=cfg.num_labels, method=cfg.offsite_method,
                                     adapter_layers=cfg.offsite_adapter_layers, emulator_drop=cfg.emulator_drop,
                                     distill_steps=cfg.distill_steps, svd_rank_fraction=cfg.svd_rank_fraction,
                                     lora_rank=cfg.lora_rank, lora_targets=cfg.lora_targets, max_length=cfg.max_length,
-                                    aux_dataset=cfg.dataset, seed=cfg.seed)
-    return _BUILT[key]
+                                    aux_dataset=cfg.dataset, seed=cfg.seed))
 
 
 # -- training and scoring ---------------------------------------------------------------------------
@@ -581,35 +577,15 @@ def score(off: Offsite, texts: list[str], labels: list[int] | None, *, emulator:
 
 # -- the device's handlers (registered in privtune_flwr.client_app) --------------------------------
 
-_NODES: dict[tuple, tuple] = {}  # (cfg, pid, total) -> (train rows, test rows)
-
-
 def _node_data(cfg, pid: int, total: int):
-    """This device's training share and test share, cut as privtune_flwr.client_app cuts them."""
+    """This device's training share and test share (``data.device_shares``, as every protocol cuts them)."""
     from . import data
 
-    key = (cfg, pid, total)
-    if key in _NODES:
-        return _NODES[key]
-    ds = data.load_dataset(cfg.dataset, test_fraction=cfg.test_fraction, seed=cfg.seed, max_examples=cfg.max_examples or None)
-    if ds.task != cfg.task:
-        raise ValueError(f"dataset={cfg.dataset!r} is a {ds.task} task; the run config says task={cfg.task!r}")
-    if cfg.task == "classification" and ds.num_labels != cfg.num_labels:
-        raise ValueError(f"dataset={cfg.dataset!r} has {ds.num_labels} labels; the run config says num-labels={cfg.num_labels}")
-    train, test = ds.train, ds.test
-    if cfg.task == "generation":
-        def joined(rows):
-            return rows.add_column("sequence", [p + c for p, c in (data.generation_pair(cfg.dataset, t, g)
-                                                                    for t, g in zip(rows["text"], rows["target"]))])
+    def build():
+        train, test, _ = data.device_shares(cfg, pid, total)
+        return train, test
 
-        train, test = joined(train), joined(test)
-    train = data.partition(train, total, pid, partitioner=cfg.partitioner, alpha=cfg.dirichlet_alpha, seed=cfg.seed)
-    shares = min(total, len(test))
-    test = data.partition(test, shares, pid % shares, partitioner="iid", seed=cfg.seed)
-    if len(train) == 0:
-        raise ValueError(f"partition {pid} of {total} of {cfg.dataset!r} is empty; use fewer devices")
-    _NODES[key] = (train, test)
-    return _NODES[key]
+    return RESOURCES.get("offsite-node", (cfg, pid, total), build)
 
 
 def adapters_record(state: dict[str, torch.Tensor]):

@@ -1,6 +1,6 @@
 """Everything a run can be refused for before it starts, every problem at once.
 
-The launcher (:mod:`privtune_flwr.launch`) and the ServerApp (``server_app.check_before_start``)
+The launcher (:mod:`privtune_flwr.launch`) and the ServerApp (``strategies.server_app.check_before_start``)
 both call :func:`preflight`: the run config's keys and ranges, whether the model resolves offline
 (its family and depth read from ``config.json``, without weights), the dataset, an existing Ray
 cluster, and the device policy's public limits. Nothing here imports torch.
@@ -62,17 +62,19 @@ _PACKAGE = Path(_config_module.__file__).resolve().parent
 
 
 def _source_constant(module: str, name: str) -> ast.expr:
-    tree = ast.parse((_PACKAGE / f"{module}.py").read_text())
+    """The expression assigned to ``name`` in ``privtune_flwr.<module>`` (dotted for a package's
+    module: ``"data.corpora"``), read from its source."""
+    tree = ast.parse((_PACKAGE / f"{module.replace('.', '/')}.py").read_text())
     for node in tree.body:
         targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
         if any(isinstance(t, ast.Name) and t.id == name for t in targets) and node.value is not None:
             return node.value
-    raise LookupError(f"privtune_flwr/{module}.py defines no {name}")
+    raise LookupError(f"privtune_flwr/{module.replace('.', '/')}.py defines no {name}")
 
 
 def offline_datasets() -> tuple[str, ...]:
     """``privtune_flwr.data.DATASETS``, read without importing datasets and pandas."""
-    return tuple(ast.literal_eval(_source_constant("data", "DATASETS")))
+    return tuple(ast.literal_eval(_source_constant("data.corpora", "DATASETS")))
 
 
 def model_families() -> dict[str, str]:
@@ -223,7 +225,7 @@ def _names_only():
 
     stubs = {}
     for short, attrs in (("defenses", {"DEFENSES": dict.fromkeys(_config_module.DEFENSE_NAMES)}),
-                         ("data", literals("data", "DATASETS")),
+                         ("data", literals("data.corpora", "DATASETS")),
                          ("label_protection", literals("label_protection", "METHODS", "STRENGTH"))):
         full = f"privtune_flwr.{short}"
         if attrs is not None and full not in sys.modules:

@@ -39,7 +39,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from privtune_flwr import data
     from privtune_flwr.device import DeviceHead, DeviceSide, device_defense
+    from dataclasses import asdict
+
     from privtune_flwr.mechanism import anchors as anc
+    from privtune_flwr.registry import GraphOptions
+
+    GRAPH = asdict(GraphOptions())  # the run config's graph options (their one source)
     from privtune_flwr.models import load_split
 
     torch.set_num_threads(args.threads)
@@ -60,10 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         texts, labels = list(ds.train["text"]), list(ds.train["label"])
     if args.defense.startswith("privtune"):
-        cached = anc._key_name(anc._key(split, 8, 2, 16))
+        cached = anc._key_name(anc._key(split, GRAPH["k"], GRAPH["n_hops"], GRAPH["max_neighbours"]))
         fresh = not any((anc.cache_dir() / "anchors").glob(f"{cached}*")) if (anc.cache_dir() / "anchors").exists() else True
         t0 = time.perf_counter()
-        tables = anc.get_tables(split)
+        tables = anc.get_tables(split, **GRAPH)
         result["tables-seconds"] = time.perf_counter() - t0
         result["tables-built-now"] = fresh
         result["tables-bytes"] = tables.nbytes

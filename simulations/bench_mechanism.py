@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+from dataclasses import asdict
 import importlib.util
 import json
 import os
+from pathlib import Path
 import statistics
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -31,6 +32,9 @@ from privtune_flwr.defenses import build_defense
 from privtune_flwr.mechanism.dchi import sample_dchi
 from privtune_flwr.mechanism import anchors as anc
 from privtune_flwr.models import load_split
+from privtune_flwr.registry import GraphOptions
+
+GRAPH = asdict(GraphOptions())  # the run config's graph options (their one source)
 
 TARGETS = {"dchi": 0.05, "privtune": 0.25}
 
@@ -73,9 +77,9 @@ def main() -> None:
 
     if not args.skip_build:
         t0 = time.perf_counter()
-        tables = anc.build_tables(split)
+        tables = anc.build_tables(split, **GRAPH)
         result["build_seconds"] = time.perf_counter() - t0
-    tables = anc.get_tables(split)
+    tables = anc.get_tables(split, **GRAPH)
     result["table_bytes"] = tables.nbytes
     result["vocab_size"] = split.vocab_size
 

@@ -22,7 +22,8 @@ import torch
 from privtune_flwr import data
 from privtune_flwr.config import RunConfig
 from privtune_flwr.models import load_split
-from privtune_flwr.cloud import CloudSide, fine_tune
+from privtune_flwr.cloud import CloudSide
+from simulations.training import fine_tune
 from privtune_flwr.device import DeviceSide, device_defense
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -83,9 +83,10 @@ from privtune_flwr.attacks.keywords import GENERIC_KEYWORDS, MOVIE_GENRE_KEYWORD
 from privtune_flwr.config import SUBSPACE_FITS, RunConfig
 from privtune_flwr.defenses import DEFENSES
 from privtune_flwr.models import LORA_TARGET_CHOICES, load_split
-from privtune_flwr.cloud import (CloudSide, MiddleSide, ReleasedSet, StopRule, evaluate_set, fine_tune_to_convergence,
-                                 fine_tune_u_shaped_to_convergence, u_shaped_generate, u_shaped_perplexity)
+from privtune_flwr.cloud import CloudSide, MiddleSide
 from privtune_flwr.device import DeviceHead, DeviceSide, device_defense, generated_text, mean_rouge_l
+from simulations.training import (ReleasedSet, StopRule, evaluate_set, fine_tune_to_convergence,
+                                  fine_tune_u_shaped_to_convergence, u_shaped_generate, u_shaped_perplexity)
 
 # victim -> auxiliary corpus for the attacks (always a different dataset).
 AUX_PAIRS: dict[str, str] = {

@@ -10,7 +10,7 @@ For each defence, in one command on one machine:
   training. Samples per second = training examples / the rounds' wall time (set-up excluded: the
   first round, where each device loads its bottom and fits its defence, is reported apart).
 * **centralised**: the same model, split, defence, batch size and number of LoRA steps in one
-  process (``privtune_flwr.cloud.fine_tune``: the device pipeline releases each batch, the top
+  process (``simulations.training.fine_tune``: the device pipeline releases each batch, the top
   trains on it). Samples per second = examples / the training loop's wall time (set-up, the
   defence's fit included in neither).
 
@@ -53,7 +53,8 @@ def centralised(defense: str, args) -> dict:
     import torch
 
     from privtune_flwr import data
-    from privtune_flwr.cloud import CloudSide, fine_tune
+    from privtune_flwr.cloud import CloudSide
+    from simulations.training import fine_tune
     from privtune_flwr.config import RunConfig
     from privtune_flwr.device import DeviceSide, device_defense
     from privtune_flwr.models import load_split

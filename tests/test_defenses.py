@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import asdict
 import importlib.util
 import logging
 from pathlib import Path
@@ -15,6 +16,9 @@ from privtune_flwr.device import device_obfuscator, device_subspace
 from privtune_flwr.mechanism import anchors as anc
 from privtune_flwr.mechanism.gaussian import analytic_gaussian_sigma
 from privtune_flwr.mechanism.importance import Importance
+from privtune_flwr.registry import GraphOptions
+
+GRAPH = asdict(GraphOptions())
 from privtune_flwr.models import load_split
 
 torch.set_num_threads(1)
@@ -137,7 +141,7 @@ def test_release_once_and_fresh(tiny, name):
 def test_privtune_family_exposes_tables(tiny):
     split, ids, mask, hidden = tiny
     d = build_defense("privtune", epsilon=8.0, split=split, radius_scale=2.0)
-    tables = anc.get_tables(split)
+    tables = anc.get_tables(split, **GRAPH)
     assert d.anchors.shape == (split.vocab_size, split.hidden_size)
     assert d.rings.shape == (split.vocab_size, 16) and d.targets.shape == d.anchors.shape
     assert d.radius == pytest.approx(2.0 * tables.median_distance)
@@ -244,7 +248,7 @@ def test_gaussian_clips_and_adds_calibrated_noise(tiny, seeded_entropy):
 
 
 def default_anchor_norm(split):
-    anchors = anc.get_tables(split).anchors
+    anchors = anc.get_tables(split, **GRAPH).anchors
     regular = torch.ones(anchors.shape[0], dtype=torch.bool)
     regular[split.special_ids] = False
     return anchors[regular].norm(dim=-1).median()

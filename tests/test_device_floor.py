@@ -11,6 +11,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
 
 from privtune_flwr import client_app as device_app
+from privtune_flwr import device_runtime as runtime
 from privtune_flwr import schema
 from privtune_flwr.config import RunConfig
 from privtune_flwr.device_policy import DevicePolicy, PolicyError, weights_digest
@@ -43,10 +44,10 @@ def test_one_instruction_cannot_ask_for_unbounded_work(minilm_split):
     with pytest.raises(PolicyError, match="max-length=512 tokens per example.*max-tokens-per-example"):
         policy.check(RunConfig(max_length=512))
     cfg = _cfg(batch_size=600)
-    device_app._NODES.clear()
+    runtime.RUNTIME.resources.clear("node")
     with pytest.raises(PolicyError, match=r"1200 examples in one instruction \(2 batches of 600\).*at most 1024"):
         device_app.app(_message(MessageType.TRAIN, schema.instruction(1, 2)), _device(cfg))
-    assert not device_app._NODES  # refused before the device built anything
+    assert not runtime.RUNTIME.resources.keys("node")  # refused before the device built anything
     small = {"max-examples-per-instruction": 5}
     with pytest.raises(PolicyError, match=r"6 examples in one instruction \(6 test examples\).*at most 5"):
         device_app.app(_message(MessageType.EVALUATE, schema.instruction(1, 0)), _device(_cfg(), **small))

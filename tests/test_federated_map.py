@@ -150,6 +150,7 @@ NO_AUDIT = {"max-map-inversion": 1.0}  # tiny shares: these tests check the prot
 
 def test_the_fit_phase_gives_every_device_one_map_and_survives_a_hostile_one(monkeypatch):
     from privtune_flwr import client_app as device_app
+    from privtune_flwr import device_runtime as runtime
     from tests.test_strategy import NODE, Grid
 
     monkeypatch.setattr("tests.test_strategy.NODE", {**NODE, **NO_AUDIT})
@@ -178,9 +179,14 @@ def test_the_fit_phase_gives_every_device_one_map_and_survives_a_hostile_one(mon
     info = strategy.fed_map.info
     assert info["map-contributions"] == 3 and info["map-rejected"] == 1 and info["map-accepted"] == 4
     assert info["map-reader-rounds"] == cfg.subspace_fit_rounds and info["map-reader-accepted-min"] == 3
+    # all 4 are asked every reader round: each receives the weights and the frame's centre (384
+    # float32) and sends back a change of the weights' size, every round
+    per_round = info["map-reader-bytes-per-asked-device-round"]
+    assert info["map-reader-bytes-down-per-device"] == info["map-reader-bytes-down-most-per-device"] == cfg.subspace_fit_rounds * per_round
+    assert info["map-reader-bytes-up-per-device"] == cfg.subspace_fit_rounds * (per_round - 4 * 384)
     # every device spent exactly the run's reader steps, and takes no more, nor sends its statistics twice
     for context in grid.contexts.values():
-        assert context.state.config_records[device_app.FIT_PHASE]["reader-steps"] == cfg.subspace_fit_rounds * cfg.subspace_fit_steps
+        assert context.state.config_records[runtime.FIT_PHASE]["reader-steps"] == cfg.subspace_fit_rounds * cfg.subspace_fit_steps
     from privtune_flwr import federated_reader as fr
 
     plan = fr.ReaderPlan.from_config(cfg)
@@ -198,7 +204,7 @@ def test_the_fit_phase_gives_every_device_one_map_and_survives_a_hostile_one(mon
     assert info["map-bytes-down-per-device"] == 8 * (2 + 2 * d + d * d + 5 * (1 + d)) + 4 * d * 2
     digests = {str(c.state.config_records[fm.AUDIT]["digest"]) for c in grid.contexts.values()}
     assert len(digests) == 1  # one map, derived by each device from the same sum
-    nodes = {key: node for key, node in device_app._NODES.items() if key[0] == cfg}
+    nodes = {key: runtime.RUNTIME.resources.get("node", key) for key in runtime.RUNTIME.resources.keys("node") if key[0] == cfg}
     bases = [node.defense.basis for node in nodes.values()]
     assert all(torch.equal(b, bases[0]) for b in bases)
     # each device keeps the map it derived (centre, basis, special constants), not the 1.2 MB sum,
@@ -207,20 +213,21 @@ def test_the_fit_phase_gives_every_device_one_map_and_survives_a_hostile_one(mon
     kept = context.state.array_records[fm.AGGREGATE]
     assert sum(a.numpy().nbytes for a in kept.values()) < 8 * (3 + 5) * d
     (node_key, node), = [(k, n) for k, n in nodes.items() if k[1] == context.node_config["partition-id"]]
-    cache = device_app._NODES
-    monkeypatch.setattr(device_app, "_NODES", type(cache)())  # another actor: an empty cache
-    fresh = device_app.load_node(cfg, *node_key[1:], context.state)
+    cache = {key: runtime.RUNTIME.resources.get("node", key) for key in runtime.RUNTIME.resources.keys("node")}
+    runtime.RUNTIME.resources.clear("node")  # another actor: an empty node cache
+    fresh = runtime.load_node(cfg, *node_key[1:], context.state)
     assert fresh is not node and not fresh.map_digest
-    device_app._use_federated_map(cfg, context, fresh, node.defense.key)
+    runtime.use_federated_map(cfg, context, fresh, node.defense.key)
     assert torch.equal(fresh.defense.basis, node.defense.basis) and torch.equal(fresh.defense.center, node.defense.center)
     assert fresh.defense.mechanism_config() == node.defense.mechanism_config()
     audited = str(context.state.config_records[fm.AUDIT]["map-digest"])
     context.state.config_records[fm.AUDIT]["map-digest"] = "0" * 64  # a kept map that is not the audited one
     fresh.map_digest = ""
     with pytest.raises(Exception, match="does not match the one it audited"):
-        device_app._use_federated_map(cfg, context, fresh, node.defense.key)
+        runtime.use_federated_map(cfg, context, fresh, node.defense.key)
     context.state.config_records[fm.AUDIT]["map-digest"] = audited
-    monkeypatch.setattr(device_app, "_NODES", cache)
+    for key, kept in cache.items():
+        runtime.RUNTIME.resources.put("node", key, kept)
     # a device that joins later gets the same sum (no refit) before it is asked to release
     from flwr.app import Context
 
@@ -331,7 +338,7 @@ def test_the_run_summary_states_what_the_fit_phase_told_the_cloud():
     """results.json's privacy section carries the fit phase's statement (and how many devices
     contributed) when the map is the federation's, and nothing of it otherwise."""
     from privtune_flwr.config import RunConfig
-    from privtune_flwr.server_app import privacy_summary
+    from strategies.server_app import privacy_summary
 
     fed = RunConfig(defense="label-subspace", subspace_fit_scope="federation")
     history = [{"round": 1, "map-contributions": 7.0}, {"round": 2}]
@@ -349,13 +356,14 @@ def test_a_deployed_device_enters_one_fit_phase_ever_and_takes_reader_steps_only
     from flwr.app import Context
 
     from privtune_flwr import client_app as device_app
+    from privtune_flwr import device_runtime as runtime
     from privtune_flwr import federated_reader as fr
     from tests.test_strategy import NODE
 
     cfg = _fed_cfg(reproducible_noise=False)  # a key from the device's own entropy, kept in its file
     node = {**NODE, **NO_AUDIT, "partition-id": 0, "num-partitions": 4, "key-store": "file",
             "key-file": str(tmp_path / "device.key")}
-    monkeypatch.setattr(device_app, "simulated", lambda: False)
+    monkeypatch.setattr(runtime, "simulated", lambda: False)
 
     def ask(message_type, content=None):
         context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config=cfg.to_flower())

@@ -208,6 +208,7 @@ def instructions(draw) -> RecordDict:
 
 def test_fuzz_the_device_instruction_handler():
     from privtune_flwr import client_app as device_app
+    from privtune_flwr import device_runtime as runtime
     from privtune_flwr.config import RunConfig
     from privtune_flwr.device_policy import PolicyError
 
@@ -225,7 +226,7 @@ def test_fuzz_the_device_instruction_handler():
     @FUZZ
     @given(instructions(), st.sampled_from([MessageType.TRAIN, MessageType.EVALUATE]))
     def run(content, kind):
-        state = dict(context.state.config_records.get(device_app.STATE, ConfigRecord({})))
+        state = dict(context.state.config_records.get(runtime.STATE, ConfigRecord({})))
         msg = Message(content=content, message_type=kind, dst_node_id=1)
         msg.metadata.__dict__["_message_id"] = msg.object_id
         try:
@@ -239,7 +240,7 @@ def test_fuzz_the_device_instruction_handler():
         except (schema.SchemaError, PolicyError):
             seen["rejected"] += 1
             # a rejected instruction changes nothing on the device
-            assert dict(context.state.config_records.get(device_app.STATE, ConfigRecord({}))) == state
+            assert dict(context.state.config_records.get(runtime.STATE, ConfigRecord({}))) == state
 
     run()
     assert seen["reply"] + seen["rejected"] >= 1000 and seen["reply"] > 20 and seen["rejected"] > 500

@@ -256,7 +256,7 @@ def test_the_checks_before_start_import_neither_torch_nor_datasets():
 
 
 def test_the_serverapp_refuses_at_start_what_the_launcher_refuses():
-    from privtune_flwr.server_app import check_before_start
+    from strategies.server_app import check_before_start
 
     bad = {**launch.app_defaults(), "split-layer": 99, "defense": "none", "dataset": "nope"}
     with pytest.raises(ValueError) as simulated:

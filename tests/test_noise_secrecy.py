@@ -13,6 +13,7 @@ from flwr.app import Context, Message, MessageType, RecordDict
 from scipy import stats
 
 from privtune_flwr import client_app as device_app
+from privtune_flwr import device_runtime as runtime
 from privtune_flwr import schema
 from privtune_flwr.config import RunConfig
 from privtune_flwr.defenses import build_defense
@@ -136,7 +137,7 @@ def test_two_devices_two_rounds_two_runs(minilm_split):
     eval_b = _send(run1_b, MessageType.EVALUATE, 1)
     assert not any(_same(r, _rows(eval_a1)) for r in _rows(eval_b))
     # training, 8 examples per round: the rows past the first epoch re-send epoch-1 tensors exactly
-    size = len(device_app.load_node(cfg, 0, 2).train)
+    size = len(runtime.load_node(cfg, 0, 2).train)
     rounds = -(-size // 8) + 1
     sent = [row for r in range(1, rounds + 1) for row in _rows(_send(run1_a, MessageType.TRAIN, r))]
     first, later = sent[:size], sent[size:]
@@ -158,7 +159,7 @@ def test_the_cloud_cannot_regenerate_the_noise_from_what_it_knows(minilm_split):
     cfg = _cfg(eval_examples=12)
     context = _device(cfg, pid=1)
     released = _send(context, MessageType.EVALUATE, 1)
-    node = device_app.load_node(cfg, 1, 2)
+    node = runtime.load_node(cfg, 1, 2)
     rows = node.test.select(range(cfg.eval_examples))
     clean = DeviceSide(node.device.split, build_defense("none", split=node.device.split), max_length=cfg.max_length).release(rows["text"])
     assert torch.equal(clean.attention_mask, released.attention_mask)
@@ -265,13 +266,13 @@ def test_a_key_file_survives_a_restart_and_a_new_configuration_counts(minilm_spl
     cfg = _cfg()
     node = {"key-store": "file", "key-file": str(tmp_path / "k" / "device.key")}
     first = _send(_device(cfg, **node), MessageType.EVALUATE, 1)
-    device_app._FILE_KEYS.clear()  # a restarted device process: caches gone, the file stays
-    device_app._NODES.clear()
+    runtime.RUNTIME.file_keys.clear()  # a restarted device process: caches gone, the file stays
+    runtime.RUNTIME.resources.clear("node")
     second = _send(_device(cfg, **node), MessageType.EVALUATE, 1)
     assert torch.equal(first.hidden, second.hidden) and second.metrics["releases-per-example-max"] == 1
     with pytest.raises(PolicyError, match="max-releases-per-example=1"):  # the default budget: one configuration, ever
         _send(_device(_cfg(epsilon=40.0), **node), MessageType.EVALUATE, 1)
-    device_app._FILE_KEYS.clear()  # the refusal was recorded nowhere: the ledger still holds one release
+    runtime.RUNTIME.file_keys.clear()  # the refusal was recorded nowhere: the ledger still holds one release
     other = _send(_device(_cfg(epsilon=40.0), **node, **{"max-releases-per-example": 2}), MessageType.EVALUATE, 1)
     assert other.metrics["releases-per-example-max"] == 2  # a second configuration is a second release
 
@@ -281,7 +282,7 @@ def _knn_recovery(cfg, pid, released) -> float:
     from privtune_flwr.attacks.inversion import context_free_anchors
     from privtune_flwr.mechanism.anchors import self_audit
 
-    node = device_app.load_node(cfg, pid, 2)
+    node = runtime.load_node(cfg, pid, 2)
     split = node.device.split
     rows = node.test.select(range(cfg.eval_examples))
     clean = DeviceSide(split, build_defense("none", split=split), max_length=cfg.max_length).release(rows["text"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from privtune_flwr import client_app as device_app
+from privtune_flwr import device_runtime as runtime
 from privtune_flwr.config import RunConfig
 
 
@@ -18,25 +19,27 @@ def _cfg(**kw):
 
 def test_a_process_loads_the_bottom_once_and_keeps_a_bounded_number_of_devices(monkeypatch, minilm_split):
     loads = []
-    real = device_app.load_split
+    real = runtime.load_split
 
     def counting(*args, **kwargs):
         loads.append(args)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(device_app, "load_split", counting)
-    monkeypatch.setattr(device_app, "_SPLITS", {})
-    monkeypatch.setattr(device_app, "_NODES", type(device_app._NODES)())
-    monkeypatch.setattr(device_app, "NODE_CACHE", 3)
+    monkeypatch.setattr(runtime, "load_split", counting)
+    from privtune_flwr.resources import ResourceCache
+
+    cache = ResourceCache()  # a fresh process, whose node shelf holds 3
+    cache.set_limit("node", 3)
+    monkeypatch.setattr(runtime.RUNTIME, "resources", cache)
     cfg = _cfg()
-    nodes = [device_app.load_node(cfg, pid, 8) for pid in range(8)]
+    nodes = [runtime.load_node(cfg, pid, 8) for pid in range(8)]
     assert len(loads) == 1  # eight devices, one bottom
-    assert len(device_app._NODES) == 3 and [k[1] for k in device_app._NODES] == [5, 6, 7]
+    assert len(cache.keys("node")) == 3 and [k[1] for k in cache.keys("node")] == [5, 6, 7]
     assert all(n.device.split is nodes[0].device.split for n in nodes)
-    device_app.load_node(cfg, 5, 8)  # a hit moves it to the end; a new device evicts the oldest
-    device_app.load_node(cfg, 0, 8)
-    assert [k[1] for k in device_app._NODES] == [7, 5, 0] and len(loads) == 1
-    assert device_app.load_node(cfg, 0, 8).train["text"] == nodes[0].train["text"]  # rebuilt the same
+    runtime.load_node(cfg, 5, 8)  # a hit moves it to the end; a new device evicts the oldest
+    runtime.load_node(cfg, 0, 8)
+    assert [k[1] for k in cache.keys("node")] == [7, 5, 0] and len(loads) == 1
+    assert runtime.load_node(cfg, 0, 8).train["text"] == nodes[0].train["text"]  # rebuilt the same
 
 
 def test_evaluation_samples_devices_and_the_last_round_asks_every_one(minilm_split):
@@ -70,10 +73,10 @@ def test_more_devices_than_test_rows_share_the_test_split_round_the_devices(mini
     cfg = _cfg(max_examples=1000)
     rows = len(data.load_dataset(cfg.dataset, test_fraction=cfg.test_fraction, seed=cfg.seed, max_examples=1000).test)
     total = rows + 7  # more devices than test rows (and fewer than training rows)
-    first, wrapped = device_app.load_node(cfg, 1, total), device_app.load_node(cfg, rows + 1, total)
+    first, wrapped = runtime.load_node(cfg, 1, total), runtime.load_node(cfg, rows + 1, total)
     assert len(first.test) == 1 and wrapped.test["text"] == first.test["text"]  # share (rows + 1) % rows = 1
     assert set(first.train["text"]).isdisjoint(wrapped.train["text"])  # training data is never shared
-    tests = [t for pid in range(rows) for t in device_app.load_node(cfg, pid, total).test["text"]]
+    tests = [t for pid in range(rows) for t in runtime.load_node(cfg, pid, total).test["text"]]
     assert len(tests) == rows  # every test row is exactly one of the first `rows` devices'
 
 
@@ -133,11 +136,11 @@ def test_a_device_served_by_another_actor_restores_its_label_map_instead_of_fitt
     monkeypatch.setattr(device_module, "device_subspace", counting)
     cfg = _cfg(defense="label-subspace", epsilon=64.0, max_examples=80, subspace_fit="closed-form")
     state = RecordDict()
-    monkeypatch.setattr(device_app, "_NODES", type(device_app._NODES)())
-    first = device_app.load_node(cfg, 0, 2, state)
-    assert len(fits) == 1 and device_app.FITTED in state.array_records
-    monkeypatch.setattr(device_app, "_NODES", type(device_app._NODES)())  # another actor: an empty cache
-    again = device_app.load_node(cfg, 0, 2, state)
+    runtime.RUNTIME.resources.clear("node")
+    first = runtime.load_node(cfg, 0, 2, state)
+    assert len(fits) == 1 and runtime.FITTED in state.array_records
+    runtime.RUNTIME.resources.clear("node")  # another actor: an empty node cache
+    again = runtime.load_node(cfg, 0, 2, state)
     assert len(fits) == 1  # restored, not refitted
     assert first.defense.mechanism_config() == again.defense.mechanism_config()
     again.defense.key = first.defense.key  # the device's key (set per message from its key store)
@@ -145,7 +148,7 @@ def test_a_device_served_by_another_actor_restores_its_label_map_instead_of_fitt
     enc = first.device.encode(texts)
     a, b = first.device.release_ids(enc, [0, 1, 0]), again.device.release_ids(enc, [0, 1, 0])
     assert torch.equal(a.hidden, b.hidden)
-    monkeypatch.setattr(device_app, "_NODES", type(device_app._NODES)())
-    device_app.load_node(_cfg(defense="label-subspace", epsilon=64.0, max_examples=80, subspace_fit="closed-form",
+    runtime.RUNTIME.resources.clear("node")
+    runtime.load_node(_cfg(defense="label-subspace", epsilon=64.0, max_examples=80, subspace_fit="closed-form",
                               subspace_rank=1), 0, 2, state)
     assert fits == [2, 1]

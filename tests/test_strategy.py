@@ -10,6 +10,7 @@ import torch
 from flwr.app import Context, RecordDict
 
 from privtune_flwr import client_app as device_app
+from privtune_flwr import device_ushaped
 from privtune_flwr.cloud import CloudSide, MiddleSide
 from privtune_flwr.config import RunConfig
 from privtune_flwr.models import load_split
@@ -176,7 +177,7 @@ def test_u_shaped_rounds_keep_labels_on_the_devices(minilm_split, middle_steps):
     assert any(not torch.equal(before[k], v) for k, v in split.trainable_state().items())
     assert not strategy.cloud.pending  # no graph outlives its step
     # each device trained its own head, kept in its own state
-    heads = [c.state.array_records[device_app.HEAD] for c in grid.contexts.values() if device_app.HEAD in c.state.array_records]
+    heads = [c.state.array_records[device_ushaped.HEAD] for c in grid.contexts.values() if device_ushaped.HEAD in c.state.array_records]
     assert len(heads) == 4
 
 
@@ -225,7 +226,7 @@ def test_a_u_shaped_device_refuses_outputs_outside_its_range_and_keeps_its_head(
         return reply
 
     def head_record():
-        record = state.array_records.get(device_app.HEAD)
+        record = state.array_records.get(device_ushaped.HEAD)
         return None if record is None else {k: v.numpy().copy() for k, v in record.items()}
 
     for step in range(2):
@@ -238,7 +239,7 @@ def test_a_u_shaped_device_refuses_outputs_outside_its_range_and_keeps_its_head(
             assert reply.has_error() and needle in reply.error.reason, reply.error.reason
             now = head_record()
             assert (stored is None and now is None) or all((now[k] == v).all() for k, v in stored.items())
-            assert state.config_records[device_app.PENDING]["step"] == step  # still awaiting its outputs
+            assert state.config_records[device_ushaped.PENDING]["step"] == step  # still awaiting its outputs
         reply = ask("train.head", step, torch.randn(shape, generator=torch.Generator().manual_seed(step)))
         assert not reply.has_error()
         grad, metrics = schema.parse_gradient(reply.content, shape)

@@ -196,7 +196,7 @@ def test_u_shaped_greedy_generation_equals_the_unsplit_models_greedy_decoding(mi
     """With no noise, the device/cloud loop (release the sequence so far, the middle forwards it,
     the head picks the next token) continues each prompt exactly as `generate` on the whole model,
     whatever the other prompts in its batch pad it to."""
-    from privtune_flwr.cloud import u_shaped_generate
+    from simulations.training import u_shaped_generate
 
     hf = tiny_hf_model("decoder", "generation", layers=3, seed=1)
     reference = copy.deepcopy(hf)
@@ -213,7 +213,7 @@ def test_u_shaped_greedy_generation_equals_the_unsplit_models_greedy_decoding(mi
 
 
 def test_u_shaped_fine_tuning_to_convergence_lowers_validation_perplexity_and_keeps_the_best(minilm_tokenizer):
-    from privtune_flwr.cloud import ReleasedSet, StopRule, fine_tune_u_shaped_to_convergence, u_shaped_perplexity
+    from simulations.training import ReleasedSet, StopRule, fine_tune_u_shaped_to_convergence, u_shaped_perplexity
 
     split = _split("decoder", "generation", minilm_tokenizer)
     device = _generation_device(split)

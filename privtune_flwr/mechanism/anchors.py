@@ -34,11 +34,11 @@ import scipy.sparse as sp
 import torch
 
 from ..models import SplitModel, cache_dir
+from ..resources import RESOURCES
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-_TABLES: dict[str, "AnchorTables"] = {}
 _FINGERPRINTS: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
 
 
@@ -158,8 +158,8 @@ def _ones(m: sp.csr_matrix) -> sp.csr_matrix:
 def indirect_rings(
     knn: torch.Tensor,
     anchors: torch.Tensor,
-    n_hops: int = 2,
-    max_neighbours: int = 16,
+    n_hops: int,
+    max_neighbours: int,
     *,
     block_rows: int = 2048,
     progress=None,
@@ -279,7 +279,7 @@ def _key_name(key: dict) -> str:
 _STAGE_COST = {"anchors": 1.0, "knn": 2.5, "rings": 2.3}
 
 
-def build_tables(split: SplitModel, *, k: int = 8, n_hops: int = 2, max_neighbours: int = 16, progress: bool = False) -> AnchorTables:
+def build_tables(split: SplitModel, *, k: int, n_hops: int, max_neighbours: int, progress: bool = False) -> AnchorTables:
     """Compute anchors, graph, rings, targets and the median anchor-to-target distance (no cache).
 
     ``progress`` shows a bar with the time left (on stderr; one line every 10 s when stderr is
@@ -308,14 +308,16 @@ def build_tables(split: SplitModel, *, k: int = 8, n_hops: int = 2, max_neighbou
 
 
 def get_tables(
-    split: SplitModel, *, k: int = 8, n_hops: int = 2, max_neighbours: int = 16, use_disk: bool = True
+    split: SplitModel, *, k: int, n_hops: int, max_neighbours: int, use_disk: bool = True
 ) -> AnchorTables:
-    """The tables for ``split``, from memory, else from disk, else built and stored in both."""
+    """The tables for ``split``, from memory, else from disk, else built and stored in both. The
+    graph options have no defaults here: theirs are ``privtune_flwr.registry.GraphOptions``."""
     check_graph_options(k, n_hops, max_neighbours)
     key = _key(split, k, n_hops, max_neighbours)
     name = _key_name(key)
-    if name in _TABLES:
-        return _TABLES[name]
+    kept = RESOURCES.get("anchors", name)
+    if kept is not None:
+        return kept
     if not use_disk:
         tables = build_tables(split, k=k, n_hops=n_hops, max_neighbours=max_neighbours)
     else:
@@ -328,7 +330,7 @@ def get_tables(
                 if tables is None:
                     tables = build_tables(split, k=k, n_hops=n_hops, max_neighbours=max_neighbours, progress=True)
                     _save(tables, path)
-    _TABLES[name] = tables
+    RESOURCES.put("anchors", name, tables)
     return tables
 
 
@@ -400,7 +402,7 @@ def _save(tables: AnchorTables, path: Path) -> None:
 
 
 def clear_memory_cache() -> None:
-    _TABLES.clear()
+    RESOURCES.clear("anchors")
 
 
 # --------------------------------------------------------------------------------------------

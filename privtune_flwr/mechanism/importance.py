@@ -19,7 +19,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-TASKS = ("classification", "generation")
+from ..vocab import TASKS
 
 
 def _entropy_rows(p: sp.csr_matrix) -> np.ndarray:

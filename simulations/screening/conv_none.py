@@ -4,7 +4,8 @@ from privtune_flwr import data
 from privtune_flwr.models import load_split
 from privtune_flwr.defenses import build_defense
 from privtune_flwr.device import DeviceSide
-from privtune_flwr.cloud import CloudSide, StopRule, fine_tune_to_convergence, ReleasedSet, evaluate_set
+from privtune_flwr.cloud import CloudSide
+from simulations.training import ReleasedSet, StopRule, evaluate_set, fine_tune_to_convergence
 lr = float(sys.argv[1]); bs = int(sys.argv[2])
 ds = data.load_dataset("rotten_tomatoes", seed=0)
 train, val = data.holdout(ds.train, 0.1, seed=0)

@@ -129,7 +129,8 @@ def eia3(aux_rows, aux_ids, vic_rows, vic_ids, split):
     return run_attack("eia-context", split, released(aux_rows, aux_ids), released(vic_rows, vic_ids), width=128, epochs=4)
 
 def top_utility(split, train_rows, train_labels, val_rows, val_labels, steps=600, bs=16, lr=1e-3, seed=0, eval_every=200):
-    from privtune_flwr.cloud import CloudSide, bucketed_batches
+    from privtune_flwr.cloud import CloudSide
+    from simulations.training import bucketed_batches
     init = split.trainable_state()
     cloud = CloudSide(split, learning_rate=lr, batch_size=bs, seed=seed)
     lengths = torch.tensor([len(r) for r in train_rows]); g = torch.Generator().manual_seed(seed)

@@ -16,14 +16,15 @@ import torch
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from strategies import SplitLearningStrategy, UShapedStrategy
-from strategies.reporting import NOT_REACHED, ProgressGrid, incomplete_rounds, last_evaluation
+from privtune_flwr import data
+from privtune_flwr.accounting import is_finite_number, run_summary
+from privtune_flwr.cloud import CloudSide, MiddleSide
+from privtune_flwr.config import RunConfig
+from privtune_flwr.models import load_split
 
-from . import data
-from .accounting import is_finite_number, run_summary
-from .cloud import CloudSide, MiddleSide
-from .config import RunConfig
-from .models import load_split
+from .reporting import NOT_REACHED, ProgressGrid, incomplete_rounds, last_evaluation
+from .split_learning import SplitLearningStrategy
+from .u_shaped import UShapedStrategy
 
 log = logging.getLogger("privtune_flwr.cloud")
 app = ServerApp()
@@ -44,7 +45,7 @@ def privacy_summary(cfg: RunConfig, history: list[dict]) -> dict:
     summary = run_summary(statement, max_tokens=cfg.max_length, train_releases=worst("releases-per-example-max"),
                           test_releases=worst("test-releases-per-example-max"))
     if cfg.federated_map():  # what the cloud learned before round 1, from the map's fit
-        from .accounting import federated_map_statement
+        from privtune_flwr.accounting import federated_map_statement
 
         summary["fit-phase"] = federated_map_statement(cfg)
         summary["fit-phase-contributions"] = next((r.get("map-contributions") for r in history if "map-contributions" in r), None)
@@ -99,7 +100,7 @@ def check_before_start(run_config: dict, *, simulated: bool | None = None) -> Ru
     from its config) and, in a simulation, whose devices share this host, the dataset and the
     devices' policy (``$PRIVTUNE_DEVICE_POLICY`` over the defaults). A deployment's devices have
     their own data and node config: they refuse those themselves."""
-    from .preflight import preflight
+    from privtune_flwr.preflight import preflight
     if simulated is None:
         simulated = os.path.basename(sys.argv[0]).startswith("flwr-simulation")
     offline = any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
@@ -126,7 +127,7 @@ def main(grid: Grid, context: Context) -> None:
     # Everything the cloud needs comes from the run config (num-labels): it never loads the data.
     num_labels = cfg.num_labels if cfg.task == "classification" else 0
     if cfg.protocol == "offsite":  # no split: the emulator's adapters, averaged and plugged into the full model
-        from strategies.offsite import OffsiteCloud, OffsiteStrategy
+        from .offsite import OffsiteCloud, OffsiteStrategy
 
         split = cloud = OffsiteCloud(cfg)
         strategy = OffsiteStrategy(cloud, cfg, output_dir=out)

@@ -1,0 +1,11 @@
+"""The names that both the run config and the modules below it accept, stated once.
+
+Torch-free and importing nothing of the project, so that the lowest modules (the models, the data,
+the mechanism) and the run config all read the same tuple.
+"""
+
+TASKS = ("classification", "generation")
+# How the model is split between a device and the cloud (``models.load_split``); the run config adds
+# ``"offsite"``, which runs no split model.
+SPLIT_PROTOCOLS = ("vanilla", "u-shaped")
+PARTITIONERS = ("iid", "dirichlet")
