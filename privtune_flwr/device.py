@@ -221,7 +221,7 @@ class DeviceSide:
         return DeviceRelease(hidden, mask, out_labels, metrics, ids)
 
     def self_audit(self, released: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> float | None:
-        """KNN top-1 token recovery on (a fixed sample of) this release's real tokens.
+        """KNN top-1 token recovery on (a sample of) this release's real tokens.
 
         One aggregate rate per reply. What it tells the cloud: how often nearest-anchor decoding,
         which the cloud can run itself, is right on this batch; not which tokens it got right.
@@ -234,7 +234,15 @@ class DeviceSide:
         if len(rows) == 0:
             return None
         if len(rows) > self.audit_tokens:  # bounded cost per release: V x audit_tokens scores
-            pick = torch.randperm(len(rows), generator=torch.Generator().manual_seed(len(rows)))[: self.audit_tokens]
+            # Which tokens are scored comes from the device's key (keyed by the batch's tokens), so
+            # the cloud cannot know the positions a rate is about; the same batch, the same sample.
+            key = getattr(self.defense, "key", None)
+            if key is None:
+                from .mechanism.noise_key import NoiseKey
+
+                key = NoiseKey.fresh()
+            order = key.stream(b"self-audit-sample", ids[rows, cols].tolist()).numpy.permutation(len(rows))
+            pick = torch.from_numpy(order[: self.audit_tokens])
             rows, cols = rows[pick], cols[pick]
         ones = torch.ones(1, len(rows), dtype=torch.long)
         return self_audit(released[rows, cols][None], ids[rows, cols][None], ones, self.anchors, self.split.special_ids)

@@ -678,7 +678,7 @@ def main(argv: list[str] | None = None) -> int:
         parse_pairs(policy, "--device-policy")
     except ValueError:
         policy = None  # reported above
-    cfg, found = preflight({**app_config, **overrides}, device_policy=policy, offline=True)
+    cfg, found = preflight({**app_config, **overrides}, device_policy=policy, offline=True, torch_free=True)
     errors += found
     for key, value in (("min-devices", cfg.min_devices), ("devices-per-round", cfg.devices_per_round)):
         if value > args.devices >= 1:

@@ -509,12 +509,15 @@ def offsite_key(cfg) -> tuple:
 
 def from_config(cfg) -> Offsite:
     """:func:`build_offsite` from a :class:`~privtune_flwr.config.RunConfig`, cached per process."""
+    def build() -> Offsite:
+        return build_offsite(cfg.model, task=cfg.task, num_labels=cfg.num_labels, method=cfg.offsite_method,
+                             adapter_layers=cfg.offsite_adapter_layers, emulator_drop=cfg.emulator_drop,
+                             distill_steps=cfg.distill_steps, svd_rank_fraction=cfg.svd_rank_fraction,
+                             lora_rank=cfg.lora_rank, lora_targets=cfg.lora_targets, max_length=cfg.max_length,
+                             aux_dataset=cfg.dataset, seed=cfg.seed)
+
     # one per configuration, kept in the process's resource cache (a Ray actor serves many devices)
-    return RESOURCES.get("offsite", offsite_key(cfg), lambda: build_offsite(cfg.model, task=cfg.task, num_labels=cfg.num_labels, method=cfg.offsite_method,
-                                    adapter_layers=cfg.offsite_adapter_layers, emulator_drop=cfg.emulator_drop,
-                                    distill_steps=cfg.distill_steps, svd_rank_fraction=cfg.svd_rank_fraction,
-                                    lora_rank=cfg.lora_rank, lora_targets=cfg.lora_targets, max_length=cfg.max_length,
-                                    aux_dataset=cfg.dataset, seed=cfg.seed))
+    return RESOURCES.get("offsite", offsite_key(cfg), build)
 
 
 # -- training and scoring ---------------------------------------------------------------------------

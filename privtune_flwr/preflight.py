@@ -48,7 +48,8 @@ def parse_pairs(text: str, what: str) -> dict:
 def check_run_config(overrides: dict, app: Path = ROOT, *, device_policy: str | None = "", offline: bool = True) -> RunConfig:
     """The configuration Flower will run (the app's defaults with ``overrides``); raises
     ``ValueError`` listing, one per line, every problem :func:`preflight` finds."""
-    cfg, errors = preflight({**app_defaults(app), **overrides}, device_policy=device_policy, offline=offline)
+    cfg, errors = preflight({**app_defaults(app), **overrides}, device_policy=device_policy, offline=offline,
+                            torch_free=True)
     if errors:
         raise ValueError("\n".join(errors))
     return cfg
@@ -210,9 +211,17 @@ def dataset_errors(cfg: RunConfig, *, offline: bool = True) -> list[str]:
 
 
 @contextlib.contextmanager
-def _names_only():
+def _names_only(enabled: bool = True):
     """``privtune_flwr.defenses`` and ``.data`` as the names :class:`DevicePolicy` reads from
-    them, unless they are imported already (they import torch and datasets: seconds)."""
+    them, unless they are imported already (they import torch and datasets: seconds).
+
+    Only where the caller says so (the launcher, one thread, no torch) and only while torch is
+    not loaded: the stubs stand in ``sys.modules`` for every thread while they last, and in the
+    ServerApp's ``flwr-simulation`` another thread may be importing the real modules (it loads
+    the ClientApp beside the ServerApp's checks), so there the real modules are read instead."""
+    if not enabled or "torch" in sys.modules:
+        yield
+        return
     import types
 
     import privtune_flwr
@@ -245,10 +254,11 @@ def _names_only():
 _REFUSED_KEY = re.compile(r"refuses (?:to read )?([a-z][a-z-]*)=")
 
 
-def policy_errors(cfg: RunConfig, policy_text: str) -> list[str]:
+def policy_errors(cfg: RunConfig, policy_text: str, *, torch_free: bool = False) -> list[str]:
     """Every refusal of the device policy ``policy_text`` ("k=v ...", over the defaults): each
-    refused value is set back to its default and the check runs again."""
-    with _names_only():
+    refused value is set back to its default and the check runs again. ``torch_free``: read the
+    names from source instead of importing torch (only for a single-threaded caller)."""
+    with _names_only(torch_free):
         from privtune_flwr.device_policy import DevicePolicy, PolicyError
 
         try:
@@ -280,11 +290,14 @@ def policy_errors(cfg: RunConfig, policy_text: str) -> list[str]:
 _ERROR_KEY = re.compile(r"^([a-z][a-z0-9-]*)=")
 
 
-def preflight(run_config: dict, *, device_policy: str | None = "", offline: bool = True) -> tuple[RunConfig, list[str]]:
+def preflight(run_config: dict, *, device_policy: str | None = "", offline: bool = True,
+              torch_free: bool = False) -> tuple[RunConfig, list[str]]:
     """Every problem that can be known before start, at once: the run config's keys and ranges,
     the dataset, the model (resolvable offline? its family, and split-layer against its depth,
     from its config) and, unless ``device_policy`` is None, the device policy's public limits.
-    Returns the configuration and one message per problem (none: it may start)."""
+    Returns the configuration and one message per problem (none: it may start). ``torch_free``
+    (the launcher's): the policy's names are read from source, not imported; a caller with other
+    threads (the ServerApp) leaves it off."""
     cfg, errors = collect_errors(run_config)
     bad = {m.group(1) for m in map(_ERROR_KEY.match, errors) if m}
     dataset, model = dataset_errors(cfg, offline=offline), model_errors(cfg, offline=offline)
@@ -299,7 +312,7 @@ def preflight(run_config: dict, *, device_policy: str | None = "", offline: bool
         defaults = RunConfig().to_flower()
         # a value refused already is checked at its default: one line per problem
         checked, _ = collect_errors({**cfg.to_flower(), **{k: defaults[k] for k in bad if k in defaults}})
-        errors += [e for e in policy_errors(checked, device_policy) if e not in errors]
+        errors += [e for e in policy_errors(checked, device_policy, torch_free=torch_free) if e not in errors]
     return cfg, errors
 
 

@@ -1,6 +1,6 @@
 """The losses and metrics of the two tasks, which both halves of a split use.
 
-A low module: it imports only torch and the names of `vocab`. The cloud (``cloud``, the strategies) and the device
+A low module: it imports only torch. The cloud (``cloud``, the strategies) and the device
 (``device``) read their losses and scores from here, so neither imports the other for them.
 """
 
@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from .vocab import TASKS  # noqa: F401 - the two tasks, named once
 
 
 def task_loss(logits: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor, task: str) -> torch.Tensor:

@@ -311,3 +311,30 @@ def test_key_files_live_in_a_folder_per_supernode(tmp_path, monkeypatch):
     assert device_policy.deployment_name.__module__  # (the real one, outside a SuperNode:)
     monkeypatch.undo()
     assert device_policy.deployment_name() == "local"
+
+
+def test_the_torch_free_stubs_are_installed_only_for_the_launcher_and_never_beside_torch(monkeypatch):
+    """The launcher's checks stand torch-free names in for ``privtune_flwr.defenses`` and ``.data``
+    in ``sys.modules``. The ServerApp's ``flwr-simulation`` imports the ClientApp from another
+    thread meanwhile, and a stub seen by that import breaks it (``cannot import name 'Defense'``):
+    only a caller that asks for them (the launcher) gets them, and never where torch is loaded."""
+    import sys
+
+    from privtune_flwr import preflight
+
+    names = {"privtune_flwr.defenses", "privtune_flwr.data", "privtune_flwr.label_protection"}
+    monkeypatch.delitem(sys.modules, "torch", raising=False)  # as in the launcher's process
+    for name in names:
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    with preflight._names_only(True):
+        assert names <= set(sys.modules)  # the launcher's: stubs
+    assert not names & set(sys.modules)  # and gone again
+    with preflight._names_only(False):  # the ServerApp's: the real modules, never stubs
+        assert not names & set(sys.modules)
+    monkeypatch.undo()
+
+    import torch  # noqa: F401 - a process that has torch
+    for name in names:
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    with preflight._names_only(True):
+        assert not names & set(sys.modules)

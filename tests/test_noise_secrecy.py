@@ -463,3 +463,29 @@ def test_device_policy_floor_and_its_sources():
         DevicePolicy.from_mapping({"allowed-defenses": "dchi,laplace"})
     with pytest.raises(ValueError, match="allow-fresh-noise='yes' must be true or false"):
         DevicePolicy.from_mapping({"allow-fresh-noise": "yes"})
+
+
+def test_the_self_audits_token_sample_comes_from_the_devices_key(minilm_split, monkeypatch):
+    """Which tokens the self-audit scores is drawn from the device's key: a cloud that knows the
+    batch cannot tell which positions a reported rate is about. The same key samples the same
+    tokens of a batch; another key samples others."""
+    from privtune_flwr import device as device_module
+    from privtune_flwr.mechanism import anchors as anc
+
+    seen = []
+    monkeypatch.setattr(anc, "self_audit", lambda released, ids, *rest: seen.append(ids.flatten().tolist()) or 0.0)
+    ids = torch.arange(1000, 1060).reshape(3, 20)
+    mask = torch.ones_like(ids)
+    released = torch.zeros(3, 20, minilm_split.hidden_size)
+    anchors = torch.zeros(2000, minilm_split.hidden_size)
+
+    def audited(key):
+        defense = build_defense("dchi", epsilon=8.0, split=minilm_split, key=key)
+        side = device_module.DeviceSide(minilm_split, defense, max_length=24, audit_tokens=8, anchors=anchors)
+        side.self_audit(released, ids, mask)
+        return seen[-1]
+
+    a, b = NoiseKey.from_seed(1), NoiseKey.from_seed(2)
+    first, again, other = audited(a), audited(a), audited(b)
+    assert len(first) == 8 and first == again and first != other
+    assert first != ids.flatten()[torch.randperm(60, generator=torch.Generator().manual_seed(60))[:8]].tolist()
