@@ -74,10 +74,13 @@ class PrivacyStatement:
     experimental: str | None = None  # research variants: the words that replace a formal guarantee
     projection_rank: int | None = None  # label-subspace: the noise lives in a rank-k subspace fitted on device data
     learned_rank: int | None = None  # label-obfuscator: the noise lives on k features of a network fitted on device data
+    map_scope: str = "device"  # label-subspace: who fitted the subspace, the device alone or the federation's fit phase
 
     def __post_init__(self):
         if self.release not in RELEASE_MODES:
             raise ValueError(f"release={self.release!r} is not accepted; accepted: {', '.join(RELEASE_MODES)}")
+        if self.map_scope not in ("device", "federation"):
+            raise ValueError(f"map_scope={self.map_scope!r} is not accepted; accepted: device, federation")
 
     # -- per token -------------------------------------------------------------------------
     @property
@@ -168,9 +171,14 @@ class PrivacyStatement:
                 text = (f"d_chi (metric) privacy per token on its projection onto a rank-{self.projection_rank} label "
                         f"subspace: output densities of two tokens differ by at most exp(epsilon * ||U^T (h - h')||), "
                         "which is at most exp(epsilon * ||h - h'||) (U has orthonormal columns). The subspace (its centre, "
-                        "basis U and the constants released for special tokens) was fitted once on the device's own "
-                        "labelled data and is revealed by the releases: it is aggregate information about that data "
-                        "that no bound covers. The protection against token inversion comes from the projection and "
+                        "basis U and the constants released for special tokens) "
+                        + ("was derived by each device from the federation's fit phase (every device's noisy statistics "
+                           "and reader steps, (fit-epsilon, fit-delta)-DP per sentence: the fit phase's own statement), "
+                           "audited on the device's own data before use, and is revealed by the releases. "
+                           if self.map_scope == "federation" else
+                           "was fitted once on the device's own labelled data and is revealed by the releases: it is "
+                           "aggregate information about that data that no bound covers. ")
+                        + "The protection against token inversion comes from the projection and "
                         "is empirical (measured by the attacks), not implied by epsilon")
             elif self.learned_rank is not None:
                 text = (f"d_chi (metric) privacy per token on its {self.learned_rank} learned label features u(h): "

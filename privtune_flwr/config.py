@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import math
 import threading
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Mapping
 
 from . import registry
@@ -298,9 +298,12 @@ class RunConfig:
         """The configured defence's statement as the cloud can state it: from this run config and
         the public shift radius the devices report (built as the device's defence builds its own)."""
         spec = registry.get(self.defense)
-        return spec.statement(spec.options_from(self), epsilon=self.epsilon, release=self.release,
-                              reproducible=self.reproducible_noise,
-                              key_source=f"seed {self.seed!r}" if self.reproducible_noise else "os-entropy", radius=radius)
+        statement = spec.statement(spec.options_from(self), epsilon=self.epsilon, release=self.release,
+                                   reproducible=self.reproducible_noise,
+                                   key_source=f"seed {self.seed!r}" if self.reproducible_noise else "os-entropy",
+                                   radius=radius)
+        # the federation's map is covered by the fit phase's statement, not the device's own fit's words
+        return replace(statement, map_scope="federation") if self.federated_map() else statement
 
     def federated_map(self) -> bool:
         """True when the devices fit one label map together before round 1."""

@@ -11,6 +11,7 @@ themselves, sample real releases from the defences, and compare with what the st
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -172,3 +173,20 @@ def test_run_summary_composes_and_states_reproducible_noise():
     assert "ε-DP" not in text and "epsilon-DP" not in text
     with pytest.raises(ValueError, match="release='sometimes'"):
         PrivacyStatement(defense="dchi", epsilon=1.0, release="sometimes")
+
+
+def test_the_statement_says_who_fitted_the_label_subspace():
+    """With the federation's map the run's guarantee may not say the device fitted it alone: it
+    names the fit phase, whose own statement covers the map; a device's own fit keeps its words."""
+    own = RunConfig(defense="label-subspace").statement().guarantee()
+    federation = RunConfig(defense="label-subspace", subspace_fit_scope="federation").statement()
+    assert "fitted once on the device's own labelled data" in own and "fit phase" not in own
+    assert federation.map_scope == "federation"
+    text = federation.guarantee()
+    assert "federation's fit phase" in text and "fit-epsilon" in text
+    assert "fitted once on the device's own" not in text
+    # everything else is the same statement
+    assert text.split("The protection")[1] == own.split("The protection")[1]
+    assert federation.levels() == RunConfig(defense="label-subspace").statement().levels()
+    with pytest.raises(ValueError, match="map_scope='cloud' is not accepted"):
+        replace(federation, map_scope="cloud")
