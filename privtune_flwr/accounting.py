@@ -39,6 +39,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .vocab import MAP_SCOPES
+
 RELEASE_MODES = ("once", "fresh")
 
 
@@ -79,8 +81,8 @@ class PrivacyStatement:
     def __post_init__(self):
         if self.release not in RELEASE_MODES:
             raise ValueError(f"release={self.release!r} is not accepted; accepted: {', '.join(RELEASE_MODES)}")
-        if self.map_scope not in ("device", "federation"):
-            raise ValueError(f"map_scope={self.map_scope!r} is not accepted; accepted: device, federation")
+        if self.map_scope not in MAP_SCOPES:
+            raise ValueError(f"map_scope={self.map_scope!r} is not accepted; accepted: {', '.join(MAP_SCOPES)}")
 
     # -- per token -------------------------------------------------------------------------
     @property
@@ -436,7 +438,7 @@ def federated_map_statement(cfg, *, fit_epsilon: float | None = None, fit_delta:
     reader = ("" if rounds == 0 else
               f", then {rounds} rounds of {int(cfg.subspace_fit_steps)} full-batch reader steps (each sentence's gradient "
               f"clipped to {cfg.subspace_fit_grad_clip:g}, Gaussian noise on their sum) whose weight changes it sent")
-    return (f"fit phase (subspace-fit-scope='federation'): each device sent once its clipped (token norm <= "
+    return (f"fit phase (defense.label-subspace.fit-scope='federation'): each device sent once its clipped (token norm <= "
             f"{cfg.subspace_fit_clip:g}) per-class token counts, sums and second moments with Gaussian noise{reader}; "
             f"together {budget}-DP per sentence of at most {cfg.max_length} tokens{floor}; the cloud learns their noisy "
             "sums (the federation's label map) and nothing exact about any one device; this adds to each sentence's "

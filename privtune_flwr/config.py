@@ -1,7 +1,8 @@
 """Run configuration: one typed object, validated once at the boundary.
 
 ``[tool.flwr.app.config]`` in ``pyproject.toml`` mirrors :class:`RunConfig` key for key (a test
-checks this); Flower's hyphenated keys map to the underscored field names.
+checks this). The keys are grouped by concern (``model.split-layer``, ``defense.epsilon``: the
+mapping to the field names is :mod:`privtune_flwr.keys`).
 """
 
 from __future__ import annotations
@@ -9,12 +10,13 @@ from __future__ import annotations
 import difflib
 import math
 import threading
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, Mapping
 
 from . import registry
+from .keys import FIELDS, KEYS, RENAMED, key, renamed_message
 from .registry import DEFENSE_NAMES, LABEL_DEFENSES, GaussianOptions, LabelSubspaceOptions, PrivTuneOptions
-from .vocab import PARTITIONERS, SPLIT_PROTOCOLS, TASKS
+from .vocab import MAP_SCOPES, PARTITIONERS, SPLIT_PROTOCOLS, TASKS
 
 if TYPE_CHECKING:
     from .accounting import PrivacyStatement
@@ -163,116 +165,114 @@ class RunConfig:
     setup_timeout: float = 1800.0
 
     def __post_init__(self) -> None:
-        _require(self.split_layer >= 0, "split-layer", self.split_layer, "an integer >= 0 (and <= the model's layer count)")
-        _require(8 <= self.max_length <= 4096, "max-length", self.max_length, "8..4096")
+        _require(self.split_layer >= 0, "model.split-layer", self.split_layer, "an integer >= 0 (and <= the model's layer count)")
+        _require(8 <= self.max_length <= 4096, "model.max-length", self.max_length, "8..4096")
         for part in ("bottom", "cloud"):
             device, dtype = getattr(self, part + "_device"), getattr(self, part + "_dtype")
             kind, _, index = device.partition(":")
             _require(kind in PLACEMENT_DEVICES and (not index or (kind == "cuda" and index.isdigit())),
-                     part + "-device", device, "cpu, cuda or cuda:<index>")
-            _require(dtype in PLACEMENT_DTYPES, part + "-dtype", dtype, ", ".join(PLACEMENT_DTYPES))
-            _require(not (kind == "cpu" and dtype == "float16"), part + "-dtype", dtype,
-                     f"float32 or bfloat16 with {part}-device='cpu' (float16 needs cuda)")
-        _require(0 < self.test_fraction < 1, "test-fraction", self.test_fraction, "(0, 1)")
-        _require(self.max_examples >= 0, "max-examples", self.max_examples, ">= 0 (0 = all)")
-        _require(self.partitioner in PARTITIONERS, "partitioner", self.partitioner, " or ".join(PARTITIONERS))
-        _require(self.dirichlet_alpha > 0, "dirichlet-alpha", self.dirichlet_alpha, "> 0")
-        _require(self.num_rounds >= 1, "num-rounds", self.num_rounds, ">= 1")
-        _require(self.devices_per_round >= 1, "devices-per-round", self.devices_per_round, ">= 1")
-        _require(self.min_devices >= 1, "min-devices", self.min_devices, ">= 1")
-        _require(0 <= self.round_retries <= 100, "round-retries", self.round_retries, "0..100")
-        _require(1 <= self.min_replies <= self.devices_per_round, "min-replies", self.min_replies, f"1..devices-per-round ({self.devices_per_round})")
-        _require(self.batches_per_round >= 1, "batches-per-round", self.batches_per_round, ">= 1")
-        _require(self.batch_size >= 1, "batch-size", self.batch_size, ">= 1")
-        _require(self.eval_examples >= 0, "eval-examples", self.eval_examples, ">= 0 (0 = all)")
-        _require(self.eval_devices >= 0, "eval-devices", self.eval_devices, ">= 0 (0 = every connected device)")
-        _require(self.transport_dtype in TRANSPORT_DTYPES, "transport-dtype", self.transport_dtype,
+                     key(part + "_device"), device, "cpu, cuda or cuda:<index>")
+            _require(dtype in PLACEMENT_DTYPES, key(part + "_dtype"), dtype, ", ".join(PLACEMENT_DTYPES))
+            _require(not (kind == "cpu" and dtype == "float16"), key(part + "_dtype"), dtype,
+                     f"float32 or bfloat16 with {key(part + '_device')}='cpu' (float16 needs cuda)")
+        _require(0 < self.test_fraction < 1, "data.test-fraction", self.test_fraction, "(0, 1)")
+        _require(self.max_examples >= 0, "data.max-examples", self.max_examples, ">= 0 (0 = all)")
+        _require(self.partitioner in PARTITIONERS, "data.partitioner", self.partitioner, " or ".join(PARTITIONERS))
+        _require(self.dirichlet_alpha > 0, "data.dirichlet-alpha", self.dirichlet_alpha, "> 0")
+        _require(self.num_rounds >= 1, "federation.num-rounds", self.num_rounds, ">= 1")
+        _require(self.devices_per_round >= 1, "federation.devices-per-round", self.devices_per_round, ">= 1")
+        _require(self.min_devices >= 1, "federation.min-devices", self.min_devices, ">= 1")
+        _require(0 <= self.round_retries <= 100, "federation.round-retries", self.round_retries, "0..100")
+        _require(1 <= self.min_replies <= self.devices_per_round, "federation.min-replies", self.min_replies, f"1..federation.devices-per-round ({self.devices_per_round})")
+        _require(self.batches_per_round >= 1, "train.batches-per-round", self.batches_per_round, ">= 1")
+        _require(self.batch_size >= 1, "train.batch-size", self.batch_size, ">= 1")
+        _require(self.eval_examples >= 0, "federation.eval-examples", self.eval_examples, ">= 0 (0 = all)")
+        _require(self.eval_devices >= 0, "federation.eval-devices", self.eval_devices, ">= 0 (0 = every connected device)")
+        _require(self.transport_dtype in TRANSPORT_DTYPES, "federation.transport-dtype", self.transport_dtype,
                  " or ".join(repr(t) for t in TRANSPORT_DTYPES))
-        _require(self.reply_max_examples >= 1, "reply-max-examples", self.reply_max_examples, ">= 1")
-        _require(self.protocol in PROTOCOLS, "protocol", self.protocol, " or ".join(repr(p) for p in PROTOCOLS))
-        _require(self.middle_steps in MIDDLE_STEPS, "middle-steps", self.middle_steps, " or ".join(repr(m) for m in MIDDLE_STEPS))
-        _require(self.task in TASKS, "task", self.task, " or ".join(repr(t) for t in TASKS))
-        _require(self.offsite_method in OFFSITE_METHODS, "offsite-method", self.offsite_method,
+        _require(self.reply_max_examples >= 1, "federation.reply-max-examples", self.reply_max_examples, ">= 1")
+        _require(self.protocol in PROTOCOLS, "federation.protocol", self.protocol, " or ".join(repr(p) for p in PROTOCOLS))
+        _require(self.middle_steps in MIDDLE_STEPS, "train.middle-steps", self.middle_steps, " or ".join(repr(m) for m in MIDDLE_STEPS))
+        _require(self.task in TASKS, "data.task", self.task, " or ".join(repr(t) for t in TASKS))
+        _require(self.offsite_method in OFFSITE_METHODS, "offsite.method", self.offsite_method,
                  " or ".join(repr(m) for m in OFFSITE_METHODS))
-        _require(math.isfinite(self.emulator_drop) and 0 < self.emulator_drop < 1, "emulator-drop", self.emulator_drop,
+        _require(math.isfinite(self.emulator_drop) and 0 < self.emulator_drop < 1, "offsite.emulator-drop", self.emulator_drop,
                  "(0, 1) (the share of the middle blocks the emulator drops)")
-        _require(self.offsite_adapter_layers >= 1, "offsite-adapter-layers", self.offsite_adapter_layers, "an integer >= 1 (and < half the model's blocks)")
-        _require(0 <= self.distill_steps <= 100_000, "distill-steps", self.distill_steps, "0..100000")
-        _require(math.isfinite(self.svd_rank_fraction) and 0 < self.svd_rank_fraction <= 1, "svd-rank-fraction",
+        _require(self.offsite_adapter_layers >= 1, "offsite.adapter-layers", self.offsite_adapter_layers, "an integer >= 1 (and < half the model's blocks)")
+        _require(0 <= self.distill_steps <= 100_000, "offsite.distill-steps", self.distill_steps, "0..100000")
+        _require(math.isfinite(self.svd_rank_fraction) and 0 < self.svd_rank_fraction <= 1, "offsite.svd-rank-fraction",
                  self.svd_rank_fraction, "(0, 1] (rank / min(rows, columns) of each factorised weight)")
-        _require(1 <= self.local_steps <= 4096, "local-steps", self.local_steps, "1..4096")
+        _require(1 <= self.local_steps <= 4096, "offsite.local-steps", self.local_steps, "1..4096")
         if self.protocol == "offsite":
-            _require(self.lora_rank >= 1, "lora-rank", self.lora_rank, ">= 1 with protocol='offsite' (the adapters are LoRA)")
+            _require(self.lora_rank >= 1, "model.lora-rank", self.lora_rank, ">= 1 with federation.protocol='offsite' (the adapters are LoRA)")
             if self.model in OFFSITE_DEPTHS and self.offsite_adapter_layers >= 1 and 0 < self.emulator_drop < 1:
                 problem = offsite_emulator_problem(OFFSITE_DEPTHS[self.model], self.offsite_adapter_layers, self.emulator_drop)
                 if problem is not None:
                     _require(False, *problem)
-        _require(not (self.task == "generation" and self.protocol == "vanilla"), "protocol", self.protocol,
-                 "'u-shaped' for task='generation' (with the vanilla split the cloud would receive the labels, "
+        _require(not (self.task == "generation" and self.protocol == "vanilla"), "federation.protocol", self.protocol,
+                 "'u-shaped' for data.task='generation' (with the vanilla split the cloud would receive the labels, "
                  "which for a language model are the text itself)")
-        _require(self.task == "generation" or self.num_labels >= 2, "num-labels", self.num_labels,
+        _require(self.task == "generation" or self.num_labels >= 2, "model.num-labels", self.num_labels,
                  ">= 2 for classification (the number of classes of the dataset)")
-        _require(0 <= self.generate_samples <= 64, "generate-samples", self.generate_samples, "0..64")
-        _require(1 <= self.max_new_tokens <= 256, "max-new-tokens", self.max_new_tokens, "1..256")
-        _require(self.defense in DEFENSE_NAMES, "defense", self.defense, ", ".join(DEFENSE_NAMES))
-        _require(not (self.task == "generation" and self.defense in LABEL_DEFENSES), "defense", self.defense,
-                 f"a defence other than {' or '.join(map(repr, LABEL_DEFENSES))} for task='generation' (they keep what "
+        _require(0 <= self.generate_samples <= 64, "generation.samples", self.generate_samples, "0..64")
+        _require(1 <= self.max_new_tokens <= 256, "generation.max-new-tokens", self.max_new_tokens, "1..256")
+        _require(self.defense in DEFENSE_NAMES, "defense.name", self.defense, ", ".join(DEFENSE_NAMES))
+        _require(not (self.task == "generation" and self.defense in LABEL_DEFENSES), "defense.name", self.defense,
+                 f"a defence other than {' or '.join(map(repr, LABEL_DEFENSES))} for data.task='generation' (they keep what "
                  "predicts a class label; a generation task has none)")
-        _require(self.lora_rank >= 0, "lora-rank", self.lora_rank, ">= 0")
-        _require(self.lora_targets in LORA_TARGET_CHOICES, "lora-targets", self.lora_targets,
+        _require(self.lora_rank >= 0, "model.lora-rank", self.lora_rank, ">= 0")
+        _require(self.lora_targets in LORA_TARGET_CHOICES, "model.lora-targets", self.lora_targets,
                  " or ".join(repr(t) for t in LORA_TARGET_CHOICES))
-        _require(math.isfinite(self.learning_rate) and self.learning_rate > 0, "learning-rate", self.learning_rate, "(0, inf)")
-        _require(math.isfinite(self.epsilon) and self.epsilon > 0, "epsilon", self.epsilon, "(0, inf)")
-        _require(self.audit_tokens >= 0, "audit-tokens", self.audit_tokens, ">= 0 (0 = no self-audit)")
-        _require(math.isfinite(self.timeout) and self.timeout > 0, "timeout", self.timeout, "(0, inf) seconds")
-        _require(math.isfinite(self.setup_timeout) and self.setup_timeout > 0, "setup-timeout", self.setup_timeout,
+        _require(math.isfinite(self.learning_rate) and self.learning_rate > 0, "train.learning-rate", self.learning_rate, "(0, inf)")
+        _require(math.isfinite(self.epsilon) and self.epsilon > 0, "defense.epsilon", self.epsilon, "(0, inf)")
+        _require(self.audit_tokens >= 0, "defense.audit-tokens", self.audit_tokens, ">= 0 (0 = no self-audit)")
+        _require(math.isfinite(self.timeout) and self.timeout > 0, "federation.timeout", self.timeout, "(0, inf) seconds")
+        _require(math.isfinite(self.setup_timeout) and self.setup_timeout > 0, "federation.setup-timeout", self.setup_timeout,
                  "(0, inf) seconds")
-        _require(self.release in RELEASES, "release", self.release, " or ".join(RELEASES))
-        _require(0 <= self.importance_levels <= 64, "importance-levels", self.importance_levels, "0..64 (0 = continuous)")
-        _require(self.subspace_fit in SUBSPACE_FITS, "subspace-fit", self.subspace_fit,
+        _require(self.release in RELEASES, "defense.release", self.release, " or ".join(RELEASES))
+        _require(0 <= self.importance_levels <= 64, "defense.privtune.importance-levels", self.importance_levels, "0..64 (0 = continuous)")
+        _require(self.subspace_fit in SUBSPACE_FITS, "defense.label-subspace.fit", self.subspace_fit,
                  " or ".join(repr(f) for f in SUBSPACE_FITS))
-        _require(self.subspace_fit_scope in ("federation", "device"), "subspace-fit-scope", self.subspace_fit_scope,
-                 "'federation' or 'device'")
-        _require(math.isfinite(self.subspace_fit_clip) and self.subspace_fit_clip > 0, "subspace-fit-clip",
+        _require(self.subspace_fit_scope in MAP_SCOPES, "defense.label-subspace.fit-scope", self.subspace_fit_scope,
+                 " or ".join(repr(s) for s in MAP_SCOPES))
+        _require(math.isfinite(self.subspace_fit_clip) and self.subspace_fit_clip > 0, "defense.label-subspace.fit-clip",
                  self.subspace_fit_clip, "(0, inf)")
-        _require(0 <= self.subspace_fit_rounds <= 1000, "subspace-fit-rounds", self.subspace_fit_rounds, "0..1000")
-        _require(1 <= self.subspace_fit_steps <= 1000, "subspace-fit-steps", self.subspace_fit_steps, "1..1000")
-        _require(math.isfinite(self.subspace_fit_lr) and 0 < self.subspace_fit_lr <= 1, "subspace-fit-lr",
+        _require(0 <= self.subspace_fit_rounds <= 1000, "defense.label-subspace.fit-rounds", self.subspace_fit_rounds, "0..1000")
+        _require(1 <= self.subspace_fit_steps <= 1000, "defense.label-subspace.fit-steps", self.subspace_fit_steps, "1..1000")
+        _require(math.isfinite(self.subspace_fit_lr) and 0 < self.subspace_fit_lr <= 1, "defense.label-subspace.fit-lr",
                  self.subspace_fit_lr, "(0, 1]")
         _require(math.isfinite(self.subspace_fit_grad_clip) and self.subspace_fit_grad_clip > 0,
-                 "subspace-fit-grad-clip", self.subspace_fit_grad_clip, "(0, inf)")
-        _require(self.subspace_fit_devices >= 0, "subspace-fit-devices", self.subspace_fit_devices,
+                 "defense.label-subspace.fit-grad-clip", self.subspace_fit_grad_clip, "(0, inf)")
+        _require(self.subspace_fit_devices >= 0, "defense.label-subspace.fit-devices", self.subspace_fit_devices,
                  "an integer >= 0 (0 = every device)")
-        _require(self.subspace_rank >= 1, "subspace-rank", self.subspace_rank, "an integer >= 1 (and <= the hidden size)")
-        _require(0 < self.s_min <= 1, "s-min", self.s_min, "(0, 1]")
-        _require(0 < self.delta < 1, "delta", self.delta, "(0, 1)")
-        _require(self.radius_scale >= 0 and math.isfinite(self.radius_scale), "radius-scale", self.radius_scale, "[0, inf)")
-        _require(math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0, "max-grad-norm", self.max_grad_norm,
+        _require(self.subspace_rank >= 1, "defense.label-subspace.rank", self.subspace_rank, "an integer >= 1 (and <= the hidden size)")
+        _require(0 < self.s_min <= 1, "defense.privtune.s-min", self.s_min, "(0, 1]")
+        _require(0 < self.delta < 1, "defense.gaussian.delta", self.delta, "(0, 1)")
+        _require(self.radius_scale >= 0 and math.isfinite(self.radius_scale), "defense.privtune.radius-scale", self.radius_scale, "[0, inf)")
+        _require(math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0, "train.max-grad-norm", self.max_grad_norm,
                  "[0, inf) (0 = no clipping)")
-        _require(self.label_protection in LABEL_PROTECTIONS, "label-protection", self.label_protection,
+        _require(self.label_protection in LABEL_PROTECTIONS, "label-protection.method", self.label_protection,
                  ", ".join(LABEL_PROTECTIONS))
-        _require(math.isfinite(self.label_epsilon) and 0 < self.label_epsilon <= 64, "label-epsilon", self.label_epsilon,
+        _require(math.isfinite(self.label_epsilon) and 0 < self.label_epsilon <= 64, "label-protection.epsilon", self.label_epsilon,
                  "(0, 64] (randomised response's epsilon)")
-        _require(math.isfinite(self.label_noise) and 0 < self.label_noise <= 1000, "label-noise", self.label_noise,
+        _require(math.isfinite(self.label_noise) and 0 < self.label_noise <= 1000, "label-protection.noise", self.label_noise,
                  "(0, 1000] (marvell's noise along the class-mean difference, in units of its norm)")
-        _require(self.label_protection == "none" or self.protocol == "u-shaped", "label-protection", self.label_protection,
-                 "'none' with protocol='vanilla' (the vanilla protocol sends the labels themselves)")
-        _require(not (self.label_protection == "randomised-response" and self.task != "classification"), "label-protection",
-                 self.label_protection, "max-norm, marvell or none for task='generation' (randomised response is over "
+        _require(self.label_protection == "none" or self.protocol == "u-shaped", "label-protection.method", self.label_protection,
+                 "'none' with federation.protocol='vanilla' (the vanilla protocol sends the labels themselves)")
+        _require(not (self.label_protection == "randomised-response" and self.task != "classification"), "label-protection.method",
+                 self.label_protection, "max-norm, marvell or none for data.task='generation' (randomised response is over "
                  "class labels)")
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any]) -> "RunConfig":
-        """Build from Flower's ``context.run_config`` (hyphenated keys); unknown keys are an error."""
-        known = {f.name: f for f in fields(cls)}
+        """Build from Flower's ``context.run_config`` (grouped keys, ``model.split-layer``); unknown
+        keys, and the flat keys of earlier versions, are an error."""
         values: dict[str, Any] = {}
-        for key, value in run_config.items():
-            name = key.replace("-", "_")
-            if key in REMOVED_KEYS:
-                raise ValueError(f"{key} is no longer a run-config key: {REMOVED_KEYS[key]}")
-            if name not in known:
-                raise ValueError(unknown_key_message(key, [k.replace("_", "-") for k in known]))
-            values[name] = _coerce(key, value, type(getattr(cls, name)))
+        for name, value in run_config.items():
+            problem = key_problem(name)
+            if problem is not None:
+                raise ValueError(problem)
+            values[FIELDS[name]] = _coerce(name, value, type(getattr(cls, FIELDS[name])))
         return cls(**values)
 
     def device_placement(self) -> dict[str, str]:
@@ -323,7 +323,7 @@ class RunConfig:
         return text + (" REPRODUCIBLE NOISE (not private against the operator)" if self.reproducible_noise else "")
 
     def to_flower(self) -> dict[str, Any]:
-        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+        return {KEYS[k]: v for k, v in asdict(self).items()}
 
 
 def offsite_emulator_problem(num_layers: int, adapter_layers: int, drop: float) -> tuple[str, Any, str] | None:
@@ -331,18 +331,18 @@ def offsite_emulator_problem(num_layers: int, adapter_layers: int, drop: float) 
     that keeps the first and last ``adapter_layers`` blocks and drops ``drop`` of the middle; None
     if nothing is."""
     if isinstance(adapter_layers, bool) or not isinstance(adapter_layers, int) or adapter_layers < 1 or 2 * adapter_layers >= num_layers:
-        return ("offsite-adapter-layers", adapter_layers, f"1..{(num_layers - 1) // 2} for a model of {num_layers} blocks (the first "
+        return ("offsite.adapter-layers", adapter_layers, f"1..{(num_layers - 1) // 2} for a model of {num_layers} blocks (the first "
                 "and the last offsite-adapter-layers blocks are the adapter; at least one block must lie between them)")
     middle = num_layers - 2 * adapter_layers
     if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not (math.isfinite(drop) and 0 < drop < 1):
-        return ("emulator-drop", drop, "(0, 1)")
+        return ("offsite.emulator-drop", drop, "(0, 1)")
     keep = _kept_middle(middle, drop)
-    where = f"{middle} middle blocks (offsite-adapter-layers={adapter_layers} of {num_layers})"
+    where = f"{middle} middle blocks (offsite.adapter-layers={adapter_layers} of {num_layers})"
     if keep < 1:
-        return ("emulator-drop", drop, f"a drop that keeps a middle block: this one drops all {where}; accepted: "
+        return ("offsite.emulator-drop", drop, f"a drop that keeps a middle block: this one drops all {where}; accepted: "
                 f"emulator-drop <= {1 - 0.5 / middle:.4g}")
     if keep >= middle:
-        return ("emulator-drop", drop, f"a drop that removes a middle block: this one drops none of the {where}; "
+        return ("offsite.emulator-drop", drop, f"a drop that removes a middle block: this one drops none of the {where}; "
                 f"accepted: emulator-drop > {0.5 / middle:.4g}")
     return None
 
@@ -362,9 +362,26 @@ def _kept_middle(middle: int, drop: float) -> int:
     return int(math.floor((1.0 - drop) * middle + 0.5))  # half up (Python's round() goes to even)
 
 
+def key_problem(name: str) -> str | None:
+    """What is wrong with the run-config key ``name`` (None: it is a key): a key that left the run
+    config, a flat key of an earlier version (the message names its grouped key), or an unknown one."""
+    if name in FIELDS:
+        return None
+    if name in REMOVED_KEYS:
+        return f"{name} is no longer a run-config key: {REMOVED_KEYS[name]}"
+    if name in RENAMED:
+        return renamed_message(name)
+    return unknown_key_message(name, list(FIELDS))
+
+
 def unknown_key_message(key: str, accepted: list[str]) -> str:
-    """"unknown key 'num-round'; did you mean 'num-rounds'?", else the accepted keys."""
+    """"unknown key 'federation.num-round'; did you mean 'federation.num-rounds'?", else the
+    accepted keys. A key is also matched by its last part, so that a flat 'num-round' finds
+    'federation.num-rounds'."""
     close = difflib.get_close_matches(key, accepted, n=1, cutoff=0.6)
+    if not close:
+        leaves = {k.rsplit(".", 1)[-1]: k for k in accepted}
+        close = [leaves[m] for m in difflib.get_close_matches(key.rsplit(".", 1)[-1], list(leaves), n=1, cutoff=0.8)]
     if close:
         return f"unknown key {key!r}; did you mean {close[0]!r}?"
     return f"unknown key {key!r}; accepted: {', '.join(sorted(accepted))}"
@@ -393,18 +410,15 @@ def collect_errors(run_config: Mapping[str, Any]) -> tuple[RunConfig, list[str]]
     """Every problem of ``run_config`` at once (``RunConfig.from_flower`` stops at the first):
     the configuration built from the values that passed (a bad key is left out, a bad value
     replaced by its default, a range failure kept) and one message per problem, in key order."""
-    known = {f.name for f in fields(RunConfig)}
     values: dict[str, Any] = {}
     errors: list[str] = []
-    for key, value in run_config.items():
-        name = key.replace("-", "_")
-        if key in REMOVED_KEYS:
-            errors.append(f"{key} is no longer a run-config key: {REMOVED_KEYS[key]}")
-        elif name not in known:
-            errors.append(unknown_key_message(key, [k.replace("_", "-") for k in known]))
+    for name, value in run_config.items():
+        problem = key_problem(name)
+        if problem is not None:
+            errors.append(problem)
         else:
             try:
-                values[name] = _coerce(key, value, type(getattr(RunConfig, name)))
+                values[FIELDS[name]] = _coerce(name, value, type(getattr(RunConfig, FIELDS[name])))
             except ValueError as exc:
                 errors.append(str(exc))
     _COLLECTED.errors = []

@@ -37,7 +37,7 @@ def evaluate_prompt(msg: Message, context: Context) -> Message:
     """Release the prompts of this device's first ``generate-samples`` test examples."""
     cfg, node, ledger = u_prepare(msg, context)
     if cfg.task != "generation":
-        raise SchemaError("generation samples need task='generation'")
+        raise SchemaError("generation samples need data.task='generation'")
     server_round, step, _ = read_step(msg.content)
     count = min(cfg.generate_samples, len(node.test))
     if count == 0:

@@ -33,9 +33,9 @@ def map_prepare(msg: Message, context: Context):
     policy = DevicePolicy.from_sources(context.node_config)
     policy.check(cfg)
     if not cfg.federated_map():
-        raise SchemaError(f"{msg.metadata.message_type!r} belongs to defense='label-subspace' with "
-                          f"subspace-fit-scope='federation'; this run has defense={cfg.defense!r}, "
-                          f"subspace-fit-scope={cfg.subspace_fit_scope!r}")
+        raise SchemaError(f"{msg.metadata.message_type!r} belongs to defense.name='label-subspace' with "
+                          f"defense.label-subspace.fit-scope='federation'; this run has defense.name={cfg.defense!r}, "
+                          f"defense.label-subspace.fit-scope={cfg.subspace_fit_scope!r}")
     node = load_node(cfg, pid, total)
     from .device import _clean_rows
 

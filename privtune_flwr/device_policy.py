@@ -313,53 +313,53 @@ class DevicePolicy:
     def check(self, cfg: RunConfig) -> None:
         """Raise :class:`PolicyError` naming the floor if ``cfg`` asks for less privacy."""
         if cfg.defense not in self.allowed_defenses:
-            raise PolicyError(f"this device refuses defense={cfg.defense!r}: its floor allows "
+            raise PolicyError(f"this device refuses defense.name={cfg.defense!r}: its floor allows "
                               f"{', '.join(self.allowed_defenses)} (node config 'allowed-defenses'; consent to every defence, none "
                               "included: allowed-defenses='*', e.g. the launcher's --device-policy \"allowed-defenses='*'\")")
         if cfg.defense != "none" and cfg.epsilon > self.max_epsilon:
-            raise PolicyError(f"this device refuses epsilon={cfg.epsilon!r}: its floor is max-epsilon={self.max_epsilon!r} "
+            raise PolicyError(f"this device refuses defense.epsilon={cfg.epsilon!r}: its floor is max-epsilon={self.max_epsilon!r} "
                               "(node config 'max-epsilon')")
         spec = registry.get(cfg.defense)
         if spec.noisy:
             statement = cfg.statement()
             smallest = min(statement.scales)
             if smallest < self.min_noise_scale:
-                raise PolicyError(f"this device refuses s-min={cfg.s_min:g} for defense={cfg.defense!r} (noise scaled down "
+                raise PolicyError(f"this device refuses defense.privtune.s-min={cfg.s_min:g} for defense.name={cfg.defense!r} (noise scaled down "
                                   f"to {smallest:g}, a per-token epsilon of {cfg.epsilon / smallest:g}): its floor is "
                                   f"min-noise-scale={self.min_noise_scale:g} (node config 'min-noise-scale')")
             if statement.continuous and not self.allow_continuous_scales:
-                raise PolicyError(f"this device refuses importance-levels=0 for defense={cfg.defense!r} (a continuous "
+                raise PolicyError(f"this device refuses defense.privtune.importance-levels=0 for defense.name={cfg.defense!r} (a continuous "
                                   "noise scale: no bound holds between tokens released at different scales); its floor "
                                   "needs node config 'allow-continuous-scales=true'")
             if spec.shifts and cfg.radius_scale > self.max_radius_scale:
-                raise PolicyError(f"this device refuses radius-scale={cfg.radius_scale:g} (the mean shift's radius, a "
+                raise PolicyError(f"this device refuses defense.privtune.radius-scale={cfg.radius_scale:g} (the mean shift's radius, a "
                                   f"slack of 2 r eps / s in the bound): its floor is max-radius-scale="
                                   f"{self.max_radius_scale:g} (node config 'max-radius-scale')")
         if cfg.defense != "none" and cfg.split_layer < self.min_split_layer:
-            raise PolicyError(f"this device refuses split-layer={cfg.split_layer} for defense={cfg.defense!r}: its floor is "
+            raise PolicyError(f"this device refuses model.split-layer={cfg.split_layer} for defense.name={cfg.defense!r}: its floor is "
                               f"min-split-layer={self.min_split_layer} (node config 'min-split-layer'; the defences' "
                               "protection was measured on blocks' outputs, not on the embedding layer's)")
         floors = dict(self.min_split_layers)
         if cfg.defense != "none" and cfg.split_layer < floors.get(cfg.model, 0):
-            raise PolicyError(f"this device refuses split-layer={cfg.split_layer} for model={cfg.model!r}: its floor for "
+            raise PolicyError(f"this device refuses model.split-layer={cfg.split_layer} for model.name={cfg.model!r}: its floor for "
                               f"that model is {floors[cfg.model]} (node config 'min-split-layers', now "
                               f"{_floors_text(self.min_split_layers)!r})")
         self.check_model(cfg.model)
         if cfg.max_length > self.max_tokens_per_example:
-            raise PolicyError(f"this device refuses max-length={cfg.max_length} tokens per example: its floor allows at most "
+            raise PolicyError(f"this device refuses model.max-length={cfg.max_length} tokens per example: its floor allows at most "
                               f"{self.max_tokens_per_example} (node config 'max-tokens-per-example')")
         if cfg.defense == "gaussian" and cfg.delta > self.max_delta:
-            raise PolicyError(f"this device refuses delta={cfg.delta:g}: its floor is max-delta={self.max_delta:g} "
+            raise PolicyError(f"this device refuses defense.gaussian.delta={cfg.delta:g}: its floor is max-delta={self.max_delta:g} "
                               "(node config 'max-delta')")
         if spec.fits_labels and cfg.subspace_rank > self.max_subspace_rank:
-            raise PolicyError(f"this device refuses subspace-rank={cfg.subspace_rank} for defense={cfg.defense!r}: the "
+            raise PolicyError(f"this device refuses defense.label-subspace.rank={cfg.subspace_rank} for defense.name={cfg.defense!r}: the "
                               f"rank is what keeps tokens from being inverted, and its floor is max-subspace-rank="
                               f"{self.max_subspace_rank} (node config 'max-subspace-rank')")
         if cfg.reproducible_noise and not self.allow_reproducible_noise:
-            raise PolicyError("this device refuses reproducible-noise=true (noise the operator could regenerate and "
+            raise PolicyError("this device refuses defense.reproducible-noise=true (noise the operator could regenerate and "
                               "remove); its floor needs node config 'allow-reproducible-noise=true'")
         if cfg.release == "fresh" and not self.allow_fresh_noise:
-            raise PolicyError("this device refuses release='fresh' (fresh noise per re-send composes); its floor needs "
+            raise PolicyError("this device refuses defense.release='fresh' (fresh noise per re-send composes); its floor needs "
                               "node config 'allow-fresh-noise=true'")
         self.check_dataset(cfg.dataset)
         self.check_label_protection(cfg)
@@ -367,7 +367,7 @@ class DevicePolicy:
     def check_offsite(self) -> None:
         """Refuse the offsite protocol unless the device admits it (``allow-offsite``)."""
         if not self.allow_offsite:
-            raise PolicyError("this device refuses protocol='offsite': it would send adapter weights trained on its "
+            raise PolicyError("this device refuses federation.protocol='offsite': it would send adapter weights trained on its "
                               "data, which no defence or privacy bound covers; its floor needs node config "
                               "'allow-offsite=true'")
 
@@ -381,16 +381,16 @@ class DevicePolicy:
         where = (f"its floor is min-label-protection={floor!r} (node config 'min-label-protection'; "
                  f"randomised-response meets any floor with label-epsilon <= max-label-epsilon={self.max_label_epsilon:g})")
         if cfg.protocol != "u-shaped":
-            raise PolicyError(f"this device refuses protocol={cfg.protocol!r}: it sends the labels themselves, and {where}")
+            raise PolicyError(f"this device refuses federation.protocol={cfg.protocol!r}: it sends the labels themselves, and {where}")
         if asked == "randomised-response":
             if cfg.label_epsilon > self.max_label_epsilon:
-                raise PolicyError(f"this device refuses label-epsilon={cfg.label_epsilon:g} for randomised-response: its "
+                raise PolicyError(f"this device refuses label-protection.epsilon={cfg.label_epsilon:g} for randomised-response: its "
                                   f"floor is max-label-epsilon={self.max_label_epsilon:g} (node config 'max-label-epsilon')")
             return
         if floor == "randomised-response" or STRENGTH[asked] < STRENGTH[floor]:
-            raise PolicyError(f"this device refuses label-protection={asked!r}: {where}")
+            raise PolicyError(f"this device refuses label-protection.method={asked!r}: {where}")
         if floor == "marvell" and cfg.label_noise < self.min_label_noise:
-            raise PolicyError(f"this device refuses label-noise={cfg.label_noise:g} for marvell: its floor is "
+            raise PolicyError(f"this device refuses label-protection.noise={cfg.label_noise:g} for marvell: its floor is "
                               f"min-label-noise={self.min_label_noise:g} (node config 'min-label-noise')")
 
     def check_batches(self, num_batches: int) -> None:
@@ -424,11 +424,11 @@ class DevicePolicy:
                 digests = {a.split(":", 1)[1].lower() for a in allowed if a.startswith("sha256:")}
                 if digests and weights_digest(resolved) in digests:
                     return
-            raise PolicyError(f"this device refuses model={model!r}: it runs only {', '.join(allowed) or 'no model'} "
+            raise PolicyError(f"this device refuses model.name={model!r}: it runs only {', '.join(allowed) or 'no model'} "
                               "(node config 'allowed-models': offline names, local folders, sha256:<digest of the "
                               "weights> or '*')")
         if not self.allow_hub_models:
-            raise PolicyError(f"this device refuses model={model!r}: it is neither an offline model ({', '.join(OFFLINE_MODEL_NAMES)}) "
+            raise PolicyError(f"this device refuses model.name={model!r}: it is neither an offline model ({', '.join(OFFLINE_MODEL_NAMES)}) "
                               "nor a local folder, and Hugging Face ids need node config 'allow-hub-models=true'")
 
     def check_dataset(self, name: str) -> None:
@@ -439,14 +439,14 @@ class DevicePolicy:
         path = Path(name).expanduser()
         if path.exists() or name.startswith(("/", ".", "~")) or name.endswith((".csv", ".json", ".jsonl")):
             if not self.data_dir:
-                raise PolicyError(f"this device refuses to read dataset={name!r}: local files are read only from its "
+                raise PolicyError(f"this device refuses to read data.name={name!r}: local files are read only from its "
                                   "data-dir, and none is set (node config 'data-dir')")
             root = Path(self.data_dir).expanduser().resolve()
             if not path.resolve().is_relative_to(root):
-                raise PolicyError(f"this device refuses to read dataset={name!r}: it lies outside its data-dir {root}")
+                raise PolicyError(f"this device refuses to read data.name={name!r}: it lies outside its data-dir {root}")
             return
         if not self.allow_hub_datasets:
-            raise PolicyError(f"this device refuses dataset={name!r}: accepted are the bundled datasets "
+            raise PolicyError(f"this device refuses data.name={name!r}: accepted are the bundled datasets "
                               f"({', '.join(OFFLINE_DATASETS)}), files under its data-dir, and hub ids only with "
                               "node config 'allow-hub-datasets=true'")
 

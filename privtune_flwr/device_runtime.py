@@ -223,7 +223,7 @@ def device_state(context: Context) -> ConfigRecord:
 
 
 def _count_sends(context: Context, size: int, idx: list[int]) -> int:
-    """``defense='none'``: how often any of ``idx`` has now been sent (the device's own tally)."""
+    """``defense.name='none'``: how often any of ``idx`` has now been sent (the device's own tally)."""
     state = device_state(context)
     counts = list(state.get("sent", [0] * size))
     for i in idx:
@@ -304,7 +304,7 @@ def use_federated_map(cfg: RunConfig, context: Context, node: Node, key: NoiseKe
 
     record, audit = context.state.array_records.get(AGGREGATE), context.state.config_records.get(AUDIT)
     if record is None or audit is None:
-        raise PolicyError("this device holds no accepted federation label map (subspace-fit-scope='federation'): "
+        raise PolicyError("this device holds no accepted federation label map (defense.label-subspace.fit-scope='federation'): "
                           "it releases nothing until the map's statistics arrive (query.map) and its own audit passes")
     if node.map_digest == str(audit["map-digest"]):
         return

@@ -30,7 +30,7 @@ def release(msg: Message, context: Context, phase: str) -> Message:
 
 def train(msg: Message, context: Context) -> Message:
     """Release this round's batches: defended representations, mask and labels."""
-    if context.run_config.get("protocol") == "offsite":  # adapters travel, no representation (privtune_flwr.offsite)
+    if context.run_config.get("federation.protocol") == "offsite":  # adapters travel, no representation (privtune_flwr.offsite)
         from .offsite import device_train
 
         return device_train(msg, context)
@@ -39,7 +39,7 @@ def train(msg: Message, context: Context) -> Message:
 
 def evaluate(msg: Message, context: Context) -> Message:
     """Release this device's test split (defended, as at inference) for the cloud to score."""
-    if context.run_config.get("protocol") == "offsite":  # the device scores the plugged-in adapters itself
+    if context.run_config.get("federation.protocol") == "offsite":  # the device scores the plugged-in adapters itself
         from .offsite import device_evaluate
 
         return device_evaluate(msg, context)

@@ -57,7 +57,6 @@ cloud_log = logging.getLogger("privtune_flwr.cloud")  # the cloud's console line
 
 FIT_ACTION = "fit"  # message type "query.fit": a device's noisy statistics
 MAP_ACTION = "map"  # message type "query.map": the federation's sum, for the device to derive and audit
-FIT_SCOPES = ("federation", "device")
 ARRAYS = ("counts", "sums", "second", "special-counts", "special-sums")
 BLOCKS = 3  # noise blocks calibrated jointly: counts, sums, second moments
 GROUP = 64  # the cloud sends large fit-phase messages to this many devices at a time
@@ -171,7 +170,7 @@ class FitNoise:
 
     def __post_init__(self):
         if not (math.isfinite(self.clip) and self.clip > 0):
-            raise ValueError(f"subspace-fit-clip={self.clip!r} is outside the accepted range (0, inf): the DP "
+            raise ValueError(f"defense.label-subspace.fit-clip={self.clip!r} is outside the accepted range (0, inf): the DP "
                              "sensitivity needs a bound on each token's norm")
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens={self.max_tokens!r} must be an integer >= 1")
@@ -417,7 +416,7 @@ class NoMap(torch.nn.Module):
         self.key = None
 
     def forward(self, *_):
-        raise RuntimeError("this device holds no accepted federation label map yet (subspace-fit-scope='federation'); "
+        raise RuntimeError("this device holds no accepted federation label map yet (defense.label-subspace.fit-scope='federation'); "
                            "it releases nothing until the cloud sends the map's statistics (query.map) and its audit passes")
 
     def fingerprint(self):

@@ -58,12 +58,12 @@ _NOISE_CONTEXT = b"privtune/label-gradient-noise/v1"
 def check_parameters(method: str, epsilon: float, noise: float) -> None:
     """Raise ValueError naming the key and its accepted range."""
     if method not in METHODS:
-        raise ValueError(f"label-protection={method!r} is outside the accepted range: {', '.join(METHODS)}")
+        raise ValueError(f"label-protection.method={method!r} is outside the accepted range: {', '.join(METHODS)}")
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not (math.isfinite(epsilon) and 0 < epsilon <= 64):
-        raise ValueError(f"label-epsilon={epsilon!r} is outside the accepted range: (0, 64] "
+        raise ValueError(f"label-protection.epsilon={epsilon!r} is outside the accepted range: (0, 64] "
                          "(randomised response's epsilon)")
     if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not (math.isfinite(noise) and 0 < noise <= 1000):
-        raise ValueError(f"label-noise={noise!r} is outside the accepted range: (0, 1000] "
+        raise ValueError(f"label-protection.noise={noise!r} is outside the accepted range: (0, 1000] "
                          "(marvell's noise along the class-mean difference, in units of its norm)")
 
 

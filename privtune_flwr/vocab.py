@@ -9,3 +9,6 @@ TASKS = ("classification", "generation")
 # ``"offsite"``, which runs no split model.
 SPLIT_PROTOCOLS = ("vanilla", "u-shaped")
 PARTITIONERS = ("iid", "dirichlet")
+# Who fits label-subspace's map: each device on its own share, or the federation's fit phase
+# (``privtune_flwr.federated_map``); the run config's fit scope and the privacy statement's.
+MAP_SCOPES = ("device", "federation")

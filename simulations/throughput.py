@@ -31,9 +31,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def federated(defense: str, args) -> dict:
     folder = args.out.with_suffix("") / f"federated-{defense}"
-    config = (f"defense='{defense}' num-rounds={args.rounds} devices-per-round={args.devices} min-devices={args.devices} "
-              f"batches-per-round={args.batches} batch-size={args.batch_size} eval-devices=1 final-eval-all=false "
-              f"eval-examples=1 audit-tokens=0 {args.run_config}").strip()
+    config = (f"defense.name='{defense}' federation.num-rounds={args.rounds} federation.devices-per-round={args.devices} federation.min-devices={args.devices} "
+              f"train.batches-per-round={args.batches} train.batch-size={args.batch_size} federation.eval-devices=1 federation.final-eval-all=false "
+              f"federation.eval-examples=1 defense.audit-tokens=0 {args.run_config}").strip()
     cmd = [sys.executable, "-m", "privtune_flwr.launch", "--devices", str(args.devices), "--out", str(folder),
            "--run-config", config] + (["--device-policy", "allowed-defenses='*'"] if defense == "none" else [])
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -60,7 +60,7 @@ def centralised(defense: str, args) -> dict:
     from privtune_flwr.models import load_split
     from privtune_flwr.launch import app_defaults
 
-    cfg = RunConfig.from_flower({**app_defaults(), "defense": defense, "batch-size": args.batch_size})
+    cfg = RunConfig.from_flower({**app_defaults(), "defense.name": defense, "train.batch-size": args.batch_size})
     torch.manual_seed(cfg.seed)
     ds = data.load_dataset(cfg.dataset, test_fraction=cfg.test_fraction, seed=cfg.seed)
     split = load_split(cfg.model, cfg.split_layer, cfg.task, ds.num_labels, lora_rank=cfg.lora_rank, seed=cfg.seed,

@@ -110,7 +110,7 @@ def parse_train_reply(content: RecordDict, spec: dict[str, tuple[int, ...]], *, 
             raise SchemaError(str(exc)) from None
         metrics = parse_metrics(content.metric_records[offsite.METRICS], TRAIN_METRICS, "train")
         if metrics.get("local-steps", local_steps) > local_steps:
-            raise SchemaError(f"local-steps={metrics['local-steps']:g}; this round asked for {local_steps}")
+            raise SchemaError(f"offsite.local-steps={metrics['local-steps']:g}; this round asked for {local_steps}")
         return state, metrics
     except SchemaError:
         raise
@@ -186,7 +186,7 @@ class OffsiteStrategy(SplitLearningStrategy):
         self._round.update({"round": server_round, "replies": len(replies), "valid-replies": len(valid),
                             "devices-lost": self.devices_lost})
         if len(valid) < self.cfg.min_replies:
-            log.warning("round %d: %d valid replies < min-replies=%d; the adapters are not updated this round",
+            log.warning("round %d: %d valid replies < federation.min-replies=%d; the adapters are not updated this round",
                         server_round, len(valid), self.cfg.min_replies)
             return False
         averaged = fedavg([content for _, content, _ in valid])

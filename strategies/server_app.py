@@ -107,7 +107,7 @@ def check_before_start(run_config: dict, *, simulated: bool | None = None) -> Ru
     policy = os.environ.get("PRIVTUNE_DEVICE_POLICY", "") if simulated else None
     cfg, errors = preflight(run_config, device_policy=policy, offline=offline)
     if not simulated:
-        errors = [e for e in errors if not e.startswith("dataset=")]
+        errors = [e for e in errors if not e.startswith("data.name=")]
     if errors:
         for error in errors:
             log.error("refused before start: %s", error)

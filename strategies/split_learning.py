@@ -107,7 +107,7 @@ class SplitLearningStrategy(Strategy):
                     break
             else:
                 self.history.append(dict(self._round))
-                raise RoundFailed(f"round {server_round} had fewer than min-replies={self.cfg.min_replies} usable replies "
+                raise RoundFailed(f"round {server_round} had fewer than federation.min-replies={self.cfg.min_replies} usable replies "
                                   f"in {self.cfg.round_retries + 1} attempts")
             self.evaluate_round(grid, server_round)
             self.checkpoint(server_round)
@@ -178,7 +178,7 @@ class SplitLearningStrategy(Strategy):
         folder = Path(folder).expanduser()
         found = sorted((folder / "checkpoints").glob("round-[0-9][0-9][0-9].pt"))
         if not found:
-            raise FileNotFoundError(f"resume-from={str(folder)!r} holds no checkpoints/round-NNN.pt")
+            raise FileNotFoundError(f"run.resume-from={str(folder)!r} holds no checkpoints/round-NNN.pt")
         state = torch.load(found[-1], weights_only=True)
         meta = json.loads(state["meta"])
         self.load_cloud_state(state["cloud"])
@@ -205,9 +205,9 @@ class SplitLearningStrategy(Strategy):
         said, said_at = -1, 0.0
         while len(nodes := sorted(grid.get_node_ids())) < self.cfg.min_devices:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"only {len(nodes)} of min-devices={self.cfg.min_devices} devices connected within {self.cfg.timeout:.0f} s")
+                raise TimeoutError(f"only {len(nodes)} of federation.min-devices={self.cfg.min_devices} devices connected within {self.cfg.timeout:.0f} s")
             if len(nodes) != said or time.monotonic() - said_at > 30:  # on change, else every 30 s
-                log.info("waiting for devices: %d of min-devices=%d connected%s", len(nodes), self.cfg.min_devices,
+                log.info("waiting for devices: %d of federation.min-devices=%d connected%s", len(nodes), self.cfg.min_devices,
                          "" if said >= 0 else ' (start more SuperNodes; in a simulation: --federation-config "num-supernodes=N")')
                 said, said_at = len(nodes), time.monotonic()
             time.sleep(1.0)
@@ -259,7 +259,7 @@ class SplitLearningStrategy(Strategy):
             return self.timeout
         wait = max(self.timeout, self.cfg.setup_timeout)
         if wait > self.timeout:
-            log.info("%d device(s) asked for the first time (they set up now): waiting up to setup-timeout=%.0f s",
+            log.info("%d device(s) asked for the first time (they set up now): waiting up to federation.setup-timeout=%.0f s",
                      len(new), wait)
         return wait
 
@@ -294,7 +294,7 @@ class SplitLearningStrategy(Strategy):
         dataset only the devices hold, and no ``max-examples``)."""
         c = self.cfg
         if c.eval_examples:
-            examples, source = min(c.eval_examples, c.reply_max_examples), "eval-examples"
+            examples, source = min(c.eval_examples, c.reply_max_examples), "federation.eval-examples"
         else:
             rows, where = self._test_rows()
             parts = len(set(self.partition.values())) or len(self._seen_nodes) or 1
@@ -316,7 +316,7 @@ class SplitLearningStrategy(Strategy):
         by ``max-examples`` when that is set."""
         if self._test_rows_cache is None:
             c = self.cfg
-            rows, where = (c.max_examples or None), "max-examples" if c.max_examples else "unknown to the cloud"
+            rows, where = (c.max_examples or None), "data.max-examples" if c.max_examples else "unknown to the cloud"
             if c.dataset in data.DATASETS:
                 try:
                     test = data.load_dataset(c.dataset, test_fraction=c.test_fraction, seed=c.seed,
@@ -402,7 +402,7 @@ class SplitLearningStrategy(Strategy):
         self._round.update({"round": server_round, "replies": len(replies), "valid-replies": len(valid),
                             "devices-lost": self.devices_lost})
         if len(valid) < self.cfg.min_replies:
-            log.warning("round %d: %d valid replies < min-replies=%d; the top is not updated this round", server_round, len(valid), self.cfg.min_replies)
+            log.warning("round %d: %d valid replies < federation.min-replies=%d; the top is not updated this round", server_round, len(valid), self.cfg.min_replies)
             return None, MetricRecord({"valid-replies": len(valid)})
         losses: list[float] = []
         t0 = time.perf_counter()

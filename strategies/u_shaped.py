@@ -137,7 +137,7 @@ class UShapedStrategy(SplitLearningStrategy):
         self._round.update({"round": server_round, "replies": len(sample) * self.cfg.batches_per_round,
                             "valid-replies": len(usable), "devices-lost": self.devices_lost})
         if len(usable) < self.cfg.min_replies or not steps:
-            log.warning("round %d: %d devices completed a step < min-replies=%d", server_round, len(usable), self.cfg.min_replies)
+            log.warning("round %d: %d devices completed a step < federation.min-replies=%d", server_round, len(usable), self.cfg.min_replies)
             return False
         total = sum(n for _, n in losses)
         metrics = {

@@ -12,24 +12,50 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_pyproject_mirrors_runconfig_defaults():
-    app_config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    assert app_config == RunConfig().to_flower()
+    from flwr.common.config import flatten_dict
+
+    from privtune_flwr.preflight import app_defaults
+
+    # Flower's own flattening of the dotted keys gives RunConfig's keys and defaults, and so does ours
+    app_config = flatten_dict(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+    assert app_config == RunConfig().to_flower() == app_defaults()
     assert RunConfig.from_flower(app_config) == RunConfig()
+
+
+def test_every_key_is_grouped_and_a_flat_key_of_before_names_its_new_key():
+    from dataclasses import fields
+
+    from privtune_flwr.keys import GROUPS, KEYS, RENAMED
+
+    assert sorted(KEYS) == sorted(f.name for f in fields(RunConfig))
+    assert all(k.split(".")[0] in {g.split(".")[0] for g in GROUPS} and "." in k for k in RunConfig().to_flower())
+    assert len(RENAMED) == len(KEYS) == len(set(KEYS.values()))
+    for old, new in (("split-layer", "model.split-layer"), ("num-rounds", "federation.num-rounds"), ("epsilon", "defense.epsilon"),
+                     ("subspace-fit-scope", "defense.label-subspace.fit-scope"), ("dataset", "data.name"), ("seed", "run.seed")):
+        assert RENAMED[old] == new
+        with pytest.raises(ValueError, match=f"^'{old}' is no longer a run-config key: it is '{new}' now"):
+            RunConfig.from_flower({old: RunConfig().to_flower()[new]})
+    # the launcher's check gives the same line, beside the other problems, before anything starts
+    from privtune_flwr.config import collect_errors
+
+    _, errors = collect_errors({"num-rounds": 2, "model.split-layer": -1})
+    assert errors[0].startswith("'num-rounds' is no longer a run-config key: it is 'federation.num-rounds' now")
+    assert errors[1].startswith("model.split-layer=-1 is outside the accepted range")
 
 
 @pytest.mark.parametrize(
     "key,value,needle",
     [
-        ("epsilon", 0.0, "epsilon=0.0"),
-        ("epsilon", -1.0, "epsilon=-1.0"),
-        ("epsilon", math.nan, "epsilon=nan"),
-        ("devices-per-round", 0, "devices-per-round=0"),
-        ("min-devices", 0, "min-devices=0"),
-        ("split-layer", -1, "split-layer=-1"),
-        ("partitioner", "zipf", "partitioner='zipf'"),
-        ("learning-rate", 0.0, "learning-rate=0.0"),
-        ("batch-size", 0, "batch-size=0"),
-        ("lora-targets", "mlp", "lora-targets='mlp'"),
+        ("defense.epsilon", 0.0, "defense.epsilon=0.0"),
+        ("defense.epsilon", -1.0, "defense.epsilon=-1.0"),
+        ("defense.epsilon", math.nan, "defense.epsilon=nan"),
+        ("federation.devices-per-round", 0, "federation.devices-per-round=0"),
+        ("federation.min-devices", 0, "federation.min-devices=0"),
+        ("model.split-layer", -1, "model.split-layer=-1"),
+        ("data.partitioner", "zipf", "data.partitioner='zipf'"),
+        ("train.learning-rate", 0.0, "train.learning-rate=0.0"),
+        ("train.batch-size", 0, "train.batch-size=0"),
+        ("model.lora-targets", "mlp", "model.lora-targets='mlp'"),
     ],
 )
 def test_bad_values_name_the_value_and_range(key, value, needle):
@@ -39,22 +65,25 @@ def test_bad_values_name_the_value_and_range(key, value, needle):
 
 
 def test_label_subspace_is_refused_for_generation_when_the_config_is_read():
-    with pytest.raises(ValueError, match="defense='label-subspace' is outside the accepted range: a defence other than 'label-subspace' or 'label-obfuscator' for task='generation'"):
-        RunConfig.from_flower({"task": "generation", "protocol": "u-shaped", "defense": "label-subspace"})
-    assert RunConfig.from_flower({"task": "generation", "protocol": "u-shaped", "defense": "dchi"}).defense == "dchi"
+    with pytest.raises(ValueError, match="defense.name='label-subspace' is outside the accepted range: a defence other than 'label-subspace' or 'label-obfuscator' for data.task='generation'"):
+        RunConfig.from_flower({"data.task": "generation", "federation.protocol": "u-shaped", "defense.name": "label-subspace"})
+    assert RunConfig.from_flower({"data.task": "generation", "federation.protocol": "u-shaped", "defense.name": "dchi"}).defense == "dchi"
 
 
 def test_unknown_key_and_bad_type():
-    with pytest.raises(ValueError, match="^unknown key 'epsilonn'; did you mean 'epsilon'\\?$"):
-        RunConfig.from_flower({"epsilonn": 1.0})
-    with pytest.raises(ValueError, match="^unknown key 'num-round'; did you mean 'num-rounds'\\?$"):
-        RunConfig.from_flower({"num-round": 3})
+    with pytest.raises(ValueError, match="^unknown key 'defense.epsilonn'; did you mean 'defense.epsilon'\\?$"):
+        RunConfig.from_flower({"defense.epsilonn": 1.0})
+    with pytest.raises(ValueError, match="^unknown key 'federation.num-round'; did you mean 'federation.num-rounds'\\?$"):
+        RunConfig.from_flower({"federation.num-round": 3})
+    # a misspelt key in the wrong group is still found by its last part
+    with pytest.raises(ValueError, match="^unknown key 'train.num-round'; did you mean 'federation.num-rounds'\\?$"):
+        RunConfig.from_flower({"train.num-round": 3})
     # nothing close: the accepted keys are listed
     last = sorted(RunConfig().to_flower())[-1]  # the accepted keys, sorted, to the last one
-    with pytest.raises(ValueError, match=f"unknown key 'zzz'; accepted: alpha, audit-tokens, .*{last}$"):
+    with pytest.raises(ValueError, match=f"unknown key 'zzz'; accepted: data.dirichlet-alpha, data.max-examples, .*{last}$"):
         RunConfig.from_flower({"zzz": 1})
-    with pytest.raises(ValueError, match="num-rounds=2.5"):
-        RunConfig.from_flower({"num-rounds": 2.5})
+    with pytest.raises(ValueError, match="federation.num-rounds=2.5"):
+        RunConfig.from_flower({"federation.num-rounds": 2.5})
 
 
 def test_defense_options_follow_the_defense():
@@ -76,7 +105,7 @@ def test_subspace_fit_choices_match_the_mechanism():
     assert config.SUBSPACE_FITS == subspace.SUBSPACE_FITS
     assert RunConfig(defense="label-subspace", subspace_fit="closed-form").defense_options()["subspace_fit"] == "closed-form"
     assert "subspace_fit" not in RunConfig(defense="label-obfuscator").defense_options()
-    with pytest.raises(ValueError, match="subspace-fit='lda'.*'reader' or 'closed-form'"):
+    with pytest.raises(ValueError, match="defense.label-subspace.fit='lda'.*'reader' or 'closed-form'"):
         RunConfig(subspace_fit="lda")
 
 
@@ -85,8 +114,8 @@ def test_defense_names_match_the_defenses():
     from privtune_flwr.defenses import DEFENSES
 
     assert DEFENSE_NAMES == tuple(DEFENSES)
-    with pytest.raises(ValueError, match="defense='nonsense' is outside the accepted range: none, dchi, gaussian, privtune"):
-        RunConfig.from_flower({"defense": "nonsense"})
+    with pytest.raises(ValueError, match="defense.name='nonsense' is outside the accepted range: none, dchi, gaussian, privtune"):
+        RunConfig.from_flower({"defense.name": "nonsense"})
 
 
 def test_banner_shows_only_the_settings_that_apply():

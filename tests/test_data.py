@@ -423,7 +423,7 @@ def test_partitioner_is_built_once(monkeypatch):
 
 def test_dirichlet_impossible_request_names_alpha():
     train = data.load_dataset("rotten_tomatoes").train
-    with pytest.raises(ValueError, match="alpha=0.01"):
+    with pytest.raises(ValueError, match="data.dirichlet-alpha=0.01"):
         data.partition(train, 200, 0, partitioner="dirichlet", alpha=0.01)
 
 

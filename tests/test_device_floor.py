@@ -41,7 +41,7 @@ def test_one_instruction_cannot_ask_for_unbounded_work(minilm_split):
     """Examples per instruction and tokens per example are capped before anything is loaded or
     released, and a release that runs past its time is stopped before anything is sent."""
     policy = DevicePolicy.from_sources({}, env={})
-    with pytest.raises(PolicyError, match="max-length=512 tokens per example.*max-tokens-per-example"):
+    with pytest.raises(PolicyError, match="model.max-length=512 tokens per example.*max-tokens-per-example"):
         policy.check(RunConfig(max_length=512))
     cfg = _cfg(batch_size=600)
     runtime.RUNTIME.resources.clear("node")
@@ -69,9 +69,9 @@ def test_the_device_runs_only_the_models_it_agreed_to(tmp_path):
     default = DevicePolicy.from_sources({}, env={})
     default.check(RunConfig(model="minilm", defense="dchi", split_layer=1))
     default.check(RunConfig(model="smollm2", defense="dchi", split_layer=2, task="generation", protocol="u-shaped"))
-    with pytest.raises(PolicyError, match="split-layer=1 for model='smollm2': its floor for that model is 2"):
+    with pytest.raises(PolicyError, match="model.split-layer=1 for model.name='smollm2': its floor for that model is 2"):
         default.check(RunConfig(model="smollm2", defense="dchi", split_layer=1, task="generation", protocol="u-shaped"))
-    with pytest.raises(PolicyError, match="model='roberta-base'.*allow-hub-models=true"):
+    with pytest.raises(PolicyError, match="model.name='roberta-base'.*allow-hub-models=true"):
         default.check(RunConfig(model="roberta-base", defense="dchi"))
     DevicePolicy.from_mapping({"allow-hub-models": True}).check(RunConfig(model="roberta-base", defense="dchi"))
     DevicePolicy.from_mapping({"min-split-layer": 0}).check(RunConfig(defense="dchi", split_layer=0))  # its own choice
@@ -81,7 +81,7 @@ def test_the_device_runs_only_the_models_it_agreed_to(tmp_path):
     (folder / "model.safetensors").write_bytes(b"weights v1")
     (folder / "config.json").write_text("{}")
     local = RunConfig(model=str(folder), defense="dchi")
-    with pytest.raises(PolicyError, match="refuses model=.*my-model.*allowed-models"):
+    with pytest.raises(PolicyError, match="refuses model.name=.*my-model.*allowed-models"):
         default.check(local)
     DevicePolicy.from_mapping({"allowed-models": f"minilm,{folder}"}).check(local)
     DevicePolicy.from_mapping({"allowed-models": "*"}).check(local)
@@ -94,17 +94,17 @@ def test_the_device_runs_only_the_models_it_agreed_to(tmp_path):
     (folder / "model.safetensors").write_bytes(b"weights v2, swapped by the cloud")
     with pytest.raises(PolicyError, match="allowed-models"):
         by_digest.check(local)
-    with pytest.raises(PolicyError, match="model='minilm'"):
+    with pytest.raises(PolicyError, match="model.name='minilm'"):
         by_digest.check(RunConfig(defense="dchi", split_layer=1))  # only what the list names
     floors = DevicePolicy.from_mapping({"allowed-models": "*", "min-split-layers": f"smollm2:2,{folder}:4"})
-    with pytest.raises(PolicyError, match="split-layer=3 for model=.*its floor for that model is 4"):
+    with pytest.raises(PolicyError, match="model.split-layer=3 for model.name=.*its floor for that model is 4"):
         floors.check(RunConfig(model=str(folder), defense="dchi", split_layer=3))
     with pytest.raises(ValueError, match="min-split-layers='smollm2' is not a list of model:floor pairs"):
         DevicePolicy.from_mapping({"min-split-layers": "smollm2"})
 
 
 def test_a_refused_value_is_printed_exactly():
-    with pytest.raises(PolicyError, match=r"epsilon=64\.000001: its floor is max-epsilon=64\.0"):
+    with pytest.raises(PolicyError, match=r"defense.epsilon=64\.000001: its floor is max-epsilon=64\.0"):
         DevicePolicy.from_sources({}, env={}).check(RunConfig(epsilon=64.000001))
 
 

@@ -17,9 +17,9 @@ from privtune_flwr.config import RunConfig
 from privtune_flwr import launch
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ("max-examples=300 batch-size=4 batches-per-round=2 max-length=24 "
-        "eval-examples=10 audit-tokens=64 defense='dchi' epsilon=50.0")
-QUICK = "num-rounds=1 max-examples=300 batch-size=4 batches-per-round=2 max-length=24 eval-examples=10 audit-tokens=0 defense='dchi' epsilon=50.0"
+TINY = ("data.max-examples=300 train.batch-size=4 train.batches-per-round=2 model.max-length=24 "
+        "federation.eval-examples=10 defense.audit-tokens=64 defense.name='dchi' defense.epsilon=50.0")
+QUICK = "federation.num-rounds=1 data.max-examples=300 train.batch-size=4 train.batches-per-round=2 model.max-length=24 federation.eval-examples=10 defense.audit-tokens=0 defense.name='dchi' defense.epsilon=50.0"
 
 pytestmark = pytest.mark.e2e
 
@@ -121,7 +121,7 @@ def append_to_flwr_run(script: str, extra: str) -> str:
 
 def test_launcher_simulation_completes_quietly_into_its_own_run_folder(tmp_path, capfd):
     out = tmp_path / "run"
-    code = launch.main(["--devices", "3", "--actors", "2", "--out", str(out), "--run-config", f"num-rounds=2 {TINY}"])
+    code = launch.main(["--devices", "3", "--actors", "2", "--out", str(out), "--run-config", f"federation.num-rounds=2 {TINY}"])
     console = capfd.readouterr().out
     assert code == 0, console
     folder = (out / "latest").resolve()
@@ -158,7 +158,7 @@ def test_rounds_that_fail_end_nonzero_with_a_summary_and_keep_the_last_good_run(
     good.mkdir(parents=True)
     (out / "latest").symlink_to(good.name)
     # 2 training rows cannot be shared out among 3 devices: every device fails, the cloud does not
-    code = launch.main(["--devices", "3", "--out", str(out), "--run-config", "num-rounds=2 max-examples=2 audit-tokens=0 defense='dchi' epsilon=50.0"])
+    code = launch.main(["--devices", "3", "--out", str(out), "--run-config", "federation.num-rounds=2 data.max-examples=2 defense.audit-tokens=0 defense.name='dchi' defense.epsilon=50.0"])
     console = capfd.readouterr().out
     assert code == 1, console
     assert (out / "latest").resolve() == good  # the failed run did not replace the good one
@@ -292,7 +292,7 @@ def test_readme_flower_simulation_recipe(tmp_path):
                FLWR_LOCAL_CONTROL_API_PORT=str(launch.free_port()))
     out = tmp_path / "run"
     script = append_to_flwr_run(readme_recipe("simulation"),
-                                f'--federation-config "num-supernodes=3" --run-config "{QUICK} min-devices=2 devices-per-round=2 output-dir=\'{out}\'"')
+                                f'--federation-config "num-supernodes=3" --run-config "{QUICK} federation.min-devices=2 federation.devices-per-round=2 run.output-dir=\'{out}\'"')
     seen = set()
     try:
         proc = subprocess.Popen(["bash", "-c", script], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -354,16 +354,16 @@ def test_readme_deployment_recipe_with_tls_and_supernode_authentication(tmp_path
                     reason="needs the run-config key reproducible-noise (device noise is secret otherwise)")
 @pytest.mark.parametrize("policy,config", [
     # the research option: the devices consent to noise derived from the seed
-    ("allow-reproducible-noise=true", TINY + " reproducible-noise=true"),
+    ("allow-reproducible-noise=true", TINY + " defense.reproducible-noise=true"),
     # no noise at all: what remains (data order, sampling, initialisation, training) is seeded
-    ("allowed-defenses='*'", TINY.replace("defense='dchi' epsilon=50.0", "defense='none'")),
+    ("allowed-defenses='*'", TINY.replace("defense.name='dchi' defense.epsilon=50.0", "defense.name='none'")),
 ])
 def test_same_seed_same_numbers(tmp_path, capfd, policy, config):
     numbers = []
     for n in range(2):
         out = tmp_path / f"run{n}"
         code = launch.main(["--devices", "3", "--out", str(out), "--device-policy", policy,
-                            "--run-config", f"num-rounds=2 devices-per-round=2 {config}"])
+                            "--run-config", f"federation.num-rounds=2 federation.devices-per-round=2 {config}"])
         assert code == 0, capfd.readouterr().out
         rounds = json.loads((out / "latest" / "results.json").read_text())["rounds"]
         numbers.append([(r["train-loss"], r["test-accuracy"], r["test-loss"]) for r in rounds])
@@ -378,7 +378,7 @@ def _results(folder: Path) -> dict:
 
 def test_u_shaped_simulation_keeps_labels_on_the_devices(tmp_path):
     out = tmp_path / "run"
-    code = launch.main(["--devices", "3", "--out", str(out), "--run-config", f"num-rounds=2 {TINY} protocol='u-shaped'"])
+    code = launch.main(["--devices", "3", "--out", str(out), "--run-config", f"federation.num-rounds=2 {TINY} federation.protocol='u-shaped'"])
     assert code == 0
     results = _results(out / "latest")
     assert results["status"] == "completed" and results["protocol"] == "u-shaped"
@@ -389,12 +389,12 @@ def test_u_shaped_simulation_keeps_labels_on_the_devices(tmp_path):
 
 
 def test_offsite_tuning_through_flower_trains_adapters_and_releases_no_representation(tmp_path):
-    """protocol='offsite' through flwr run on Ray: devices that admit it (allow-offsite) tune the
+    """federation.protocol='offsite' through flwr run on Ray: devices that admit it (allow-offsite) tune the
     emulator's adapters, the cloud averages them, the devices score the plugged-in full model; the
     run's summary reports the emulator and says no representation was released."""
     out = tmp_path / "run"
-    config = ("protocol='offsite' num-rounds=2 devices-per-round=2 min-devices=2 local-steps=2 batch-size=4 "
-              "max-examples=200 max-length=24 eval-examples=4 distill-steps=2")
+    config = ("federation.protocol='offsite' federation.num-rounds=2 federation.devices-per-round=2 federation.min-devices=2 offsite.local-steps=2 train.batch-size=4 "
+              "data.max-examples=200 model.max-length=24 federation.eval-examples=4 offsite.distill-steps=2")
     code = launch.main(["--devices", "3", "--out", str(out), "--device-policy", "allow-offsite=true", "--run-config", config])
     assert code == 0
     results = _results(out / "latest")
@@ -408,9 +408,9 @@ def test_offsite_tuning_through_flower_trains_adapters_and_releases_no_represent
 def test_generation_with_smollm2_end_to_end(tmp_path):
     out, home = tmp_path / "run", tmp_path / "device-home"
     env = dict(os.environ, PRIVTUNE_DEVICE_HOME=str(home))
-    config = ("model='smollm2' split-layer=2 task='generation' protocol='u-shaped' dataset='bbc_headlines' "
-              "max-examples=40 batch-size=2 batches-per-round=1 max-length=48 eval-examples=2 audit-tokens=0 "
-              "defense='dchi' epsilon=256.0 num-rounds=1 generate-samples=2 max-new-tokens=3 lora-rank=2")
+    config = ("model.name='smollm2' model.split-layer=2 data.task='generation' federation.protocol='u-shaped' data.name='bbc_headlines' "
+              "data.max-examples=40 train.batch-size=2 train.batches-per-round=1 model.max-length=48 federation.eval-examples=2 defense.audit-tokens=0 "
+              "defense.name='dchi' defense.epsilon=256.0 federation.num-rounds=1 generation.samples=2 generation.max-new-tokens=3 model.lora-rank=2")
     proc = subprocess.run([sys.executable, "-m", "privtune_flwr.launch", "--devices", "2", "--out", str(out),
                            "--device-policy", "max-epsilon=256", "--run-config", config],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -428,7 +428,7 @@ def test_generation_with_smollm2_end_to_end(tmp_path):
 def test_resume_after_the_server_is_killed_equals_an_uninterrupted_run(tmp_path):
     """SIGKILL the ServerApp mid-run, resume from its folder: every round equals the uninterrupted
     run's, and no completed round is lost (seeded, with reproducible noise the devices consent to)."""
-    config = TINY.replace("audit-tokens=64", "audit-tokens=0") + " num-rounds=3 reproducible-noise=true"
+    config = TINY.replace("defense.audit-tokens=64", "defense.audit-tokens=0") + " federation.num-rounds=3 defense.reproducible-noise=true"
     policy = "allow-reproducible-noise=true"
     whole = tmp_path / "whole"
     assert launch.main(["--devices", "3", "--out", str(whole), "--device-policy", policy, "--run-config", config]) == 0

@@ -119,10 +119,10 @@ def test_policy_keys_and_range_errors():
     assert policy.fit_epsilon == 2.0 and policy.max_map_inversion == 0.2 and DevicePolicy().max_map_inversion == 0.13
     with pytest.raises(ValueError, match=r"fit-delta=1.5 is outside the accepted range \(0, 1\)"):
         DevicePolicy.from_mapping({"fit-delta": 1.5})
-    with pytest.raises(ValueError, match=r"subspace-fit-scope='world'.*'federation' or 'device'"):
-        RunConfig.from_flower({"subspace-fit-scope": "world"})
-    with pytest.raises(ValueError, match=r"subspace-fit-clip=0.0"):
-        RunConfig.from_flower({"subspace-fit-clip": 0.0})
+    with pytest.raises(ValueError, match=r"defense.label-subspace.fit-scope='world'.*'device' or 'federation'"):
+        RunConfig.from_flower({"defense.label-subspace.fit-scope": "world"})
+    with pytest.raises(ValueError, match=r"defense.label-subspace.fit-clip=0.0"):
+        RunConfig.from_flower({"defense.label-subspace.fit-clip": 0.0})
 
 
 # -- end to end: the strategy's fit phase with real ClientApps (MiniLM, split 1, tiny shares) ------
@@ -343,7 +343,7 @@ def test_the_run_summary_states_what_the_fit_phase_told_the_cloud():
     fed = RunConfig(defense="label-subspace", subspace_fit_scope="federation")
     history = [{"round": 1, "map-contributions": 7.0}, {"round": 2}]
     summary = privacy_summary(fed, history)
-    assert summary["fit-phase"].startswith("fit phase (subspace-fit-scope='federation')")
+    assert summary["fit-phase"].startswith("fit phase (defense.label-subspace.fit-scope='federation')")
     assert "-DP per sentence" in summary["fit-phase"] and summary["fit-phase-contributions"] == 7.0
     assert "fit-phase" not in privacy_summary(RunConfig(defense="label-subspace"), history)
 

@@ -84,34 +84,34 @@ def test_max_norm_equalises_expected_norms_and_marvell_hides_the_direction():
 
 
 def test_ranges_are_checked_in_the_run_config():
-    with pytest.raises(ValueError, match="label-protection='dp' is outside the accepted range"):
+    with pytest.raises(ValueError, match="label-protection.method='dp' is outside the accepted range"):
         RunConfig(protocol="u-shaped", label_protection="dp")
-    with pytest.raises(ValueError, match="label-epsilon=0.0 is outside the accepted range"):
+    with pytest.raises(ValueError, match="label-protection.epsilon=0.0 is outside the accepted range"):
         RunConfig(protocol="u-shaped", label_protection="randomised-response", label_epsilon=0.0)
-    with pytest.raises(ValueError, match="label-noise=-1.0 is outside the accepted range"):
+    with pytest.raises(ValueError, match="label-protection.noise=-1.0 is outside the accepted range"):
         RunConfig(protocol="u-shaped", label_protection="marvell", label_noise=-1.0)
-    with pytest.raises(ValueError, match="'none' with protocol='vanilla'"):
+    with pytest.raises(ValueError, match="'none' with federation.protocol='vanilla'"):
         RunConfig(label_protection="max-norm")
-    with pytest.raises(ValueError, match="for task='generation'"):
+    with pytest.raises(ValueError, match="for data.task='generation'"):
         RunConfig(protocol="u-shaped", task="generation", defense="dchi", label_protection="randomised-response")
-    with pytest.raises(ValueError, match="label-noise=nan"):
-        RunConfig.from_flower({"protocol": "u-shaped", "label-noise": float("nan")})
+    with pytest.raises(ValueError, match="label-protection.noise=nan"):
+        RunConfig.from_flower({"federation.protocol": "u-shaped", "label-protection.noise": float("nan")})
 
 
 def test_the_device_floor_refuses_weaker_label_protection():
     u = dict(protocol="u-shaped", defense="dchi")
     policy = DevicePolicy.from_mapping({"min-label-protection": "marvell", "allowed-defenses": "*"})
-    with pytest.raises(PolicyError, match="refuses label-protection='none': its floor is min-label-protection='marvell'"):
+    with pytest.raises(PolicyError, match="refuses label-protection.method='none': its floor is min-label-protection='marvell'"):
         policy.check(RunConfig(**u))
-    with pytest.raises(PolicyError, match="refuses label-protection='max-norm'"):
+    with pytest.raises(PolicyError, match="refuses label-protection.method='max-norm'"):
         policy.check(RunConfig(**u, label_protection="max-norm"))
-    with pytest.raises(PolicyError, match="refuses label-noise=0.5 for marvell: its floor is min-label-noise=2"):
+    with pytest.raises(PolicyError, match="refuses label-protection.noise=0.5 for marvell: its floor is min-label-noise=2"):
         policy.check(RunConfig(**u, label_protection="marvell", label_noise=0.5))
     policy.check(RunConfig(**u, label_protection="marvell", label_noise=4.0))
     policy.check(RunConfig(**u, label_protection="randomised-response", label_epsilon=1.0))
-    with pytest.raises(PolicyError, match="refuses label-epsilon=4 for randomised-response: its floor is max-label-epsilon=1"):
+    with pytest.raises(PolicyError, match="refuses label-protection.epsilon=4 for randomised-response: its floor is max-label-epsilon=1"):
         policy.check(RunConfig(**u, label_protection="randomised-response", label_epsilon=4.0))
-    with pytest.raises(PolicyError, match="refuses protocol='vanilla'"):
+    with pytest.raises(PolicyError, match="refuses federation.protocol='vanilla'"):
         policy.check(RunConfig(defense="dchi"))
     with pytest.raises(ValueError, match="min-label-protection='some' is not accepted"):
         DevicePolicy.from_mapping({"min-label-protection": "some"})

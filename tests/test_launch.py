@@ -24,12 +24,12 @@ def no_processes(monkeypatch):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--run-config", "num-round=3"], "error: unknown key 'num-round'; did you mean 'num-rounds'?"),
-    (["--run-config", "defense='nonsense'"], "error: defense='nonsense' is outside the accepted range: none, dchi, gaussian, privtune"),
-    (["--run-config", "epsilon=0.0"], "error: epsilon=0.0 is outside the accepted range: (0, inf)"),
+    (["--run-config", "num-round=3"], "error: unknown key 'num-round'; did you mean 'federation.num-rounds'?"),
+    (["--run-config", "defense.name='nonsense'"], "error: defense.name='nonsense' is outside the accepted range: none, dchi, gaussian, privtune"),
+    (["--run-config", "defense.epsilon=0.0"], "error: defense.epsilon=0.0 is outside the accepted range: (0, inf)"),
     (["--run-config", "num-rounds=="], "error: --run-config 'num-rounds==' is not a list of key=value pairs"),
-    (["--devices", "3", "--run-config", "min-devices=4"], "error: min-devices=4 is outside the accepted range for --devices 3: 1..3"),
-    (["--devices", "3", "--run-config", "devices-per-round=5"], "error: devices-per-round=5 is outside the accepted range for --devices 3: 1..3"),
+    (["--devices", "3", "--run-config", "federation.min-devices=4"], "error: federation.min-devices=4 is outside the accepted range for --devices 3: 1..3"),
+    (["--devices", "3", "--run-config", "federation.devices-per-round=5"], "error: federation.devices-per-round=5 is outside the accepted range for --devices 3: 1..3"),
     (["--device-policy", "allow-reproducible-noise"], "error: --device-policy 'allow-reproducible-noise' is not a list of key=value pairs"),
 ])
 def test_bad_input_is_refused_before_anything_starts(no_processes, capsys, args, message):
@@ -43,11 +43,11 @@ def test_a_mistyped_key_is_refused_within_five_seconds():
                           capture_output=True, text=True, timeout=60)
     seconds = time.perf_counter() - t0
     assert done.returncode == 2
-    assert done.stderr.strip() == "error: unknown key 'num-round'; did you mean 'num-rounds'?"
+    assert done.stderr.strip() == "error: unknown key 'num-round'; did you mean 'federation.num-rounds'?"
     assert seconds < 5.0
 
 
-@pytest.mark.parametrize("text", ["num-rounds=2 defense='none' epsilon=1e-3", 'model="a b" seed=3 flag=true', ""])
+@pytest.mark.parametrize("text", ["federation.num-rounds=2 defense.name='none' defense.epsilon=1e-3", 'model.name="a b" run.seed=3 flag=true', ""])
 def test_pairs_parse_as_flower_parses_them(text):
     from flwr.common.config import parse_config_args
 
@@ -58,13 +58,13 @@ def test_launcher_defaults_keep_min_devices_below_the_device_count(monkeypatch):
     seen = {}
     monkeypatch.setattr(launch, "launch", lambda devices, actors, run_config, **kw: seen.update(config=run_config) or 0)
     assert launch.main(["--devices", "10"]) == 0
-    assert "devices-per-round=5" in seen["config"] and "min-devices=5" in seen["config"]
+    assert "federation.devices-per-round=5" in seen["config"] and "federation.min-devices=5" in seen["config"]
     assert launch.main(["--devices", "3"]) == 0
-    assert "devices-per-round=3" in seen["config"] and "min-devices=2" in seen["config"]
+    assert "federation.devices-per-round=3" in seen["config"] and "federation.min-devices=2" in seen["config"]
     assert launch.main(["--devices", "1"]) == 0
-    assert "devices-per-round=1" in seen["config"] and "min-devices=1" in seen["config"]
-    assert launch.main(["--devices", "4", "--run-config", "min-devices=4"]) == 0
-    assert "min-devices=4" in seen["config"]
+    assert "federation.devices-per-round=1" in seen["config"] and "federation.min-devices=1" in seen["config"]
+    assert launch.main(["--devices", "4", "--run-config", "federation.min-devices=4"]) == 0
+    assert "federation.min-devices=4" in seen["config"]
 
 
 def _state(pid: int) -> str | None:
@@ -177,11 +177,11 @@ def test_device_policy_reaches_simulated_devices_and_supernodes(monkeypatch, tmp
 # -- what can be known before start (issue 29) ---------------------------------------------------
 
 @pytest.mark.parametrize("config,message", [
-    ("dataset='nope'", "error: dataset='nope' is not a bundled dataset or a local file, and Hugging Face ids need network; "
+    ("data.name='nope'", "error: data.name='nope' is not a bundled dataset or a local file, and Hugging Face ids need network; "
                        f"accepted: the bundled datasets {', '.join(launch.offline_datasets())}; a local .csv/.json/.jsonl file"),
-    ("split-layer=99", "error: split-layer=99 is outside the accepted range for model='minilm': 0..6 (its config has 6 blocks)"),
-    ("model='roberta-base'", "error: model='roberta-base' cannot be resolved offline"),
-    ("defense='none'", "error: this device refuses defense='none': its floor allows dchi, gaussian, privtune, privtune-noimp, "
+    ("model.split-layer=99", "error: model.split-layer=99 is outside the accepted range for model.name='minilm': 0..6 (its config has 6 blocks)"),
+    ("model.name='roberta-base'", "error: model.name='roberta-base' cannot be resolved offline"),
+    ("defense.name='none'", "error: this device refuses defense.name='none': its floor allows dchi, gaussian, privtune, privtune-noimp, "
                        "privtune-nomean, privtune-random-target, privtune-sampled-target, label-subspace, label-obfuscator"),
 ])
 def test_values_known_before_start_are_refused_in_under_two_seconds(config, message):
@@ -196,14 +196,14 @@ def test_values_known_before_start_are_refused_in_under_two_seconds(config, mess
 
 
 def test_every_problem_of_one_configuration_is_reported_at_once(no_processes, capsys):
-    config = ("num-round=3 epsilon=-1.0 dataset='nope' split-layer=99 max-length=512 release='fresh' "
-              "batches-per-round=100")
+    config = ("num-round=3 defense.epsilon=-1.0 data.name='nope' model.split-layer=99 model.max-length=512 defense.release='fresh' "
+              "train.batches-per-round=100")
     assert launch.main(["--devices", "0", "--run-config", config]) == 2
     lines = capsys.readouterr().err.splitlines()
     assert all(line.startswith("error: ") for line in lines)
     for start in ("error: --devices=0 is outside the accepted range: >= 1", "error: unknown key 'num-round'",
-                  "error: epsilon=-1.0 is outside", "error: dataset='nope'", "error: split-layer=99 is outside",
-                  "error: this device refuses max-length=512", "error: this device refuses release='fresh'",
+                  "error: defense.epsilon=-1.0 is outside", "error: data.name='nope'", "error: model.split-layer=99 is outside",
+                  "error: this device refuses model.max-length=512", "error: this device refuses defense.release='fresh'",
                   "error: this device refuses num-batches=100"):
         assert sum(line.startswith(start) for line in lines) == 1, (start, lines)
 
@@ -212,21 +212,21 @@ def test_the_device_policy_given_is_the_one_checked(no_processes, monkeypatch, c
     seen = {}
     monkeypatch.setattr(launch, "launch", lambda devices, actors, run_config, **kw: seen.update(kw) or 0)
     monkeypatch.delenv("PRIVTUNE_DEVICE_POLICY", raising=False)
-    assert launch.main(["--devices", "3", "--run-config", "defense='none'", "--device-policy", "allowed-defenses='*'"]) == 0
-    assert launch.main(["--devices", "3", "--run-config", "epsilon=100.0", "--device-policy", "max-epsilon=128"]) == 0
-    assert launch.main(["--devices", "3", "--run-config", "epsilon=100.0"]) == 2
-    assert "this device refuses epsilon=100.0: its floor is max-epsilon=64.0" in capsys.readouterr().err
+    assert launch.main(["--devices", "3", "--run-config", "defense.name='none'", "--device-policy", "allowed-defenses='*'"]) == 0
+    assert launch.main(["--devices", "3", "--run-config", "defense.epsilon=100.0", "--device-policy", "max-epsilon=128"]) == 0
+    assert launch.main(["--devices", "3", "--run-config", "defense.epsilon=100.0"]) == 2
+    assert "this device refuses defense.epsilon=100.0: its floor is max-epsilon=64.0" in capsys.readouterr().err
 
 
 def test_collect_errors_gives_every_problem_and_keeps_the_rest():
     from privtune_flwr.config import RunConfig, collect_errors
 
-    cfg, errors = collect_errors({"num-round": 3, "seed": "x", "max-length": 2, "epsilon": -1.0, "num-rounds": 2})
-    assert errors == ["unknown key 'num-round'; did you mean 'num-rounds'?", "seed='x' is not a valid int",
-                      "max-length=2 is outside the accepted range: 8..4096", "epsilon=-1.0 is outside the accepted range: (0, inf)"]
+    cfg, errors = collect_errors({"federation.num-round": 3, "run.seed": "x", "model.max-length": 2, "defense.epsilon": -1.0, "federation.num-rounds": 2})
+    assert errors == ["unknown key 'federation.num-round'; did you mean 'federation.num-rounds'?", "run.seed='x' is not a valid int",
+                      "model.max-length=2 is outside the accepted range: 8..4096", "defense.epsilon=-1.0 is outside the accepted range: (0, inf)"]
     assert cfg.num_rounds == 2 and cfg.seed == 0
     assert collect_errors(RunConfig().to_flower())[1] == []
-    with pytest.raises(ValueError, match="max-length=2"):  # outside collect_errors, the first problem raises, as before
+    with pytest.raises(ValueError, match="model.max-length=2"):  # outside collect_errors, the first problem raises, as before
         RunConfig(max_length=2)
 
 
@@ -235,7 +235,7 @@ def test_split_layer_is_checked_against_the_depth_in_a_local_models_config(tmp_p
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "roberta", "num_hidden_layers": 2}))
     cfg = preflight.RunConfig(model=str(tmp_path), split_layer=3)
-    assert preflight.model_errors(cfg) == [f"split-layer=3 is outside the accepted range for model={str(tmp_path)!r}: 0..2 "
+    assert preflight.model_errors(cfg) == [f"model.split-layer=3 is outside the accepted range for model.name={str(tmp_path)!r}: 0..2 "
                                         "(its config has 2 blocks)"]
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
     assert "accepted families (model_type): bert, roberta, xlm-roberta, llama, mistral, qwen2" in preflight.model_errors(cfg)[0]
@@ -249,7 +249,7 @@ def test_split_layer_is_checked_against_the_depth_in_a_local_models_config(tmp_p
 
 def test_the_checks_before_start_import_neither_torch_nor_datasets():
     code = ("import sys; from privtune_flwr import launch; "
-            "launch.main(['--run-config', \"protocol='u-shaped' label-protection='marvell' dataset='nope'\"]); "
+            "launch.main(['--run-config', \"federation.protocol='u-shaped' label-protection.method='marvell' data.name='nope'\"]); "
             "print(sorted(m for m in ('torch', 'datasets', 'pandas', 'transformers', 'flwr') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "[]", done.stdout + done.stderr
@@ -258,19 +258,17 @@ def test_the_checks_before_start_import_neither_torch_nor_datasets():
 def test_the_serverapp_refuses_at_start_what_the_launcher_refuses():
     from strategies.server_app import check_before_start
 
-    bad = {**launch.app_defaults(), "split-layer": 99, "defense": "none", "dataset": "nope"}
+    bad = {**launch.app_defaults(), "model.split-layer": 99, "defense.name": "none", "data.name": "nope"}
     with pytest.raises(ValueError) as simulated:
         check_before_start(bad, simulated=True)
-    assert str(simulated.value).startswith("3 problems in the run config: dataset='nope'")
+    assert str(simulated.value).startswith("3 problems in the run config: data.name='nope'")
     with pytest.raises(ValueError) as deployed:  # a deployment's devices judge their own data and policy
         check_before_start(bad, simulated=False)
-    assert str(deployed.value).startswith("1 problem in the run config: split-layer=99 is outside the accepted range")
+    assert str(deployed.value).startswith("1 problem in the run config: model.split-layer=99 is outside the accepted range")
     assert check_before_start(launch.app_defaults(), simulated=True).model == "minilm"
 
 
 def test_help_names_the_command_and_lists_every_key_with_its_default():
-    from dataclasses import fields
-
     from privtune_flwr.config import RunConfig
 
     done = subprocess.run([sys.executable, "-m", "privtune_flwr.launch", "--help"], cwd=ROOT, capture_output=True, text=True,
@@ -278,11 +276,11 @@ def test_help_names_the_command_and_lists_every_key_with_its_default():
     text = done.stdout
     assert done.returncode == 0 and text.startswith("usage: python -m privtune_flwr.launch ")
     assert "launch.py" not in text and "``" not in text and 'make run ARGS="' in text
-    for f in fields(RunConfig):
-        assert f"\n    {f.name.replace('_', '-')} = " in text, f.name
-    assert "    epsilon = 64.0  ((0, inf))" in text and "    max-length = 64  (8..4096)" in text
-    assert "  defence:\n    defense = 'label-subspace'" in text
-    assert "--run-config \"defense='none'\" --device-policy \"allowed-defenses='*'\"" in text
+    for key in RunConfig().to_flower():
+        assert f"\n    {key} = " in text, key
+    assert "    defense.epsilon = 64.0  ((0, inf))" in text and "    model.max-length = 64  (8..4096)" in text
+    assert "  defense.\n    defense.name = 'label-subspace'" in text
+    assert "--run-config \"defense.name='none'\" --device-policy \"allowed-defenses='*'\"" in text
 
 
 def test_key_files_live_in_a_folder_per_supernode(tmp_path, monkeypatch):

@@ -196,29 +196,29 @@ def test_the_cloud_cannot_weaken_a_defence_through_its_parameters():
     default.check(RunConfig(defense="privtune"))  # s-min 0.5: the default floor's own value
     default.check(RunConfig(defense="gaussian"))
     default.check(RunConfig(defense="label-subspace", subspace_rank=2))
-    with pytest.raises(PolicyError, match=r"s-min=0.01 .*per-token epsilon of 6400\): its floor is min-noise-scale=0.5"):
+    with pytest.raises(PolicyError, match=r"defense.privtune.s-min=0.01 .*per-token epsilon of 6400\): its floor is min-noise-scale=0.5"):
         default.check(RunConfig(defense="privtune", s_min=0.01))
     with pytest.raises(PolicyError, match="min-noise-scale"):
         default.check(RunConfig(defense="privtune-sampled-target", s_min=0.25))
     default.check(RunConfig(defense="privtune-noimp", s_min=0.01))  # no importance: s = 1 for every token
-    with pytest.raises(PolicyError, match="delta=0.5: its floor is max-delta=1e-05"):
+    with pytest.raises(PolicyError, match="defense.gaussian.delta=0.5: its floor is max-delta=1e-05"):
         default.check(RunConfig(defense="gaussian", delta=0.5))
     for name in ("label-subspace", "label-obfuscator"):
-        with pytest.raises(PolicyError, match=f"subspace-rank=384 for defense='{name}'.*max-subspace-rank=2"):
+        with pytest.raises(PolicyError, match=f"defense.label-subspace.rank=384 for defense.name='{name}'.*max-subspace-rank=2"):
             default.check(RunConfig(defense=name, subspace_rank=384))
     default.check(RunConfig(defense="dchi", subspace_rank=384))  # the rank means nothing to a noise defence
-    with pytest.raises(PolicyError, match="importance-levels=0.*allow-continuous-scales=true"):
+    with pytest.raises(PolicyError, match="defense.privtune.importance-levels=0.*allow-continuous-scales=true"):
         default.check(RunConfig(defense="privtune", importance_levels=0))
-    with pytest.raises(PolicyError, match="radius-scale=4.*max-radius-scale=1"):
+    with pytest.raises(PolicyError, match="defense.privtune.radius-scale=4.*max-radius-scale=1"):
         default.check(RunConfig(defense="privtune", radius_scale=4.0))
     default.check(RunConfig(defense="privtune-nomean", radius_scale=4.0))  # no mean shift, so no radius
     default.check(RunConfig(defense="dchi", radius_scale=4.0, importance_levels=0))  # neither means anything to d_chi
-    with pytest.raises(PolicyError, match="split-layer=0 for defense='label-subspace'.*min-split-layer=1"):
+    with pytest.raises(PolicyError, match="model.split-layer=0 for defense.name='label-subspace'.*min-split-layer=1"):
         default.check(RunConfig(defense="label-subspace", split_layer=0))
     default.check(RunConfig(defense="label-subspace", split_layer=1))
     DevicePolicy.from_sources({"allowed-defenses": "*"}, env={}).check(RunConfig(defense="none", split_layer=0))
     DevicePolicy.from_sources({"min-split-layer": 0}, env={}).check(RunConfig(defense="dchi", split_layer=0))
-    with pytest.raises(PolicyError, match="split-layer=2 .*min-split-layer=3"):
+    with pytest.raises(PolicyError, match="model.split-layer=2 .*min-split-layer=3"):
         DevicePolicy.from_sources({"min-split-layer": 3}, env={}).check(RunConfig(defense="dchi", split_layer=2))
     # the device, not the run config, raises its own floor
     loose = DevicePolicy.from_sources({"max-subspace-rank": 4, "min-noise-scale": 0.01, "max-delta": 0.5}, env={})
@@ -441,9 +441,9 @@ def test_device_policy_floor_and_its_sources():
     cfg = RunConfig()
     default = DevicePolicy.from_sources({}, env={})
     default.check(cfg)  # the default job (privtune at eps 64) passes the default floor
-    with pytest.raises(PolicyError, match="defense='none'.*allowed-defenses"):
+    with pytest.raises(PolicyError, match="defense.name='none'.*allowed-defenses"):
         default.check(RunConfig(defense="none"))
-    with pytest.raises(PolicyError, match="epsilon=128.*max-epsilon=64"):
+    with pytest.raises(PolicyError, match="defense.epsilon=128.*max-epsilon=64"):
         default.check(RunConfig(epsilon=128.0))
     with pytest.raises(PolicyError, match="data-dir"):
         default.check(RunConfig(dataset="/etc/passwd.csv"))

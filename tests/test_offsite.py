@@ -57,10 +57,10 @@ def test_importance_selection_keeps_the_highest_scores_in_model_order():
 
 
 @pytest.mark.parametrize("layers,adapters,drop,needle", [
-    (6, 1, 0.9, "emulator-drop=0.9 is outside the accepted range: a drop that keeps a middle block: this one drops all 4 middle blocks"),
-    (6, 1, 0.1, "emulator-drop=0.1 is outside the accepted range: a drop that removes a middle block: this one drops none"),
-    (6, 3, 0.5, "offsite-adapter-layers=3 is outside the accepted range: 1..2 for a model of 6 blocks"),
-    (6, 0, 0.5, "offsite-adapter-layers=0 is outside the accepted range: 1..2"),
+    (6, 1, 0.9, "offsite.emulator-drop=0.9 is outside the accepted range: a drop that keeps a middle block: this one drops all 4 middle blocks"),
+    (6, 1, 0.1, "offsite.emulator-drop=0.1 is outside the accepted range: a drop that removes a middle block: this one drops none"),
+    (6, 3, 0.5, "offsite.adapter-layers=3 is outside the accepted range: 1..2 for a model of 6 blocks"),
+    (6, 0, 0.5, "offsite.adapter-layers=0 is outside the accepted range: 1..2"),
 ])
 def test_emulators_that_drop_every_block_or_none_are_refused(layers, adapters, drop, needle):
     with pytest.raises(ValueError) as err:
@@ -69,27 +69,27 @@ def test_emulators_that_drop_every_block_or_none_are_refused(layers, adapters, d
 
 
 @pytest.mark.parametrize("key,value,needle", [
-    ("emulator-drop", 0.95, "emulator-drop=0.95 is outside the accepted range: a drop that keeps a middle block"),
-    ("emulator-drop", 0.05, "emulator-drop=0.05 is outside the accepted range: a drop that removes a middle block"),
-    ("emulator-drop", 1.0, "emulator-drop=1.0 is outside the accepted range: (0, 1)"),
-    ("offsite-adapter-layers", 3, "offsite-adapter-layers=3 is outside the accepted range: 1..2 for a model of 6 blocks"),
-    ("offsite-adapter-layers", 0, "offsite-adapter-layers=0 is outside the accepted range: an integer >= 1"),
-    ("offsite-method", "fedprox", "offsite-method='fedprox' is outside the accepted range: 'fedbiot' or 'scaleot'"),
-    ("svd-rank-fraction", 0.0, "svd-rank-fraction=0.0 is outside the accepted range: (0, 1]"),
-    ("local-steps", 0, "local-steps=0 is outside the accepted range: 1..4096"),
-    ("distill-steps", -1, "distill-steps=-1 is outside the accepted range: 0..100000"),
-    ("lora-rank", 0, "lora-rank=0 is outside the accepted range: >= 1 with protocol='offsite'"),
+    ("offsite.emulator-drop", 0.95, "offsite.emulator-drop=0.95 is outside the accepted range: a drop that keeps a middle block"),
+    ("offsite.emulator-drop", 0.05, "offsite.emulator-drop=0.05 is outside the accepted range: a drop that removes a middle block"),
+    ("offsite.emulator-drop", 1.0, "offsite.emulator-drop=1.0 is outside the accepted range: (0, 1)"),
+    ("offsite.adapter-layers", 3, "offsite.adapter-layers=3 is outside the accepted range: 1..2 for a model of 6 blocks"),
+    ("offsite.adapter-layers", 0, "offsite.adapter-layers=0 is outside the accepted range: an integer >= 1"),
+    ("offsite.method", "fedprox", "offsite.method='fedprox' is outside the accepted range: 'fedbiot' or 'scaleot'"),
+    ("offsite.svd-rank-fraction", 0.0, "offsite.svd-rank-fraction=0.0 is outside the accepted range: (0, 1]"),
+    ("offsite.local-steps", 0, "offsite.local-steps=0 is outside the accepted range: 1..4096"),
+    ("offsite.distill-steps", -1, "offsite.distill-steps=-1 is outside the accepted range: 0..100000"),
+    ("model.lora-rank", 0, "model.lora-rank=0 is outside the accepted range: >= 1 with federation.protocol='offsite'"),
 ])
 def test_bad_offsite_configs_name_the_value_and_range(key, value, needle):
     with pytest.raises(ValueError) as err:
-        RunConfig.from_flower({"protocol": "offsite", key: value})
+        RunConfig.from_flower({"federation.protocol": "offsite", key: value})
     assert needle in str(err.value)
     assert OFFSITE_METHODS == offsite.METHODS
-    RunConfig.from_flower({"protocol": "offsite", "model": "smollm2", "emulator-drop": 0.9})  # 26 middle blocks: keeps 3
+    RunConfig.from_flower({"federation.protocol": "offsite", "model.name": "smollm2", "offsite.emulator-drop": 0.9})  # 26 middle blocks: keeps 3
 
 
 def test_a_bad_emulator_of_another_model_is_refused_when_built(minilm_tokenizer):
-    with pytest.raises(ValueError, match="emulator-drop=0.9 is outside the accepted range: a drop that keeps a middle block"):
+    with pytest.raises(ValueError, match="offsite.emulator-drop=0.9 is outside the accepted range: a drop that keeps a middle block"):
         _tiny(minilm_tokenizer, drop=0.9)
 
 
@@ -267,7 +267,7 @@ def test_bad_replies_are_rejected_and_never_reach_the_adapters(minilm_tokenizer)
     strategy = OffsiteStrategy(OffsiteCloud(cfg, off), cfg)
     assert not strategy.train_round(_ScriptedGrid({4: with_nan, 5: float64}), 1, [4, 5])
     assert all(torch.equal(strategy.cloud.adapters[k], start[k]) for k in start) and strategy.cloud.steps == 0
-    with pytest.raises(Exception, match="local-steps=9"):
+    with pytest.raises(Exception, match="offsite.local-steps=9"):
         parse_train_reply(_reply(good, 10, steps=9), cloud.spec, local_steps=2)
 
 
@@ -300,7 +300,7 @@ def test_offsite_rounds_through_the_clientapp_train_and_measure_accuracy(tmp_pat
     first = RecordDict({offsite.CONFIG: ConfigRecord({"server-round": 1, "num-batches": 1}),
                         offsite.ADAPTERS: offsite.adapters_record(start)})
     refused = grid.send_and_receive([Message(content=first, message_type=MessageType.TRAIN, dst_node_id=1)])[0]
-    assert refused.has_error() and "refuses protocol='offsite'" in refused.error.reason
+    assert refused.has_error() and "refuses federation.protocol='offsite'" in refused.error.reason
     assert "allow-offsite=true" in refused.error.reason
     for context in grid.contexts.values():
         context.node_config["allow-offsite"] = True

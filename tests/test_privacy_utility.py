@@ -406,3 +406,27 @@ def test_frontier_figure_takes_an_earlier_figures_rows_back_per_label_and_pools_
         ff.main(["--out", str(tmp_path / "x"), f"{table}=split 9"])
     with pytest.raises(ValueError, match="is not a file"):
         ff.main(["--out", str(tmp_path / "x"), str(tmp_path / "missing.csv")])
+
+
+def test_the_sweep_starts_from_the_apps_defaults_and_its_stored_points_keep_their_fingerprints():
+    """The sweep keeps no defaults of its own for what RunConfig holds: each mirrored setting is the
+    app's default unless SWEEP_OVERRIDES names it. The fingerprints were computed at 04918e1, before
+    the settings were derived from RunConfig, so points stored then are still found."""
+    from dataclasses import fields
+
+    from privtune_flwr.config import RunConfig
+
+    mirrored = {f.name for f in fields(pu.SweepSettings)} & {f.name for f in fields(RunConfig)}
+    assert mirrored >= {"model", "split_layer", "subspace_rank", "subspace_fit", "lora_targets", "batch_size", "max_length",
+                        "learning_rate", "max_new_tokens"}
+    for name in mirrored:
+        expected = pu.SWEEP_OVERRIDES.get(name, getattr(RunConfig(), name))
+        assert getattr(pu.SweepSettings(), name) == expected, name
+    assert set(pu.SWEEP_OVERRIDES) <= mirrored
+    pinned = {("quick", "rotten_tomatoes"): "f9a81c42161375e8", ("quick", "bbc_headlines"): "88cde7a24bccdea4",
+              ("quick", "political_debates"): "c66bc40f7faf55a6", ("full", "rotten_tomatoes"): "d51f80967c372f0b",
+              ("full", "bbc_headlines"): "da68d939203edb1e", ("full", "political_debates"): "0a3686daaa100ba0"}
+    for (which, dataset), digest in pinned.items():
+        settings = pu.quick_settings() if which == "quick" else pu.full_settings()
+        assert settings.fingerprint(dataset, 0) == digest, (which, dataset)
+    assert pu.SweepSettings(**pu.HEADLINE_COMMON).fingerprint("rotten_tomatoes", 0) == "d0c94cb6856db767"

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIG = ("num-rounds=1 max-examples=200 batch-size=2 batches-per-round=1 max-length=24 eval-examples=2 "
-          "audit-tokens=0 defense='dchi' epsilon=50.0 split-layer=1 devices-per-round=4 min-devices=4")
+CONFIG = ("federation.num-rounds=1 data.max-examples=200 train.batch-size=2 train.batches-per-round=1 model.max-length=24 federation.eval-examples=2 "
+          "defense.audit-tokens=0 defense.name='dchi' defense.epsilon=50.0 model.split-layer=1 federation.devices-per-round=4 federation.min-devices=4")
 
 ACTORS = """
 import json, sys, ray
@@ -109,6 +109,6 @@ def test_an_unreachable_ray_address_is_refused_before_anything_starts(tmp_path):
         port = s.getsockname()[1]
     env = dict(os.environ, RAY_ADDRESS=f"127.0.0.1:{port}")
     proc = subprocess.run([sys.executable, "-m", "privtune_flwr.launch", "--devices", "2", "--out", str(tmp_path / "run"),
-                           "--run-config", "num-rounds=1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+                           "--run-config", "federation.num-rounds=1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert f"RAY_ADDRESS=127.0.0.1:{port}" in proc.stderr and "no Ray cluster answers" in proc.stderr

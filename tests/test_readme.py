@@ -56,7 +56,7 @@ def test_requires_python_matches_the_dependencies():
 def test_the_deployment_recipe_states_its_small_job_and_its_wall_time():
     script = recipe("deployment")
     run = next(line for line in commands(script) if line.startswith("flwr run "))
-    assert "num-rounds=1" in run and "max-examples=" in run and "output-dir='$OUT'" in run
+    assert "federation.num-rounds=1" in run and "data.max-examples=" in run and "run.output-dir='$OUT'" in run
     # step 6 stops each job with its descendants (SuperExecs, flwr-serverapp, ClientApps), by pid
     assert "pids=$(tree $(jobs -p" in script and "kill -9 $pids" in script and "pkill" not in script and "killall" not in script
 

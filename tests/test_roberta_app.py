@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = ("split-layer=1 num-labels=2 num-rounds=1 max-examples=300 batch-size=4 batches-per-round=2 max-length=24 "
-         "eval-examples=10 audit-tokens=64 lora-rank=2")
+SMALL = ("model.split-layer=1 model.num-labels=2 federation.num-rounds=1 data.max-examples=300 train.batch-size=4 train.batches-per-round=2 model.max-length=24 "
+         "federation.eval-examples=10 defense.audit-tokens=64 model.lora-rank=2")
 
 pytestmark = pytest.mark.e2e
 
@@ -31,11 +31,11 @@ def _results(folder: Path) -> dict:
 
 
 def test_the_app_fine_tunes_a_roberta_folder_behind_the_default_label_subspace(roberta_words_folder, tmp_path):
-    config = f"model='{roberta_words_folder}' {SMALL}"
+    config = f"model.name='{roberta_words_folder}' {SMALL}"
     # the device's floor refuses a local folder it has not listed, before anything starts
     refused = _launch(tmp_path / "refused", tmp_path / "home", "--run-config", config)
     assert refused.returncode != 0
-    assert f"this device refuses model='{roberta_words_folder}'" in refused.stdout + refused.stderr
+    assert f"this device refuses model.name='{roberta_words_folder}'" in refused.stdout + refused.stderr
     assert not (tmp_path / "refused" / "latest").exists()
 
     out = tmp_path / "run"
@@ -43,7 +43,7 @@ def test_the_app_fine_tunes_a_roberta_folder_behind_the_default_label_subspace(r
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = _results(out / "latest")
     assert results["status"] == "completed" and results["failed-rounds"] == []
-    assert results["config"]["model"] == roberta_words_folder and results["config"]["defense"] == "label-subspace"
+    assert results["config"]["model.name"] == roberta_words_folder and results["config"]["defense.name"] == "label-subspace"
     [round1] = results["rounds"]
     assert round1["valid-replies"] == 2 and round1["num-examples"] == 2 * 2 * 4  # devices x batches x batch size
     assert 0.0 <= results["final"]["test-accuracy"] <= 1.0 and 0.0 <= results["final"]["test-macro-f1"] <= 1.0

@@ -63,7 +63,7 @@ def test_evaluation_samples_devices_and_the_last_round_asks_every_one(minilm_spl
     for s in (strategy(_cfg()), strategy(_cfg(eval_devices=3))):
         trains.append([(s.sample(nodes, r), s.evaluation_sample(nodes, r))[0] for r in (1, 2, 3)])
     assert trains[0] == trains[1]
-    with pytest.raises(ValueError, match="eval-devices=-1"):
+    with pytest.raises(ValueError, match="federation.eval-devices=-1"):
         _cfg(eval_devices=-1)
 
 
@@ -109,9 +109,9 @@ def test_float16_transport_halves_the_bytes_and_rounds_only(minilm_split):
         schema.parse_release(wide, plan16)
     with pytest.raises(ValueError, match="exceeds float16's range"):
         schema.release_content(hidden * 1e5, mask, labels, metrics, transport="float16")
-    with pytest.raises(ValueError, match="transport-dtype='bf16'"):
+    with pytest.raises(ValueError, match="federation.transport-dtype='bf16'"):
         schema.release_content(hidden, mask, labels, metrics, transport="bf16")
-    with pytest.raises(ValueError, match="transport-dtype='bf16'"):
+    with pytest.raises(ValueError, match="federation.transport-dtype='bf16'"):
         _cfg(transport_dtype="bf16")
     assert np.dtype("float16").itemsize * 2 == np.dtype("float32").itemsize
 

@@ -122,7 +122,7 @@ def test_a_round_short_of_replies_is_retried_then_the_run_fails(minilm_split):
     cfg = _cfg(min_replies=3, devices_per_round=3, min_devices=3, round_retries=2)
     grid = Grid(cfg, 3, faulty_app(FaultPlan(fraction=1.0, kinds=("raise",))))
     strategy = _vanilla(cfg)
-    with pytest.raises(RoundFailed, match="round 1 had fewer than min-replies=3 usable replies in 3 attempts"):
+    with pytest.raises(RoundFailed, match="round 1 had fewer than federation.min-replies=3 usable replies in 3 attempts"):
         strategy.start(grid)
     assert grid.sent >= 3 * 3  # three attempts, each to every sampled device
     assert strategy.cloud.steps == 0
@@ -204,7 +204,7 @@ def test_a_device_asked_for_the_first_time_gets_the_setup_timeout(minilm_split):
     strategy.start(Recording(cfg, 3))
     assert [w[2] for w in waits] == [30.0, 30.0]
     for bad in (0.0, -1.0, float("inf"), float("nan")):
-        with pytest.raises(ValueError, match="setup-timeout"):
+        with pytest.raises(ValueError, match="federation.setup-timeout"):
             RunConfig(setup_timeout=bad)
 
 

@@ -205,9 +205,9 @@ def device_shares(cfg, pid: int, total: int) -> tuple[datasets.Dataset, datasets
     devices scores an iid sample."""
     ds = load_dataset(cfg.dataset, test_fraction=cfg.test_fraction, seed=cfg.seed, max_examples=cfg.max_examples or None)
     if ds.task != cfg.task:
-        raise ValueError(f"dataset={cfg.dataset!r} is a {ds.task} task; the run config says task={cfg.task!r}")
+        raise ValueError(f"data.name={cfg.dataset!r} is a {ds.task} task; the run config says data.task={cfg.task!r}")
     if cfg.task == "classification" and ds.num_labels != cfg.num_labels:
-        raise ValueError(f"dataset={cfg.dataset!r} has {ds.num_labels} labels; the run config says num-labels={cfg.num_labels}")
+        raise ValueError(f"data.name={cfg.dataset!r} has {ds.num_labels} labels; the run config says model.num-labels={cfg.num_labels}")
     train, test = ds.train, ds.test
     if cfg.task == "generation":
         def joined(rows):

@@ -138,7 +138,7 @@ def _build_partitioner(
             continue
         return dirichlet
     raise ValueError(
-        f"Dirichlet partitioning with alpha={alpha} leaves some of the {num_partitions} "
+        f"Dirichlet partitioning with data.dirichlet-alpha={alpha} leaves some of the {num_partitions} "
         f"partitions of {dataset.num_rows} rows empty in all {11 * len(attempts)} draws; use a "
         f"larger alpha (> {alpha}) or fewer partitions (< {num_partitions})"
     )

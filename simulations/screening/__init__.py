@@ -1,21 +1,15 @@
-"""Screening runs for the label-subspace defence (exploration, not the sweep).
+"""Screens: quick measurements on cached bottom outputs, each a named mode with a test
+(tests/test_screens.py). Every result they produced that the docs keep is in docs/results.md,
+with its command:
 
-Each script reads bottom outputs cached once by ``cache`` and prints one JSON line per setting;
-the README's screening table ("Against an attacker who adapts") came from these commands, on
-Rotten Tomatoes with the sweep's seed-0 samples (IMDB auxiliary text for EIA-2):
+    python -m simulations.screening cache 3                               # the split-3 bottom outputs, first
+    python -m simulations.screening basis 3 1,2,4,8 label,inverter,pca,random   # "Who chooses the basis"
+    python -m simulations.screening device-agreement 3 10 iid             # "Label maps in a federation"
+    python -m simulations.screening federated-map closed-form,reader 10 iid   # "Which map"
+    python -m simulations.screening top-recipe 1 3 query,value 1          # "The top's recipe" (screen rows)
+    python -m simulations.screening top-utility 0 none,label-subspace OUT # "The top's recipe" (three seeds)
 
-    python -m simulations.screening.cache 1                       # and 3: split after block 1 / 3
-    python -m simulations.screening.screen1 1,4,16 0 "" 1         # rank, adversarial weight, eps, split
-    python -m simulations.screening.screen1 1,2 0 "" 3
-    python -m simulations.screening.screen1 4,16 1,3 "" 1         # fitted against a token inverter (weights 1, 3)
-    python -m simulations.screening.screen3 4,2 0,1 1             # a non-linear per-token obfuscator: rank, weight, split
-    python -m simulations.screening.feature_size 3 1500           # the obfuscator's fitted feature size vs the projection's
-    python -m simulations.screening.screen_top 1 none 1000 1      # the LoRA top on rank-1 releases
-    python -m simulations.screening.screen2 1 1 0.03,0.06 400     # rank 1 plus the most label-informative tokens kept
-    python -m simulations.screening.conv_none 1e-3 16 4 0         # `none` to convergence (lr, batch, patience, decays)
-    python -m simulations.screening.screen4 3 1,2,4,8 label,inverter,pca,random  # who chooses the basis: split, ranks, bases
-
-The subspace here is fitted by ``screen_lib.fit_subspace`` (a small attention reader), the
-prototype of ``privtune_flwr.mechanism.subspace``; no noise is added to the projection
-(``eps`` empty). Numbers are validation accuracies and adaptive EIA-2 top-1 recovery, one seed.
+The screens of the label subspace at split 1 (adversarial fits, non-linear maps, kept tokens)
+were removed after 04918e1; their results are in docs/research-log.md with the commands that
+ran them at that commit.
 """

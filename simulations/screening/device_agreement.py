@@ -1,9 +1,9 @@
 """Devices fit their label maps apart: does the cloud's top see one input, or one per device?
 
-    python -m simulations.screening.device_agreement [SPLIT] [DEVICES] [PARTITIONER] [ALPHA] [TEST] [TRAIN] [VARIANT]
+    python -m simulations.screening device-agreement [SPLIT] [DEVICES] [PARTITIONER] [ALPHA] [TEST] [TRAIN] [VARIANT]
 
 On the cached Rotten Tomatoes sentences of split ``SPLIT`` (default 3; run
-``python -m simulations.screening.cache SPLIT`` first), the training sentences are shared out
+``python -m simulations.screening cache SPLIT`` first), the training sentences are shared out
 among ``DEVICES`` devices (default 10) by the app's own partitioner (``data.partition``:
 ``iid``, the default, or ``dirichlet`` with ``ALPHA``, default 0.5). For ``label-subspace`` and
 ``label-obfuscator`` (rank 2, as ``make run``), one map is fitted on all the training sentences
@@ -42,33 +42,26 @@ Flower app that device's replies fail with the same error): it is left out, name
 ``single_class_devices``, and its sentences are not in ``reader_many``'s training.
 
 Prints one JSON line per defence and writes them to
-``outputs/screening/device_agreement_s{SPLIT}_{DEVICES}{PARTITIONER}.json``. A screen (one seed,
+``device_agreement_s{SPLIT}_{DEVICES}{PARTITIONER}.json`` beside the cache (``outputs/screening``). A screen (one seed,
 one small reader), not the top at convergence.
 """
 import json
 import sys
 import time
-from pathlib import Path
 
 import datasets
 import torch
 from torch.nn import functional as F
 
-torch.set_num_threads(1)
+from privtune_flwr import data
+from privtune_flwr.defenses import build_defense
+from privtune_flwr.mechanism.obfuscator import fit_obfuscator
+from privtune_flwr.mechanism.subspace import _pad, _Reader, fit_subspace
+from privtune_flwr.models import load_split
+from simulations.screening.screen_lib import cache_path
 
-from privtune_flwr import data  # noqa: E402
-from privtune_flwr.defenses import build_defense  # noqa: E402
-from privtune_flwr.mechanism.obfuscator import fit_obfuscator  # noqa: E402
-from privtune_flwr.mechanism.subspace import _pad, _Reader, fit_subspace  # noqa: E402
-from privtune_flwr.models import load_split  # noqa: E402
-
-SPLIT = int(sys.argv[1]) if len(sys.argv) > 1 else 3
-DEVICES = int(sys.argv[2]) if len(sys.argv) > 2 else 10
-PARTITIONER = sys.argv[3] if len(sys.argv) > 3 else "iid"
-ALPHA = float(sys.argv[4]) if len(sys.argv) > 4 else 0.5
-TEST = int(sys.argv[5]) if len(sys.argv) > 5 else 500
-TRAIN = int(sys.argv[6]) if len(sys.argv) > 6 else 0
-VARIANT = sys.argv[7] if len(sys.argv) > 7 else ""
+# the arguments' defaults (main sets them from the command line)
+SPLIT, DEVICES, PARTITIONER, ALPHA, TEST, TRAIN, VARIANT = 3, 10, "iid", 0.5, 500, 0, ""
 RANK, EPSILON, SEED = 2, 64.0, 0
 
 
@@ -77,14 +70,15 @@ def closed_form_subspace(rows, ids, labels, *, rank, special_ids, seed=0, **_):
     return fit_subspace(rows, ids, labels, rank=rank, special_ids=special_ids, method="closed-form")
 
 
-FITS = {"label-subspace": (fit_subspace, "subspace"), "label-obfuscator": (fit_obfuscator, "obfuscator")}
-if VARIANT.startswith("steps"):
-    FITS = {"label-subspace": FITS["label-subspace"]}
-elif VARIANT in ("lda", "lda-pca"):
-    FITS = {"label-subspace": (closed_form_subspace, "subspace")}
-    RANK = 1 if VARIANT == "lda" else 2
-elif VARIANT:
-    raise SystemExit(f"VARIANT={VARIANT!r}: accepted: stepsN, lda, lda-pca")
+def fits_for(variant: str):
+    """The maps the screen fits for ``variant``, and their rank."""
+    if variant.startswith("steps") and variant[5:].isdigit():
+        return {"label-subspace": (fit_subspace, "subspace")}, 2
+    if variant in ("lda", "lda-pca"):
+        return {"label-subspace": (closed_form_subspace, "subspace")}, 1 if variant == "lda" else 2
+    if variant:
+        raise SystemExit(f"VARIANT={variant!r}: accepted: stepsN, lda, lda-pca")
+    return {"label-subspace": (fit_subspace, "subspace"), "label-obfuscator": (fit_obfuscator, "obfuscator")}, 2
 
 
 def release(defense, rows, ids):
@@ -113,8 +107,16 @@ def accuracy(reader: _Reader, x, mask, y) -> float:
         return float((reader(x, mask).argmax(-1) == y).float().mean())
 
 
-def main() -> None:
-    cache = torch.load(f"outputs/screening/cache_m{SPLIT}.pt")
+def main(argv) -> list[dict]:
+    """One JSON line per defence; returns the rows (also written beside the cache)."""
+    global SPLIT, DEVICES, PARTITIONER, ALPHA, TEST, TRAIN, VARIANT, RANK
+    kinds = (int, int, str, float, int, int, str)
+    values = [kind(a) for kind, a in zip(kinds, argv)]
+    SPLIT, DEVICES, PARTITIONER, ALPHA, TEST, TRAIN, VARIANT = values + [SPLIT, DEVICES, PARTITIONER, ALPHA, TEST, TRAIN,
+                                                                         VARIANT][len(values):]
+    fits, RANK = fits_for(VARIANT)
+    torch.set_num_threads(1)
+    cache = torch.load(cache_path(SPLIT))
     train, test = cache["train"], cache["test"]
     if TRAIN:
         train = {key: value[:TRAIN] for key, value in train.items()}
@@ -131,7 +133,7 @@ def main() -> None:
     max_len = max(len(r) for r in train["rows"] + t_rows)
     owner = torch.arange(len(t_rows)) % len(fitted_devices)  # an index into the fitted devices
     out_rows = []
-    for name, (fit, option) in FITS.items():
+    for name, (fit, option) in fits.items():
         t0 = time.time()
 
         def build(index):
@@ -207,10 +209,11 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         out_rows.append(row)
     tag = f"_{VARIANT}" if VARIANT else ""
-    path = Path(f"outputs/screening/device_agreement_s{SPLIT}_{DEVICES}{PARTITIONER}{tag}.json")
+    path = cache_path(SPLIT).parent / f"device_agreement_s{SPLIT}_{DEVICES}{PARTITIONER}{tag}.json"
     path.write_text(json.dumps(out_rows, indent=1))
     print("written", path)
+    return out_rows
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -1,9 +1,9 @@
 """The federation's label map, its fit phase run in one process with the product's own functions,
 then the map's utility and the adaptive inversion attacks on releases made with it.
 
-    python -m simulations.screening.federated_map VARIANT[,VARIANT...] [DEVICES] [PARTITIONER] [STEPS]
+    python -m simulations.screening federated-map VARIANT[,VARIANT...] [DEVICES] [PARTITIONER] [STEPS]
 
-after ``python -m simulations.screening.cache 3`` (the split-3 bottom outputs of Rotten Tomatoes).
+after ``python -m simulations.screening cache 3`` (the split-3 bottom outputs of Rotten Tomatoes).
 The 6,910 training sentences are shared out by the app's partitioner (``iid`` or ``dirichlet``,
 alpha 0.5) over DEVICES devices (default 10). Each device computes its clipped statistics with
 noise at the default floor (``federated_map.device_contribution``: OS entropy, fit-epsilon 64),
@@ -19,7 +19,7 @@ device, ``mean_change`` on the cloud) from the run config's defaults; device 0 d
 Then: the real top (LoRA above split 3) trained STEPS steps (default 800) on the released
 training sentences, scored on the released test sentences every 200; EIA-1 (KNN) and EIA-2 (MLP),
 adaptive (the aux sentences released the same way), on the victim sentences. One JSON line per
-variant on stdout and appended to ``outputs/screening/federated_map.jsonl``.
+variant on stdout and appended to ``federated_map.jsonl`` beside the cache (``outputs/screening``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
 import datasets
 import torch
@@ -41,9 +40,9 @@ from privtune_flwr.federated_map import (aggregate, audit_map, derive_subspace, 
 from privtune_flwr.federated_reader import (ReaderPlan, frame_of, initial_weights, mean_change, private_steps,
                                             reader_shapes, split_budget, step_bound)
 from privtune_flwr.mechanism.subspace import _pad, fit_subspace
-from simulations.screening.screen_lib import released, top_utility
+from simulations.screening.screen_lib import cache_path, released, top_utility
 
-OUT = Path("outputs/screening/federated_map.jsonl")
+VARIANTS = ("closed-form", "reader", "reader-noiseless", "one-map")
 
 
 def shares(labels, devices: int, partitioner: str) -> list[list[int]]:
@@ -97,17 +96,22 @@ def release_all(defense, rows, ids):
     return out
 
 
-def main():
+def main(argv) -> list[dict]:
+    """One JSON line per variant; returns the rows."""
     from privtune_flwr.attacks import run_attack
-
-    variants = sys.argv[1].split(",")
-    devices = int(sys.argv[2]) if len(sys.argv) > 2 else 10
-    partitioner = sys.argv[3] if len(sys.argv) > 3 else "iid"
-    steps = int(sys.argv[4]) if len(sys.argv) > 4 else 800
-    torch.set_num_threads(1)
     from privtune_flwr.models import load_split
 
-    cache = torch.load("outputs/screening/cache_m3.pt")
+    variants = argv[0].split(",")
+    devices = int(argv[1]) if len(argv) > 1 else 10
+    partitioner = argv[2] if len(argv) > 2 else "iid"
+    steps = int(argv[3]) if len(argv) > 3 else 800
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        raise SystemExit(f"variant {bad[0]!r} is not accepted; accepted: {', '.join(VARIANTS)}")
+    torch.set_num_threads(1)
+    out_path = cache_path(3).parent / "federated_map.jsonl"
+    rows_out = []
+    cache = torch.load(cache_path(3))
     split = load_split("minilm", 3, "classification", 2, seed=0)
     train, test, victim, aux = cache["train"], cache["test"], cache["victim"], cache["aux"]
     parts = shares(train["labels"].tolist(), devices, partitioner)
@@ -119,10 +123,8 @@ def main():
         if variant == "one-map":
             subspace, info = fit_subspace(train["rows"], train["ids"], train["labels"], rank=2,
                                           special_ids=split.special_ids), {}
-        elif variant in ("closed-form", "reader", "reader-noiseless"):
-            subspace, info = federated_map(split, train, parts, cfg, policy)
         else:
-            raise SystemExit(f"variant {variant!r} is not accepted; accepted: closed-form, reader, reader-noiseless, one-map")
+            subspace, info = federated_map(split, train, parts, cfg, policy)
         fit_seconds = time.time() - t0
         defense = LabelSubspaceDefense(split, 64.0, subspace=subspace, subspace_rank=2)
         mine = parts[0]
@@ -130,7 +132,8 @@ def main():
                           [train["ids"][i] for i in mine], [int(train["labels"][i]) for i in mine],
                           special_ids=split.special_ids)
         history = top_utility(split, release_all(defense, train["rows"], train["ids"]), train["labels"],
-                              release_all(defense, test["rows"], test["ids"]), test["labels"], steps=steps)
+                              release_all(defense, test["rows"], test["ids"]), test["labels"], steps=steps,
+                              eval_every=min(200, steps))
         aux_r = released(release_all(defense, aux["rows"], aux["ids"]), aux["ids"])
         vic_r = released(release_all(defense, victim["rows"], victim["ids"]), victim["ids"])
         eia1 = run_attack("eia-knn", split, aux_r, vic_r)["asr"]
@@ -141,10 +144,11 @@ def main():
                "audit_label": audit.label, "eia1_adaptive": eia1, "eia2_adaptive": eia2,
                "seconds": round(time.time() - t0, 1)}
         print(json.dumps(row), flush=True)
-        OUT.parent.mkdir(parents=True, exist_ok=True)
-        with OUT.open("a") as f:
+        with out_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        rows_out.append(row)
+    return rows_out
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -1,10 +1,13 @@
 """Screening helpers on cached bottom outputs (exploration only)."""
-import math, time, torch
+import math, os, time
+from pathlib import Path
+
+import torch
 from torch import nn
 from torch.nn import functional as F
 from privtune_flwr.attacks import run_attack
 from privtune_flwr.attacks.base import Released
-from privtune_flwr.mechanism.subspace import closed_form_basis  # noqa: F401 - screen4's lda-pca basis
+from privtune_flwr.mechanism.subspace import closed_form_basis  # noqa: F401 - the basis screen's lda-pca
 
 def pad(rows, ids, labels=None, attrs=None):
     n = len(rows); T = max(len(r) for r in rows); d = rows[0].shape[-1]
@@ -32,36 +35,21 @@ class TinyReader(nn.Module):
         m = mask.unsqueeze(-1).float()
         return self.out((x * m).sum(1) / m.sum(1))
 
-class TokenAdversary:
-    """A token inverter (k features -> the ``vocab_cap`` most frequent regular tokens) trained beside
-    an obfuscator: ``step`` updates it on detached features, then returns its loss on the live ones
-    (for the obfuscator to maximise). ``mode="entropy"`` returns the entropy of its prediction
-    instead: bounded by log(vocab), so the obfuscator cannot win by pushing the loss without limit."""
-    def __init__(self, I, real, k, vocab_cap, mode="ce"):
-        self.mode = mode
-        ids, cnt = I[real].unique(return_counts=True)
-        keep = ids[cnt.argsort(descending=True)[:vocab_cap]]
-        self.local = torch.full((30522,), -1); self.local[keep] = torch.arange(len(keep))
-        self.net = nn.Sequential(nn.Linear(k, 256), nn.GELU(), nn.Linear(256, len(keep)))
-        self.opt = torch.optim.Adam(self.net.parameters(), lr=1e-3)
-    def step(self, features, token_ids):
-        tgt = self.local[token_ids]; ok = tgt >= 0
-        loss = F.cross_entropy(self.net(features[ok].detach()), tgt[ok])
-        self.opt.zero_grad(); loss.backward(); self.opt.step()
-        logits = self.net(features[ok])
-        if self.mode == "entropy":
-            p = logits.log_softmax(-1)
-            return -(p.exp() * p).sum(-1).mean()
-        return F.cross_entropy(logits, tgt[ok])
+def cache_path(m):
+    """Where ``cache m`` keeps the split-``m`` bottom outputs: ``outputs/screening``, or the folder
+    ``$PRIVTUNE_SCREEN_CACHE`` names (the tests' small caches)."""
+    return Path(os.environ.get("PRIVTUNE_SCREEN_CACHE", "outputs/screening")) / f"cache_m{m}.pt"
 
 def load_cache(m):
     """(split, train, val, victim, aux, special means) of the bottom outputs cached by ``cache m``."""
     from privtune_flwr.models import load_split
-    C = torch.load(f"outputs/screening/cache_m{m}.pt")
+    C = torch.load(cache_path(m))
     split = load_split("minilm", m, "classification", 2, seed=0)
     return split, C["train"], C["val"], C["victim"], C["aux"], special_means_of(C["train"]["rows"], C["train"]["ids"])
 
-def fit_subspace(train_rows, train_ids, labels, k, *, epochs=4, lr=3e-3, seed=0, adv=0.0, vocab_cap=2000):
+def fit_subspace(train_rows, train_ids, labels, k, *, epochs=4, lr=3e-3, seed=0):
+    """The prototype of label-subspace's reader fit: an orthonormal [d, k] basis trained with a small
+    reader of the projected tokens; returns (centre, basis, reader, scale)."""
     torch.manual_seed(seed)
     H, I, M = pad(train_rows, train_ids)
     real = M.bool() & ~torch.isin(I, torch.tensor(SPECIAL))
@@ -70,7 +58,6 @@ def fit_subspace(train_rows, train_ids, labels, k, *, epochs=4, lr=3e-3, seed=0,
     W = nn.Parameter(torch.randn(H.shape[-1], k) / math.sqrt(H.shape[-1]))
     reader = TinyReader(k, int(labels.max()) + 1)
     params = [W] + list(reader.parameters())
-    adversary = TokenAdversary(I, real, k, vocab_cap) if adv > 0 else None
     opt = torch.optim.Adam(params, lr=lr)
     n = len(H); g = torch.Generator().manual_seed(seed)
     for ep in range(epochs):
@@ -80,8 +67,6 @@ def fit_subspace(train_rows, train_ids, labels, k, *, epochs=4, lr=3e-3, seed=0,
             Q, _ = torch.linalg.qr(W)
             f = ((H[b] - c) @ Q) * real[b].unsqueeze(-1)
             loss = F.cross_entropy(reader(f / sd, M[b]), labels[b])
-            if adversary is not None:
-                loss = loss - adv * adversary.step(f[real[b]] / sd, I[b][real[b]])
             opt.zero_grad(); loss.backward(); opt.step()
     Q, _ = torch.linalg.qr(W.detach())
     return c, Q, reader, sd
@@ -125,9 +110,6 @@ def eia2(aux_rows, aux_ids, vic_rows, vic_ids, split, hidden=1024, epochs=3, voc
     return run_attack("eia-mlp", split, released(aux_rows, aux_ids), released(vic_rows, vic_ids),
                       hidden=hidden, epochs=epochs, vocab_cap=vocab_cap)
 
-def eia3(aux_rows, aux_ids, vic_rows, vic_ids, split):
-    return run_attack("eia-context", split, released(aux_rows, aux_ids), released(vic_rows, vic_ids), width=128, epochs=4)
-
 def top_utility(split, train_rows, train_labels, val_rows, val_labels, steps=600, bs=16, lr=1e-3, seed=0, eval_every=200):
     from privtune_flwr.cloud import CloudSide
     from simulations.training import bucketed_batches
@@ -152,74 +134,4 @@ def top_utility(split, train_rows, train_labels, val_rows, val_labels, steps=600
             if step >= steps: break
     split.load_trainable_state(init)
     return hist
-
-def keep_vocab(train_ids, labels, share, alpha=0.0):
-    """[V] bool: tokens whose label-entropy importance is in the top `share` of training occurrences."""
-    from privtune_flwr.mechanism.importance import Importance
-    imp = Importance([t.tolist() for t in train_ids], labels.tolist(), "classification", vocab_size=30522,
-                     special_ids=torch.tensor(SPECIAL), alpha=alpha).values
-    occ = torch.cat(train_ids); occ = occ[~torch.isin(occ, torch.tensor(SPECIAL))]
-    thr = torch.quantile(imp[occ], 1 - share)
-    kept = imp >= thr
-    kept[torch.tensor(SPECIAL)] = False
-    return kept, float(kept[occ].float().mean())
-
-def project_rows_keep(rows, ids, c, Q, kept, eps=None, special_means=None, seed=0):
-    out = project_rows(rows, ids, c, Q, eps, special_means, seed)
-    for r, t, o in zip(rows, ids, out):
-        k = kept[t]
-        o[k] = r[k]
-    return out
-
-class TokenObfuscator(nn.Module):
-    """A non-linear per-token map d -> k (the device-side obfuscator screened in ``screen3``)."""
-    def __init__(self, d, k, hidden=256):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, k))
-    def forward(self, x):
-        return self.net(x)
-
-def fit_obfuscator(train_rows, train_ids, labels, k, *, hidden=256, epochs=4, lr=1e-3, seed=0, adv=0.0, vocab_cap=2000,
-                   adv_mode="ce"):
-    """Train a TokenObfuscator with a TinyReader on the label; with ``adv`` > 0 also against a token
-    inverter trained alongside (its loss subtracted with weight ``adv``). Returns (c, sd, obf, reader)."""
-    torch.manual_seed(seed)
-    H, I, M = pad(train_rows, train_ids)
-    real = M.bool() & ~torch.isin(I, torch.tensor(SPECIAL))
-    c = H[real].mean(0); sd = H[real].std(0).mean()
-    obf = TokenObfuscator(H.shape[-1], k, hidden); reader = TinyReader(k, int(labels.max()) + 1)
-    opt = torch.optim.Adam(list(obf.parameters()) + list(reader.parameters()), lr=lr)
-    adversary = TokenAdversary(I, real, k, vocab_cap, adv_mode) if adv > 0 else None
-    n = len(H); g = torch.Generator().manual_seed(seed)
-    obf.train(); reader.train()
-    for ep in range(epochs):
-        perm = torch.randperm(n, generator=g)
-        for s in range(0, n, 64):
-            b = perm[s:s+64]
-            f = obf((H[b] - c) / sd) * real[b].unsqueeze(-1)
-            loss = F.cross_entropy(reader(f, M[b]), labels[b])
-            if adversary is not None:
-                loss = loss - adv * adversary.step(f[real[b]], I[b][real[b]])
-            opt.zero_grad(); loss.backward(); opt.step()
-    obf.eval(); reader.eval()
-    return c, sd, obf, reader
-
-def obfuscated_rows(rows, ids, c, sd, obf, lift, special_means):
-    """Each token's k features, lifted into the hidden space by the fixed orthonormal ``lift`` [d, k]
-    around ``c`` (the release keeps the top's input shape); special tokens as public constants."""
-    out = []
-    with torch.no_grad():
-        for r, t in zip(rows, ids):
-            x = c + sd * obf((r - c) / sd) @ lift.T
-            sp = torch.isin(t, torch.tensor(SPECIAL))
-            if sp.any():
-                x[sp] = torch.stack([special_means[int(tt)] for tt in t[sp]])
-            out.append(x)
-    return out
-
-def obfuscator_accuracy(reader, c, sd, obf, rows, ids, labels):
-    H, I, M = pad(rows, ids)
-    real = M.bool() & ~torch.isin(I, torch.tensor(SPECIAL))
-    with torch.no_grad():
-        return float((reader(obf((H - c) / sd) * real.unsqueeze(-1), M).argmax(-1) == labels).float().mean())
 
