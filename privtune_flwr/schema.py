@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import io
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,6 +64,7 @@ OPTIONAL_METRICS = (
     "bytes-sent",
     "bottom-seconds",
     "defense-seconds",
+    "serialise-seconds",  # packing the release into Flower's records (the arrays' copies), on the device
     "epsilon-token-max",  # epsilon / s_min: the largest per-token parameter of the configuration
     "slack-token-max",  # 2 r epsilon / s_min
     "epsilon-sequence-max",  # longest sequence in the reply x epsilon-token-max
@@ -133,6 +135,7 @@ def release_content(hidden: torch.Tensor, attention_mask: torch.Tensor, labels: 
     :data:`TRANSPORT_DTYPES`, the dtype ``hidden`` travels in."""
     if transport not in TRANSPORT_DTYPES:
         raise ValueError(f"federation.transport-dtype={transport!r} is not accepted; accepted: {', '.join(TRANSPORT_DTYPES)}")
+    started = time.perf_counter()
     values = hidden.detach().to(torch.float32).contiguous().numpy()
     if transport != "float32":
         limit = float(np.finfo(TRANSPORT_DTYPES[transport]).max)
@@ -150,6 +153,7 @@ def release_content(hidden: torch.Tensor, attention_mask: torch.Tensor, labels: 
     unknown = set(metrics) - set(REQUIRED_METRICS) - set(OPTIONAL_METRICS)
     if unknown:
         raise SchemaError(f"metrics {sorted(unknown)} are not part of the schema")
+    metrics = {**metrics, "serialise-seconds": time.perf_counter() - started}
     return RecordDict({RELEASED: arrays, METRICS: MetricRecord({k: float(v) for k, v in metrics.items()})})
 
 
@@ -161,6 +165,7 @@ METRIC_RANGES: dict[str, tuple[float, float, bool]] = {
     "bytes-sent": (0.0, math.inf, False),
     "bottom-seconds": (0.0, math.inf, False),
     "defense-seconds": (0.0, math.inf, False),
+    "serialise-seconds": (0.0, math.inf, False),
     "epsilon-token-max": (0.0, math.inf, False),
     "slack-token-max": (0.0, math.inf, False),
     "epsilon-sequence-max": (0.0, math.inf, False),

@@ -16,9 +16,10 @@ Per point (a row of the JSON list): ``devices``, ``sampled_per_round``, ``first_
 RSS of every run process, sampled each second by the launcher), ``bytes_up_per_round`` (the
 releases that reached the cloud, training and evaluation), ``bytes_down_per_round`` (the
 instructions, from Flower's own record sizes), ``calls_per_second`` (ClientApp calls of a round /
-its seconds), and the time split of a steady round: device bottom and defence (per-example means
-the devices report, times the examples), cloud training, and the rest (Flower, Ray, transport,
-set-up). Writes the JSON list and a PNG beside it, and prints a table.
+its seconds), ``setup_seconds`` (the first round beyond a steady one: models, partitions, first
+contact), and the time split of a steady round: the training devices' bottom, defence and
+serialisation (the seconds each reply reports, summed over the sampled devices and divided by the
+actors that run at once), cloud training, and the rest (Flower, Ray, transport). Writes the JSON list and a PNG beside it, and prints a table.
 """
 
 from __future__ import annotations
@@ -58,18 +59,25 @@ def run_point(devices: int, args) -> dict:
     results_file = folder / "latest" / "results.json"
     if proc.returncode != 0 or not results_file.exists():
         return {"devices": devices, "failed": True, "wall_seconds": wall, "tail": (proc.stdout + proc.stderr)[-1500:]}
-    results = json.loads(results_file.read_text())
+    return summarise(devices, args, json.loads(results_file.read_text()), proc.stdout, wall)
+
+
+def summarise(devices: int, args, results: dict, stdout: str, wall: float) -> dict:
+    """One row of the benchmark from a run's ``results.json`` and the launcher's output."""
     rounds = results["rounds"]
-    peak = re.search(r"peak memory of all run processes ([\d.]+) GB", proc.stdout)
+    peak = re.search(r"peak memory of all run processes ([\d.]+) GB", stdout)
     steady = rounds[1:] or rounds
     seconds = [r["round-seconds"] for r in steady]
     median = statistics.median(seconds)
     middle = min(steady, key=lambda r: abs(r["round-seconds"] - median))
-    train_examples = middle.get("num-examples", 0.0)
-    test_examples = middle.get("test-num-examples", 0.0)
-    examples = train_examples + test_examples
-    bottom = middle.get("bottom-seconds", 0.0) * train_examples
-    defence = middle.get("defense-seconds", 0.0) * train_examples
+    examples = middle.get("num-examples", 0.0) + middle.get("test-num-examples", 0.0)
+    # Each training reply reports its own seconds; the round's value is their example-weighted mean.
+    # The sampled devices' work runs on the actors, ``--actors`` at a time, so its share of the
+    # round's wall time is the replies' total over the actors running at once.
+    at_once = min(args.actors, args.sampled)
+    bottom = middle.get("bottom-seconds", 0.0) * args.sampled / at_once
+    defence = middle.get("defense-seconds", 0.0) * args.sampled / at_once
+    serialise = middle.get("serialise-seconds", 0.0) * args.sampled / at_once
     cloud = middle.get("cloud-seconds", 0.0)
     calls = 2 * args.sampled  # one train and one evaluate instruction per sampled device
     train_rows = TRAIN_ROWS.get(args.dataset, math.floor(DATA_ROWS * 0.9))
@@ -82,8 +90,11 @@ def run_point(devices: int, args) -> dict:
         "bytes_down_per_round": calls * instruction_bytes(),
         "bytes_per_sample": (middle.get("bytes-received", 0.0) + middle.get("test-bytes-received", 0.0)) / max(examples, 1),
         "calls_per_second": calls / median,
-        "split_seconds": {"device-bottom": bottom, "device-defence": defence, "cloud-training": cloud,
-                          "flower-ray-transport-and-rest": max(0.0, median - bottom - defence - cloud)},
+        "split_seconds": {"device-bottom": bottom, "device-defence": defence, "device-serialise": serialise,
+                          "cloud-training": cloud,
+                          "flower-ray-transport-and-rest": max(0.0, median - bottom - defence - serialise - cloud)},
+        # what the first round costs beyond a steady one: loading, partitions, first contact
+        "setup_seconds": max(0.0, rounds[0]["round-seconds"] - median),
         "test_accuracy": rounds[-1].get("test-accuracy"),
         # subspace-fit-scope='federation': the fit phase's public numbers (seconds, bytes per device each way)
         "fit_phase": {k: v for k, v in rounds[0].items() if k.startswith("map-")},
@@ -104,7 +115,7 @@ def plot(rows: list[dict], path: Path) -> None:
     a.set(xscale="log", xlabel="devices in the federation", ylabel="seconds", title=f"{ok[0]['sampled_per_round'] if ok else '?'} sampled per round")
     a.legend()
     b.plot(x, [r["peak_rss_mb"] or 0 for r in ok], "o-")
-    b.set(xscale="log", xlabel="devices in the federation", ylabel="MB", title="peak memory, all run processes")
+    b.set(xscale="log", xlabel="devices in the federation", ylabel="MB", title="peak memory, all run processes", ylim=(0, None))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -143,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         split = " ".join(f"{k} {v:.2f}" for k, v in row["split_seconds"].items())
         print(f"{n:>8} {row['train_texts_per_device']:>9} {row['first_round_seconds']:>8.1f} {row['round_seconds']:>8.1f} "
               f"{row['peak_rss_mb'] or 0:>8.0f} {row['bytes_up_per_round']:>10.0f} {row['bytes_down_per_round']:>10.0f} "
-              f"{row['calls_per_second']:>8.2f}  {split}", flush=True)
+              f"{row['calls_per_second']:>8.2f}  set-up {row['setup_seconds']:.1f}; {split}", flush=True)
         if row["fit_phase"]:
             fit = row["fit_phase"]
             print(f"{'':>8} fit phase: {fit.get('map-fit-seconds', 0):.1f} s (reader rounds "

@@ -49,7 +49,7 @@ class RoundFailed(RuntimeError):
 
 
 # Public bounds the devices attach to replies (schema.OPTIONAL_METRICS); aggregated as maxima.
-TRAIN_AVERAGED = ("self-audit-knn", "bottom-seconds", "defense-seconds")  # per-example means over a round's releases
+TRAIN_AVERAGED = ("self-audit-knn", "bottom-seconds", "defense-seconds", "serialise-seconds")  # example-weighted means of the replies' values
 PUBLIC_BOUNDS = ("epsilon-token-max", "slack-token-max", "epsilon-sequence-max", "slack-sequence-max", "shift-radius",
                  "releases-per-example-max")
 
@@ -85,6 +85,7 @@ class SplitLearningStrategy(Strategy):
         self.timeout = cfg.timeout
         self._contacted: set[int] = set()  # devices already asked to train or evaluate in this run
         self._test_rows_cache: tuple[int | None, str] | None = None  # (rows of the test split, where from)
+        self._shares_checked = 0  # the largest federation whose shares were checked against the corpus
         self._budget_said: tuple | None = None
 
     # -- the protocol, round by round ------------------------------------------------------------
@@ -213,6 +214,7 @@ class SplitLearningStrategy(Strategy):
             time.sleep(1.0)
         self._seen_nodes = set(nodes)
         self._identify(grid, nodes)
+        self._check_shares(nodes)
         if self.cfg.federated_map():  # before any device is asked to release (late joiners included)
             self._federation_map(grid, nodes)
         return sorted(nodes, key=self._order)
@@ -233,6 +235,32 @@ class SplitLearningStrategy(Strategy):
 
             self._round.update(self.fed_map.info)
             log.info("federation map: %s", federated_map_statement(self.cfg))
+
+    def _check_shares(self, nodes: list[int]) -> None:
+        """Before any device is asked to release: a bundled corpus (public, so the cloud can count
+        it as the devices cut it) must give every device at least one training row. Else the run
+        stops here with the numbers, instead of every surplus device failing its first round."""
+        devices = max([len(nodes)] + [pid + 1 for pid in self.partition.values()])
+        if devices <= self._shares_checked:
+            return
+        self._shares_checked = devices
+        rows = self._train_rows()
+        if rows is not None and devices > rows:
+            raise ValueError(f"{devices} devices share the {rows} training rows of {self.cfg.dataset!r}: each device needs at "
+                             f"least one; accepted: at most {rows} devices (--devices, or num-supernodes), more data "
+                             "(data.max-examples=0 for all of it), or a larger corpus such as 'movie_reviews'")
+
+    def _train_rows(self) -> int | None:
+        """Training rows of a bundled corpus as the devices cut it (None: a dataset only the devices hold)."""
+        c = self.cfg
+        if c.dataset not in data.DATASETS:
+            return None
+        try:
+            return len(data.load_dataset(c.dataset, test_fraction=c.test_fraction, seed=c.seed,
+                                         max_examples=c.max_examples or None).train)
+        except Exception as exc:  # noqa: BLE001 - the devices' own errors will say it
+            log.warning("could not count the training rows of %r (%s)", c.dataset, exc)
+            return None
 
     def _identify(self, grid: Grid, nodes: list[int]) -> None:
         """Ask devices not seen before which partition they hold (a node id is random per run)."""

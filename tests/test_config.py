@@ -20,6 +20,11 @@ def test_pyproject_mirrors_runconfig_defaults():
     app_config = flatten_dict(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
     assert app_config == RunConfig().to_flower() == app_defaults()
     assert RunConfig.from_flower(app_config) == RunConfig()
+    # and the table is the one RunConfig generates, to the letter: a default lives in RunConfig alone
+    from privtune_flwr.config import pyproject_table
+
+    text = (ROOT / "pyproject.toml").read_text()
+    assert text[text.index("[tool.flwr.app.config]"):] == pyproject_table()
 
 
 def test_every_key_is_grouped_and_a_flat_key_of_before_names_its_new_key():

@@ -152,3 +152,27 @@ def test_a_device_served_by_another_actor_restores_its_label_map_instead_of_fitt
     runtime.load_node(_cfg(defense="label-subspace", epsilon=64.0, max_examples=80, subspace_fit="closed-form",
                               subspace_rank=1), 0, 2, state)
     assert fits == [2, 1]
+
+
+def test_the_scaling_rows_split_a_steady_round_into_device_cloud_and_the_rest():
+    """``simulations.scaling`` turns a run's results into a row: the training replies' seconds are
+    summed over the sampled devices and shared over the actors that run at once, the first round
+    beyond a steady one is the set-up, and the parts never exceed the round."""
+    from types import SimpleNamespace
+
+    from simulations import scaling
+
+    args = SimpleNamespace(sampled=4, actors=2, batch=2, dataset="movie_reviews", defense="dchi")
+    steady = {"round-seconds": 2.0, "num-examples": 8.0, "test-num-examples": 8.0, "bottom-seconds": 0.2,
+              "defense-seconds": 0.1, "serialise-seconds": 0.05, "cloud-seconds": 0.3, "bytes-received": 800.0,
+              "test-bytes-received": 800.0}
+    results = {"rounds": [{**steady, "round-seconds": 9.0}, steady, {**steady, "round-seconds": 2.2}, {**steady, "round-seconds": 1.8}]}
+    row = scaling.summarise(1000, args, results, "peak memory of all run processes 3.50 GB", 30.0)
+    assert row["round_seconds"] == 2.0 and row["first_round_seconds"] == 9.0 and row["setup_seconds"] == 7.0
+    split = row["split_seconds"]
+    # 4 replies of 0.2 s of bottom each, two at a time: 0.4 s of the round
+    assert split["device-bottom"] == pytest.approx(0.4) and split["device-defence"] == pytest.approx(0.2)
+    assert split["device-serialise"] == pytest.approx(0.1) and split["cloud-training"] == 0.3
+    assert sum(split.values()) == pytest.approx(2.0)
+    assert row["peak_rss_mb"] == pytest.approx(3.5 * 1024) and row["bytes_per_sample"] == pytest.approx(100.0)
+    assert row["calls_per_second"] == pytest.approx(8 / 2.0)

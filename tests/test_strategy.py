@@ -244,3 +244,23 @@ def test_a_u_shaped_device_refuses_outputs_outside_its_range_and_keeps_its_head(
         assert not reply.has_error()
         grad, metrics = schema.parse_gradient(reply.content, shape)
         assert torch.isfinite(grad).all() and metrics["loss"] > 0 and head_record() is not None
+
+
+def test_more_devices_than_training_rows_stop_the_run_before_any_release(minilm_split):
+    """A bundled corpus is public, so the cloud counts its training rows as the devices cut them:
+    a federation that would leave a device without one stops before the first instruction, with
+    the numbers and what would work."""
+    cfg = _cfg(max_examples=4, min_devices=2, devices_per_round=2, batch_size=1, batches_per_round=1)  # 4 training rows
+    grid = Grid(cfg, 5)
+    strategy = _vanilla(cfg)
+    with pytest.raises(ValueError, match=r"^5 devices share the 4 training rows of 'rotten_tomatoes': each device needs at "
+                                         r"least one; accepted: at most 4 devices"):
+        strategy.start(grid)
+    assert grid.sent == 5  # the identity queries alone: no device was asked to release
+    assert strategy.history == []
+    # as many devices as rows: the run goes on
+    cfg = _cfg(max_examples=4, min_devices=2, devices_per_round=2, batch_size=1, batches_per_round=1, num_rounds=1,
+               eval_examples=1)
+    strategy = _vanilla(cfg)
+    strategy.start(Grid(cfg, 4))
+    assert [r["round"] for r in strategy.history] == [1]
