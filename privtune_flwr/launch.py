@@ -35,7 +35,7 @@ from pathlib import Path
 
 from . import config as _config_module
 from .config import RunConfig, collect_errors
-from .preflight import ROOT, app_defaults, offline_datasets, parse_pairs, preflight, ray_address_errors
+from .preflight import ROOT, app_defaults, offline_datasets, parse_pairs, preflight, ray_address_errors, share_errors
 TAG = "PRIVTUNE_LAUNCH"  # environment variable that marks every process of one launch
 POLICY = "PRIVTUNE_DEVICE_POLICY"  # a device policy ("k=v ...") for simulated devices
 
@@ -670,6 +670,8 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in (("federation.min-devices", cfg.min_devices), ("federation.devices-per-round", cfg.devices_per_round)):
         if value > args.devices >= 1:
             errors.append(f"{key}={value} is outside the accepted range for --devices {args.devices}: 1..{args.devices}")
+    if not errors:  # the launcher's devices, simulated or SuperNodes, read the bundled corpora
+        errors += share_errors(cfg, args.devices)
     if not args.deployment:
         errors += ray_address_errors()
     if errors:

@@ -222,6 +222,32 @@ def dataset_errors(cfg: RunConfig, *, offline: bool = True) -> list[str]:
     return []
 
 
+# Every bundled corpus holds more training rows than this (a test keeps it so): a federation of at
+# most this many devices, with max-examples unset or larger, needs no count, and the launcher's
+# check stays free of pandas and datasets.
+FEWEST_TRAINING_ROWS = 150
+
+
+def shares_message(devices: int, rows: int, dataset: str) -> str:
+    """Why ``devices`` cannot share ``rows`` training rows of ``dataset``, and what would work."""
+    return (f"{devices} devices share the {rows} training rows of {dataset!r}: each device needs at least one; accepted: "
+            f"at most {rows} devices (--devices, or num-supernodes), more data (data.max-examples=0 for all of it), or a "
+            "larger corpus such as 'movie_reviews'")
+
+
+def share_errors(cfg: RunConfig, devices: int) -> list[str]:
+    """A bundled corpus must give each of ``devices`` at least one training row (counted as the
+    devices cut it). Only a federation that could outgrow it is counted: that loads the corpus."""
+    small = min(FEWEST_TRAINING_ROWS, cfg.max_examples or FEWEST_TRAINING_ROWS)
+    if devices <= small or cfg.dataset not in offline_datasets():
+        return []
+    from privtune_flwr import data
+
+    rows = len(data.load_dataset(cfg.dataset, test_fraction=cfg.test_fraction, seed=cfg.seed,
+                                 max_examples=cfg.max_examples or None).train)
+    return [shares_message(devices, rows, cfg.dataset)] if devices > rows else []
+
+
 @contextlib.contextmanager
 def _names_only(enabled: bool = False):
     """``privtune_flwr.defenses`` and ``.data`` as the names :class:`DevicePolicy` reads from

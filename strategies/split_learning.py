@@ -246,9 +246,9 @@ class SplitLearningStrategy(Strategy):
         self._shares_checked = devices
         rows = self._train_rows()
         if rows is not None and devices > rows:
-            raise ValueError(f"{devices} devices share the {rows} training rows of {self.cfg.dataset!r}: each device needs at "
-                             f"least one; accepted: at most {rows} devices (--devices, or num-supernodes), more data "
-                             "(data.max-examples=0 for all of it), or a larger corpus such as 'movie_reviews'")
+            from privtune_flwr.preflight import shares_message
+
+            raise ValueError(shares_message(devices, rows, self.cfg.dataset))
 
     def _train_rows(self) -> int | None:
         """Training rows of a bundled corpus as the devices cut it (None: a dataset only the devices hold)."""

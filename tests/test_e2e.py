@@ -157,8 +157,8 @@ def test_rounds_that_fail_end_nonzero_with_a_summary_and_keep_the_last_good_run(
     good = out / "20000101-000000"
     good.mkdir(parents=True)
     (out / "latest").symlink_to(good.name)
-    # 2 training rows cannot be shared out among 3 devices: every device fails, the cloud does not
-    code = launch.main(["--devices", "3", "--out", str(out), "--run-config", "federation.num-rounds=2 data.max-examples=2 defense.audit-tokens=0 defense.name='dchi' defense.epsilon=50.0"])
+    # the run config says 3 classes and Rotten Tomatoes has 2: every device refuses its data, the cloud does not
+    code = launch.main(["--devices", "3", "--out", str(out), "--run-config", "federation.num-rounds=2 model.num-labels=3 data.max-examples=30 defense.audit-tokens=0 defense.name='dchi' defense.epsilon=50.0"])
     console = capfd.readouterr().out
     assert code == 1, console
     assert (out / "latest").resolve() == good  # the failed run did not replace the good one

@@ -336,3 +336,18 @@ def test_the_torch_free_stubs_are_installed_only_for_the_launcher_and_never_besi
         monkeypatch.delitem(sys.modules, name, raising=False)
     with preflight._names_only(True):
         assert not names & set(sys.modules)
+
+
+def test_more_devices_than_a_corpus_has_training_rows_are_refused_before_start(no_processes, capsys):
+    from privtune_flwr import data
+    from privtune_flwr.preflight import FEWEST_TRAINING_ROWS
+
+    # the count is skipped below FEWEST_TRAINING_ROWS devices, so that must be below every bundled corpus
+    for name in data.DATASETS:
+        assert len(data.load_dataset(name, test_fraction=0.1, seed=0).train) > FEWEST_TRAINING_ROWS, name
+    assert launch.main(["--devices", "171", "--run-config", "data.name='political_speeches'"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 171 devices share the 170 training rows of 'political_speeches': each device needs at least one; "
+                          "accepted: at most 170 devices"), err
+    assert launch.main(["--devices", "5", "--run-config", "data.max-examples=4"]) == 2
+    assert "5 devices share the 4 training rows of 'rotten_tomatoes'" in capsys.readouterr().err
