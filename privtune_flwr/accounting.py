@@ -414,16 +414,16 @@ def label_protection_statement(method: str, *, epsilon: float = 1.0, noise: floa
 
 def federated_map_statement(cfg, *, fit_epsilon: float | None = None, fit_delta: float | None = None) -> str:
     """What the cloud learns from the fit phase of the federation's label map
-    (``subspace-fit-scope = "federation"``, :mod:`privtune_flwr.federated_map` and
+    (``defense.label-subspace.fit-scope = "federation"``, :mod:`privtune_flwr.federated_map` and
     :mod:`privtune_flwr.federated_reader`), in words.
 
     Each device sends once, before round 1, its per-class token counts and sums, the sum of its
     tokens' outer products and per special id a count and a sum, every token clipped to norm
-    ``subspace-fit-clip``, with Gaussian noise calibrated on the device to its own floor
+    ``defense.label-subspace.fit-clip``, with Gaussian noise calibrated on the device to its own floor
     (``fit-epsilon``, ``fit-delta``; the cloud does not choose them) for adding or removing one of
-    its sentences (at most ``max-length`` tokens). With ``subspace-fit-rounds`` > 0 it then takes
+    its sentences (at most ``model.max-length`` tokens). With ``defense.label-subspace.fit-rounds`` > 0 it then takes
     ``rounds x steps`` full-batch reader steps, each sentence's gradient clipped to
-    ``subspace-fit-grad-clip`` and Gaussian noise added to their sum, and sends the change of the
+    ``defense.label-subspace.fit-grad-clip`` and Gaussian noise added to their sum, and sends the change of the
     weights after each round. The statistics and the steps share the floor (half of ``mu^2`` each,
     in Gaussian DP, which composes exactly): the whole fit phase of a device is (fit-epsilon,
     fit-delta)-DP per sentence. This composes with the releases' own guarantee (a sentence's total

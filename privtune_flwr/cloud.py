@@ -51,7 +51,7 @@ class CloudSide:
 
         ``max_grad_norm``: each batch's gradient (of all trainable weights together) is clipped to
         this norm before its step, which bounds what one device's release can do to one step (the
-        strategy passes the run config's ``max-grad-norm``; a device's round is ``batches-per-round``
+        strategy passes the run config's ``train.max-grad-norm``; a device's round is ``train.batches-per-round``
         such steps).
 
         All or nothing: if any step gives a non-finite loss or non-finite weights, every update from
@@ -189,7 +189,7 @@ class MiddleSide:
 
         ``max_norm``: the device's gradient of the LoRA weights (all of them together) is first
         clipped to this norm, so one device adds at most ``weight * max_norm`` to the step, whatever
-        it sends back (the strategy passes ``max-grad-norm``; the vanilla top clips each batch)."""
+        it sends back (the strategy passes ``train.max-grad-norm``; the vanilla top clips each batch)."""
         if not max_norm:
             outputs = self._take(key, grad)
             outputs.backward(grad.to(outputs.dtype) * weight)

@@ -70,13 +70,13 @@ class RunConfig:
     # stay connected, so it is below the number of devices a federation starts with.
     min_devices: int = 5
     min_replies: int = 1  # a round goes on while at least this many valid replies arrive
-    round_retries: int = 2  # a round short of min-replies is retried this often, then the run fails
+    round_retries: int = 2  # a round short of federation.min-replies is retried this often, then the run fails
     resume_from: str = ""  # a run folder to resume from (its last complete checkpoint); "" = a new run
     batches_per_round: int = 8
     batch_size: int = 16
     eval_examples: int = 0  # per device and evaluation; 0 = its whole test split
     eval_devices: int = 0  # devices asked to evaluate each round; 0 = every connected device
-    final_eval_all: bool = True  # with eval-devices > 0: the last round still evaluates every device once
+    final_eval_all: bool = True  # with federation.eval-devices > 0: the last round still evaluates every device once
     reply_max_examples: int = 2048  # the most sequences the cloud reads from one evaluation reply
     # the dtype released representations travel in: "float32" or "float16" (half the bytes; the
     # noise is added in float32 before the rounding, so the privacy statement is unchanged)
@@ -88,9 +88,9 @@ class RunConfig:
     middle_steps: str = "per-batch"
     # offsite (privtune_flwr.offsite; no representation leaves a device): "fedbiot" (uniform-stride
     # layer drop) | "scaleot" (importance-scored drop + SVD of the kept middle's attention weights).
-    # The first and last offsite-adapter-layers blocks are the LoRA adapter; emulator-drop of the middle
-    # blocks are dropped; distill-steps align the emulator on public text; each sampled device takes
-    # local-steps steps of batch-size examples per round.
+    # The first and last offsite.adapter-layers blocks are the LoRA adapter; offsite.emulator-drop of the middle
+    # blocks are dropped; offsite.distill-steps align the emulator on public text; each sampled device takes
+    # offsite.local-steps steps of train.batch-size examples per round.
     offsite_method: str = "fedbiot"
     emulator_drop: float = 0.5
     offsite_adapter_layers: int = 1
@@ -126,13 +126,13 @@ class RunConfig:
     # label-subspace only: "reader" (a small reader trained with the projection) or "closed-form"
     # (Fisher directions, then principal ones: nothing trained; devices that fit apart agree)
     subspace_fit: str = LabelSubspaceOptions.subspace_fit
-    # label-subspace only: "device" (each device fits its own map on its share, with subspace-fit) or
+    # label-subspace only: "device" (each device fits its own map on its share, with defense.label-subspace.fit) or
     # "federation" (one map for all devices, before round 1: privtune_flwr.federated_map);
-    # subspace-fit-clip bounds each token's norm in the devices' noisy statistics, then
-    # subspace-fit-rounds rounds of subspace-fit-steps private full-batch reader steps (each
-    # sentence's gradient clipped to subspace-fit-grad-clip; Adam at subspace-fit-lr) train the
+    # defense.label-subspace.fit-clip bounds each token's norm in the devices' noisy statistics, then
+    # defense.label-subspace.fit-rounds rounds of defense.label-subspace.fit-steps private full-batch reader steps (each
+    # sentence's gradient clipped to defense.label-subspace.fit-grad-clip; Adam at defense.label-subspace.fit-lr) train the
     # map's projection (privtune_flwr.federated_reader; 0 rounds: the closed-form map), on at most
-    # subspace-fit-devices devices per round (0 = all), drawn afresh each round
+    # defense.label-subspace.fit-devices devices per round (0 = all), drawn afresh each round
     subspace_fit_scope: str = "device"
     subspace_fit_clip: float = 14.0
     subspace_fit_rounds: int = 8
@@ -146,8 +146,8 @@ class RunConfig:
     release: str = "once"  # "once" | "fresh" (fresh noise per re-send; composes)
     reproducible_noise: bool = False  # research only: noise derived from `seed`, removable by the operator
     # u-shaped only: what the device does to the gradient it returns (privtune_flwr.label_protection):
-    # none | max-norm | marvell (max-norm + noise of label-noise x the class-mean difference along it)
-    # | randomised-response (label DP with label-epsilon, classification). The device's floor
+    # none | max-norm | marvell (max-norm + noise of label-protection.noise x the class-mean difference along it)
+    # | randomised-response (label DP with label-protection.epsilon, classification). The device's floor
     # (min-label-protection, max-label-epsilon, min-label-noise) may refuse a weaker choice.
     label_protection: str = "none"
     label_epsilon: float = 1.0

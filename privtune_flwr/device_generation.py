@@ -34,7 +34,7 @@ def _generated_path(pid: int):
 
 
 def evaluate_prompt(msg: Message, context: Context) -> Message:
-    """Release the prompts of this device's first ``generate-samples`` test examples."""
+    """Release the prompts of this device's first ``generation.samples`` test examples."""
     cfg, node, ledger = u_prepare(msg, context)
     if cfg.task != "generation":
         raise SchemaError("generation samples need data.task='generation'")

@@ -1,4 +1,4 @@
-"""The federation's label map on the device (``subspace-fit-scope = "federation"``).
+"""The federation's label map on the device (``defense.label-subspace.fit-scope = "federation"``).
 
 ``query.fit``: the device's clipped token statistics, with Gaussian noise from its own floor
 (fit-epsilon, fit-delta), once ever per sentence (its fit ledger). ``query.reader``: private

@@ -19,12 +19,12 @@ key                        default                 meaning
 ``allowed-defenses``       every defence but none  comma-separated names, or ``*``
 ``max-epsilon``            64.0                    the largest epsilon accepted
 ``min-noise-scale``        0.5                     the smallest scale s on a token's noise accepted
-                                                   (PrivTune scales its noise down to s-min on
+                                                   (PrivTune scales its noise down to defense.privtune.s-min on
                                                    important tokens: their parameter is eps / s)
 ``max-delta``              1e-5                    the largest delta accepted (``gaussian``)
-``max-radius-scale``       1.0                     the largest PrivTune ``radius-scale`` accepted (its
+``max-radius-scale``       1.0                     the largest PrivTune ``defense.privtune.radius-scale`` accepted (its
                                                    mean shift r enters the bound as a slack 2 r eps/s)
-``allow-continuous-scales`` false                  accept ``importance-levels = 0`` (the paper's
+``allow-continuous-scales`` false                  accept ``defense.privtune.importance-levels = 0`` (the paper's
                                                    continuous noise scale: no bound across tokens)
 ``max-subspace-rank``      2                       the most directions (features) per token a label
                                                    defence may keep: its protection against
@@ -33,8 +33,8 @@ key                        default                 meaning
 ``min-split-layer``        1                       the fewest blocks the device runs before it
                                                    releases (0 releases the embedding layer's
                                                    output, on which no defence was measured; the
-                                                   cloud chooses split-layer)
-``allow-reproducible-noise`` false                 accept ``reproducible-noise = true`` (seeded noise
+                                                   cloud chooses model.split-layer)
+``allow-reproducible-noise`` false                 accept ``defense.reproducible-noise = true`` (seeded noise
                                                    the operator can remove: research only)
 ``allow-fresh-noise``      false                   accept ``release = 'fresh'`` (noise that composes
                                                    over re-sends)
@@ -43,9 +43,9 @@ key                        default                 meaning
                                                    updates that no defence or bound covers
 ``max-batches-per-instruction`` 64                 the most batches one instruction may ask for
 ``max-examples-per-instruction`` 1024              the most examples one instruction may release
-                                                   (train: batches x batch-size; evaluate: the
+                                                   (train: batches x train.batch-size; evaluate: the
                                                    test examples it reads)
-``max-tokens-per-example`` 256                     the largest ``max-length`` accepted (memory and
+``max-tokens-per-example`` 256                     the largest ``model.max-length`` accepted (memory and
                                                    time grow with examples x tokens)
 ``max-instruction-seconds`` 600                    the longest one instruction's release may run;
                                                    past it the device stops and sends nothing
@@ -58,7 +58,7 @@ key                        default                 meaning
                                                    folder's weight files, or ``*`` (any offline
                                                    name or local folder)
 ``allow-hub-models``       false                   accept Hugging Face model ids (downloads)
-``min-split-layers``       smollm2:2               a higher floor on split-layer for these models,
+``min-split-layers``       smollm2:2               a higher floor on model.split-layer for these models,
                                                    beside ``min-split-layer`` (so MiniLM >= 1 and
                                                    SmolLM2 >= 2 by default; even at split 2 the
                                                    learned inverter reads 0.64 of SmolLM2's
@@ -70,14 +70,14 @@ key                        default                 meaning
                                                    (none < max-norm < marvell; randomised-response
                                                    meets any floor within max-label-epsilon); a
                                                    floor above none refuses the vanilla protocol
-``max-label-epsilon``      1.0                     the largest randomised-response label-epsilon
-                                                   that meets a label-protection floor
-``min-label-noise``        2.0                     the least marvell label-noise that meets a
+``max-label-epsilon``      1.0                     the largest randomised-response label-protection.epsilon
+                                                   that meets a label-protection.method floor
+``min-label-noise``        2.0                     the least marvell label-protection.noise that meets a
                                                    'marvell' floor
 ``fit-epsilon``            64.0                    the (epsilon, delta) per sentence of the whole
 ``fit-delta``              1e-5                    fit phase of the federation's label map: the
                                                    noisy statistics and the noisy reader steps
-                                                   together (one sentence of max-length tokens;
+                                                   together (one sentence of model.max-length tokens;
                                                    ``inf``: no noise, the cloud sees them exactly)
 ``max-map-inversion``      0.13                    refuse a label map through which an inverter the
                                                    device trains on its own data recovers more of
@@ -220,10 +220,10 @@ class DevicePolicy:
     allow_hub_models: bool = False
     min_split_layers: tuple[tuple[str, int], ...] = (("smollm2", 2),)  # beside min-split-layer, for these models
     # u-shaped label protection (privtune_flwr.label_protection): the weakest accepted, in the order
-    # none < max-norm < marvell; randomised-response meets any floor when label-epsilon <= max-label-epsilon
+    # none < max-norm < marvell; randomised-response meets any floor when label-protection.epsilon <= max-label-epsilon
     min_label_protection: str = "none"
     max_label_epsilon: float = 1.0
-    min_label_noise: float = 2.0  # the least marvell label-noise that meets a 'marvell' floor
+    min_label_noise: float = 2.0  # the least marvell label-protection.noise that meets a 'marvell' floor
     # the federation's label map (privtune_flwr.federated_map): the noise on this device's statistics,
     # and its own audit of the map it derives
     fit_epsilon: float = 64.0

@@ -152,7 +152,7 @@ class DeviceRuntime:
     def key(self, context: Context, policy: DevicePolicy, cfg: RunConfig, pid: int) -> tuple[NoiseKey, ReleaseLedger]:
         """This device's noise key and its release ledger (the per-example release budget).
 
-        The key is never derived from anything the cloud supplies, except with ``reproducible-noise``,
+        The key is never derived from anything the cloud supplies, except with ``defense.reproducible-noise``,
         which the device's own policy must allow (checked before this is called). A key kept in a file
         has its ledger beside it, for the device's lifetime; a key kept in memory has its ledger in
         ``context.state``, for the run's lifetime."""

@@ -10,7 +10,7 @@ most ``TAIL`` (1e-12, well under the 1e-9 per token asked for), from the noise's
   the bottom's last LayerNorm is public. A decoder's residual stream has no such bound: no
   envelope (``inf``) and only the schema's ``max-abs`` (docs/privacy.md, "Replies the cloud checks").
 * ``dchi``: ``||h|| + ||z||`` with ``||z|| ~ Gamma(d, rate eps)``.
-* ``privtune*``: ``||h|| + r + ||z||``, with the shift radius ``r <= 2 radius-scale B`` (a multiple
+* ``privtune*``: ``||h|| + r + ||z||``, with the shift radius ``r <= 2 defense.privtune.radius-scale B`` (a multiple
   of the anchors' median distance, itself at most twice the clean bound ``B``) and ``||z|| ~
   Gamma(d, rate eps / s)`` at the largest public noise scale ``s`` (1 when continuous).
 * ``gaussian``: ``min(||h||, C) + sigma chi_d`` tail; with ``clip = 0`` (calibrated from the anchors,
@@ -22,7 +22,7 @@ most ``TAIL`` (1e-12, well under the 1e-9 per token asked for), from the noise's
 
 What no envelope detects: a release inside it that is wrong (other text, or the right text with
 flipped labels). That is label noise to the top; its influence per round is bounded by the
-cloud's per-batch gradient clipping (``max-grad-norm``).
+cloud's per-batch gradient clipping (``train.max-grad-norm``).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ the devices can fit one map together before round 1:
    the norm ``clip``): per class the count and the sum of its regular tokens, the sum of all their
    outer products, and per special id a count and a sum;
 2. it adds Gaussian noise calibrated to its own floor (``fit-epsilon``, ``fit-delta`` of
-   :mod:`~privtune_flwr.device_policy`) for one sentence of at most ``max-length`` tokens, and
+   :mod:`~privtune_flwr.device_policy`) for one sentence of at most ``model.max-length`` tokens, and
    sends the noisy statistics (message action ``query.fit``);
 3. the cloud sums the valid contributions and sends the sum to every device (``query.map``);
 4. each device checks the sum, derives the map itself (:func:`derive_subspace`, the same arithmetic
@@ -428,7 +428,7 @@ class NoMap(torch.nn.Module):
 
 def fit_noise(cfg, policy) -> FitNoise | None:
     """The noise this device adds: from its own floor (fit-epsilon, fit-delta), the run's public
-    clip and max-length. None when its floor says fit-epsilon = inf."""
+    clip and model.max-length. None when its floor says fit-epsilon = inf."""
     if math.isinf(policy.fit_epsilon):
         return None
     from .federated_reader import STATS_SHARE
@@ -504,7 +504,7 @@ class FederationMap:
 
     def _reader_rounds(self, grid, nodes, *, timeout: float, name=str) -> None:
         """The reader rounds (:mod:`privtune_flwr.federated_reader`): send the weights, apply the
-        mean of the valid changes, ``subspace-fit-rounds`` times; keeps the final ``W``."""
+        mean of the valid changes, ``defense.label-subspace.fit-rounds`` times; keeps the final ``W``."""
         from .federated_reader import WEIGHTS, ReaderPlan, frame_of, initial_weights, mean_change, reader_shapes, step_bound
         from .schema import NPY_HEADER_MAX, REPLY_RECORDS_SLACK
 

@@ -5,14 +5,14 @@ Why: the closed-form map from the summed statistics (:mod:`privtune_flwr.federat
 less of the label than the reader fit does on the same data (cached split-3 Rotten Tomatoes, the
 real top trained 800 steps on the releases: 0.746 against 0.793, docs/results.md "One label map
 for the federation"). The reader fit needs gradients, not sums, so after the statistics the cloud
-runs ``subspace-fit-rounds`` rounds (message action ``query.reader``):
+runs ``defense.label-subspace.fit-rounds`` rounds (message action ``query.reader``):
 
 1. the cloud sends the current weights (at first :func:`initial_weights`): the projection ``W``
    ``[d, k]`` and the small reader's parameters (:func:`reader_shapes`; the architecture is
    public), with the centre and spread it computed from the summed statistics, to at most
-   ``subspace-fit-devices`` devices, drawn afresh each round;
-2. each device takes ``subspace-fit-steps`` full-batch steps on its own training sentences: each
-   sentence's gradient clipped to ``subspace-fit-grad-clip``, their sum plus Gaussian noise of sd
+   ``defense.label-subspace.fit-devices`` devices, drawn afresh each round;
+2. each device takes ``defense.label-subspace.fit-steps`` full-batch steps on its own training sentences: each
+   sentence's gradient clipped to ``defense.label-subspace.fit-grad-clip``, their sum plus Gaussian noise of sd
    ``multiplier * clip`` (fresh OS entropy), then an Adam step; it returns the change of the
    weights;
 3. the cloud checks each change against the largest change those steps can make (:func:`step_bound`)

@@ -316,7 +316,7 @@ def follow(procs: Processes, console: Console, cmd: list[str], env: dict[str, st
     """Run ``cmd`` (``flwr run ... --stream``) while watching the processes of the launch.
 
     A process in ``fatal`` (name -> label) that exits ends the run; one in ``droppable`` (a
-    SuperNode) is reported and its leftovers stopped, and the run goes on while ``min-devices``
+    SuperNode) is reported and its leftovers stopped, and the run goes on while ``federation.min-devices``
     stay connected. Returns why the run was cut short, or None.
     """
     run = procs.popen("flwr-run", cmd, env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
@@ -648,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
     defaults, _ = collect_errors(app_config)
     devices = max(1, args.devices)
     overrides.setdefault("federation.devices-per-round", min(devices, defaults.devices_per_round))
-    # A run goes on while min-devices stay connected: below the device count, so that one
+    # A run goes on while federation.min-devices stay connected: below the device count, so that one
     # device dropping out does not stall it.
     overrides.setdefault("federation.min-devices", min(defaults.min_devices, max(1, devices - 1)))
     overrides.setdefault("run.output-dir", str(out))

@@ -4,21 +4,21 @@ The cloud compresses its model into an *emulator* and gives each device the emul
 trainable *adapters*; the device tunes the adapters on its own data and returns them; the cloud
 averages them (FedAvg) and plugs them back into the full model.
 
-Adapters: the first and the last ``offsite-adapter-layers`` Transformer blocks, tuned with LoRA (peft),
+Adapters: the first and the last ``offsite.adapter-layers`` Transformer blocks, tuned with LoRA (peft),
 plus the task head for classification (an encoder's ``classifier``, a decoder's ``score``; a
 generation task's ``lm_head`` is tied to the frozen embeddings and stays frozen). The emulator
 is the frozen middle, compressed:
 
-* ``fedbiot``: of the ``M = L - 2a`` middle blocks keep ``K = floor((1 - emulator-drop) M + 1/2)`` at a
+* ``fedbiot``: of the ``M = L - 2a`` middle blocks keep ``K = floor((1 - offsite.emulator-drop) M + 1/2)`` at a
   uniform stride (middle positions ``floor(i M / K)``, ``i = 0..K-1``: every ``M/K``-th block when
-  that is an integer), then align the kept middle to the full model by ``distill-steps`` of
+  that is an integer), then align the kept middle to the full model by ``offsite.distill-steps`` of
   distillation: the MSE, relative to the teacher's mean square, between the emulator's and the
   full model's hidden states where the top adapter starts (both computed by the models' own
   forward code), on public auxiliary text (:func:`auxiliary_dataset`).
 * ``scaleot``: score each middle block by how much it turns the hidden state, ``1 - cos(h_in,
   h_out)`` averaged over the real tokens of public auxiliary text, keep the ``K`` highest (in
   model order), replace the query/key/value/output projections of every kept middle block by a
-  rank-``r`` SVD factorisation (``r = max(1, round(svd-rank-fraction * min(out, in)))``), then
+  rank-``r`` SVD factorisation (``r = max(1, round(offsite.svd-rank-fraction * min(out, in)))``), then
   distil as above (the factors and the blocks' other weights learn).
 
 Adapter weights travel under *canonical* names: the peft parameter name without the
@@ -637,7 +637,7 @@ def _device_instruction(msg, context):
 
 
 def device_train(msg, context):
-    """``train`` (offsite): ``local-steps`` steps on the emulator's adapters with this device's own
+    """``train`` (offsite): ``offsite.local-steps`` steps on the emulator's adapters with this device's own
     data; reply with the adapters and the number of training examples it holds."""
     from flwr.app import Message, MetricRecord, RecordDict
 

@@ -187,7 +187,7 @@ def model_config(name: str, *, offline: bool = True) -> tuple[dict | None, str |
 
 
 def model_errors(cfg: RunConfig, *, offline: bool = True) -> list[str]:
-    """Whether the model resolves, is of a supported family, fits the task, and has split-layer blocks."""
+    """Whether the model resolves, is of a supported family, fits the task, and has model.split-layer blocks."""
     config, error = model_config(cfg.model, offline=offline)
     if error:
         return [error]
@@ -223,7 +223,7 @@ def dataset_errors(cfg: RunConfig, *, offline: bool = True) -> list[str]:
 
 
 # Every bundled corpus holds more training rows than this (a test keeps it so): a federation of at
-# most this many devices, with max-examples unset or larger, needs no count, and the launcher's
+# most this many devices, with data.max-examples unset or larger, needs no count, and the launcher's
 # check stays free of pandas and datasets.
 FEWEST_TRAINING_ROWS = 150
 
@@ -331,7 +331,7 @@ _ERROR_KEY = re.compile(r"^([a-z][a-z0-9.-]*)=")
 def preflight(run_config: dict, *, device_policy: str | None = "", offline: bool = True,
               torch_free: bool = False) -> tuple[RunConfig, list[str]]:
     """Every problem that can be known before start, at once: the run config's keys and ranges,
-    the dataset, the model (resolvable offline? its family, and split-layer against its depth,
+    the dataset, the model (resolvable offline? its family, and model.split-layer against its depth,
     from its config) and, unless ``device_policy`` is None, the device policy's public limits.
     Returns the configuration and one message per problem (none: it may start). ``torch_free``
     (the launcher's): the policy's names are read from source, not imported; a caller with other

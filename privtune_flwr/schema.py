@@ -47,7 +47,7 @@ RELEASED = "released"
 METRICS = "metrics"
 DEVICE = "device"
 
-HIDDEN = "hidden"  # float32 (or float16: transport-dtype) [N, T, d], zero at padding
+HIDDEN = "hidden"  # float32 (or float16: federation.transport-dtype) [N, T, d], zero at padding
 MASK = "attention-mask"  # int8 [N, T], 1 = real token
 LABELS = "labels"  # int64 [N]
 RELEASE_ARRAYS = {HIDDEN: np.dtype("float32"), MASK: np.dtype("int8"), LABELS: np.dtype("int64")}

@@ -4,8 +4,8 @@
 
 It reads the run's knobs from ``[tool.flwr.app.config]`` (overridable with ``--set key=value``),
 so a federated run and this baseline differ only in who holds the data: here one device holds
-the whole training set and the cloud takes ``num-rounds x devices-per-round x
-batches-per-round`` steps on it, then scores the whole test set released through the defence.
+the whole training set and the cloud takes ``federation.num-rounds x federation.devices-per-round x
+train.batches-per-round`` steps on it, then scores the whole test set released through the defence.
 """
 
 from __future__ import annotations

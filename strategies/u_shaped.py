@@ -1,12 +1,12 @@
 """The cloud side of the u-shaped protocol: the middle's LoRA weights, and nothing of the labels.
 
-Each round runs ``batches-per-round`` steps. One step, for the sampled devices together:
+Each round runs ``train.batches-per-round`` steps. One step, for the sampled devices together:
 
 1. ``train.forward``: each device releases one batch (representations and mask, no labels);
 2. the cloud runs the middle on each release and sends each device its outputs (``train.head``);
 3. each device computes its loss on its own labels, updates its own head, and returns the gradient
    with respect to those outputs; the cloud back-propagates every gradient that matches what it
-   sent. With ``middle-steps = "per-batch"`` (default) it then takes one optimiser step per device
+   sent. With ``train.middle-steps = "per-batch"`` (default) it then takes one optimiser step per device
    batch, in partition order, as the vanilla top does (each gradient was computed at the weights
    the exchange started from); with ``"joint"`` one step for the exchange, weighted by batch size.
    A gradient of the wrong shape, a stale step, an error or no answer: that device's part of the

@@ -264,3 +264,22 @@ def test_more_devices_than_training_rows_stop_the_run_before_any_release(minilm_
     strategy = _vanilla(cfg)
     strategy.start(Grid(cfg, 4))
     assert [r["round"] for r in strategy.history] == [1]
+
+
+def test_the_bytes_the_cloud_counts_follow_the_transport_dtype(minilm_split):
+    """What arrived is counted in the dtype it travelled in: float16 representations are half the
+    bytes of float32 ones (the int8 mask and int64 labels are the same)."""
+    seen = {}
+    for transport in ("float32", "float16"):
+        cfg = _cfg(num_rounds=1, transport_dtype=transport, devices_per_round=2, min_devices=2)
+        strategy = _vanilla(cfg)
+        strategy.start(Grid(cfg, 2))
+        seen[transport] = strategy.history[0]
+    a, b = seen["float32"], seen["float16"]
+    n = a["num-examples"]
+    assert n == b["num-examples"] == 2 * 2 * 4
+    # same sample, same batches, same shapes: a = 4C + M + 8n and b = 2C + M + 8n, where C is the
+    # coordinates (examples x tokens x 384) and M the mask's bytes (examples x tokens)
+    coordinates = (a["bytes-received"] - b["bytes-received"]) / 2
+    mask = a["bytes-received"] - 4 * coordinates - 8 * n
+    assert coordinates > 0 and coordinates % 384 == 0 and mask == coordinates / 384
