@@ -241,11 +241,16 @@ def share_errors(cfg: RunConfig, devices: int) -> list[str]:
     small = min(FEWEST_TRAINING_ROWS, cfg.max_examples or FEWEST_TRAINING_ROWS)
     if devices <= small or cfg.dataset not in offline_datasets():
         return []
+    rows = training_rows(cfg)
+    return [shares_message(devices, rows, cfg.dataset)] if devices > rows else []
+
+
+def training_rows(cfg: RunConfig) -> int:
+    """The training rows of the bundled corpus ``cfg`` names, as every device cuts them (loads it)."""
     from privtune_flwr import data
 
-    rows = len(data.load_dataset(cfg.dataset, test_fraction=cfg.test_fraction, seed=cfg.seed,
+    return len(data.load_dataset(cfg.dataset, test_fraction=cfg.test_fraction, seed=cfg.seed,
                                  max_examples=cfg.max_examples or None).train)
-    return [shares_message(devices, rows, cfg.dataset)] if devices > rows else []
 
 
 @contextlib.contextmanager

@@ -250,23 +250,17 @@ class SplitLearningStrategy(Strategy):
         if devices <= self._shares_checked:
             return
         self._shares_checked = devices
-        rows = self._train_rows()
-        if rows is not None and devices > rows:
-            from privtune_flwr.preflight import shares_message
+        if self.cfg.dataset not in data.DATASETS:  # a dataset only the devices hold: they say it themselves
+            return
+        from privtune_flwr.preflight import shares_message, training_rows
 
-            raise ValueError(shares_message(devices, rows, self.cfg.dataset))
-
-    def _train_rows(self) -> int | None:
-        """Training rows of a bundled corpus as the devices cut it (None: a dataset only the devices hold)."""
-        c = self.cfg
-        if c.dataset not in data.DATASETS:
-            return None
         try:
-            return len(data.load_dataset(c.dataset, test_fraction=c.test_fraction, seed=c.seed,
-                                         max_examples=c.max_examples or None).train)
+            rows = training_rows(self.cfg)
         except Exception as exc:  # noqa: BLE001 - the devices' own errors will say it
-            log.warning("could not count the training rows of %r (%s)", c.dataset, exc)
-            return None
+            log.warning("could not count the training rows of %r (%s)", self.cfg.dataset, exc)
+            return
+        if devices > rows:
+            raise ValueError(shares_message(devices, rows, self.cfg.dataset))
 
     def _identify(self, grid: Grid, nodes: list[int]) -> None:
         """Ask devices not seen before which partition they hold (a node id is random per run)."""
