@@ -424,7 +424,8 @@ def federated_map_statement(cfg, *, fit_epsilon: float | None = None, fit_delta:
     its sentences (at most ``model.max-length`` tokens). With ``defense.label-subspace.fit-rounds`` > 0 it then takes
     ``rounds x steps`` full-batch reader steps, each sentence's gradient clipped to
     ``defense.label-subspace.fit-grad-clip`` and Gaussian noise added to their sum, and sends the change of the
-    weights after each round. The statistics and the steps share the floor (half of ``mu^2`` each,
+    weights after each round (``fit-optimizer = "cloud"``: one such noisy sum a round, which it sends;
+    the cloud's Adam steps on the devices' sums are post-processing). The statistics and the steps share the floor (half of ``mu^2`` each,
     in Gaussian DP, which composes exactly): the whole fit phase of a device is (fit-epsilon,
     fit-delta)-DP per sentence. This composes with the releases' own guarantee (a sentence's total
     is the sum of both). The sum and the final weights reveal the federation's aggregate label map,
@@ -435,9 +436,14 @@ def federated_map_statement(cfg, *, fit_epsilon: float | None = None, fit_delta:
     else:
         budget, floor = f"({fit_epsilon:g}, {fit_delta:g})", ""
     rounds = int(getattr(cfg, "subspace_fit_rounds", 0))
-    reader = ("" if rounds == 0 else
-              f", then {rounds} rounds of {int(cfg.subspace_fit_steps)} full-batch reader steps (each sentence's gradient "
-              f"clipped to {cfg.subspace_fit_grad_clip:g}, Gaussian noise on their sum) whose weight changes it sent")
+    clip = f"each sentence's gradient clipped to {cfg.subspace_fit_grad_clip:g}, Gaussian noise on their sum"
+    if rounds == 0:
+        reader = ""
+    elif getattr(cfg, "subspace_fit_optimizer", "device") == "cloud":
+        reader = f", then in each of {rounds} rounds one full-batch reader gradient sum ({clip}) that it sent"
+    else:
+        reader = (f", then {rounds} rounds of {int(cfg.subspace_fit_steps)} full-batch reader steps ({clip}) whose "
+                  "weight changes it sent")
     return (f"fit phase (defense.label-subspace.fit-scope='federation'): each device sent once its clipped (token norm <= "
             f"{cfg.subspace_fit_clip:g}) per-class token counts, sums and second moments with Gaussian noise{reader}; "
             f"together {budget}-DP per sentence of at most {cfg.max_length} tokens{floor}; the cloud learns their noisy "

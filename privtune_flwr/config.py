@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 from . import registry
 from .keys import FIELDS, GROUPS, KEYS, RENAMED, key, renamed_message
 from .registry import DEFENSE_NAMES, LABEL_DEFENSES, GaussianOptions, LabelSubspaceOptions, PrivTuneOptions
-from .vocab import MAP_SCOPES, PARTITIONERS, SPLIT_PROTOCOLS, TASKS
+from .vocab import FIT_OPTIMIZERS, MAP_SCOPES, PARTITIONERS, SPLIT_PROTOCOLS, TASKS
 
 if TYPE_CHECKING:
     from .accounting import PrivacyStatement
@@ -129,17 +129,22 @@ class RunConfig:
     # label-subspace only: "device" (each device fits its own map on its share, with defense.label-subspace.fit) or
     # "federation" (one map for all devices, before round 1: privtune_flwr.federated_map);
     # defense.label-subspace.fit-clip bounds each token's norm in the devices' noisy statistics, then
-    # defense.label-subspace.fit-rounds rounds of defense.label-subspace.fit-steps private full-batch reader steps (each
+    # defense.label-subspace.fit-rounds rounds of private full-batch reader steps (each
     # sentence's gradient clipped to defense.label-subspace.fit-grad-clip; Adam at defense.label-subspace.fit-lr) train the
     # map's projection (privtune_flwr.federated_reader; 0 rounds: the closed-form map), on at most
-    # defense.label-subspace.fit-devices devices per round (0 = all), drawn afresh each round
+    # defense.label-subspace.fit-devices devices per round (0 = all), drawn afresh each round;
+    # defense.label-subspace.fit-optimizer: "cloud" (each asked device sends one noisy gradient sum a
+    # round, fit-steps unused; the cloud takes one Adam step on their sum, so the noise is averaged
+    # over the federation; docs/results.md, "One map for the federation") or "device" (each takes
+    # fit-steps Adam steps on its own noisy sums and sends the change)
     subspace_fit_scope: str = "device"
     subspace_fit_clip: float = 14.0
-    subspace_fit_rounds: int = 8
+    subspace_fit_rounds: int = 32
     subspace_fit_steps: int = 8
-    subspace_fit_lr: float = 0.01
+    subspace_fit_lr: float = 0.03
     subspace_fit_grad_clip: float = 1.0
     subspace_fit_devices: int = 100
+    subspace_fit_optimizer: str = "cloud"
     subspace_rank: int = LabelSubspaceOptions.subspace_rank  # label-subspace / label-obfuscator: docs/results.md
     # noise: a secret key on each device, each example released once; both need the device's consent
     # (its node config / device policy) to be weakened
@@ -246,6 +251,8 @@ class RunConfig:
                  "defense.label-subspace.fit-grad-clip", self.subspace_fit_grad_clip, "(0, inf)")
         _require(self.subspace_fit_devices >= 0, "defense.label-subspace.fit-devices", self.subspace_fit_devices,
                  "an integer >= 0 (0 = every device)")
+        _require(self.subspace_fit_optimizer in FIT_OPTIMIZERS, "defense.label-subspace.fit-optimizer",
+                 self.subspace_fit_optimizer, " or ".join(repr(o) for o in FIT_OPTIMIZERS))
         _require(self.subspace_rank >= 1, "defense.label-subspace.rank", self.subspace_rank, "an integer >= 1 (and <= the hidden size)")
         _require(0 < self.s_min <= 1, "defense.privtune.s-min", self.s_min, "(0, 1]")
         _require(0 < self.delta < 1, "defense.gaussian.delta", self.delta, "(0, 1)")

@@ -89,10 +89,13 @@ def fit_phase(context: Context) -> ConfigRecord:
 def query_reader(msg: Message, context: Context) -> Message:
     """The federation's label map, the reader rounds: the weights arrive; this device takes its
     private full-batch steps on its own sentences (privtune_flwr.federated_reader) and returns the
-    change. It takes at most the run's rounds x steps, noise calibrated to its own floor for them."""
+    change, or (``fit-optimizer = "cloud"``) one noisy gradient sum. It releases at most the run's
+    :attr:`~privtune_flwr.federated_reader.ReaderPlan.total_steps` noisy sums, noise calibrated to
+    its own floor for them."""
     from flwr.app import MetricRecord
 
-    from .federated_reader import ReaderPlan, check_weights, private_steps, reader_shapes, split_budget
+    from .federated_reader import (ReaderPlan, check_weights, private_gradient, private_steps, reader_record,
+                                   reader_shapes, split_budget)
 
     expected = {"config": "configs", "frame": "arrays", "weights": "arrays"}
     kinds = {k: ("arrays" if k in msg.content.array_records else "configs" if k in msg.content.config_records else "other")
@@ -107,9 +110,9 @@ def query_reader(msg: Message, context: Context) -> Message:
         raise PolicyError("this device takes reader steps only in a run whose fit query it answered (query.fit)")
     committed = int(phase.get("reader-plan", plan.total_steps))  # the plan of its first step binds the device
     spent = int(phase["reader-steps"])
-    if spent + plan.steps > committed or plan.total_steps != committed:
+    if spent + plan.steps_per_round > committed or plan.total_steps != committed:
         raise PolicyError(f"this device has taken {spent} of the {committed} reader steps its fit budget covers; "
-                          f"{plan.steps} more would exceed them")
+                          f"{plan.steps_per_round} more would exceed them")
     if math.isinf(policy.fit_epsilon):
         multiplier = 0.0
     else:
@@ -122,10 +125,11 @@ def query_reader(msg: Message, context: Context) -> Message:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
         raise SchemaError(f"the reader message's scale={scale!r} is outside the accepted range (0, inf)")
     phase["reader-plan"] = committed
-    phase["reader-steps"] = spent + plan.steps  # booked before the noise is drawn: a step is spent once
-    change, metrics = private_steps(weights, rows, ids, labels, center=frame["center"], scale=float(scale),
-                                    special_ids=split.special_ids, plan=plan, multiplier=multiplier)
-    return Message(content=RecordDict({"change": ArrayRecord({k: Array(v.numpy()) for k, v in change.items()}),
+    phase["reader-steps"] = spent + plan.steps_per_round  # booked before the noise is drawn: a step is spent once
+    release = private_steps if plan.optimizer == "device" else private_gradient
+    out, metrics = release(weights, rows, ids, labels, center=frame["center"], scale=float(scale),
+                           special_ids=split.special_ids, plan=plan, multiplier=multiplier)
+    return Message(content=RecordDict({reader_record(plan): ArrayRecord({k: Array(v.numpy()) for k, v in out.items()}),
                                        "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 

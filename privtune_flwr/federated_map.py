@@ -504,8 +504,12 @@ class FederationMap:
 
     def _reader_rounds(self, grid, nodes, *, timeout: float, name=str) -> None:
         """The reader rounds (:mod:`privtune_flwr.federated_reader`): send the weights, apply the
-        mean of the valid changes, ``defense.label-subspace.fit-rounds`` times; keeps the final ``W``."""
-        from .federated_reader import WEIGHTS, ReaderPlan, frame_of, initial_weights, mean_change, reader_shapes, step_bound
+        mean of the valid changes (or, ``fit-optimizer = "cloud"``, one Adam step on the sum of the
+        valid noisy gradient sums, each capped at ``NORM_CAP`` x the round's median), ``fit-rounds``
+        times; keeps the final ``W``."""
+        from .federated_reader import (WEIGHTS, CloudAdam, ReaderPlan, frame_of, initial_weights, mean_change,
+                                       NORM_CAP, reader_record, reader_shapes, step_bound,
+                                       summed_gradient)
         from .schema import NPY_HEADER_MAX, REPLY_RECORDS_SLACK
 
         plan = ReaderPlan.from_config(self.cfg)
@@ -514,6 +518,9 @@ class FederationMap:
         center, scale = frame_of(self.total)
         shapes = reader_shapes(plan, self.hidden)
         bound = step_bound(plan)
+        record = reader_record(plan)
+        cloud = CloudAdam(weights, plan.lr) if plan.optimizer == "cloud" else None
+        scaled_down = 0
         reply_bytes = sum(4 * math.prod(v) for v in shapes.values()) + len(shapes) * NPY_HEADER_MAX + REPLY_RECORDS_SLACK
         down = sum(4 * math.prod(v) for v in shapes.values()) + 4 * self.hidden
         accepted_per_round, up = [], []
@@ -537,21 +544,31 @@ class FederationMap:
                     errors.append((name(src), reply.error.reason))
                     continue
                 try:
-                    change = {k: v.numpy() for k, v in reply.content.array_records["change"].items()}
+                    change = {k: v.numpy() for k, v in reply.content.array_records[record].items()}
                     up.append(sum(a.nbytes for a in change.values()))
                     changes.append((name(src), change))
                 except (KeyError, AttributeError, TypeError) as exc:
-                    errors.append((name(src), f"no change in the reply ({exc})"))
-            mean, accepted, rejected = mean_change(changes, shapes, bound)
+                    errors.append((name(src), f"no {record} in the reply ({exc})"))
+            if cloud is None:
+                mean, accepted, rejected = mean_change(changes, shapes, bound)
+                if mean is not None:
+                    weights = {k: weights[k] + mean[k] for k in weights}
+            else:
+                summed, accepted, rejected, scaled = summed_gradient(changes, shapes)
+                if summed is not None:
+                    weights = cloud.step(weights, summed)
+                scaled_down += len(scaled)
+                for who in scaled:
+                    cloud_log.warning("federation map, reader round %d: %s's gradient scaled down to %.0fx the "
+                                      "round's median norm", r + 1, who, NORM_CAP)
             for who, why in errors + rejected:
-                cloud_log.warning("federation map, reader round %d: %s's change left out: %s", r + 1, who, why)
+                cloud_log.warning("federation map, reader round %d: %s's %s left out: %s", r + 1, who, record, why)
             accepted_per_round.append(len(accepted))
-            if mean is not None:
-                weights = {k: weights[k] + mean[k] for k in weights}
-            cloud_log.info("federation map, reader round %d of %d: %d of %d asked devices' changes applied", r + 1,
-                     plan.rounds, len(accepted), len(nodes))
+            cloud_log.info("federation map, reader round %d of %d: %d of %d asked devices' %ss applied", r + 1,
+                           plan.rounds, len(accepted), len(nodes), record)
         self.weights = weights[WEIGHTS].numpy().astype(np.float32)
         self.info.update({"map-reader-rounds": float(plan.rounds),
+                          "map-reader-scaled-down": float(scaled_down),
                           "map-reader-accepted-min": float(min(accepted_per_round)) if accepted_per_round else 0.0,
                           "map-reader-seconds": time.perf_counter() - start,
                           # per device: the mean over the federation (a device not asked in a round

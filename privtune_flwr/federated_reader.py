@@ -68,15 +68,23 @@ class ReaderPlan:
     rank: int
     classes: int
     max_len: int
+    optimizer: str = "device"  # FIT_OPTIMIZERS: who takes the Adam steps
 
     @classmethod
     def from_config(cls, cfg) -> "ReaderPlan":
         return cls(int(cfg.subspace_fit_rounds), int(cfg.subspace_fit_steps), float(cfg.subspace_fit_lr),
-                   float(cfg.subspace_fit_grad_clip), int(cfg.subspace_rank), int(cfg.num_labels), int(cfg.max_length))
+                   float(cfg.subspace_fit_grad_clip), int(cfg.subspace_rank), int(cfg.num_labels), int(cfg.max_length),
+                   str(getattr(cfg, "subspace_fit_optimizer", "device")))
+
+    @property
+    def steps_per_round(self) -> int:
+        """The noisy gradient sums a device releases in one round: ``steps`` when it takes the Adam
+        steps itself, one when the cloud does."""
+        return self.steps if self.optimizer == "device" else 1
 
     @property
     def total_steps(self) -> int:
-        return self.rounds * self.steps
+        return self.rounds * self.steps_per_round
 
     def reader(self) -> nn.Module:
         """The reader these weights belong to, without dropout (its gradients are per sentence)."""
@@ -253,14 +261,7 @@ def private_steps(weights: dict[str, torch.Tensor], rows, ids, labels, *, center
     local = {k: v.clone().float() for k, v in weights.items()}
     m1 = {k: torch.zeros_like(v) for k, v in local.items()}
     m2 = {k: torch.zeros_like(v) for k, v in local.items()}
-    if generator is None:
-        stream = NoiseKey.fresh().stream(_READER_NOISE, [])
-
-        def draw(shape):
-            return torch.from_numpy(stream.numpy.standard_normal(shape)).float()
-    else:
-        def draw(shape):
-            return torch.randn(shape, generator=generator)
+    draw = _standard_normals(generator)
     shares = []
     for t in range(1, plan.steps + 1):
         total, share = clipped_gradient_sum(local, rows, ids, labels, center=center, scale=scale,
@@ -271,6 +272,87 @@ def private_steps(weights: dict[str, torch.Tensor], rows, ids, labels, *, center
     metrics = {"reader-steps": float(plan.steps), "reader-noise-multiplier": float(multiplier),
                "reader-clipped-share": float(np.mean(shares)), "reader-seconds": time.perf_counter() - start}
     return change, metrics
+
+
+def private_gradient(weights: dict[str, torch.Tensor], rows, ids, labels, *, center: torch.Tensor, scale: float,
+                     special_ids, plan: ReaderPlan, multiplier: float, generator: torch.Generator | None = None,
+                     chunk: int = 128) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """One device's round when the cloud takes the steps (``fit-optimizer = "cloud"``): the clipped
+    gradient sum at ``weights`` over its sentences plus Gaussian noise of sd ``multiplier *
+    plan.clip`` (fresh OS entropy; ``generator`` a seeded stand-in for tests), once. The same
+    Gaussian mechanism as one step of :func:`private_steps`; the cloud adds the devices' sums."""
+    start = time.perf_counter()
+    scale = float(scale)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"the reader's scale={scale!r} is outside the accepted range (0, inf)")
+    local = {k: v.clone().float() for k, v in weights.items()}
+    total, share = clipped_gradient_sum(local, rows, ids, labels, center=center.float(), scale=scale,
+                                        special_ids=special_ids, plan=plan, chunk=chunk)
+    draw = _standard_normals(generator)
+    noisy = {k: v.contiguous() for k, v in add_gaussian(total, multiplier * plan.clip, draw).items()}
+    metrics = {"reader-steps": 1.0, "reader-noise-multiplier": float(multiplier), "reader-clipped-share": float(share),
+               "reader-seconds": time.perf_counter() - start}
+    return noisy, metrics
+
+
+def reader_record(plan: ReaderPlan) -> str:
+    """The name of the ArrayRecord a device's ``query.reader`` reply carries: ``"change"`` (its
+    Adam steps' change) or ``"gradient"`` (one noisy gradient sum, ``fit-optimizer = "cloud"``)."""
+    return "change" if plan.optimizer == "device" else "gradient"
+
+
+NORM_CAP = 3.0  # the cloud scales a device's gradient sum down to NORM_CAP x the round's median norm
+
+
+def summed_gradient(gradients, shapes: dict[str, tuple[int, ...]]):
+    """The sum of the valid ``(name, arrays)`` noisy gradient sums, each scaled down to at most
+    ``NORM_CAP`` times the median norm of the valid ones this round, so that no device weighs more
+    than ``NORM_CAP`` typical devices whatever it sends. Returns ``(sum or None, accepted names,
+    rejected [(name, reason)], names scaled down)``. Wrong names or shapes and non-finite values
+    are left out."""
+    valid, rejected = [], []
+    for name, arrays in gradients:
+        try:
+            valid.append((name, check_weights(arrays, shapes, "reader gradient")))
+        except (ValueError, TypeError) as exc:
+            rejected.append((name, str(exc)))
+    if not valid:
+        return None, [], rejected, []
+    norms = [float(torch.sqrt(sum((v.double() ** 2).sum() for v in g.values()))) for _, g in valid]
+    cap = NORM_CAP * float(np.median(norms))
+    total, scaled = None, []
+    for (name, g), norm in zip(valid, norms):
+        factor = 1.0 if norm <= cap or norm == 0 else cap / norm
+        if factor < 1.0:
+            scaled.append(name)
+        g = {k: v * factor for k, v in g.items()}
+        total = g if total is None else {k: total[k] + g[k] for k in total}
+    return total, [n for n, _ in valid], rejected, scaled
+
+
+class CloudAdam:
+    """The cloud's Adam over the reader rounds (``fit-optimizer = "cloud"``): one step per round on
+    the summed noisy gradients. Adam is invariant to the gradient's scale, so the sum needs no
+    count of the sentences behind it; the steps are post-processing of the devices' releases."""
+
+    def __init__(self, weights: dict[str, torch.Tensor], lr: float):
+        self.lr, self.t = float(lr), 0
+        self.m1 = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in weights.items()}
+        self.m2 = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in weights.items()}
+
+    def step(self, weights: dict[str, torch.Tensor], gradient: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.t += 1
+        new, self.m1, self.m2 = adam_step({k: v.float() for k, v in weights.items()}, self.m1, self.m2,
+                                          {k: v.float() for k, v in gradient.items()}, self.t, self.lr)
+        return new
+
+
+def _standard_normals(generator: torch.Generator | None):
+    """``draw(shape)``: standard normals from a fresh OS-entropy key, or from ``generator`` (tests)."""
+    if generator is None:
+        stream = NoiseKey.fresh().stream(_READER_NOISE, [])
+        return lambda shape: torch.from_numpy(stream.numpy.standard_normal(shape)).float()
+    return lambda shape: torch.randn(shape, generator=generator)
 
 
 def mean_change(changes, shapes: dict[str, tuple[int, ...]], bound: float):

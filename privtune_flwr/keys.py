@@ -37,7 +37,8 @@ GROUPS: dict[str, dict[str, str]] = {
     "defense.label-subspace": {"subspace_rank": "rank", "subspace_fit": "fit", "subspace_fit_scope": "fit-scope",
                                "subspace_fit_clip": "fit-clip", "subspace_fit_rounds": "fit-rounds",
                                "subspace_fit_steps": "fit-steps", "subspace_fit_lr": "fit-lr",
-                               "subspace_fit_grad_clip": "fit-grad-clip", "subspace_fit_devices": "fit-devices"},
+                               "subspace_fit_grad_clip": "fit-grad-clip", "subspace_fit_devices": "fit-devices",
+                               "subspace_fit_optimizer": "fit-optimizer"},
     "label-protection": {"label_protection": "method", "label_epsilon": "epsilon", "label_noise": "noise"},
     "run": {"seed": "seed", "output_dir": "output-dir", "resume_from": "resume-from"},
 }

@@ -12,3 +12,7 @@ PARTITIONERS = ("iid", "dirichlet")
 # Who fits label-subspace's map: each device on its own share, or the federation's fit phase
 # (``privtune_flwr.federated_map``); the run config's fit scope and the privacy statement's.
 MAP_SCOPES = ("device", "federation")
+# Who takes the federation map's reader steps (``privtune_flwr.federated_reader``): each asked device
+# takes its own Adam steps and sends the change, or sends one noisy gradient sum a round and the cloud
+# steps on their sum.
+FIT_OPTIMIZERS = ("device", "cloud")

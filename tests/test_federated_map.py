@@ -130,7 +130,8 @@ def test_policy_keys_and_range_errors():
 def _fed_cfg(**kw):
     base = dict(max_examples=240, batch_size=4, batches_per_round=1, devices_per_round=3, min_devices=3, num_rounds=1,
                 max_length=24, audit_tokens=0, defense="label-subspace", epsilon=64.0, eval_examples=4,
-                reproducible_noise=True, timeout=60.0, round_retries=0, split_layer=1, subspace_fit_scope="federation")
+                reproducible_noise=True, timeout=60.0, round_retries=0, split_layer=1, subspace_fit_scope="federation",
+                subspace_fit_rounds=8)  # the protocol tests: fewer rounds than the default
     base.update(kw)
     return RunConfig(**base)
 
@@ -148,13 +149,56 @@ def _strategy(cfg):
 NO_AUDIT = {"max-map-inversion": 1.0}  # tiny shares: these tests check the protocol, the audit test its numbers
 
 
+def test_with_the_cloud_optimizer_each_device_sends_one_gradient_a_round_and_a_loud_one_is_capped(monkeypatch):
+    """``fit-optimizer = "cloud"``: each device's reader reply is one ``gradient`` record a round and
+    it books one step a round; a device that sends a hundred times the others' gradient is scaled
+    down to the cap every round (not applied at full weight), and every device ends with one map."""
+    from privtune_flwr import device_runtime as runtime
+    from tests.test_strategy import NODE, Grid
+
+    monkeypatch.setattr("tests.test_strategy.NODE", {**NODE, **NO_AUDIT})
+    cfg = _fed_cfg(subspace_fit_optimizer="cloud", subspace_fit_rounds=3)
+    grid = Grid(cfg, 4)
+    honest = grid.app
+    records = []
+
+    def app(msg, context):
+        from flwr.app import Array
+
+        reply = honest(msg, context)
+        if msg.metadata.message_type == "query.reader":
+            records.append(sorted(reply.content.array_records))
+            if context.node_config["partition-id"] == 3:
+                arrays = reply.content.array_records["gradient"]
+                for k in list(arrays.keys()):
+                    arrays[k] = Array(arrays[k].numpy() * 100)
+        return reply
+
+    grid.app = app
+    strategy = _strategy(cfg)
+    strategy.start(grid)
+    info = strategy.fed_map.info
+    assert records == [["gradient"]] * (4 * 3)
+    assert info["map-reader-rounds"] == 3 and info["map-reader-accepted-min"] == 4
+    assert info["map-reader-scaled-down"] == 3  # the loud device, each round
+    for context in grid.contexts.values():
+        assert context.state.config_records[runtime.FIT_PHASE]["reader-steps"] == 3
+    digests = {str(c.state.config_records[fm.AUDIT]["digest"]) for c in grid.contexts.values()}
+    assert len(digests) == 1
+    from privtune_flwr.accounting import federated_map_statement
+
+    assert "in each of 3 rounds one full-batch reader gradient sum" in federated_map_statement(cfg)
+    assert "rounds of" in federated_map_statement(_fed_cfg(subspace_fit_optimizer="device", subspace_fit_rounds=3))
+
+
 def test_the_fit_phase_gives_every_device_one_map_and_survives_a_hostile_one(monkeypatch):
+    """``fit-optimizer = "device"``: each device takes its own reader steps and sends the change."""
     from privtune_flwr import client_app as device_app
     from privtune_flwr import device_runtime as runtime
     from tests.test_strategy import NODE, Grid
 
     monkeypatch.setattr("tests.test_strategy.NODE", {**NODE, **NO_AUDIT})
-    cfg = _fed_cfg()
+    cfg = _fed_cfg(subspace_fit_optimizer="device", subspace_fit_rounds=8, subspace_fit_lr=0.01)
     grid = Grid(cfg, 4)
     honest = grid.app
 

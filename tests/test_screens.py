@@ -78,7 +78,7 @@ def test_the_federated_map_screen_runs_the_products_fit_phase(cache):
     assert 0.0 <= row["audit_inversion"] <= 1.0 and 0.0 <= row["eia1_adaptive"] <= 1.0 and 0.0 <= row["eia2_adaptive"] <= 1.0
     stored = [json.loads(line) for line in (cache / "federated_map.jsonl").read_text().splitlines()]
     assert stored[-1] == json.loads(json.dumps(row))
-    with pytest.raises(SystemExit, match="accepted: closed-form, reader, reader-noiseless, one-map"):
+    with pytest.raises(SystemExit, match="accepted: closed-form, reader, reader-noiseless, reader-cloud, one-map"):
         federated_map.main(["lda"])
 
 
