@@ -508,8 +508,8 @@ class FederationMap:
         valid noisy gradient sums, each capped at ``NORM_CAP`` x the round's median), ``fit-rounds``
         times; keeps the final ``W``."""
         from .federated_reader import (WEIGHTS, CloudAdam, ReaderPlan, frame_of, initial_weights, mean_change,
-                                       NORM_CAP, reader_record, reader_shapes, step_bound,
-                                       summed_gradient)
+                                       COORD_CAP, NORM_CAP, reader_record, reader_shapes,
+                                       step_bound, summed_gradient)
         from .schema import NPY_HEADER_MAX, REPLY_RECORDS_SLACK
 
         plan = ReaderPlan.from_config(self.cfg)
@@ -559,8 +559,9 @@ class FederationMap:
                     weights = cloud.step(weights, summed)
                 scaled_down += len(scaled)
                 for who in scaled:
-                    cloud_log.warning("federation map, reader round %d: %s's gradient scaled down to %.0fx the "
-                                      "round's median norm", r + 1, who, NORM_CAP)
+                    cloud_log.warning("federation map, reader round %d: %s's gradient capped (at %.0fx the round's "
+                                      "median norm, or in a coordinate at %.0fx the spread about the median)", r + 1,
+                                      who, NORM_CAP, COORD_CAP)
             for who, why in errors + rejected:
                 cloud_log.warning("federation map, reader round %d: %s's %s left out: %s", r + 1, who, record, why)
             accepted_per_round.append(len(accepted))

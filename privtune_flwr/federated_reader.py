@@ -302,14 +302,20 @@ def reader_record(plan: ReaderPlan) -> str:
 
 
 NORM_CAP = 3.0  # the cloud scales a device's gradient sum down to NORM_CAP x the round's median norm
+COORD_CAP = 6.0  # then keeps each coordinate within COORD_CAP x the median device's spread of the per-coordinate median
 
 
 def summed_gradient(gradients, shapes: dict[str, tuple[int, ...]]):
-    """The sum of the valid ``(name, arrays)`` noisy gradient sums, each scaled down to at most
-    ``NORM_CAP`` times the median norm of the valid ones this round, so that no device weighs more
-    than ``NORM_CAP`` typical devices whatever it sends. Returns ``(sum or None, accepted names,
-    rejected [(name, reason)], names scaled down)``. Wrong names or shapes and non-finite values
-    are left out."""
+    """The sum of the valid ``(name, arrays)`` noisy gradient sums, each first scaled down to at
+    most ``NORM_CAP`` times the median norm of the valid ones this round, then each coordinate
+    clamped to within ``COORD_CAP`` times the median device's root-mean-square distance from the
+    coordinate-wise median of the devices. So no device weighs more than ``NORM_CAP`` typical
+    devices in all, nor, by putting its norm into a few coordinates, more than ``COORD_CAP``
+    sd of one device's noise in any one of them (the cloud's Adam normalises per coordinate). The
+    signal that honest devices share sits in the median, so their sums, whose spread about it is
+    mostly their Gaussian noise, are left alone but for a coordinate beyond 6 sd (about 2e-9 of
+    them). Returns ``(sum or None, accepted names, rejected [(name, reason)], names scaled down
+    or clamped)``. Wrong names or shapes and non-finite values are left out."""
     valid, rejected = [], []
     for name, arrays in gradients:
         try:
@@ -318,16 +324,25 @@ def summed_gradient(gradients, shapes: dict[str, tuple[int, ...]]):
             rejected.append((name, str(exc)))
     if not valid:
         return None, [], rejected, []
+    size = max(1, sum(math.prod(v) for v in shapes.values()))
     norms = [float(torch.sqrt(sum((v.double() ** 2).sum() for v in g.values()))) for _, g in valid]
     cap = NORM_CAP * float(np.median(norms))
-    total, scaled = None, []
+    scaled, kept = [], []
     for (name, g), norm in zip(valid, norms):
-        factor = 1.0 if norm <= cap or norm == 0 else cap / norm
-        if factor < 1.0:
+        if norm > cap:
             scaled.append(name)
-        g = {k: v * factor for k, v in g.items()}
-        total = g if total is None else {k: total[k] + g[k] for k in total}
-    return total, [n for n, _ in valid], rejected, scaled
+            g = {k: v * (cap / norm) for k, v in g.items()}
+        kept.append(g)
+    stacked = {k: torch.stack([g[k].float() for g in kept]) for k in shapes}
+    centre = {k: v.median(dim=0).values for k, v in stacked.items()}
+    spread = torch.sqrt(sum(((v - centre[k]) ** 2).flatten(1).sum(1) for k, v in stacked.items()) / size)
+    bound = COORD_CAP * float(spread.median())
+    clamped = {k: torch.maximum(torch.minimum(v, centre[k] + bound), centre[k] - bound) for k, v in stacked.items()}
+    for i, (name, _) in enumerate(valid):
+        if name not in scaled and any(not torch.equal(clamped[k][i], stacked[k][i]) for k in shapes):
+            scaled.append(name)
+    total = {k: v.sum(0) for k, v in clamped.items()}
+    return total, [n for n, _ in valid], rejected, [n for n, _ in valid if n in scaled]
 
 
 class CloudAdam:

@@ -174,13 +174,26 @@ def test_with_the_cloud_optimizer_each_device_sends_one_gradient_a_round_and_a_l
                     arrays[k] = Array(arrays[k].numpy() * 100)
         return reply
 
+    from privtune_flwr import federated_reader as fr
+
+    summed, capped = fr.summed_gradient, []
+
+    def watched(gradients, shapes):
+        out = summed(gradients, shapes)
+        capped.append(out[3])
+        return out
+
+    monkeypatch.setattr(fr, "summed_gradient", watched)
     grid.app = app
     strategy = _strategy(cfg)
     strategy.start(grid)
     info = strategy.fed_map.info
     assert records == [["gradient"]] * (4 * 3)
     assert info["map-reader-rounds"] == 3 and info["map-reader-accepted-min"] == 4
-    assert info["map-reader-scaled-down"] == 3  # the loud device, each round
+    # the loud device is capped every round (an honest one's coordinate may be clamped too, where its
+    # own data's signal sits far from the devices' median: 4 devices of 60 sentences here)
+    assert len(capped) == 3 and all("device 3" in names for names in capped)
+    assert info["map-reader-scaled-down"] == sum(len(names) for names in capped)
     for context in grid.contexts.values():
         assert context.state.config_records[runtime.FIT_PHASE]["reader-steps"] == 3
     digests = {str(c.state.config_records[fm.AUDIT]["digest"]) for c in grid.contexts.values()}

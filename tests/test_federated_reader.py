@@ -205,17 +205,32 @@ def test_the_cloud_sums_gradients_with_no_device_weighing_more_than_the_cap():
     nan = {k: v.copy() for k, v in honest[1][1].items()}
     nan[fr.WEIGHTS][0, 0] = np.inf
     bad = [("nan", nan), ("shaped", {**honest[2][1], fr.WEIGHTS: np.zeros((8, 3), np.float32)})]
-    total, accepted, rejected, scaled = fr.summed_gradient(honest + [loud] + bad, shapes)
-    assert accepted == [n for n, _ in honest] + ["loud"] and [r[0] for r in rejected] == ["nan", "shaped"]
-    assert scaled == ["loud"]
-
     def norm(a):
         return math.sqrt(sum(float((torch.as_tensor(v).double() ** 2).sum()) for v in a.values()))
 
-    median = float(np.median([norm(a) for _, a in honest + [loud]]))
+    # a spiky device: twice a typical norm, all of it in one coordinate
+    spike = {k: np.zeros(v, np.float32) for k, v in shapes.items()}
+    spike[fr.WEIGHTS][3, 1] = 2 * norm(honest[0][1])
+    total, accepted, rejected, scaled = fr.summed_gradient(honest + [loud, ("spike", spike)] + bad, shapes)
+    assert accepted == [n for n, _ in honest] + ["loud", "spike"] and [r[0] for r in rejected] == ["nan", "shaped"]
+    assert scaled == ["loud", "spike"]  # the honest devices' sums are summed untouched
+    median = float(np.median([norm(a) for _, a in honest + [loud, ("spike", spike)]]))
     honest_sum = {k: sum(torch.as_tensor(a[k]) for _, a in honest) for k in shapes}
-    loud_part = {k: total[k] - honest_sum[k] for k in shapes}
-    assert norm(loud_part) == pytest.approx(fr.NORM_CAP * median, rel=1e-4)  # scaled to the cap, not dropped
+    rest = {k: total[k] - honest_sum[k] for k in shapes}  # what the loud and the spiky device added
+    assert norm(rest) <= 2 * fr.NORM_CAP * median
+    assert norm(rest) > 0.5 * fr.NORM_CAP * median  # the loud device still counts, as a few typical ones
+    # alone with the honest ones, the spike is clamped to COORD_CAP x the spread about the median
+    spiked, _, _, scaled = fr.summed_gradient(honest + [("spike", spike)], shapes)
+    assert scaled == ["spike"]
+    stacked = torch.stack([torch.cat([torch.as_tensor(a[k]).flatten() for k in shapes])
+                           for _, a in honest + [("spike", spike)]])
+    centre = stacked.median(dim=0).values
+    spread = float(torch.sqrt(((stacked - centre) ** 2).mean(1)).median())
+    i = list(shapes).index(fr.WEIGHTS)
+    offset = sum(math.prod(shapes[k]) for k in list(shapes)[:i]) + 3 * shapes[fr.WEIGHTS][1] + 1
+    assert float(spiked[fr.WEIGHTS][3, 1] - honest_sum[fr.WEIGHTS][3, 1]) == pytest.approx(
+        float(centre[offset]) + fr.COORD_CAP * spread, rel=1e-4)  # clamped to the bound, not dropped
+    assert fr.COORD_CAP * spread < 0.2 * float(spike[fr.WEIGHTS][3, 1])
     assert fr.summed_gradient(bad, shapes)[0] is None
     # Adam on the sum: one step moves each weight by at most lr, whatever the sum's size
     weights = {k: torch.zeros(v) for k, v in shapes.items()}
