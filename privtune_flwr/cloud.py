@@ -32,6 +32,12 @@ class NonFiniteUpdate(RuntimeError):
     """Training on a release gave non-finite values; its updates were undone."""
 
 
+class _BadBatch(RuntimeError):
+    def __init__(self, release: int, why: str):
+        super().__init__(why)
+        self.release = release
+
+
 class CloudSide:
     """The cloud's top model and optimiser (LoRA weights and the task head only)."""
 
@@ -58,30 +64,69 @@ class CloudSide:
         this call is undone (weights, optimiser state and step count) and :class:`NonFiniteUpdate`
         is raised, so a poisoned release never reaches the LoRA weights.
         """
-        self.split.top.train()
-        snapshot = self.snapshot()
-        losses = []
-        for i in range(0, len(labels), self.batch_size):
-            h, m, y = hidden[i : i + self.batch_size], mask[i : i + self.batch_size], labels[i : i + self.batch_size]
-            width = int(m.sum(1).max()) if self.split.family == "encoder" else m.shape[1]
-            if self.split.family == "encoder":  # right padding: drop all-pad columns
-                h, m = h[:, :width], m[:, :width]
-            loss = F.cross_entropy(self.split.top(h, m), y)
-            if not torch.isfinite(loss):
-                self.restore(snapshot)
-                raise NonFiniteUpdate(f"batch {i // self.batch_size} gave a non-finite loss ({float(loss)}); "
-                                      f"the {len(losses)} updates before it were undone")
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(self.params, max_grad_norm)
-            self.optimizer.step()
-            self.steps += 1
-            losses.append(float(loss.detach()))
-        if not all(torch.isfinite(p).all() for p in self.params):
-            self.restore(snapshot)
-            raise NonFiniteUpdate("the updates left non-finite weights; they were undone")
+        losses, dropped = self.train_round([(hidden, mask, labels)], max_grad_norm=max_grad_norm)
+        if dropped:
+            raise NonFiniteUpdate(dropped[0])
         return losses
+
+    def train_round(self, releases: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], *,
+                    max_grad_norm: float | None = None) -> tuple[list[float], dict[int, str]]:
+        """One round on several devices' releases ``(hidden, mask, labels)``, their batches interleaved.
+
+        Batch ``b`` of every release is stepped on before batch ``b + 1`` of any, in the order
+        given. Stepping through one release after another would end each round on the last
+        device's share: with label-skewed shares (a Dirichlet partition) the top then predicts that
+        device's class for every input. Each step is still one device's batch, clipped to
+        ``max_grad_norm`` (see :meth:`train_on`).
+
+        All or nothing per release: if a step on a release's batch gives a non-finite loss or
+        non-finite weights, the whole round is undone and replayed without that release (with the
+        same dropout draws), so a rejected release never reaches the weights and the round ends
+        where it would have ended without it. Returns the batch losses and
+        ``{index of a rejected release: why}``.
+        """
+        self.split.top.train()
+        start, rng = self.snapshot(), torch.get_rng_state()  # the replay draws the same dropout masks
+        dropped: dict[int, str] = {}
+        while True:
+            try:
+                return self._interleaved(releases, dropped, max_grad_norm), dropped
+            except _BadBatch as bad:
+                self.restore(start)
+                torch.set_rng_state(rng)
+                dropped[bad.release] = str(bad)
+                if len(dropped) == len(releases):
+                    return [], dropped
+
+    def _interleaved(self, releases, dropped: dict[int, str], max_grad_norm: float | None) -> list[float]:
+        losses = []
+        longest = max((len(labels) for _, _, labels in releases), default=0)
+        for i in range(0, longest, self.batch_size):
+            for r, (hidden, mask, labels) in enumerate(releases):
+                if r in dropped or i >= len(labels):
+                    continue
+                losses.append(self._step(hidden[i : i + self.batch_size], mask[i : i + self.batch_size],
+                                         labels[i : i + self.batch_size], max_grad_norm, r, i // self.batch_size,
+                                         len(losses)))
+        return losses
+
+    def _step(self, h, m, y, max_grad_norm, release: int, batch: int, done: int) -> float:
+        if self.split.family == "encoder":  # right padding: drop all-pad columns
+            width = int(m.sum(1).max())
+            h, m = h[:, :width], m[:, :width]
+        loss = F.cross_entropy(self.split.top(h, m), y)
+        if not torch.isfinite(loss):
+            raise _BadBatch(release, f"batch {batch} gave a non-finite loss ({float(loss.detach())}); "
+                                     f"the {done} updates before it were undone")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, max_grad_norm)
+        self.optimizer.step()
+        self.steps += 1
+        if not all(torch.isfinite(p).all() for p in self.params):
+            raise _BadBatch(release, f"batch {batch} left non-finite weights; the {done + 1} updates up to it were undone")
+        return float(loss.detach())
 
     def snapshot(self) -> dict:
         """A copy of everything training changes (trainable weights, optimiser state, step count)."""

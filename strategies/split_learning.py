@@ -35,7 +35,7 @@ from flwr.serverapp.strategy import Strategy
 
 from privtune_flwr import data
 from privtune_flwr.config import RunConfig
-from privtune_flwr.cloud import CloudSide, NonFiniteUpdate
+from privtune_flwr.cloud import CloudSide
 from privtune_flwr.tasks import classification_metrics
 from privtune_flwr.schema import (NPY_HEADER_MAX, REPLY_RECORDS_SLACK, TRANSPORT_DTYPES, Plan, Release, SchemaError, instruction, parse_release,
                                   read_device_identity)
@@ -432,18 +432,20 @@ class SplitLearningStrategy(Strategy):
         if len(valid) < self.cfg.min_replies:
             log.warning("round %d: %d valid replies < federation.min-replies=%d; the top is not updated this round", server_round, len(valid), self.cfg.min_replies)
             return None, MetricRecord({"valid-replies": len(valid)})
-        losses: list[float] = []
         t0 = time.perf_counter()
-        trained = []
-        for node, rel in valid:
-            try:
-                losses += self.cloud.train_on(rel.hidden, rel.attention_mask, rel.labels,
-                                              max_grad_norm=self.cfg.max_grad_norm or None)
-                trained.append((node, rel))
-            except NonFiniteUpdate as exc:  # the reply's updates were undone; count it as rejected
-                log.warning("round %d train: rejected reply from device %d: %s", server_round, node, exc)
-                self.rejected.add(server_round, "train", self.device_name(node), str(exc))
-        valid = trained
+        # the devices' batches interleaved (CloudSide.train_round), starting one device further
+        # along each round, so neither the round's end nor its start is always the same device's
+        first = server_round % max(len(valid), 1)
+        valid = valid[first:] + valid[:first]
+        losses, dropped = [], {}
+        if valid:
+            losses, dropped = self.cloud.train_round([(r.hidden, r.attention_mask, r.labels) for _, r in valid],
+                                                     max_grad_norm=self.cfg.max_grad_norm or None)
+        for i, why in sorted(dropped.items()):  # its updates were undone; counted as rejected
+            node = valid[i][0]
+            log.warning("round %d train: rejected reply from device %d: %s", server_round, node, why)
+            self.rejected.add(server_round, "train", self.device_name(node), why)
+        valid = [v for i, v in enumerate(valid) if i not in dropped]
         if not losses:
             log.warning("round %d: no reply could be trained on; the top is not updated this round", server_round)
             return None, MetricRecord({"valid-replies": 0})

@@ -6,7 +6,7 @@ import datasets
 import pytest
 import torch
 
-from privtune_flwr.cloud import CloudSide
+from privtune_flwr.cloud import CloudSide, NonFiniteUpdate
 from simulations import training as cloud_mod
 from simulations.training import ReleasedSet, StopRule, bucketed_batches, fine_tune_to_convergence
 from privtune_flwr.data import holdout
@@ -130,4 +130,68 @@ def test_learns_a_separable_task(tiny):
     assert cloud_mod.evaluate_set(cloud, ReleasedSet(device, val["text"], val["label"]))["accuracy"] == out["best_validation"]
     with pytest.raises(ValueError, match="metric='f1'"):
         fine_tune_to_convergence(device, cloud, train, val, metric="f1")
+    split.load_trainable_state(start)
+
+
+def _fresh(split, start, lr=2e-2):
+    split.load_trainable_state(start)
+    return CloudSide(split, learning_rate=lr, batch_size=8)
+
+
+def test_a_round_interleaves_the_devices_batches_so_skewed_shares_do_not_tip_the_top(tiny):
+    """Two devices, each holding one class (a Dirichlet extreme). Stepping through one release
+    after the other ends the round on the second device's class, and the top then calls nearly
+    everything that class; the round's batches interleaved keep both classes."""
+    split, device = tiny
+    start = split.trainable_state()
+    data = _texts(600, seed=3)
+    zeros = data.filter(lambda r: r["label"] == 0).select(range(64))
+    ones = data.filter(lambda r: r["label"] == 1).select(range(64))
+    val = _texts(200, seed=4)
+    shares = [device.release(s["text"], s["label"]) for s in (zeros, ones)]
+    released_val = ReleasedSet(device, val["text"], val["label"])
+
+    out = {}
+    ROUNDS = 6
+    for how in ("in turn", "interleaved"):
+        torch.manual_seed(0)  # the top's dropout
+        cloud = _fresh(split, start)
+        for _ in range(ROUNDS):
+            if how == "in turn":
+                for rel in shares:
+                    cloud.train_on(rel.hidden, rel.attention_mask, rel.labels)
+            else:
+                losses, dropped = cloud.train_round([(r.hidden, r.attention_mask, r.labels) for r in shares])
+                assert not dropped and len(losses) == 16
+            out.setdefault(how, []).append(cloud_mod.evaluate_set(cloud, released_val)["macro-f1"])
+    split.load_trainable_state(start)
+    assert sum(f < 0.4 for f in out["in turn"]) >= ROUNDS - 1, out  # one class called for (nearly) every input
+    assert out["interleaved"][-1] > 0.9 and min(out["interleaved"][1:]) > max(out["in turn"]) + 0.2, out
+
+
+def test_a_release_that_breaks_a_step_is_undone_and_the_round_replayed_without_it(tiny):
+    """A middle release whose second batch overflows the top: the round is rolled back and replayed
+    without it, ending exactly where the round of the other two ends; the others' order is kept."""
+    split, device = tiny
+    start = split.trainable_state()
+    data = _texts(48, seed=5)
+    a, b = (device.release(data["text"][i:i + 16], data["label"][i:i + 16]) for i in (0, 16))
+    c = device.release(data["text"][32:48], data["label"][32:48])
+    bad_hidden = c.hidden.clone()
+    bad_hidden[8:] = 3e38  # finite, under float32's max; the top's first matmul overflows
+    releases = [(a.hidden, a.attention_mask, a.labels), (bad_hidden, c.attention_mask, c.labels),
+                (b.hidden, b.attention_mask, b.labels)]
+    torch.manual_seed(0)
+    cloud = _fresh(split, start)
+    losses, dropped = cloud.train_round(releases)
+    assert list(dropped) == [1] and "batch 1 gave a non-finite loss" in dropped[1], dropped
+    assert len(losses) == 4 and cloud.steps == 4
+    poisoned = split.trainable_state()
+    torch.manual_seed(0)
+    clean = _fresh(split, start)
+    clean_losses, none_dropped = clean.train_round([releases[0], releases[2]])
+    assert not none_dropped and clean_losses == losses
+    assert all(torch.equal(poisoned[k], v) for k, v in split.trainable_state().items())
+    with pytest.raises(NonFiniteUpdate, match="batch 1 gave a non-finite loss"):  # one release alone: as before
+        _fresh(split, start).train_on(*releases[1])
     split.load_trainable_state(start)
