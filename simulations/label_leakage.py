@@ -2,7 +2,11 @@
 
     python -m simulations.label_leakage --out DIR [--steps 100] [--defenses none] \\
         [--protections none,max-norm,marvell,randomised-response] [--label-epsilon 1] [--label-noise 4] \\
-        [--eval-examples 400] [--generation-steps 0]
+        [--seeds 0] [--eval-examples 400] [--generation-steps 0]
+
+A frontier: ``--label-noise`` and ``--label-epsilon`` take comma-separated lists (one run per value
+of the method that uses it) and ``--seeds`` a list; the table then gives, per point, the mean over
+seeds, and ``DIR/frontier.png`` plots each method's strongest attack AUC against test accuracy.
 
 Rotten Tomatoes, MiniLM split after block 1, u-shaped: one device trains its head while the cloud
 trains the middle, in process, on batches released through each defence (seeded noise, stated),
@@ -167,6 +171,75 @@ def _generation(args) -> dict:
     return rows
 
 
+def _floats(text) -> list[float]:
+    return [float(v) for v in str(text).split(",") if v.strip()]
+
+
+ATTACKS = ("direction-auc-known-sign", "norm-auc", "learned-auc")
+
+
+def _points(rows: list[dict]) -> list[dict]:
+    """Rows grouped by (defence, protection, its parameter): means and sds over seeds, and the
+    strongest attack (the largest AUC of the three, per seed, then averaged)."""
+    import statistics
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["defense"], r["protection"], r["label-noise"], r["label-epsilon"]), []).append(r)
+    out = []
+    for (defense, protection, noise, eps), rs in groups.items():
+        point = {"defense": defense, "protection": protection, "label-noise": noise, "label-epsilon": eps, "seeds": len(rs)}
+        for key in ("direction-accuracy", "direction-auc-shuffled-labels", *ATTACKS, "learned-accuracy", "test-accuracy"):
+            values = [r[key] for r in rs]
+            point[key] = statistics.mean(values)
+            point[key + "-sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        point["strongest-auc"] = statistics.mean(max(r[k] for k in ATTACKS) for r in rs)
+        out.append(point)
+    return out
+
+
+def _table(rows: list[dict]) -> None:
+    print(f"{'defense':<8} {'protection':<20} {'param':>6} {'seeds':>5} {'dir-acc':>7} {'dir-AUC-known':>13} "
+          f"{'norm-AUC':>8} {'learn-AUC':>9} {'strongest':>9} {'test-acc':>12}")
+    for r in rows:
+        if r.get("task") == "generation":
+            print(f"generation {r['protection']:<18} next-token top-1 {r['next-token-top1']:.3f} top-10 "
+                  f"{r['next-token-top10']:.3f} over {r['positions']} positions")
+    for p in _points([r for r in rows if r.get("task") != "generation"]):
+        param = p["label-noise"] if p["label-noise"] is not None else p["label-epsilon"]
+        print(f"{p['defense']:<8} {p['protection']:<20} {'-' if param is None else f'{param:g}':>6} {p['seeds']:>5} "
+              f"{p['direction-accuracy']:>7.3f} {p['direction-auc-known-sign']:>13.3f} {p['norm-auc']:>8.3f} "
+              f"{p['learned-auc']:>9.3f} {p['strongest-auc']:>9.3f} "
+              f"{p['test-accuracy']:>6.3f}±{p['test-accuracy-sd']:.3f}")
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    by_method: dict[str, list[dict]] = {}
+    for p in _points(rows):
+        by_method.setdefault(f"{p['protection']} ({p['defense']})", []).append(p)
+    for label, points in by_method.items():
+        points.sort(key=lambda p: p["test-accuracy"])
+        ax.plot([p["test-accuracy"] for p in points], [p["strongest-auc"] for p in points], marker="o", label=label)
+        for p in points:
+            param = p["label-noise"] if p["label-noise"] is not None else p["label-epsilon"]
+            if param is not None:
+                ax.annotate(f"{param:g}", (p["test-accuracy"], p["strongest-auc"]), fontsize=7,
+                            textcoords="offset points", xytext=(3, 3))
+    ax.axhline(0.55, color="grey", linestyle=":", linewidth=1, label="chance + 0.05")
+    ax.set_xlabel("test accuracy (u-shaped, Rotten Tomatoes)")
+    ax.set_ylabel("strongest label attack's AUC")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path)
@@ -175,11 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epsilon", type=float, default=64.0)
     parser.add_argument("--defenses", default="none")
     parser.add_argument("--protections", default="none,max-norm,marvell,randomised-response")
-    parser.add_argument("--label-epsilon", type=float, default=1.0)
-    parser.add_argument("--label-noise", type=float, default=4.0)
+    parser.add_argument("--label-epsilon", default="1", help="randomised response's epsilon; a list gives a frontier")
+    parser.add_argument("--label-noise", default="4", help="marvell's noise; a list gives a frontier")
+    parser.add_argument("--seeds", default="0", help="comma-separated; each point is run once per seed")
     parser.add_argument("--eval-examples", type=int, default=400)
     parser.add_argument("--generation-steps", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
 
@@ -192,25 +265,26 @@ def main(argv: list[str] | None = None) -> int:
     ds = data.load_dataset("rotten_tomatoes", seed=0)
     aux = data.load_dataset("imdb", seed=0, max_examples=4000).train  # the attacker's own labelled text
     rows = []
+    noises, epsilons, seeds = _floats(args.label_noise), _floats(args.label_epsilon), [int(v) for v in _floats(args.seeds)]
     for name in [d.strip() for d in args.defenses.split(",") if d.strip()]:
         for protection in [p.strip() for p in args.protections.split(",") if p.strip()]:
-            row = _run(args, name, protection, ds, aux)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            (args.out / "label_leakage.json").write_text(json.dumps(rows, indent=2))
+            values = {"marvell": [("label_noise", v) for v in noises],
+                      "randomised-response": [("label_epsilon", v) for v in epsilons]}.get(protection, [(None, None)])
+            for field, value in values:
+                for seed in seeds:
+                    point = argparse.Namespace(**{**vars(args), "seed": seed, "label_noise": noises[0],
+                                                  "label_epsilon": epsilons[0], **({field: value} if field else {})})
+                    row = _run(point, name, protection, ds, aux)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    (args.out / "label_leakage.json").write_text(json.dumps(rows, indent=2))
     if args.generation_steps:
+        args.seed = seeds[0]
         rows += _generation(args)
         (args.out / "label_leakage.json").write_text(json.dumps(rows, indent=2))
-    print(f"{'defense':<8} {'protection':<20} {'dir-acc':>7} {'dir-AUC':>7} {'(chance)':>8} {'dir-AUC-known':>13} "
-          f"{'norm-AUC':>8} {'learn-AUC':>9} {'test-acc':>8}")
-    for r in rows:
-        if r.get("task") == "generation":
-            print(f"generation {r['protection']:<18} next-token top-1 {r['next-token-top1']:.3f} top-10 "
-                  f"{r['next-token-top10']:.3f} over {r['positions']} positions")
-            continue
-        print(f"{r['defense']:<8} {r['protection']:<20} {r['direction-accuracy']:>7.3f} {r['direction-auc']:>7.3f} "
-              f"{r['direction-auc-shuffled-labels']:>8.3f} {r['direction-auc-known-sign']:>13.3f} "
-              f"{r['norm-auc']:>8.3f} {r['learned-auc']:>9.3f} {r['test-accuracy']:>8.3f}")
+    _table(rows)
+    if len(rows) > 1:
+        _plot([r for r in rows if r.get("task") != "generation"], args.out / "frontier.png")
     return 0
 
 

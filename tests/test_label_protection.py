@@ -153,3 +153,22 @@ def test_u_shaped_device_head_returns_protected_gradients(minilm_split):
     noisy, _ = head.step(outputs, mask, labels)
     assert noisy.shape == clean.shape and not torch.allclose(noisy, clean)
     assert torch.equal(noisy[:, 1:], clean[:, 1:])  # an encoder's head reads the first token only
+
+
+def test_the_leakage_frontier_groups_seeds_and_takes_the_strongest_attack_per_seed(tmp_path):
+    """simulations.label_leakage's frontier: one point per (method, parameter), averaged over seeds;
+    the strongest attack is the largest of the three AUCs in each seed, then averaged."""
+    from simulations.label_leakage import _plot, _points
+
+    def row(seed, noise, d, n, l, acc):
+        return {"defense": "none", "protection": "marvell", "label-noise": noise, "label-epsilon": None, "seed": seed,
+                "direction-accuracy": 0.5, "direction-auc-shuffled-labels": 0.6, "direction-auc-known-sign": d,
+                "norm-auc": n, "learned-auc": l, "learned-accuracy": 0.5, "test-accuracy": acc}
+
+    rows = [row(0, 1.0, 0.9, 0.5, 0.7, 0.70), row(1, 1.0, 0.6, 0.5, 0.8, 0.74), row(0, 4.0, 0.52, 0.51, 0.53, 0.5)]
+    points = {p["label-noise"]: p for p in _points(rows)}
+    assert points[1.0]["seeds"] == 2 and points[4.0]["seeds"] == 1
+    assert abs(points[1.0]["strongest-auc"] - 0.85) < 1e-12  # mean of 0.9 and 0.8, not max of the means (0.75)
+    assert abs(points[1.0]["test-accuracy"] - 0.72) < 1e-12 and points[1.0]["test-accuracy-sd"] > 0
+    _plot(rows, tmp_path / "frontier.png")
+    assert (tmp_path / "frontier.png").stat().st_size > 1000
