@@ -2,6 +2,7 @@
 
     python -m simulations.decoder_attacks --out DIR [--datasets rotten_tomatoes,bbc_news]
         [--defenses none,dchi,privtune] [--epsilon 64] [--max-victim 100] [--max-aux 300]
+        [--attacks eia-knn,eia-mlp]
 
 The device runs SmolLM2-135M's bottom (``--split-layer``, default 2) and releases each text through
 its defence, built as a device builds it from its own training texts (PrivTune's importance from
@@ -10,6 +11,12 @@ privacy-utility sweep (same aux corpora, keywords and attributes per dataset), u
 protocols. Utility of generation (perplexity, ROUGE-L) comes from Flower runs
 (``simulations.compare_runs generation``), not from here. Prints a table and writes
 ``DIR/decoder_attacks.json``.
+
+For every PrivTune-family defence it also writes where the mean shift aims (``targets`` in the
+JSON): the share of regular tokens whose target, the centroid of their n-hop ring, has the
+token's **own** anchor as its nearest anchor (cosine, as the KNN attack reads it), and the
+cosine of a clean release to its own anchor against the shift's radius. A shift that carries a
+release towards such a target carries it towards its own anchor, wherever the clean release was.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-examples", type=int, default=2000, help="device training texts (importance)")
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--attacks", default="", help="a comma list of attacks (default: all six)")
     args = parser.parse_args(argv)
     for key in ("max_victim", "max_aux", "max_examples", "max_length", "threads"):
         if getattr(args, key) < 1:
@@ -46,11 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     from privtune_flwr.models import load_split
     from simulations.privacy_utility import _sample, attack_inputs, quick_settings
 
+    chosen = [a.strip() for a in args.attacks.split(",") if a.strip()] or list(ATTACKS)
+    unknown = [a for a in chosen if a not in ATTACKS]
+    if unknown:
+        parser.error(f"--attacks {unknown} is outside the accepted range: {', '.join(ATTACKS)}")
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     settings = quick_settings(max_victim=args.max_victim, max_aux=args.max_aux, max_length=args.max_length)
     split = load_split(args.model, args.split_layer, "generation", protocol="u-shaped", seed=0).without_middle()
-    rows = []
+    rows, targets = [], []
     for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:
         ds = data.load_dataset(name, seed=0, max_examples=args.max_examples)
         victim = _sample(ds.test, args.max_victim, 0)
@@ -59,8 +71,12 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             defense = device_defense(defense_name, split, epsilon=args.epsilon, texts=list(ds.train["text"]), labels=None,
                                      task="generation", max_length=args.max_length, seed=0)
-            jobs = [(inputs["aux_texts"], [a for a in ATTACKS if a != "aia-attribute" or inputs["attr_aux_texts"] is None])]
-            if inputs["attr_aux_texts"] is not None:
+            if getattr(defense, "targets", None) is not None:
+                targets.append({"dataset": name, "defense": defense_name, **aim(split, defense, victim, args.max_length)})
+                print(f"[decoder-attacks] {name} {defense_name}: targets {targets[-1]}", flush=True)
+            plain = [a for a in chosen if a != "aia-attribute" or inputs["attr_aux_texts"] is None]
+            jobs = [(inputs["aux_texts"], plain)] if plain else []
+            if inputs["attr_aux_texts"] is not None and "aia-attribute" in chosen:
                 jobs.append((inputs["attr_aux_texts"], ["aia-attribute"]))
             for aux_texts, names in jobs:
                 with_attr = "aia-attribute" in names
@@ -75,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "protocol": r["protocol"], "asr": float(r["asr"]), "asr_clean": float(r["asr_clean"]),
                                  "victim_examples": len(victim), "aux_examples": len(aux_texts)})
             print(f"[decoder-attacks] {name} {defense_name}: {time.perf_counter() - t0:.0f} s", flush=True)
-            (args.out / "decoder_attacks.json").write_text(json.dumps(rows, indent=1))
+            (args.out / "decoder_attacks.json").write_text(json.dumps({"rows": rows, "targets": targets}, indent=1))
     attacks = list(dict.fromkeys(r["attack"] for r in rows))
     print("| dataset | defence | " + " | ".join(f"{a} (adaptive / static)" for a in attacks) + " |")
     print("|---|---|" + "---|" * len(attacks))
@@ -85,6 +101,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
     print(f"written {args.out / 'decoder_attacks.json'}")
     return 0
+
+
+def aim(split, defense, victim, max_length: int) -> dict:
+    """Where a PrivTune-family defence's mean shift points (see the module docstring)."""
+    import torch
+
+    from privtune_flwr.mechanism.anchors import nearest_anchor, real_token_mask
+
+    anchors, tg = defense.anchors.float(), defense.targets.float()
+    regular = torch.ones(len(anchors), dtype=torch.bool)
+    specials = split.special_ids
+    regular[specials[specials < len(anchors)]] = False
+    ids = torch.arange(len(anchors))[regular]
+    own = float((nearest_anchor(tg[ids], anchors) == ids).float().mean())
+    enc = split.tokenize(list(victim["text"]), max_length)
+    with torch.no_grad():
+        h = split.bottom(enc["input_ids"], enc["attention_mask"]).float()
+    real = real_token_mask(enc["input_ids"], enc["attention_mask"], split.special_ids)
+    tok, h = enc["input_ids"][real], h[real]
+    cos_own = torch.nn.functional.cosine_similarity(h, anchors[tok], dim=-1)
+    return {"target-nearest-is-own": own, "clean-cos-to-own-anchor": float(cos_own.mean()),
+            "clean-knn": float((nearest_anchor(h, anchors) == tok).float().mean()),
+            "clean-distance-to-target": float((h - tg[tok]).norm(dim=-1).median()),
+            "radius": float(getattr(defense, "radius", float("nan")))}
 
 
 if __name__ == "__main__":

@@ -182,7 +182,9 @@ def main(grid: Grid, context: Context) -> None:
         "generation": getattr(strategy, "generation", {}),
         # offsite: no representation is released, so no mechanism's statement applies (adapters are model updates)
         "privacy": privacy_summary(cfg, history) if cfg.protocol != "offsite" else {
-            "statement": "offsite tuning releases no representations; devices send adapter weights, with no formal guarantee"},
+            "statement": "offsite tuning releases no representations; devices send adapter weights, with no formal "
+                         "guarantee: a cloud that chooses the LoRA rank, the local steps and the adapters it sends reads "
+                         "a short batch's text back from one update (privtune_flwr.attacks.updates)"},
         "emulator": getattr(cloud, "emulator_report", None),
         "wall-seconds": time.perf_counter() - t0,
         "server-peak-rss-mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
