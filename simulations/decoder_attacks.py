@@ -13,10 +13,13 @@ protocols. Utility of generation (perplexity, ROUGE-L) comes from Flower runs
 ``DIR/decoder_attacks.json``.
 
 For every PrivTune-family defence it also writes where the mean shift aims (``targets`` in the
-JSON): the share of regular tokens whose target, the centroid of their n-hop ring, has the
-token's **own** anchor as its nearest anchor (cosine, as the KNN attack reads it), and the
-cosine of a clean release to its own anchor against the shift's radius. A shift that carries a
-release towards such a target carries it towards its own anchor, wherever the clean release was.
+JSON), on the victims' real tokens: the share of regular tokens whose target (the centroid of
+their n-hop ring) has the token's own anchor as its nearest anchor; the norms of releases,
+anchors, targets and shifts; the anchors' largest coordinate and the shift's mean on it; and the
+nearest-anchor score (cosine, as EIA-1 reads it) of the clean release, the shifted one (no
+noise), the clean one moved by the radius towards its target, its own anchor or the mean anchor,
+and the clean one with the offset added that an attacker estimates from public text (the mean
+anchor minus the mean release of the auxiliary texts through the same bottom).
 """
 
 from __future__ import annotations
@@ -72,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             defense = device_defense(defense_name, split, epsilon=args.epsilon, texts=list(ds.train["text"]), labels=None,
                                      task="generation", max_length=args.max_length, seed=0)
             if getattr(defense, "targets", None) is not None:
-                targets.append({"dataset": name, "defense": defense_name, **aim(split, defense, victim, args.max_length)})
+                targets.append({"dataset": name, "defense": defense_name,
+                                **aim(split, defense, list(victim["text"]), inputs["aux_texts"], args.max_length)})
                 print(f"[decoder-attacks] {name} {defense_name}: targets {targets[-1]}", flush=True)
             plain = [a for a in chosen if a != "aia-attribute" or inputs["attr_aux_texts"] is None]
             jobs = [(inputs["aux_texts"], plain)] if plain else []
@@ -103,9 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def aim(split, defense, victim, max_length: int) -> dict:
+def aim(split, defense, victim_texts: list[str], aux_texts: list[str], max_length: int) -> dict:
     """Where a PrivTune-family defence's mean shift points (see the module docstring)."""
     import torch
+    import torch.nn.functional as F
 
     from privtune_flwr.mechanism.anchors import nearest_anchor, real_token_mask
 
@@ -114,17 +119,41 @@ def aim(split, defense, victim, max_length: int) -> dict:
     specials = split.special_ids
     regular[specials[specials < len(anchors)]] = False
     ids = torch.arange(len(anchors))[regular]
-    own = float((nearest_anchor(tg[ids], anchors) == ids).float().mean())
-    enc = split.tokenize(list(victim["text"]), max_length)
+    mean_anchor = anchors[regular].mean(0)
+
+    def clean(texts):
+        enc = split.tokenize(texts, max_length)
+        with torch.no_grad():
+            h = split.bottom(enc["input_ids"], enc["attention_mask"]).float()
+        return enc, h, real_token_mask(enc["input_ids"], enc["attention_mask"], split.special_ids)
+
+    enc, h_all, real = clean(victim_texts)
     with torch.no_grad():
-        h = split.bottom(enc["input_ids"], enc["attention_mask"]).float()
-    real = real_token_mask(enc["input_ids"], enc["attention_mask"], split.special_ids)
-    tok, h = enc["input_ids"][real], h[real]
-    cos_own = torch.nn.functional.cosine_similarity(h, anchors[tok], dim=-1)
-    return {"target-nearest-is-own": own, "clean-cos-to-own-anchor": float(cos_own.mean()),
-            "clean-knn": float((nearest_anchor(h, anchors) == tok).float().mean()),
-            "clean-distance-to-target": float((h - tg[tok]).norm(dim=-1).median()),
-            "radius": float(getattr(defense, "radius", float("nan")))}
+        shift = defense.mean_shift(h_all, enc["input_ids"], enc["attention_mask"])[real]
+    tok, h = enc["input_ids"][real], h_all[real]
+    a, t, r = anchors[tok], tg[tok], float(defense.radius)
+    _, h_aux, real_aux = clean(list(aux_texts))
+    offset = mean_anchor - h_aux[real_aux].mean(0)
+
+    def knn(x):
+        return float((nearest_anchor(x, anchors) == tok).float().mean())
+
+    def towards(goal):
+        return h + r * F.normalize(goal - h, dim=-1)
+
+    top = int(anchors[regular].abs().mean(0).argmax())
+    return {"target-nearest-is-own": float((nearest_anchor(tg[ids], anchors) == ids).float().mean()),
+            "radius": r, "norm-release": float(h.norm(dim=-1).median()), "norm-anchor": float(a.norm(dim=-1).median()),
+            "norm-target": float(t.norm(dim=-1).median()), "norm-shift": float(shift.norm(dim=-1).median()),
+            "anchor-top-coordinate": top, "anchor-top-mean-abs": float(anchors[regular, top].abs().mean()),
+            "release-top-mean-abs": float(h[:, top].abs().mean()), "shift-top-mean": float(shift[:, top].mean()),
+            "cos-shift-to-target": float(F.cosine_similarity(shift, t - h, dim=-1).mean()),
+            "cos-release-own-anchor": float(F.cosine_similarity(h, a, dim=-1).mean()),
+            "cos-shifted-own-anchor": float(F.cosine_similarity(h + shift, a, dim=-1).mean()),
+            "knn-clean": knn(h), "knn-shifted": knn(h + shift), "knn-towards-target": knn(towards(t)),
+            "knn-towards-own-anchor": knn(towards(a)), "knn-towards-mean-anchor": knn(towards(mean_anchor.expand_as(h))),
+            "knn-clean-with-public-offset": knn(h + offset), "victim-tokens": int(real.sum()),
+            "aux-texts": len(aux_texts)}
 
 
 if __name__ == "__main__":
