@@ -79,11 +79,16 @@ def block_inputs(off: offsite.Offsite, token_ids: torch.Tensor, position: int) -
     emulator computes it in evaluation mode (no dropout): [len(token_ids), hidden]."""
     model = offsite._base(off.emulator.base_model.model)
     ids = token_ids.view(-1, 1)
-    if off.family == "encoder":
-        pos = torch.full_like(ids, position)
-        return model.embeddings(input_ids=ids, position_ids=pos, token_type_ids=torch.zeros_like(ids))[:, 0].float()
-    hidden = model.embed_tokens(ids)
-    return model.layers[0].input_layernorm(hidden)[:, 0].float()  # rotary positions act after the projection
+    was = model.training
+    model.eval()  # the clean input: the attacker sets the device's dropout aside itself
+    try:
+        if off.family == "encoder":
+            pos = torch.full_like(ids, position)
+            return model.embeddings(input_ids=ids, position_ids=pos, token_type_ids=torch.zeros_like(ids))[:, 0].float()
+        hidden = model.embed_tokens(ids)
+        return model.layers[0].input_layernorm(hidden)[:, 0].float()  # rotary positions act after the projection
+    finally:
+        model.train(was)
 
 
 @torch.no_grad()
