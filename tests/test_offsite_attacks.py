@@ -77,3 +77,18 @@ def test_the_span_check_needs_the_update_not_just_the_sentence(minilm_tokenizer)
     guess, _ = oa.attack_update(off, sent, returned, n=len(truth), positions=int(ids.shape[1]), candidates=vocab)
     shared = truth & other
     assert len((guess & truth) - shared) <= 1
+
+
+def test_the_span_attack_refuses_a_decoder_rather_than_scoring_positions_it_cannot_see(minilm_tokenizer):
+    import copy
+
+    import pytest
+
+    from tests.conftest import tiny_hf_model
+
+    off = offsite.build_offsite("tiny", task="generation", method="fedbiot", emulator_drop=0.5, distill_steps=0,
+                                lora_rank=4, max_length=24, aux_texts=TEXTS, hf_model=tiny_hf_model("decoder", "generation", layers=4),
+                                tokenizer=copy.deepcopy(minilm_tokenizer))
+    state = off.adapter_state(emulator=True)
+    with pytest.raises(ValueError, match="scores \\(token, position\\) pairs of an encoder; got a decoder"):
+        oa.attack_update(off, state, state, n=3, positions=4, candidates=torch.arange(100))

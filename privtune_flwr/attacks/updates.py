@@ -2,7 +2,8 @@
 
 In offsite tuning no representation leaves a device: it returns its LoRA adapters (and the task
 head) after ``offsite.local-steps`` steps on its own data. The cloud holds the adapters it sent,
-so it has the update. Two attacks on it, each against the first adapter block and the head:
+so it has the update. Two attacks on it, one on the first adapter block and one on the head
+(the token attack is built for encoders: their block input carries the position):
 
 * **Token recovery (span check on the first block's LoRA ``A``).** The input of block 0's
   query and value projections is the embedding layer's output for (token, position), which no
@@ -188,7 +189,12 @@ def attack_update(off: offsite.Offsite, sent: dict, returned: dict, *, n: int, p
                   candidates: torch.Tensor, shortlist: int = 40) -> tuple[set[tuple[int, int]], int]:
     """The recovered (token, position) pairs and the update's numerical rank: every candidate
     scored by its energy in the span, then the best ``shortlist * n`` re-scored by
-    :func:`trimmed_residuals` (the device's dropout set aside), the ``n`` lowest kept."""
+    :func:`trimmed_residuals` (the device's dropout set aside), the ``n`` lowest kept. Encoders
+    only: a decoder's block input carries no position (rotary positions act after the projection),
+    so its candidates are tokens, not (token, position) pairs, and that scoring is not built."""
+    if off.family != "encoder":
+        raise ValueError(f"the span attack scores (token, position) pairs of an encoder; got a {off.family} "
+                         "(rotary positions act after the projection: token-only scoring is not built)")
     rows = torch.cat([returned[k] - sent[k] for k in first_block_keys(off, "lora_A")])
     basis = row_space(rows)
     scores = span_scores(off, basis, positions, candidates)
