@@ -49,6 +49,7 @@ import copy
 import logging
 import math
 import re
+import secrets
 import time
 from dataclasses import dataclass, field
 
@@ -654,8 +655,9 @@ def device_train(msg, context):
         ids, mask = _encode(off, rows[text_column], cfg.max_length)
         labels = torch.tensor(rows["label"], dtype=torch.long) if cfg.task == "classification" else None
         batches.append((ids, mask, labels))
-    losses = train_emulator(off, batches, learning_rate=cfg.learning_rate,
-                            seed=(cfg.seed * 1_000_003 + pid * 7_919 + server_round) % (1 << 31))
+    # the dropout masks come from this device's own entropy: a cloud that knew them could undo the
+    # dropout on the rows it reads back (docs/results.md, "Offsite tuning: what an update gives away")
+    losses = train_emulator(off, batches, learning_rate=cfg.learning_rate, seed=secrets.randbits(63))
     metrics = {"num-examples": float(len(train)), "train-loss": float(sum(losses) / len(losses)),
                "local-steps": float(len(losses)), "train-seconds": time.perf_counter() - t0}
     content = RecordDict({ADAPTERS: adapters_record(off.adapter_state(emulator=True)), METRICS: MetricRecord(metrics)})

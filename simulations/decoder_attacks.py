@@ -115,10 +115,9 @@ def aim(split, defense, victim_texts: list[str], aux_texts: list[str], max_lengt
     from privtune_flwr.mechanism.anchors import nearest_anchor, real_token_mask
 
     anchors, tg = defense.anchors.float(), defense.targets.float()
-    regular = torch.ones(len(anchors), dtype=torch.bool)
-    specials = split.special_ids
-    regular[specials[specials < len(anchors)]] = False
-    ids = torch.arange(len(anchors))[regular]
+    ids = defense.regular_ids  # the defence's own list of the tokens a target is built for
+    regular = torch.zeros(len(anchors), dtype=torch.bool)
+    regular[ids] = True
     mean_anchor = anchors[regular].mean(0)
 
     def clean(texts):

@@ -28,25 +28,33 @@ from pathlib import Path
 import torch
 
 from privtune_flwr import data, offsite
-from privtune_flwr.attacks.updates import (active_adapters, attack_update, device_update, frequent_pairs, head_bias_key,
-                                           real_pairs)
+from privtune_flwr.config import RunConfig
+from simulations.privacy_utility import SweepSettings
+from privtune_flwr.attacks.updates import (active_adapters, attack_tokens, attack_update, device_update, frequent_pairs,
+                                           frequent_tokens, head_bias_key, real_pairs, real_tokens)
 
 
 # -- the experiment ---------------------------------------------------------------------------------
 
 
 def run(*, model: str = "minilm", method: str = "fedbiot", dataset: str = "rotten_tomatoes", victims: int = 20,
-        sentences: tuple[int, ...] = (1, 3, 5), modes: tuple[str, ...] = ("passive", "active"), max_length: int = 64,
-        passive_rank: int = 8, active_rank: int = 64, local_steps: int = 8, learning_rate: float = 1e-3,
+        sentences: tuple[int, ...] = (1, 3, 5), modes: tuple[str, ...] = ("passive", "active"), max_length: int | None = None,
+        passive_rank: int = RunConfig.lora_rank, active_rank: int = 64, local_steps: int = RunConfig.local_steps,
+        learning_rate: float = RunConfig.learning_rate,
         warm_steps: int = 20, distill_steps: int = 20, seed: int = 0, out: Path | None = None, log=print) -> dict:
     """Every (mode, sentences per update) cell over ``victims`` updates; see the module docstring."""
     torch.manual_seed(seed)
-    task = "classification"
     ds = data.load_dataset(dataset, seed=seed)
+    task = ds.task
+    max_length = max_length or SweepSettings().length_for(dataset)  # the sweep's: 64 tokens, generation 128
+    generation = task == data.GENERATION
     aux = offsite.auxiliary_texts(dataset, 2000, seed)
     aux_labelled = data.load_dataset(offsite.auxiliary_dataset(dataset), seed=seed, max_examples=2000).train
     aux_majority = Counter(aux_labelled["label"]).most_common(1)[0][0]  # the blind guess of every batch's majority
     train = ds.train
+    if generation:  # what a device trains on: prompt + continuation, as the app and the sweep join them
+        pairs = [data.generation_pair(dataset, t, g) for t, g in zip(train["text"], train["target"])]
+        train = train.remove_columns("text").add_column("text", [a + b for a, b in pairs])
     per_victim = []
     results = {"model": model, "method": method, "dataset": dataset, "victims": victims, "seed": seed,
                "max-length": max_length, "cells": [], "per-victim": per_victim}
@@ -63,7 +71,7 @@ def run(*, model: str = "minilm", method: str = "fedbiot", dataset: str = "rotte
         off = builds[rank]
         special = set(off.tokenizer.all_special_ids)
         vocab = torch.tensor([t for t in range(off.tokenizer.vocab_size) if t not in special])
-        blind = frequent_pairs(off, aux, max_length, special)
+        blind = (frequent_tokens if generation else frequent_pairs)(off, aux, max_length, special)
         # the adapters a cloud would send mid-training: warm_steps of the device's own training on public text
         start = off.adapter_state(emulator=True)
         if warm_steps:
@@ -71,7 +79,7 @@ def run(*, model: str = "minilm", method: str = "fedbiot", dataset: str = "rotte
             for at in range(warm_steps):
                 rows = aux_labelled.select([(at * 16 + j) % len(aux_labelled) for j in range(16)])
                 ids, mask = offsite._encode(off, rows["text"], max_length)
-                warm.append((ids, mask, torch.tensor(rows["label"], dtype=torch.long)))
+                warm.append((ids, mask, None if generation else torch.tensor(rows["label"], dtype=torch.long)))
             start = device_update(off, start, warm, learning_rate=learning_rate, seed=seed)
         for k in sentences:
             rng = torch.Generator().manual_seed(seed * 7_919 + k)
@@ -79,28 +87,33 @@ def run(*, model: str = "minilm", method: str = "fedbiot", dataset: str = "rotte
             for v in range(victims):
                 rows = train.select(torch.randperm(len(train), generator=rng)[:k].tolist())
                 ids, mask = offsite._encode(off, rows["text"], max_length)
-                labels = torch.tensor(rows["label"], dtype=torch.long)
-                truth = real_pairs(ids, mask, special)
+                labels = None if generation else torch.tensor(rows["label"], dtype=torch.long)
+                truth = (real_tokens if generation else real_pairs)(ids, mask, special)
                 sent = active_adapters(off, start, seed + v) if mode == "active" else start
                 steps = 1 if mode == "active" else local_steps
                 t0 = time.perf_counter()
                 returned = device_update(off, sent, [(ids, mask, labels)] * steps, learning_rate=learning_rate,
                                          seed=seed * 1_000 + v)
-                guess, r = attack_update(off, sent, returned, n=len(truth), positions=int(ids.shape[1]),
-                                         candidates=vocab)
+                if generation:
+                    guess, r = attack_tokens(off, sent, returned, n=len(truth), candidates=vocab)
+                else:
+                    guess, r = attack_update(off, sent, returned, n=len(truth), positions=int(ids.shape[1]),
+                                             candidates=vocab)
                 seconds.append(time.perf_counter() - t0)
                 recalls.append(len(guess & truth) / len(truth))
                 floors.append(len(set(blind[:len(truth)]) & truth) / len(truth))
                 ranks.append(r)
-                bias = head_bias_key(off)
-                rise = returned[bias] - sent[bias]
-                counts = torch.bincount(labels, minlength=2)
-                if int((counts == counts.max()).sum()) == 1:  # a tie has no majority to name
-                    label_hits.append(float(int(rise.argmax()) == int(counts.argmax())))
-                    label_blind.append(float(int(counts.argmax()) == aux_majority))
-                per_victim.append({"mode": mode, "sentences": k, "tokens": len(truth), "recovered": len(guess & truth),
-                                   "blind": floors[-1], "labels": labels.tolist(), "bias-rise": rise.tolist(),
-                                   "update-rank": r})
+                victim = {"mode": mode, "sentences": k, "tokens": len(truth), "recovered": len(guess & truth),
+                          "blind": floors[-1], "update-rank": r}
+                if not generation:  # a generation task has no head to read
+                    bias = head_bias_key(off)
+                    rise = returned[bias] - sent[bias]
+                    counts = torch.bincount(labels, minlength=2)
+                    if int((counts == counts.max()).sum()) == 1:  # a tie has no majority to name
+                        label_hits.append(float(int(rise.argmax()) == int(counts.argmax())))
+                        label_blind.append(float(int(counts.argmax()) == aux_majority))
+                    victim.update({"labels": labels.tolist(), "bias-rise": rise.tolist()})
+                per_victim.append(victim)
             cell = {"mode": mode, "lora-rank": rank, "sentences": k, "local-steps": 1 if mode == "active" else local_steps,
                     "token-recall": sum(recalls) / victims, "token-recall-sd": _sd(recalls),
                     "blind-floor": sum(floors) / victims,
@@ -132,7 +145,8 @@ def table(results: dict) -> str:
     for c in results["cells"]:
         lines.append(f"| {c['mode']} | {c['lora-rank']} | {c['sentences']} | {c['local-steps']} | "
                      f"{c['token-recall']:.3f} ± {c['token-recall-sd']:.3f} ({c['blind-floor']:.3f}) | "
-                     f"{c['label-accuracy']:.2f} of {c['label-scored']} ({c['label-floor']:.2f}) | {c['update-rank-mean']:.1f} |")
+                     + (f"{c['label-accuracy']:.2f} of {c['label-scored']} ({c['label-floor']:.2f})" if c["label-scored"] else "-")
+                     + f" | {c['update-rank-mean']:.1f} |")
     return "\n".join(lines)
 
 
@@ -146,6 +160,7 @@ def main(argv=None) -> int:
     p.add_argument("--sentences", default="1,3,5", help="sentences per update, a comma list")
     p.add_argument("--modes", default="passive,active")
     p.add_argument("--active-rank", type=int, default=64)
+    p.add_argument("--max-length", type=int, help="tokens per training text (default: the sweep's, 64; generation 128)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
     a = p.parse_args(argv)
@@ -159,7 +174,7 @@ def main(argv=None) -> int:
     if any(s < 1 for s in sentences) or a.victims < 1:
         p.error("--sentences and --victims take integers >= 1")
     res = run(model=a.model, method=a.method, dataset=a.dataset, victims=a.victims, sentences=sentences, modes=modes,
-              active_rank=a.active_rank, seed=a.seed, out=a.out)
+              active_rank=a.active_rank, max_length=a.max_length, seed=a.seed, out=a.out)
     print(table(res))
     print(f"[offsite-attacks] wrote {a.out / 'results.json'}")
     return 0

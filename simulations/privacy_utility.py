@@ -453,7 +453,10 @@ def _joined(name: str, rows):
     return rows.remove_columns("text").add_column("text", [p + c for p, c in pairs]).add_column("prompt", [p for p, _ in pairs])
 
 
-def dataset_context(name: str, seed: int, settings: SweepSettings) -> DatasetContext:
+def point_data(name: str, seed: int, settings: SweepSettings):
+    """A point's data: ``(ds, train, validation, test, victim)``: the device's training part, the
+    part held out of it for stopping, the test split scored for utility and the test sequences
+    attacked (generation: ``text`` is prompt + continuation, :func:`_joined`)."""
     ds = data.load_dataset(name, seed=seed, max_examples=settings.max_examples or None)
     if len(ds.train) == 0 or len(ds.test) == 0:
         raise ValueError(f"dataset={name!r} has an empty split (train {len(ds.train)}, test {len(ds.test)})")
@@ -465,6 +468,11 @@ def dataset_context(name: str, seed: int, settings: SweepSettings) -> DatasetCon
     train, validation = data.holdout(ds.train, settings.validation_fraction, seed=seed, label_column=column)
     victim = _sample(ds.test, settings.max_victim, seed)
     test = ds.test if not settings.max_utility else _sample(ds.test, settings.max_utility, seed)
+    return ds, train, validation, test, victim
+
+
+def dataset_context(name: str, seed: int, settings: SweepSettings) -> DatasetContext:
+    ds, train, validation, test, victim = point_data(name, seed, settings)
     inputs = attack_inputs(name, ds, victim, settings, seed)
     if ds.task == data.GENERATION:
         split = load_split(settings.generation_model, settings.generation_split_layer, "generation", protocol="u-shaped",

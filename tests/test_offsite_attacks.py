@@ -92,3 +92,54 @@ def test_the_span_attack_refuses_a_decoder_rather_than_scoring_positions_it_cann
     state = off.adapter_state(emulator=True)
     with pytest.raises(ValueError, match="scores \\(token, position\\) pairs of an encoder; got a decoder"):
         oa.attack_update(off, state, state, n=3, positions=4, candidates=torch.arange(100))
+
+
+def _decoder(minilm_tokenizer, rank):
+    import copy
+
+    from tests.conftest import tiny_hf_model
+
+    torch.manual_seed(0)
+    return offsite.build_offsite("tiny", task="generation", method="fedbiot", emulator_drop=0.5, distill_steps=0,
+                                 lora_rank=rank, max_length=24, aux_texts=TEXTS,
+                                 hf_model=tiny_hf_model("decoder", "generation", layers=4),
+                                 tokenizer=copy.deepcopy(minilm_tokenizer))
+
+
+def test_active_cloud_recovers_a_decoder_batchs_tokens_and_only_from_its_own_update(minilm_tokenizer):
+    off = _decoder(minilm_tokenizer, rank=16)
+    special = set(off.tokenizer.all_special_ids)
+    ids, mask = offsite._encode(off, ["the actors are warm and the plot is thin"], 24)
+    other_ids, other_mask = offsite._encode(off, ["dull , dull , dull beyond belief for an hour"], 24)
+    truth, other = oa.real_tokens(ids, mask, special), oa.real_tokens(other_ids, other_mask, special)
+    vocab = torch.tensor(sorted(truth | other | set(range(1000, 3000))))
+    sent = oa.active_adapters(off, off.adapter_state(emulator=True), seed=1)
+    offsite.check_adapters(sent, off.adapter_spec())
+    returned = oa.device_update(off, sent, [(ids, mask, None)], learning_rate=1e-3, seed=0)
+    guess, rank = oa.attack_tokens(off, sent, returned, n=len(truth), candidates=vocab)
+    # every token that some later position attends to is in the span (the last one only feeds its own position)
+    assert rank >= len(truth) - 1
+    assert len(guess & truth) >= len(truth) - 1
+    # the same attack on an update of another batch names none of this batch's own tokens
+    returned = oa.device_update(off, sent, [(other_ids, other_mask, None)], learning_rate=1e-3, seed=0)
+    guess, _ = oa.attack_tokens(off, sent, returned, n=len(truth), candidates=vocab)
+    assert len((guess & truth) - other) <= 1
+    # an encoder's update goes to the (token, position) attack instead
+    enc = _offsite(minilm_tokenizer, rank=4)
+    state = enc.adapter_state(emulator=True)
+    import pytest
+
+    with pytest.raises(ValueError, match="scores a decoder's tokens; got family='encoder'"):
+        oa.attack_tokens(enc, state, state, n=3, candidates=torch.arange(100))
+
+
+def test_offsite_utility_refuses_bad_arguments_by_name(tmp_path):
+    import pytest
+
+    from simulations import offsite_utility
+
+    for argv, named in ((["--methods", "fedavg"], "fedavg"), (["--dataset", "nope"], "nope"),
+                        (["--max-steps", "0"], "--max-steps 0")):
+        with pytest.raises(SystemExit, match=named):
+            offsite_utility.main(["--out", str(tmp_path), *argv])
+    assert not (tmp_path / "results.json").exists()

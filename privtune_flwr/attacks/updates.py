@@ -2,8 +2,10 @@
 
 In offsite tuning no representation leaves a device: it returns its LoRA adapters (and the task
 head) after ``offsite.local-steps`` steps on its own data. The cloud holds the adapters it sent,
-so it has the update. Two attacks on it, one on the first adapter block and one on the head
-(the token attack is built for encoders: their block input carries the position):
+so it has the update. Two attacks on it, one on the first adapter block and one on the head.
+An encoder's block input carries the position, so its token attack recovers (token, position)
+pairs (:func:`attack_update`); a decoder's does not (rotary positions act after the
+projection), so its attack recovers the batch's set of tokens (:func:`attack_tokens`):
 
 * **Token recovery (span check on the first block's LoRA ``A``).** The input of block 0's
   query and value projections is the embedding layer's output for (token, position), which no
@@ -33,7 +35,8 @@ so it has the update. Two attacks on it, one on the first adapter block and one 
   attacker guesses the batch's majority label as the class whose bias rose most.
 
 The blind floor is the same guess from public text only: the ``n`` most frequent (token, position)
-pairs of the auxiliary corpus, and the majority label of the attacker's auxiliary labelled data.
+pairs (a decoder: tokens) of the auxiliary corpus, and the majority label of the attacker's
+auxiliary labelled data. A generation task has no head to read (its ``lm_head`` is frozen).
 
 The experiment that measures them over many victims: ``python -m simulations.offsite_attacks``.
 """
@@ -141,6 +144,20 @@ def real_pairs(ids: torch.Tensor, mask: torch.Tensor, special: set[int]) -> set[
     return pairs
 
 
+def real_tokens(ids: torch.Tensor, mask: torch.Tensor, special: set[int]) -> set[int]:
+    """The batch's distinct tokens, special tokens left out."""
+    return {tok for tok, _ in real_pairs(ids, mask, special)}
+
+
+def frequent_tokens(off: offsite.Offsite, texts: list[str], max_length: int, special: set[int]) -> list[int]:
+    """Tokens of public text, by the number of texts they occur in, most frequent first: the blind guess."""
+    ids, mask = offsite._encode(off, texts, max_length)
+    counts = Counter()
+    for row, m in zip(ids.tolist(), mask.tolist()):
+        counts.update({t for t, k in zip(row, m) if k and t not in special})
+    return [tok for tok, _ in counts.most_common()]
+
+
 def top_pairs(scores: torch.Tensor, candidates: torch.Tensor, n: int) -> set[tuple[int, int]]:
     flat = scores.flatten()
     best = torch.topk(flat, min(n, flat.numel())).indices
@@ -213,3 +230,23 @@ def attack_update(off: offsite.Offsite, sent: dict, returned: dict, *, n: int, p
     return {(int(toks[i]), int(pos[i])) for i in order.tolist()}, int(basis.shape[1])
 
 
+
+
+def attack_tokens(off: offsite.Offsite, sent: dict, returned: dict, *, n: int,
+                  candidates: torch.Tensor) -> tuple[set[int], int]:
+    """A decoder's update: the ``n`` candidate tokens whose block-0 input has the most energy in
+    the span of the returned ``A`` minus the sent one, and the update's numerical rank. (A
+    decoder trained with dropout on that input would need :func:`trimmed_residuals`; SmolLM2 and
+    the other supported decoders train without it, and this refuses one that does not.)"""
+    if off.family != "decoder":
+        raise ValueError(f"attack_tokens scores a decoder's tokens; got family={off.family!r} (use attack_update, "
+                         "whose candidates carry the position)")
+    drop = embedding_dropout(off)
+    if drop:
+        raise ValueError(f"the decoder trains with dropout {drop} on block 0's input; the token attack "
+                         "does not set it aside")
+    rows = torch.cat([returned[k] - sent[k] for k in first_block_keys(off, "lora_A")])
+    basis = row_space(rows)
+    scores = span_scores(off, basis, 1, candidates)[0]
+    best = torch.topk(scores, min(n, len(candidates))).indices
+    return {int(candidates[i]) for i in best.tolist()}, int(basis.shape[1])
