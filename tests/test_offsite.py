@@ -325,3 +325,15 @@ def test_offsite_rounds_through_the_clientapp_train_and_measure_accuracy(tmp_pat
                           offsite.ADAPTERS: offsite.adapters_record(bad)})
     reply = grid.send_and_receive([Message(content=content, message_type=MessageType.TRAIN, dst_node_id=1)])[0]
     assert reply.has_error() and "refused the adapters sent" in reply.error.reason and "non-finite" in reply.error.reason
+
+    # the dropout masks come from the device's own entropy, not from seeds the cloud knows: the same
+    # instruction twice gives two different updates (the batches and starting adapters are the same)
+    def same():
+        content = RecordDict({offsite.CONFIG: ConfigRecord({"server-round": 3, "num-batches": 1}),
+                              offsite.ADAPTERS: offsite.adapters_record(cloud.trainable_state())})
+        reply = grid.send_and_receive([Message(content=content, message_type=MessageType.TRAIN, dst_node_id=1)])[0]
+        assert not reply.has_error()
+        return offsite.read_adapters(reply.content.array_records[offsite.ADAPTERS], off.adapter_spec())
+
+    first, second = same(), same()
+    assert any(not torch.equal(first[k], second[k]) for k in first)
