@@ -84,7 +84,8 @@ def greedy_rouge(off: offsite.Offsite, rows, max_length: int, max_new_tokens: in
     return mean_rouge_l(list(rows["target"]), texts), texts
 
 
-def run_method(method: str, dataset: str, settings, *, seed: int, log_fn=print) -> dict:
+def run_method(method: str, dataset: str, settings, *, seed: int, distill_steps: int | None = None,
+               emulator_drop: float | None = None, log_fn=print) -> dict:
     generation = dataset in GENERATION_DATASETS
     task = "generation" if generation else "classification"
     length = settings.length_for(dataset)
@@ -93,7 +94,8 @@ def run_method(method: str, dataset: str, settings, *, seed: int, log_fn=print) 
     defaults = RunConfig()
     off = offsite.build_offsite(model, task=task, num_labels=max(ds.num_labels, 2) if not generation else 2,
                                 method=method, adapter_layers=defaults.offsite_adapter_layers,
-                                emulator_drop=defaults.emulator_drop, distill_steps=defaults.distill_steps,
+                                emulator_drop=defaults.emulator_drop if emulator_drop is None else emulator_drop,
+                                distill_steps=defaults.distill_steps if distill_steps is None else distill_steps,
                                 svd_rank_fraction=defaults.svd_rank_fraction, lora_rank=defaults.lora_rank,
                                 lora_targets=defaults.lora_targets, max_length=length, aux_dataset=dataset, seed=seed)
     log_fn(f"{method}: emulator blocks {off.kept} of {off.num_layers}, {off.report['parameter-ratio']:.3f} of the "
@@ -141,6 +143,8 @@ def run_method(method: str, dataset: str, settings, *, seed: int, log_fn=print) 
     plugged = test_scores(off, list(test["text"]), test_labels, length, emulator=False)
     emulated = test_scores(off, list(test["text"]), test_labels, length, emulator=True)
     row = {"method": method, "dataset": dataset, "seed": seed, "model": model,
+           "distill-steps": off.report["distill-steps"], "emulator-drop": emulator_drop if emulator_drop is not None
+           else defaults.emulator_drop,
            "kept-blocks": off.kept, "num-layers": off.num_layers,
            "parameter-ratio": off.report["parameter-ratio"], "block-parameter-ratio": off.report["block-parameter-ratio"],
            "adapter-bytes-each-way": off.adapter_bytes(), "distill-error": [off.report["distill-error-before"],
@@ -159,11 +163,11 @@ def run_method(method: str, dataset: str, settings, *, seed: int, log_fn=print) 
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| method | utility (full model) | emulator | ROUGE-L | steps (best) | stopped by | s/step | adapters each way |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | distill steps | utility (full model) | emulator | ROUGE-L | steps (best) | stopped by | s/step | "
+             "adapters each way |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         key = "perplexity" if "perplexity" in r["test"] else "accuracy"
-        lines.append(f"| {r['method']} | {key} {r['test'][key]:.3f} | {r['emulator-test'][key]:.3f} | "
+        lines.append(f"| {r['method']} | {r.get('distill-steps', '-')} | {key} {r['test'][key]:.3f} | {r['emulator-test'][key]:.3f} | "
                      f"{r.get('rouge_l', float('nan')):.3f} | {r['steps']} ({r['best_step']}) | {r['stopped_by']} | "
                      f"{r['seconds-per-step']:.2f} | {r['adapter-bytes-each-way'] / 1e3:.0f} KB |")
     return "\n".join(lines)
@@ -175,6 +179,8 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default=",".join(offsite.METHODS))
     p.add_argument("--dataset", default="bbc_headlines")
     p.add_argument("--max-steps", type=int, help=f"cap on local steps (default: the sweep's, {GENERATION_COMMON['max_steps']})")
+    p.add_argument("--distill-steps", type=int, help=f"offsite.distill-steps (default: the app's, {RunConfig.distill_steps})")
+    p.add_argument("--emulator-drop", type=float, help=f"offsite.emulator-drop (default: the app's, {RunConfig.emulator_drop})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args(argv)
@@ -186,6 +192,10 @@ def main(argv=None) -> int:
         raise SystemExit(f"--dataset {args.dataset!r}: accepted: {', '.join(data.DATASETS)}")
     if args.max_steps is not None and args.max_steps < 1:
         raise SystemExit(f"--max-steps {args.max_steps}: accepted: >= 1")
+    if args.distill_steps is not None and args.distill_steps < 0:
+        raise SystemExit(f"--distill-steps {args.distill_steps}: accepted: >= 0")
+    if args.emulator_drop is not None and not 0 < args.emulator_drop < 1:
+        raise SystemExit(f"--emulator-drop {args.emulator_drop}: accepted: (0, 1)")
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -198,12 +208,15 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "results.json"
     rows = json.loads(path.read_text())["rows"] if path.exists() else []
-    done = {(r["method"], r["dataset"], r["seed"]) for r in rows}
+    build = {"distill-steps": args.distill_steps if args.distill_steps is not None else RunConfig.distill_steps,
+             "emulator-drop": args.emulator_drop if args.emulator_drop is not None else RunConfig.emulator_drop}
+    done = {(r["method"], r["dataset"], r["seed"], r.get("distill-steps"), r.get("emulator-drop")) for r in rows}
     for method in methods:
-        if (method, args.dataset, args.seed) in done:
+        if (method, args.dataset, args.seed, build["distill-steps"], build["emulator-drop"]) in done:
             print(f"{method}: stored, skipped")
             continue
-        rows.append(run_method(method, args.dataset, settings, seed=args.seed))
+        rows.append(run_method(method, args.dataset, settings, seed=args.seed, distill_steps=args.distill_steps,
+                               emulator_drop=args.emulator_drop))
         path.write_text(json.dumps({"rows": rows}, indent=1))
         print(table(rows[-1:]), flush=True)
     print(table(rows))
