@@ -230,14 +230,12 @@ def attack_update(off: offsite.Offsite, sent: dict, returned: dict, *, n: int, p
     return {(int(toks[i]), int(pos[i])) for i in order.tolist()}, int(basis.shape[1])
 
 
-
-
 def attack_tokens(off: offsite.Offsite, sent: dict, returned: dict, *, n: int,
                   candidates: torch.Tensor) -> tuple[set[int], int]:
     """A decoder's update: the ``n`` candidate tokens whose block-0 input has the most energy in
-    the span of the returned ``A`` minus the sent one, and the update's numerical rank. (A
-    decoder trained with dropout on that input would need :func:`trimmed_residuals`; SmolLM2 and
-    the other supported decoders train without it, and this refuses one that does not.)"""
+    the span of the returned ``A`` minus the sent one, and the update's numerical rank. A decoder
+    that trains with dropout on that input would need :func:`trimmed_residuals`; SmolLM2 has none,
+    and this refuses a decoder whose config sets it."""
     if off.family != "decoder":
         raise ValueError(f"attack_tokens scores a decoder's tokens; got family={off.family!r} (use attack_update, "
                          "whose candidates carry the position)")
