@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 
 from privtune_flwr import data, offsite
-from privtune_flwr.config import RunConfig
-from simulations.privacy_utility import SweepSettings
 from privtune_flwr.attacks.updates import (active_adapters, attack_tokens, attack_update, device_update, frequent_pairs,
                                            frequent_tokens, head_bias_key, real_pairs, real_tokens)
+from privtune_flwr.config import RunConfig
+from simulations.privacy_utility import SweepSettings
 
 
 # -- the experiment ---------------------------------------------------------------------------------
@@ -173,6 +173,8 @@ def main(argv=None) -> int:
     sentences = tuple(int(s) for s in a.sentences.split(","))
     if any(s < 1 for s in sentences) or a.victims < 1:
         p.error("--sentences and --victims take integers >= 1")
+    if a.max_length is not None and a.max_length < 2:
+        p.error(f"--max-length {a.max_length} is outside the accepted range: >= 2")
     res = run(model=a.model, method=a.method, dataset=a.dataset, victims=a.victims, sentences=sentences, modes=modes,
               active_rank=a.active_rank, max_length=a.max_length, seed=a.seed, out=a.out)
     print(table(res))
