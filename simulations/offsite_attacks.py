@@ -10,7 +10,9 @@ Each victim is a few training sentences that one device's update covers. Two att
 Reported per cell: the share of the victim's (token, position) pairs recovered at a budget of
 their number, beside the blind floor (the same number of the most frequent pairs of public
 text), and how often the head's bias names the batch's majority label, beside the majority rate
-of the attacker's public labelled data.
+of the attacker's public labelled data. A generation task (a decoder) is scored on the batch's
+distinct tokens (``attack_tokens``), with one more guess, ``mixed-recall``: the tokens of the
+update's own ``r`` directions (its numerical rank), the rest of the budget filled blind.
 
 ``python -m simulations.offsite_attacks --out DIR`` prints the table and writes ``results.json``.
 """
@@ -83,7 +85,7 @@ def run(*, model: str = "minilm", method: str = "fedbiot", dataset: str = "rotte
             start = device_update(off, start, warm, learning_rate=learning_rate, seed=seed)
         for k in sentences:
             rng = torch.Generator().manual_seed(seed * 7_919 + k)
-            recalls, floors, label_hits, label_blind, ranks, seconds = [], [], [], [], [], []
+            recalls, floors, label_hits, label_blind, ranks, seconds, mixed = [], [], [], [], [], [], []
             for v in range(victims):
                 rows = train.select(torch.randperm(len(train), generator=rng)[:k].tolist())
                 ids, mask = offsite._encode(off, rows["text"], max_length)
@@ -96,6 +98,10 @@ def run(*, model: str = "minilm", method: str = "fedbiot", dataset: str = "rotte
                                          seed=seed * 1_000 + v)
                 if generation:
                     guess, r = attack_tokens(off, sent, returned, n=len(truth), candidates=vocab)
+                    # the adaptive guess: the update's own r directions' tokens, the rest filled blind
+                    lead, _ = attack_tokens(off, sent, returned, n=min(r, len(truth)), candidates=vocab)
+                    fill = [t for t in blind if t not in lead][:len(truth) - len(lead)]
+                    mixed.append(len((lead | set(fill)) & truth) / len(truth))
                 else:
                     guess, r = attack_update(off, sent, returned, n=len(truth), positions=int(ids.shape[1]),
                                              candidates=vocab)
@@ -117,6 +123,7 @@ def run(*, model: str = "minilm", method: str = "fedbiot", dataset: str = "rotte
             cell = {"mode": mode, "lora-rank": rank, "sentences": k, "local-steps": 1 if mode == "active" else local_steps,
                     "token-recall": sum(recalls) / victims, "token-recall-sd": _sd(recalls),
                     "blind-floor": sum(floors) / victims,
+                    "mixed-recall": sum(mixed) / victims if mixed else float("nan"),
                     "label-accuracy": sum(label_hits) / len(label_hits) if label_hits else float("nan"),
                     "label-scored": len(label_hits),
                     "label-floor": sum(label_blind) / len(label_blind) if label_blind else float("nan"),
@@ -127,7 +134,8 @@ def run(*, model: str = "minilm", method: str = "fedbiot", dataset: str = "rotte
                 out.mkdir(parents=True, exist_ok=True)
                 (out / "results.json").write_text(json.dumps(results, indent=2))
             log(f"[offsite-attacks] {mode:7s} rank {rank:3d}, {k} sentence(s): token recall "
-                f"{cell['token-recall']:.3f} (blind {cell['blind-floor']:.3f}), label {cell['label-accuracy']:.2f} "
+                f"{cell['token-recall']:.3f} (blind {cell['blind-floor']:.3f}; span then blind "
+                f"{cell['mixed-recall']:.3f}), label {cell['label-accuracy']:.2f} "
                 f"(floor {cell['label-floor']:.2f}), update rank {cell['update-rank-mean']:.1f}")
     return results
 
