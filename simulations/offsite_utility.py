@@ -37,11 +37,8 @@ import torch
 from privtune_flwr import data, offsite
 from privtune_flwr.config import RunConfig
 from privtune_flwr.device import generated_text, mean_rouge_l
-from privtune_flwr.tasks import next_token_nll
 from simulations.privacy_utility import GENERATION_COMMON, GENERATION_DATASETS, HEADLINE_COMMON, full_settings, point_data
 from simulations.training import StopRule, _to_convergence
-
-log = logging.getLogger(__name__)
 
 
 class _Lengths:
@@ -84,8 +81,8 @@ def greedy_rouge(off: offsite.Offsite, rows, max_length: int, max_new_tokens: in
     return mean_rouge_l(list(rows["target"]), texts), texts
 
 
-def run_method(method: str, dataset: str, settings, *, seed: int, distill_steps: int | None = None,
-               emulator_drop: float | None = None, log_fn=print) -> dict:
+def run_method(method: str, dataset: str, settings, *, seed: int, distill_steps: int = RunConfig.distill_steps,
+               emulator_drop: float = RunConfig.emulator_drop, log_fn=print) -> dict:
     generation = dataset in GENERATION_DATASETS
     task = "generation" if generation else "classification"
     length = settings.length_for(dataset)
@@ -94,8 +91,7 @@ def run_method(method: str, dataset: str, settings, *, seed: int, distill_steps:
     defaults = RunConfig()
     off = offsite.build_offsite(model, task=task, num_labels=max(ds.num_labels, 2) if not generation else 2,
                                 method=method, adapter_layers=defaults.offsite_adapter_layers,
-                                emulator_drop=defaults.emulator_drop if emulator_drop is None else emulator_drop,
-                                distill_steps=defaults.distill_steps if distill_steps is None else distill_steps,
+                                emulator_drop=emulator_drop, distill_steps=distill_steps,
                                 svd_rank_fraction=defaults.svd_rank_fraction, lora_rank=defaults.lora_rank,
                                 lora_targets=defaults.lora_targets, max_length=length, aux_dataset=dataset, seed=seed)
     log_fn(f"{method}: emulator blocks {off.kept} of {off.num_layers}, {off.report['parameter-ratio']:.3f} of the "
@@ -143,8 +139,7 @@ def run_method(method: str, dataset: str, settings, *, seed: int, distill_steps:
     plugged = test_scores(off, list(test["text"]), test_labels, length, emulator=False)
     emulated = test_scores(off, list(test["text"]), test_labels, length, emulator=True)
     row = {"method": method, "dataset": dataset, "seed": seed, "model": model,
-           "distill-steps": off.report["distill-steps"], "emulator-drop": emulator_drop if emulator_drop is not None
-           else defaults.emulator_drop,
+           "distill-steps": distill_steps, "emulator-drop": emulator_drop,
            "kept-blocks": off.kept, "num-layers": off.num_layers,
            "parameter-ratio": off.report["parameter-ratio"], "block-parameter-ratio": off.report["block-parameter-ratio"],
            "adapter-bytes-each-way": off.adapter_bytes(), "distill-error": [off.report["distill-error-before"],
@@ -208,15 +203,15 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "results.json"
     rows = json.loads(path.read_text())["rows"] if path.exists() else []
-    build = {"distill-steps": args.distill_steps if args.distill_steps is not None else RunConfig.distill_steps,
-             "emulator-drop": args.emulator_drop if args.emulator_drop is not None else RunConfig.emulator_drop}
+    # the emulator's build, the app's defaults unless given
+    distill = RunConfig.distill_steps if args.distill_steps is None else args.distill_steps
+    drop = RunConfig.emulator_drop if args.emulator_drop is None else args.emulator_drop
     done = {(r["method"], r["dataset"], r["seed"], r.get("distill-steps"), r.get("emulator-drop")) for r in rows}
     for method in methods:
-        if (method, args.dataset, args.seed, build["distill-steps"], build["emulator-drop"]) in done:
+        if (method, args.dataset, args.seed, distill, drop) in done:
             print(f"{method}: stored, skipped")
             continue
-        rows.append(run_method(method, args.dataset, settings, seed=args.seed, distill_steps=args.distill_steps,
-                               emulator_drop=args.emulator_drop))
+        rows.append(run_method(method, args.dataset, settings, seed=args.seed, distill_steps=distill, emulator_drop=drop))
         path.write_text(json.dumps({"rows": rows}, indent=1))
         print(table(rows[-1:]), flush=True)
     print(table(rows))
